@@ -1,0 +1,37 @@
+"""dbsession: a thin, opinionated unit of work over SQLAlchemy 2.x.
+
+``with session_scope() as session:`` gives a real SQLAlchemy Session; leaving the
+block commits everything, any exception rolls everything back.
+"""
+
+from ._base import NAMING_CONVENTION as NAMING_CONVENTION
+from ._base import Base as Base
+from ._config import mask_url as mask_url
+from ._errors import AlreadyInitializedError as AlreadyInitializedError
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
+from ._errors import DbSessionError as DbSessionError
+from ._errors import InvalidURLError as InvalidURLError
+from ._errors import MissingDriverError as MissingDriverError
+from ._errors import SQLitePathError as SQLitePathError
+from ._errors import UnknownDialectError as UnknownDialectError
+from ._factory import DbSessionFactory as DbSessionFactory
+from ._factory import create_session as create_session
+from ._factory import session_scope as session_scope
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "AlreadyInitializedError",
+    "Base",
+    "ConfigurationError",
+    "DatabaseUnreachableError",
+    "DbSessionError",
+    "DbSessionFactory",
+    "InvalidURLError",
+    "MissingDriverError",
+    "SQLitePathError",
+    "UnknownDialectError",
+    "create_session",
+    "mask_url",
+    "session_scope",
+]

@@ -1,0 +1,152 @@
+"""Where the database URL comes from, the options beside it, and URL masking.
+
+Resolution order, in one place for the app, the tests and Alembic:
+the explicit argument, else the ``DATABASE_URL`` environment variable, else
+the embedded SQLite file ``dbsession.sqlite3`` in the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ._errors import ConfigurationError, InvalidURLError
+
+ENV_VAR = "DATABASE_URL"
+DEFAULT_SQLITE_FILE = "dbsession.sqlite3"
+DEFAULT_SQLITE_BUSY_TIMEOUT = 5.0
+
+# A bare "postgresql://" would mean psycopg2 to SQLAlchemy; we ship psycopg 3.
+_DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
+_SCHEME_ALIASES = {"postgres": "postgresql"}
+_SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
+_MASK = "***"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides how one factory builds its engine and sessions."""
+
+    url: URL
+    source: str
+    expire_on_commit: bool = False
+    sqlite_busy_timeout: float = DEFAULT_SQLITE_BUSY_TIMEOUT
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The masked URL and where it came from, for messages and logs."""
+        return f"{mask_url(self.url)} (from {self.source})"
+
+
+def make_settings(
+    url: str | URL | None = None,
+    *,
+    expire_on_commit: bool | None = None,
+    sqlite_busy_timeout: float | None = None,
+    engine_options: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work."""
+    resolved, source = resolve_url(url)
+    timeout = DEFAULT_SQLITE_BUSY_TIMEOUT if sqlite_busy_timeout is None else sqlite_busy_timeout
+    if timeout < 0:
+        raise ConfigurationError(
+            f"sqlite_busy_timeout must be zero or more seconds, got {timeout!r}."
+        )
+    return Settings(
+        url=resolved,
+        source=source,
+        expire_on_commit=bool(expire_on_commit),
+        sqlite_busy_timeout=float(timeout),
+        engine_options=dict(engine_options or {}),
+    )
+
+
+def resolve_url(url: str | URL | None = None) -> tuple[URL, str]:
+    """Return the URL to use and where it came from: ``argument``, ``DATABASE_URL`` or ``default``.
+
+    Raises InvalidURLError for an empty or malformed URL.
+    """
+    if url is not None:
+        return _parse(url, "argument"), "argument"
+    from_env = os.environ.get(ENV_VAR)
+    if from_env is not None:
+        return _parse(from_env, ENV_VAR), ENV_VAR
+    return default_sqlite_url(), "default"
+
+
+def default_sqlite_url() -> URL:
+    """The embedded default: ``dbsession.sqlite3`` in the current working directory."""
+    return URL.create("sqlite", database=str(Path.cwd() / DEFAULT_SQLITE_FILE))
+
+
+def mask_url(url: URL | str) -> str:
+    """Render a URL with its password, and secret-looking query values, replaced by ``***``."""
+    if isinstance(url, str):
+        return _mask_raw(url)
+    secret_keys = [key for key in url.query if _SECRET_QUERY_KEY.search(key)]
+    if secret_keys:
+        url = url.update_query_dict({key: _MASK for key in secret_keys})
+    return url.render_as_string(hide_password=True)
+
+
+def scrub(text: str, url: URL) -> str:
+    """Remove the URL's password and secret query values from an arbitrary message."""
+    secrets = [url.password] if url.password else []
+    for key, value in url.query.items():
+        if _SECRET_QUERY_KEY.search(key):
+            secrets.extend([value] if isinstance(value, str) else value)
+    for secret in secrets:
+        if secret:
+            text = text.replace(str(secret), _MASK)
+    return text
+
+
+def _parse(raw: str | URL, source: str) -> URL:
+    where = "the url argument" if source == "argument" else f"the {source} environment variable"
+    if isinstance(raw, str):
+        if not raw.strip():
+            raise InvalidURLError(
+                f"The database URL in {where} is empty. Set it to a URL such as "
+                "'postgresql+psycopg://user:password@host:5432/dbname', or leave "
+                f"{ENV_VAR} unset to use the embedded SQLite file."
+            )
+        try:
+            parsed = make_url(raw.strip())
+        except (ArgumentError, ValueError):
+            raise InvalidURLError(
+                f"The database URL in {where} cannot be parsed: {_mask_raw(raw)!r}. "
+                "Expected 'dialect+driver://user:password@host:port/dbname', e.g. "
+                "'postgresql+psycopg://app:secret@localhost:5432/app' or "
+                "'sqlite:///path/to/file.db'; percent-encode special characters "
+                "in the password."
+            ) from None
+    else:
+        parsed = raw
+    return _with_default_driver(parsed)
+
+
+def _with_default_driver(url: URL) -> URL:
+    backend = _SCHEME_ALIASES.get(url.get_backend_name(), url.get_backend_name())
+    if "+" not in url.drivername and backend in _DEFAULT_DRIVERS:
+        return url.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[backend]}")
+    if backend != url.get_backend_name():
+        return url.set(drivername=url.drivername.replace(url.get_backend_name(), backend, 1))
+    return url
+
+
+def _mask_raw(raw: str) -> str:
+    """Best-effort masking of a string that may not even parse as a URL."""
+    masked = re.sub(r"(://[^:/@]*:).*@", rf"\g<1>{_MASK}@", raw)
+    return re.sub(
+        r"([?&][^=&]*(?:pass|pwd|secret|token|key)[^=&]*=)[^&]*",
+        rf"\g<1>{_MASK}",
+        masked,
+        flags=re.IGNORECASE,
+    )

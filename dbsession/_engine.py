@@ -1,0 +1,196 @@
+"""Building one engine per backend with dbsession's opinions applied.
+
+- every backend: ``pool_pre_ping=True``; a fork guard so a child process never
+  reuses its parent's pooled connections; connect failures raised as
+  DatabaseUnreachableError naming host and port.
+- PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
+  (psycopg 3, PyMySQL); see ``_config``.
+- SQLite: ``PRAGMA foreign_keys=ON``, WAL for files, a busy timeout, and
+  SQLAlchemy (not pysqlite) emits ``BEGIN``, so SAVEPOINT works and write
+  sessions can ask for ``BEGIN IMMEDIATE``. In-memory databases use the
+  ``memdb`` VFS so several threads (several connections) see one database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import tempfile
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, exc
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from ._config import Settings, mask_url, scrub
+from ._errors import (
+    ConfigurationError,
+    DatabaseUnreachableError,
+    MissingDriverError,
+    SQLitePathError,
+    UnknownDialectError,
+)
+
+logger = logging.getLogger("dbsession")
+
+#: Execution option read by the SQLite ``begin`` hook: ``"BEGIN"`` or ``"BEGIN IMMEDIATE"``.
+SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"
+
+_INSTALL_HINTS = {
+    "psycopg": "pip install 'dbsession[postgres]'",
+    "pymysql": "pip install 'dbsession[mysql]'",
+    "psycopg2": "pip install psycopg2-binary, or use a postgresql+psycopg:// URL "
+    "with pip install 'dbsession[postgres]'",
+    "mysqldb": "pip install mysqlclient, or use a mysql+pymysql:// URL "
+    "with pip install 'dbsession[mysql]'",
+    "aiosqlite": "pip install 'dbsession[async]'",
+    "asyncpg": "pip install 'dbsession[async]'",
+    "aiomysql": "pip install 'dbsession[async]'",
+}
+_SUPPORTED = "sqlite, postgresql+psycopg, mysql+pymysql or mariadb+pymysql"
+
+
+def make_engine(settings: Settings) -> Engine:
+    """Create the engine for ``settings``; raise a ConfigurationError if it cannot be built."""
+    url = settings.url
+    options: dict[str, Any] = {"pool_pre_ping": True, **settings.engine_options}
+    keeper: sqlite3.Connection | None = None
+    is_sqlite = url.get_backend_name() == "sqlite"
+    if is_sqlite:
+        url, keeper = _prepare_sqlite_url(url)
+    engine = _create(url, settings, options)
+    _install_fork_guard(engine)
+    if is_sqlite:
+        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
+        if keeper is not None:
+            weakref.finalize(engine, keeper.close)
+    else:
+        _install_connect_errors(engine, url)
+    logger.info("dbsession: engine created for %s", settings.describe())
+    return engine
+
+
+def _create(url: URL, settings: Settings, options: dict[str, Any]) -> Engine:
+    try:
+        return create_engine(url, **options)
+    except exc.NoSuchModuleError:
+        raise UnknownDialectError(
+            f"Unknown database dialect or driver {url.drivername!r} in {settings.describe()}. "
+            f"Use one of: {_SUPPORTED}."
+        ) from None
+    except ImportError as error:
+        driver = url.get_driver_name()
+        hint = _INSTALL_HINTS.get(driver, f"pip install the DBAPI driver for {url.drivername}")
+        raise MissingDriverError(
+            f"The driver {driver!r} for {url.get_backend_name()} is not installed "
+            f"(module {error.name or driver!r} not found). Install it: {hint}."
+        ) from None
+    except TypeError as error:
+        raise ConfigurationError(
+            f"Invalid engine option for {settings.describe()}: "
+            f"{scrub(str(error), url)}. Check the keyword arguments given to "
+            "global_init() or DbSessionFactory()."
+        ) from None
+
+
+def _install_fork_guard(engine: Engine) -> None:
+    """SQLAlchemy's recipe: a pooled connection is only ever used by the process that opened it."""
+
+    @event.listens_for(engine, "connect")
+    def remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info["dbsession_pid"] = os.getpid()
+
+    @event.listens_for(engine, "checkout")
+    def refuse_foreign(
+        dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        if record.info.get("dbsession_pid") != os.getpid():
+            # Drop without closing: closing would end the parent's server session.
+            record.dbapi_connection = proxy.dbapi_connection = None  # type: ignore[misc]
+            raise exc.DisconnectionError(
+                "connection was opened by another process; reconnecting in this one"
+            )
+
+
+def _install_connect_errors(engine: Engine, url: URL) -> None:
+    @event.listens_for(engine, "handle_error")
+    def unreachable(context: ExceptionContext) -> BaseException | None:
+        if context.connection is not None or context.is_pre_ping:
+            return None
+        if not isinstance(context.sqlalchemy_exception, exc.OperationalError):
+            return None
+        first_line = str(context.original_exception).strip().splitlines() or [""]
+        return DatabaseUnreachableError(
+            f"Cannot connect to the {url.get_backend_name()} server at "
+            f"{url.host or 'localhost'}:{url.port or _default_port(url)} "
+            f"(database {url.database!r}, user {url.username!r}): "
+            f"{scrub(first_line[0], url)}. Check that the server is running and "
+            f"that the URL {mask_url(url)} (DATABASE_URL or global_init) is right."
+        )
+
+
+def _default_port(url: URL) -> int:
+    return 5432 if url.get_backend_name() == "postgresql" else 3306
+
+
+def _prepare_sqlite_url(url: URL) -> tuple[URL, sqlite3.Connection | None]:
+    """Validate a file path, or turn an in-memory URL into a shared ``memdb`` one."""
+    database = url.database or ""
+    if database in ("", ":memory:"):
+        name = f"file:/dbsession-{uuid.uuid4().hex}?vfs=memdb"
+        keeper = sqlite3.connect(name, uri=True, check_same_thread=False)
+        return url.set(database=name).update_query_dict({"uri": "true"}), keeper
+    if database.startswith("file:"):
+        return url, None
+    _check_sqlite_path(Path(database).expanduser())
+    return url, None
+
+
+def _check_sqlite_path(path: Path) -> None:
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise SQLitePathError(
+            f"The folder of the SQLite database {str(path)!r} does not exist: "
+            f"create it (mkdir -p {str(folder)!r}) or point the URL at another file."
+        )
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise SQLitePathError(
+                f"The SQLite database file {str(path)!r} is not readable and writable "
+                "by this process: fix its permissions or point the URL elsewhere."
+            )
+        return
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise SQLitePathError(
+            f"The folder {str(folder)!r} of the SQLite database is not writable by this "
+            "process (SQLite needs it for the database and its journal files): "
+            "fix its permissions or point the URL at a writable folder."
+        ) from None
+
+
+def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # Take BEGIN away from pysqlite so SQLAlchemy's own begin hook below emits it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def begin(connection: Connection) -> None:
+        connection.exec_driver_sql(
+            connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "BEGIN")
+        )

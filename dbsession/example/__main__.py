@@ -1,0 +1,15 @@
+"""The main job: ``python -m dbsession.example``.
+
+Runs the store's unit of work against the configured database (the embedded
+SQLite file by default), then a second unit of work that fails halfway and is
+rolled back, and prints what was committed and what was not.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .store import main
+
+if __name__ == "__main__":
+    sys.exit(main())

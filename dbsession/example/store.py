@@ -1,0 +1,92 @@
+"""The store example's units of work, and the report the main job prints."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dbsession import DbSessionFactory, mask_url
+
+from .models import Customer, Order, Supplier
+
+
+class PaymentDeclined(Exception):
+    """Raised halfway through the second unit of work, to show the rollback."""
+
+
+def counts(session: Session) -> dict[str, int]:
+    """Rows per example table."""
+    return {
+        model.__tablename__: session.scalar(select(func.count()).select_from(model)) or 0
+        for model in (Customer, Supplier, Order)
+    }
+
+
+def place_orders(session: Session, run: int) -> list[str]:
+    """The seed's unit of work: create, update and delete across three tables."""
+    ada = Customer(name="Ada Lovelace", email=f"ada.{run}@example.com")
+    grace = Customer(name="Grace Hopper", email=f"grace.{run}@example.com")
+    acme = Supplier(name=f"ACME #{run}")
+    globex = Supplier(name=f"Globex #{run}")
+    orders = [
+        Order(customer=ada, supplier=acme, amount=Decimal("120.00")),
+        Order(customer=ada, supplier=globex, amount=Decimal("35.50")),
+        Order(customer=grace, supplier=acme, amount=Decimal("9.99")),
+    ]
+    session.add_all(orders)
+    session.flush()
+    grace.name = "Rear Admiral Grace Hopper"
+    session.delete(orders[1])
+    return [
+        "created customers Ada Lovelace, Grace Hopper",
+        f"created suppliers {acme.name}, {globex.name}",
+        "placed 3 orders (120.00, 35.50, 9.99)",
+        "renamed Grace Hopper to Rear Admiral Grace Hopper",
+        f"deleted order #{orders[1].id} (35.50)",
+    ]
+
+
+def failing_order(session: Session, run: int) -> None:
+    """A second unit of work that writes, then fails before it can commit."""
+    customer = Customer(name="Charles Babbage", email=f"charles.{run}@example.com")
+    supplier = session.scalars(select(Supplier).order_by(Supplier.id)).first()
+    if supplier is None:
+        supplier = Supplier(name=f"Initech #{run}")
+    supplier.name = f"{supplier.name} (renamed)"
+    session.add(Order(customer=customer, supplier=supplier, amount=Decimal("999.00")))
+    session.flush()
+    raise PaymentDeclined("payment of 999.00 declined")
+
+
+def run(factory: DbSessionFactory) -> str:
+    """Run both units of work on ``factory`` and return the report."""
+    with factory.session_scope() as session:
+        before = counts(session)
+    run_number = before["customer"] // 2 + 1
+    lines = [f"dbsession example: {mask_url(factory.url)}", "", "unit of work 1: committed"]
+    with factory.session_scope() as session:
+        lines += [f"  - {step}" for step in place_orders(session, run_number)]
+    with factory.session_scope() as session:
+        middle = counts(session)
+    lines += ["", "unit of work 2: rolled back"]
+    try:
+        with factory.session_scope() as session:
+            failing_order(session, run_number)
+    except PaymentDeclined as error:
+        lines.append(f"  - added Charles Babbage, renamed a supplier, placed an order; then {error}")
+    with factory.session_scope() as session:
+        after = counts(session)
+    kept = "nothing of it was kept" if after == middle else "SOMETHING WAS KEPT"
+    lines.append(f"  - {kept}")
+    lines += ["", "rows now: " + ", ".join(f"{table} {n}" for table, n in after.items())]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Entry point of ``python -m dbsession.example``."""
+    factory = DbSessionFactory.default()
+    factory.create_all()
+    print(run(factory))
+    return 0
