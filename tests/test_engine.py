@@ -6,6 +6,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ from dbsession.example.models import Supplier
 
 
 @pytest.fixture
-def sqlite_factory(tmp_path: Path) -> DbSessionFactory:
+def sqlite_factory(tmp_path: Path) -> Iterator[DbSessionFactory]:
     factory = DbSessionFactory(f"sqlite:///{tmp_path / 'app.sqlite3'}")
     factory.create_all()
-    yield factory  # type: ignore[misc]
+    yield factory
     factory.dispose()
 
 

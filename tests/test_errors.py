@@ -112,8 +112,10 @@ def _error_paths() -> list[Callable[[], object]]:
         lambda: DbSessionFactory(f"postgresql://u:{MARKER}@h/db", pool_sise=1).get_engine(),
         lambda: connect(pg),
         lambda: connect(f"mysql://root:{MARKER}@127.0.0.1:1/test"),
-        lambda: DbSessionFactory.global_init(f"postgresql://u:{MARKER}@h/one")
-        and DbSessionFactory.global_init(f"postgresql://u:{MARKER}@h/two"),
+        lambda: (
+            DbSessionFactory.global_init(f"postgresql://u:{MARKER}@h/one")
+            and DbSessionFactory.global_init(f"postgresql://u:{MARKER}@h/two")
+        ),
     ]
 
 

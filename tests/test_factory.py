@@ -73,8 +73,7 @@ def test_class_and_module_functions_use_the_process_default(tmp_path: Path) -> N
     default = DbSessionFactory.global_init(sqlite_url(tmp_path))
     assert DbSessionFactory.get_engine() is default.engine
     with DbSessionFactory.session_scope() as session:
-        assert session.get_bind() is not None
-        assert session.get_bind().url == default.engine.url
+        assert session.get_bind().engine.url == default.engine.url
 
 
 def test_32_threads_racing_the_first_call_build_exactly_one_engine(
@@ -135,14 +134,14 @@ def test_dispose_closes_the_pool_and_the_next_use_rebuilds(factory: DbSessionFac
 
 def test_engine_options_are_passed_through_and_override_defaults(tmp_path: Path) -> None:
     factory = DbSessionFactory(sqlite_url(tmp_path), pool_pre_ping=False, echo=True)
-    assert factory.engine.pool._pre_ping is False  # type: ignore[attr-defined]
+    assert factory.engine.pool._pre_ping is False
     assert factory.engine.echo is True
     factory.dispose()
 
 
 def test_pool_pre_ping_is_on_by_default(backend_url: URL) -> None:
     factory = DbSessionFactory(backend_url)
-    assert factory.engine.pool._pre_ping is True  # type: ignore[attr-defined]
+    assert factory.engine.pool._pre_ping is True
     factory.dispose()
 
 

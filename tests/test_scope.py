@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from decimal import Decimal
 
 import pytest
@@ -167,7 +167,7 @@ def test_create_session_is_managed_by_the_caller(factory: DbSessionFactory) -> N
         session.close()
 
 
-def _generator_using_a_scope(factory: DbSessionFactory) -> Iterator[int]:
+def _generator_using_a_scope(factory: DbSessionFactory) -> Generator[int, None, None]:
     with factory.session_scope() as session:
         session.add(Supplier(name="from generator"))
         session.flush()

@@ -19,9 +19,7 @@ class Customer(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     email: Mapped[str] = mapped_column(String(200), unique=True)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now()
-    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     orders: Mapped[list[Order]] = relationship(back_populates="customer")
 
 
@@ -32,9 +30,7 @@ class Supplier(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now()
-    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     orders: Mapped[list[Order]] = relationship(back_populates="supplier")
 
 
@@ -47,8 +43,6 @@ class Order(Base):
     customer_id: Mapped[int] = mapped_column(ForeignKey("customer.id"), index=True)
     supplier_id: Mapped[int] = mapped_column(ForeignKey("supplier.id"), index=True)
     amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
-    placed_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now()
-    )
+    placed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     customer: Mapped[Customer] = relationship(back_populates="orders")
     supplier: Mapped[Supplier] = relationship(back_populates="orders")

@@ -75,7 +75,7 @@ def run(factory: DbSessionFactory) -> str:
         with factory.session_scope() as session:
             failing_order(session, run_number)
     except PaymentDeclined as error:
-        lines.append(f"  - added Charles Babbage, renamed a supplier, placed an order; then {error}")
+        lines.append(f"  - added Charles Babbage, renamed a supplier, placed an order; {error}")
     with factory.session_scope() as session:
         after = counts(session)
     kept = "nothing of it was kept" if after == middle else "SOMETHING WAS KEPT"
