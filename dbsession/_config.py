@@ -25,6 +25,14 @@ DEFAULT_SQLITE_BUSY_TIMEOUT = 5.0
 
 # A bare "postgresql://" would mean psycopg2 to SQLAlchemy; we ship psycopg 3.
 _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
+# The async factory's choice for a bare scheme. psycopg 3 serves both sides:
+# SQLAlchemy picks its async mode under create_async_engine.
+_DEFAULT_ASYNC_DRIVERS = {
+    "sqlite": "aiosqlite",
+    "postgresql": "psycopg",
+    "mysql": "aiomysql",
+    "mariadb": "aiomysql",
+}
 _SCHEME_ALIASES = {"postgres": "postgresql"}
 _SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
 _MASK = "***"
@@ -51,9 +59,14 @@ def make_settings(
     expire_on_commit: bool | None = None,
     sqlite_busy_timeout: float | None = None,
     engine_options: Mapping[str, Any] | None = None,
+    asyncio: bool = False,
 ) -> Settings:
-    """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work."""
-    resolved, source = resolve_url(url)
+    """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work.
+
+    With ``asyncio=True`` a URL that names no driver gets the backend's async driver
+    (aiosqlite, psycopg, aiomysql); a driver named in the URL is always kept.
+    """
+    resolved, source = resolve_url(url, asyncio=asyncio)
     timeout = DEFAULT_SQLITE_BUSY_TIMEOUT if sqlite_busy_timeout is None else sqlite_busy_timeout
     if timeout < 0:
         raise ConfigurationError(
@@ -68,17 +81,21 @@ def make_settings(
     )
 
 
-def resolve_url(url: str | URL | None = None) -> tuple[URL, str]:
+def resolve_url(url: str | URL | None = None, *, asyncio: bool = False) -> tuple[URL, str]:
     """Return the URL to use and where it came from: ``argument``, ``DATABASE_URL`` or ``default``.
 
-    Raises InvalidURLError for an empty or malformed URL.
+    A URL without a driver gets the default one of its backend (the async one
+    with ``asyncio=True``). Raises InvalidURLError for an empty or malformed URL.
     """
-    if url is not None:
-        return _parse(url, "argument"), "argument"
+    drivers = _DEFAULT_ASYNC_DRIVERS if asyncio else _DEFAULT_DRIVERS
     from_env = os.environ.get(ENV_VAR)
-    if from_env is not None:
-        return _parse(from_env, ENV_VAR), ENV_VAR
-    return default_sqlite_url(), "default"
+    if url is not None:
+        resolved, source = _parse(url, "argument"), "argument"
+    elif from_env is not None:
+        resolved, source = _parse(from_env, ENV_VAR), ENV_VAR
+    else:
+        resolved, source = default_sqlite_url(), "default"
+    return _with_default_driver(resolved, drivers), source
 
 
 def default_sqlite_url() -> URL:
@@ -129,13 +146,13 @@ def _parse(raw: str | URL, source: str) -> URL:
             ) from None
     else:
         parsed = raw
-    return _with_default_driver(parsed)
+    return parsed
 
 
-def _with_default_driver(url: URL) -> URL:
+def _with_default_driver(url: URL, drivers: Mapping[str, str]) -> URL:
     backend = _SCHEME_ALIASES.get(url.get_backend_name(), url.get_backend_name())
-    if "+" not in url.drivername and backend in _DEFAULT_DRIVERS:
-        return url.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[backend]}")
+    if "+" not in url.drivername and backend in drivers:
+        return url.set(drivername=f"{backend}+{drivers[backend]}")
     if backend != url.get_backend_name():
         return url.set(drivername=url.drivername.replace(url.get_backend_name(), backend, 1))
     return url

@@ -19,8 +19,9 @@ import sqlite3
 import tempfile
 import uuid
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
@@ -48,21 +49,40 @@ _INSTALL_HINTS = {
     "mysqldb": "pip install mysqlclient, or use a mysql+pymysql:// URL "
     "with pip install 'dbsession[mysql]'",
     "aiosqlite": "pip install 'dbsession[async]'",
-    "asyncpg": "pip install 'dbsession[async]'",
+    "asyncpg": "pip install asyncpg, or use a postgresql+psycopg:// URL "
+    "with pip install 'dbsession[postgres]'",
     "aiomysql": "pip install 'dbsession[async]'",
 }
-_SUPPORTED = "sqlite, postgresql+psycopg, mysql+pymysql or mariadb+pymysql"
+_SUPPORTED = (
+    "sqlite, postgresql+psycopg, mysql+pymysql or mariadb+pymysql "
+    "(async: sqlite+aiosqlite, postgresql+psycopg, mysql+aiomysql)"
+)
+
+E = TypeVar("E")
 
 
 def make_engine(settings: Settings) -> Engine:
     """Create the engine for ``settings``; raise a ConfigurationError if it cannot be built."""
+    return build_engine(settings, create_engine, lambda engine: engine)
+
+
+def build_engine(
+    settings: Settings, create: Callable[..., E], sync_engine_of: Callable[[E], Engine]
+) -> E:
+    """Create an engine with ``create`` (``create_engine`` or ``create_async_engine``) and
+    install dbsession's opinions on ``sync_engine_of(engine)``, where the events live.
+
+    Raises UnknownDialectError, MissingDriverError, SQLitePathError or ConfigurationError
+    when the URL or options cannot work.
+    """
     url = settings.url
     options: dict[str, Any] = {"pool_pre_ping": True, **settings.engine_options}
     keeper: sqlite3.Connection | None = None
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
-    engine = _create(url, settings, options)
+    built = _create(create, url, settings, options)
+    engine = sync_engine_of(built)
     _install_fork_guard(engine)
     if is_sqlite:
         _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
@@ -71,12 +91,17 @@ def make_engine(settings: Settings) -> Engine:
     else:
         _install_connect_errors(engine, url)
     logger.info("dbsession: engine created for %s", settings.describe())
-    return engine
+    return built
 
 
-def _create(url: URL, settings: Settings, options: dict[str, Any]) -> Engine:
+def write_options(url: URL) -> dict[str, Any]:
+    """Execution options for a writing unit of work: SQLite takes its write lock at BEGIN."""
+    return {SQLITE_BEGIN_OPTION: "BEGIN IMMEDIATE"} if url.get_backend_name() == "sqlite" else {}
+
+
+def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
     try:
-        return create_engine(url, **options)
+        return create(url, **options)
     except exc.NoSuchModuleError:
         raise UnknownDialectError(
             f"Unknown database dialect or driver {url.drivername!r} in {settings.describe()}. "
