@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sqlite3
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.util import await_only
 
 from ._config import Settings, mask_url, scrub
 from ._errors import (
@@ -102,6 +104,11 @@ def write_options(url: URL) -> dict[str, Any]:
 def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
     try:
         return create(url, **options)
+    except exc.InvalidRequestError as error:  # a sync driver under create_async_engine
+        raise ConfigurationError(
+            f"{settings.describe()} cannot be used here: {scrub(str(error), url)} "
+            f"Name a fitting driver, or none to get the default: {_SUPPORTED}."
+        ) from None
     except exc.NoSuchModuleError:
         raise UnknownDialectError(
             f"Unknown database dialect or driver {url.drivername!r} in {settings.describe()}. "
@@ -213,6 +220,23 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
                 cursor.execute("PRAGMA journal_mode=WAL")
         finally:
             cursor.close()
+
+    @event.listens_for(engine, "handle_error")
+    def interrupt_on_cancel(context: ExceptionContext) -> None:
+        # A cancelled task (or KeyboardInterrupt) left a statement running in the
+        # driver's thread (aiosqlite): stop it and end its transaction now, so the
+        # write lock is released at once, not when the statement would have finished
+        # (nor, closed with a cursor still referenced, never).
+        if context.connection is None or isinstance(context.original_exception, Exception):
+            return
+        driver = context.connection.connection.driver_connection
+        try:
+            for step in (driver.interrupt, driver.rollback):
+                outcome = step()
+                if inspect.isawaitable(outcome):
+                    await_only(outcome)
+        except Exception:
+            logger.debug("dbsession: interrupting the cancelled statement failed", exc_info=True)
 
     @event.listens_for(engine, "begin")
     def begin(connection: Connection) -> None:

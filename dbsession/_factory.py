@@ -95,7 +95,7 @@ class DbSessionFactory(LazyFactory[_Built]):
     create_session = DefaultOrSelf(_create_session)
     get_engine = DefaultOrSelf(_get_engine)
     create_all = DefaultOrSelf(_create_all)
-    dispose = DefaultOrSelf(_dispose, create=False)
+    dispose = DefaultOrSelf(_dispose, no_default=lambda: None)
 
 
 def session_scope() -> AbstractContextManager[Session]:

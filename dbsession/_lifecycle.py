@@ -28,25 +28,31 @@ class DefaultOrSelf(Generic[F, P, R]):
 
     ``DbSessionFactory.create_session()`` and ``reports.create_session()`` are one
     implementation; the default is looked up at call time, never at attribute access.
-    With ``create=False`` a call on the class when there is no default returns None.
+    With ``no_default`` given, a call on the class does not create the default: when
+    there is none it returns ``no_default()`` instead (``dispose()`` on nothing).
     """
 
-    def __init__(self, func: Callable[Concatenate[F, P], R], *, create: bool = True) -> None:
+    def __init__(
+        self,
+        func: Callable[Concatenate[F, P], R],
+        *,
+        no_default: Callable[[], R] | None = None,
+    ) -> None:
         self._func = func
-        self._create = create
+        self._no_default = no_default
         self.__doc__ = func.__doc__
 
     def __get__(self, instance: F | None, owner: type[F]) -> Callable[P, R]:
         if instance is not None:
             return cast("Callable[P, R]", MethodType(self._func, instance))
-        func, create = self._func, self._create
+        func, no_default = self._func, self._no_default
 
         @functools.wraps(func)
         def on_default(*args: P.args, **kwargs: P.kwargs) -> R:
-            target = owner.default() if create else owner._default
-            if target is None:
-                return None  # type: ignore[return-value]  # dispose() with nothing to dispose
-            return func(target, *args, **kwargs)
+            if no_default is None:
+                return func(owner.default(), *args, **kwargs)
+            target: F | None = owner._default
+            return no_default() if target is None else func(target, *args, **kwargs)
 
         return on_default
 
