@@ -229,7 +229,7 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
         # (nor, closed with a cursor still referenced, never).
         if context.connection is None or isinstance(context.original_exception, Exception):
             return
-        driver = context.connection.connection.driver_connection
+        driver: Any = context.connection.connection.driver_connection
         try:
             for step in (driver.interrupt, driver.rollback):
                 outcome = step()
