@@ -1,0 +1,1 @@
+"""Tests of dbsession.asyncio, on every backend."""

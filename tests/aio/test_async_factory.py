@@ -1,0 +1,265 @@
+"""AsyncDbSessionFactory: URL resolution, lazy one-time build, the default, errors, SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from dbsession import (
+    AlreadyInitializedError,
+    ConfigurationError,
+    DatabaseUnreachableError,
+    MissingDriverError,
+)
+from dbsession.asyncio import AsyncDbSessionFactory, async_session_scope, create_async_session
+from dbsession.example.models import Customer, Order, Supplier
+
+from .conftest import Run
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("sqlite:///app.db", "sqlite+aiosqlite"),
+        ("postgresql://app@db/app", "postgresql+psycopg"),
+        ("postgres://app@db/app", "postgresql+psycopg"),
+        ("mysql://app@db/app", "mysql+aiomysql"),
+        ("mariadb://app@db/app", "mariadb+aiomysql"),
+        ("postgresql+asyncpg://app@db/app", "postgresql+asyncpg"),  # named: kept
+    ],
+)
+def test_a_bare_url_gets_the_backends_async_driver(url: str, driver: str) -> None:
+    assert AsyncDbSessionFactory(url).url.drivername == driver
+
+
+def test_url_comes_from_database_url_like_the_sync_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:secret@db/app")
+    factory = AsyncDbSessionFactory()
+    assert factory.url.drivername == "postgresql+psycopg"
+    assert factory.settings.source == "DATABASE_URL"
+    assert "secret" not in repr(factory)
+
+
+def test_default_is_the_embedded_sqlite_file(run: Run[Any]) -> None:
+    async def body() -> None:
+        async with async_session_scope() as session:
+            assert (await session.execute(text("SELECT 1"))).scalar() == 1
+
+    run(body())
+    assert Path("dbsession.sqlite3").exists()
+
+
+def test_many_tasks_racing_the_first_use_build_exactly_one_engine(
+    run: Run[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def unit_of_work() -> int:
+        async with async_session_scope() as session:
+            await session.execute(text("SELECT 1"))
+            return id(session.bind)
+
+    async def body() -> set[int]:
+        return set(await asyncio.gather(*(unit_of_work() for _ in range(50))))
+
+    with caplog.at_level(logging.INFO, logger="dbsession"):
+        binds = run(body())
+    assert len(binds) == 1
+    assert [r for r in caplog.records if "engine created" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "engine created" in r.getMessage()]) == 1
+
+
+def test_many_threads_racing_the_first_use_build_exactly_one_engine(
+    run: Run[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    barrier = threading.Barrier(8)
+    engines: list[int] = []
+
+    def first_use() -> None:
+        barrier.wait()
+        engines.append(id(AsyncDbSessionFactory.get_engine()))
+
+    with caplog.at_level(logging.INFO, logger="dbsession"):
+        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(engines) == 8
+    assert len(set(engines)) == 1
+    assert len([r for r in caplog.records if "engine created" in r.getMessage()]) == 1
+
+
+def test_global_init_with_another_url_is_refused_until_disposed(
+    run: Run[Any], tmp_path: Path
+) -> None:
+    async def body() -> None:
+        first = AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'a.db'}")
+        assert AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'a.db'}") is first
+        with pytest.raises(AlreadyInitializedError, match="AsyncDbSessionFactory.dispose"):
+            AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'b.db'}")
+        await AsyncDbSessionFactory.dispose()
+        await AsyncDbSessionFactory.dispose()  # nothing to dispose: fine
+        second = AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'b.db'}")
+        assert second is not first
+
+    run(body())
+
+
+def test_create_async_session_is_managed_by_the_caller(run: Run[Any]) -> None:
+    async def body() -> None:
+        async with create_async_session() as session:
+            assert (await session.execute(text("SELECT 2"))).scalar() == 2
+
+    run(body())
+
+
+def test_a_sync_driver_is_a_configuration_error_naming_the_async_ones() -> None:
+    with pytest.raises(ConfigurationError, match="mysql\\+aiomysql") as raised:
+        _ = AsyncDbSessionFactory("mysql+pymysql://app:secret@db/app").engine
+    assert "secret" not in str(raised.value)
+
+
+def test_missing_async_driver_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aiomysql", None)
+    with pytest.raises(MissingDriverError, match=r"pip install 'dbsession\[async\]'"):
+        _ = AsyncDbSessionFactory("mysql://app@db/app").engine
+
+
+def test_missing_greenlet_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "greenlet", None)
+    with pytest.raises(MissingDriverError, match=r"greenlet.*pip install 'dbsession\[async\]'"):
+        _ = AsyncDbSessionFactory("sqlite://").engine
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://app:secret@127.0.0.1:1/app", "mysql://app:secret@127.0.0.1:1/app"]
+)
+def test_unreachable_server_names_host_and_port(url: str, run: Run[Any]) -> None:
+    factory = AsyncDbSessionFactory(url)
+
+    async def body() -> None:
+        try:
+            async with factory.async_session_scope() as session:
+                await session.execute(text("SELECT 1"))
+        finally:
+            await factory.dispose()
+
+    with pytest.raises(DatabaseUnreachableError, match="127.0.0.1:1") as raised:
+        run(body())
+    assert "secret" not in str(raised.value)
+
+
+def test_importing_dbsession_imports_no_async_module() -> None:
+    probe = (
+        "import sys, dbsession; "
+        "print(sorted(m for m in ('dbsession.asyncio', 'sqlalchemy.ext.asyncio', 'greenlet', "
+        "'aiosqlite', 'aiomysql', 'asyncpg') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=os.environ
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# --- SQLite opinions, on aiosqlite ---------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_async(tmp_path: Path, run: Run[Any]) -> Iterator[AsyncDbSessionFactory]:
+    factory = AsyncDbSessionFactory(f"sqlite:///{tmp_path / 'app.sqlite3'}")
+    run(factory.create_all())
+    yield factory
+    run(factory.dispose())
+
+
+def test_sqlite_foreign_keys_wal_and_busy_timeout(
+    sqlite_async: AsyncDbSessionFactory, run: Run[Any]
+) -> None:
+    async def pragmas() -> list[object]:
+        async with sqlite_async.engine.connect() as connection:
+            return [
+                (await connection.exec_driver_sql(f"PRAGMA {name}")).scalar()
+                for name in ("foreign_keys", "journal_mode", "busy_timeout")
+            ]
+
+    assert run(pragmas()) == [1, "wal", 5000]
+
+
+def test_sqlite_foreign_key_violation_is_refused(
+    sqlite_async: AsyncDbSessionFactory, run: Run[Any]
+) -> None:
+    async def body() -> None:
+        async with sqlite_async.async_session_scope() as session:
+            session.add(Order(customer_id=999, supplier_id=999, amount=1))
+
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+        run(body())
+
+
+def test_sqlite_write_scope_takes_the_write_lock_at_begin(
+    sqlite_async: AsyncDbSessionFactory, run: Run[Any], tmp_path: Path
+) -> None:
+    other = sqlite3.connect(tmp_path / "app.sqlite3", timeout=0, isolation_level=None)
+
+    async def body() -> None:
+        async with sqlite_async.async_session_scope() as session:
+            await session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE, before any write
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+
+    try:
+        run(body())
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def test_sqlite_savepoint_rolls_back_only_the_nested_part(
+    sqlite_async: AsyncDbSessionFactory, run: Run[Any]
+) -> None:
+    async def body() -> list[str]:
+        async with sqlite_async.async_session_scope() as session:
+            session.add(Supplier(name="outer"))
+            with pytest.raises(RuntimeError):
+                async with session.begin_nested():
+                    session.add(Supplier(name="inner"))
+                    await session.flush()
+                    raise RuntimeError
+        async with sqlite_async.async_session_scope() as session:
+            return list(await session.scalars(select(Supplier.name)))
+
+    assert run(body()) == ["outer"]
+
+
+def test_in_memory_sqlite_is_one_database_for_all_connections(run: Run[Any]) -> None:
+    factory = AsyncDbSessionFactory("sqlite://")
+
+    async def body() -> list[str]:
+        await factory.create_all()
+        async with factory.async_session_scope() as first:
+            first.add(Customer(name="Ada", email="ada@example.com"))
+        connections = [await factory.engine.connect() for _ in range(3)]  # three at once
+        try:
+            return [
+                name
+                for connection in connections
+                for name in await connection.scalars(select(Customer.name))
+            ]
+        finally:
+            for connection in connections:
+                await connection.close()
+            await factory.dispose()
+
+    assert run(body()) == ["Ada", "Ada", "Ada"]

@@ -1,0 +1,194 @@
+"""async_session_scope(): commit, rollback, close, under errors, cancellation and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Engine
+
+from dbsession.asyncio import AsyncDbSessionFactory
+from dbsession.example.models import Supplier
+
+from .conftest import Run
+
+# A statement that runs long enough to be cancelled while in flight. SQLite has no
+# sleep: a recursive count that would take minutes unless interrupted.
+SLOW_QUERY = {
+    "postgresql": "SELECT pg_sleep(3)",
+    "mysql": "SELECT SLEEP(3)",
+    "sqlite": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+    "WHERE x < 1000000000) SELECT count(*) FROM c",
+}
+
+
+def supplier_names(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.scalars(select(Supplier.name).order_by(Supplier.name)))
+
+
+def checked_out(factory: AsyncDbSessionFactory) -> int:
+    count: int = factory.engine.pool.checkedout()  # type: ignore[attr-defined]
+    return count
+
+
+def test_scope_commits_when_the_block_ends(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    async def body() -> None:
+        async with async_factory.async_session_scope() as session:
+            session.add(Supplier(name="ACME"))
+
+    run(body())
+    assert supplier_names(other_connection) == ["ACME"]
+    assert checked_out(async_factory) == 0
+
+
+def test_error_rolls_back_everything_and_is_reraised_unchanged(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    error = LookupError("boom")
+
+    async def body() -> None:
+        async with async_factory.async_session_scope() as session:
+            session.add(Supplier(name="flushed"))
+            await session.flush()
+            session.add(Supplier(name="pending"))
+            raise error
+
+    with pytest.raises(LookupError) as raised:
+        run(body())
+    assert raised.value is error
+    assert supplier_names(other_connection) == []
+    assert checked_out(async_factory) == 0
+
+
+def test_fifty_concurrent_units_of_work_persist_exactly_the_ones_that_did_not_raise(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    async def unit_of_work(number: int) -> None:
+        async with async_factory.async_session_scope() as session:
+            session.add(Supplier(name=f"supplier-{number:02}"))
+            await session.flush()
+            await asyncio.sleep(0)  # let the other tasks interleave mid-transaction
+            if number % 3 == 0:
+                raise ValueError(number)
+
+    async def body() -> list[BaseException | None]:
+        return await asyncio.gather(*(unit_of_work(n) for n in range(50)), return_exceptions=True)
+
+    outcomes = run(body())
+    failed = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, ValueError)]
+    assert failed == list(range(0, 50, 3))
+    assert [o for o in outcomes if o is not None and not isinstance(o, ValueError)] == []
+    expected = [f"supplier-{n:02}" for n in range(50) if n % 3 != 0]
+    assert supplier_names(other_connection) == expected
+    assert checked_out(async_factory) == 0
+
+
+def test_scope_cancelled_while_a_query_runs_leaves_nothing_and_returns_its_connection(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    backend = async_factory.url.get_backend_name()
+
+    async def body() -> None:
+        in_flight = asyncio.Event()
+
+        async def unit_of_work() -> None:
+            async with async_factory.async_session_scope() as session:
+                session.add(Supplier(name="never"))
+                await session.flush()
+                in_flight.set()
+                await session.execute(text(SLOW_QUERY[backend]))
+
+        task = asyncio.create_task(unit_of_work())
+        await in_flight.wait()
+        await asyncio.sleep(0.2)  # the slow statement is on the wire / in the driver
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert checked_out(async_factory) == 0
+        # The database is usable at once: no lock or transaction was left behind.
+        async with async_factory.async_session_scope() as session:
+            session.add(Supplier(name="after"))
+
+    run(body())
+    assert supplier_names(other_connection) == ["after"]
+    assert checked_out(async_factory) == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
+def test_timeout_rolls_back_and_raises_timeout_error(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    backend = async_factory.url.get_backend_name()
+
+    async def body() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):  # type: ignore[attr-defined,unused-ignore]
+                async with async_factory.async_session_scope() as session:
+                    session.add(Supplier(name="too slow"))
+                    await session.flush()
+                    await session.execute(text(SLOW_QUERY[backend]))
+        assert checked_out(async_factory) == 0
+
+    run(body())
+    assert supplier_names(other_connection) == []
+
+
+def test_cancelled_before_commit_rolls_back(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    async def body() -> None:
+        started = asyncio.Event()
+
+        async def unit_of_work() -> None:
+            async with async_factory.async_session_scope() as session:
+                session.add(Supplier(name="never"))
+                await session.flush()
+                started.set()
+                await asyncio.Event().wait()  # cancelled here, between statements
+
+        task = asyncio.create_task(unit_of_work())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert checked_out(async_factory) == 0
+
+    run(body())
+    assert supplier_names(other_connection) == []
+
+
+def test_failing_commit_rolls_back_and_raises_the_commit_error(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    async def body() -> None:
+        async with async_factory.async_session_scope() as session:
+            session.add(Supplier(name="twin"))
+        with pytest.raises(IntegrityError):
+            async with async_factory.async_session_scope() as session:
+                session.add(Supplier(name="first of the batch"))
+                session.add(Supplier(name="twin"))  # unique name: fails at commit's flush
+        assert checked_out(async_factory) == 0
+
+    run(body())
+    assert supplier_names(other_connection) == ["twin"]
+
+
+def test_sessions_count_rows_like_plain_sqlalchemy(
+    async_factory: AsyncDbSessionFactory, run: Run[Any]
+) -> None:
+    async def body() -> int:
+        async with async_factory.async_session_scope() as session:
+            session.add_all([Supplier(name="a"), Supplier(name="b")])
+        async with async_factory.async_session_scope() as session:
+            count: int = await session.scalar(select(func.count()).select_from(Supplier)) or 0
+            return count
+
+    assert run(body()) == 2
