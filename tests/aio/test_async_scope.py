@@ -89,10 +89,14 @@ def test_fifty_concurrent_units_of_work_persist_exactly_the_ones_that_did_not_ra
     assert checked_out(async_factory) == 0
 
 
-def test_scope_cancelled_while_a_query_runs_leaves_nothing_and_returns_its_connection(
-    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+@pytest.mark.parametrize("cancelled_in", ["a running query", "the code between queries"])
+def test_cancelled_scope_leaves_nothing_and_returns_its_connection(
+    cancelled_in: str,
+    async_factory: AsyncDbSessionFactory,
+    run: Run[Any],
+    other_connection: Engine,
 ) -> None:
-    backend = async_factory.url.get_backend_name()
+    slow_query = text(SLOW_QUERY[async_factory.url.get_backend_name()])
 
     async def body() -> None:
         in_flight = asyncio.Event()
@@ -102,7 +106,10 @@ def test_scope_cancelled_while_a_query_runs_leaves_nothing_and_returns_its_conne
                 session.add(Supplier(name="never"))
                 await session.flush()
                 in_flight.set()
-                await session.execute(text(SLOW_QUERY[backend]))
+                if cancelled_in == "a running query":
+                    await session.execute(slow_query)
+                else:
+                    await asyncio.Event().wait()
 
         task = asyncio.create_task(unit_of_work())
         await in_flight.wait()
@@ -139,30 +146,6 @@ def test_timeout_rolls_back_and_raises_timeout_error(
     assert supplier_names(other_connection) == []
 
 
-def test_cancelled_before_commit_rolls_back(
-    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
-) -> None:
-    async def body() -> None:
-        started = asyncio.Event()
-
-        async def unit_of_work() -> None:
-            async with async_factory.async_session_scope() as session:
-                session.add(Supplier(name="never"))
-                await session.flush()
-                started.set()
-                await asyncio.Event().wait()  # cancelled here, between statements
-
-        task = asyncio.create_task(unit_of_work())
-        await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert checked_out(async_factory) == 0
-
-    run(body())
-    assert supplier_names(other_connection) == []
-
-
 def test_failing_commit_rolls_back_and_raises_the_commit_error(
     async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
 ) -> None:
@@ -192,3 +175,33 @@ def test_sessions_count_rows_like_plain_sqlalchemy(
             return count
 
     assert run(body()) == 2
+
+
+def test_a_cancellation_during_cleanup_waits_for_the_cleanup_then_is_raised(
+    run: Run[Any],
+) -> None:
+    from dbsession._async_scope import run_to_completion
+
+    async def body() -> list[str]:
+        steps: list[str] = []
+        release = asyncio.Event()
+
+        async def cleanup() -> None:
+            await release.wait()
+            steps.append("connection returned")
+
+        async def scope_exit() -> None:
+            await run_to_completion(cleanup())
+            steps.append("not reached")
+
+        task = asyncio.create_task(scope_exit())
+        await asyncio.sleep(0)
+        task.cancel()  # e.g. a second cancellation while the rollback runs
+        await asyncio.sleep(0)
+        assert not task.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return steps
+
+    assert run(body()) == ["connection returned"]
