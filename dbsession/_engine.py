@@ -9,6 +9,11 @@
   SQLAlchemy (not pysqlite) emits ``BEGIN``, so SAVEPOINT works and write
   sessions can ask for ``BEGIN IMMEDIATE``. In-memory databases use the
   ``memdb`` VFS so several threads (several connections) see one database.
+  A statement interrupted by task cancellation is stopped and its transaction
+  ended at once (aiosqlite runs it in a thread of its own).
+
+``build_engine`` applies all of this to ``create_engine`` and, for
+``dbsession.asyncio``, to ``create_async_engine(...).sync_engine``.
 """
 
 from __future__ import annotations

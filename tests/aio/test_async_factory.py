@@ -263,3 +263,12 @@ def test_in_memory_sqlite_is_one_database_for_all_connections(run: Run[Any]) -> 
             await factory.dispose()
 
     assert run(body()) == ["Ada", "Ada", "Ada"]
+
+
+def test_public_async_names_are_documented() -> None:
+    import dbsession.asyncio
+
+    for name in dbsession.asyncio.__all__:
+        assert getattr(dbsession.asyncio, name).__doc__, f"{name} has no docstring"
+    for method in ("async_session_scope", "create_session", "get_engine", "create_all", "dispose"):
+        assert getattr(AsyncDbSessionFactory, method).__doc__, f"{method} has no docstring"
