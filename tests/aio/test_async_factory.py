@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,13 @@ def test_many_threads_racing_the_first_use_build_exactly_one_engine(
     run: Run[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     barrier = threading.Barrier(8)
-    engines: list[int] = []
 
-    def first_use() -> None:
+    def first_use(_: int) -> int:
         barrier.wait()
-        engines.append(id(AsyncDbSessionFactory.get_engine()))
+        return id(AsyncDbSessionFactory.get_engine())
 
-    with caplog.at_level(logging.INFO, logger="dbsession"):
-        threads = [threading.Thread(target=first_use) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    with caplog.at_level(logging.INFO, logger="dbsession"), ThreadPoolExecutor(8) as pool:
+        engines = list(pool.map(first_use, range(8)))
     assert len(engines) == 8
     assert len(set(engines)) == 1
     assert len([r for r in caplog.records if "engine created" in r.getMessage()]) == 1

@@ -115,6 +115,8 @@ def test_cancelled_scope_leaves_nothing_and_returns_its_connection(
         await in_flight.wait()
         await asyncio.sleep(0.2)  # the slow statement is on the wire / in the driver
         task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=30)  # a liveness bound, not a speed target
+        assert done, "the cancelled scope is still waiting for its statement to end"
         with pytest.raises(asyncio.CancelledError):
             await task
         assert checked_out(async_factory) == 0
