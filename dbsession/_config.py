@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,21 @@ class Settings:
     expire_on_commit: bool = False
     sqlite_busy_timeout: float = DEFAULT_SQLITE_BUSY_TIMEOUT
     engine_options: Mapping[str, Any] = field(default_factory=dict)
+    replica_url: URL | None = None
 
     def describe(self) -> str:
         """The masked URL and where it came from, for messages and logs."""
-        return f"{mask_url(self.url)} (from {self.source})"
+        replica = f" with replica {mask_url(self.replica_url)}" if self.replica_url else ""
+        return f"{mask_url(self.url)} (from {self.source}){replica}"
+
+    def for_replica(self) -> Settings:
+        """The same options on the replica URL; raise ConfigurationError if there is none."""
+        if self.replica_url is None:
+            raise ConfigurationError(
+                "No replica_url is configured; pass replica_url= to DbSessionFactory() "
+                "or global_init()."
+            )
+        return replace(self, url=self.replica_url, source="replica_url", replica_url=None)
 
 
 def make_settings(
@@ -51,6 +62,7 @@ def make_settings(
     expire_on_commit: bool | None = None,
     sqlite_busy_timeout: float | None = None,
     engine_options: Mapping[str, Any] | None = None,
+    replica_url: str | URL | None = None,
 ) -> Settings:
     """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work."""
     resolved, source = resolve_url(url)
@@ -65,6 +77,7 @@ def make_settings(
         expire_on_commit=bool(expire_on_commit),
         sqlite_busy_timeout=float(timeout),
         engine_options=dict(engine_options or {}),
+        replica_url=None if replica_url is None else _parse(replica_url, "replica_url"),
     )
 
 
@@ -109,7 +122,9 @@ def scrub(text: str, url: URL) -> str:
 
 
 def _parse(raw: str | URL, source: str) -> URL:
-    where = "the url argument" if source == "argument" else f"the {source} environment variable"
+    where = {"argument": "the url argument", "replica_url": "the replica_url argument"}.get(
+        source, f"the {source} environment variable"
+    )
     if isinstance(raw, str):
         if not raw.strip():
             raise InvalidURLError(

@@ -9,6 +9,10 @@
   SQLAlchemy (not pysqlite) emits ``BEGIN``, so SAVEPOINT works and write
   sessions can ask for ``BEGIN IMMEDIATE``. In-memory databases use the
   ``memdb`` VFS so several threads (several connections) see one database.
+- read-only transactions (:func:`scope_options`): PostgreSQL through SQLAlchemy's
+  ``postgresql_readonly``; MySQL/MariaDB ``START TRANSACTION READ ONLY`` and SQLite
+  ``PRAGMA query_only`` from begin hooks here; the backend's refusal of a write
+  raised as ReadOnlyError.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from ._classify import is_read_only_violation
 from ._config import Settings, mask_url, scrub
 from ._errors import (
     ConfigurationError,
     DatabaseUnreachableError,
     MissingDriverError,
+    ReadOnlyError,
     SQLitePathError,
     UnknownDialectError,
 )
@@ -39,6 +45,9 @@ logger = logging.getLogger("dbsession")
 
 #: Execution option read by the SQLite ``begin`` hook: ``"BEGIN"`` or ``"BEGIN IMMEDIATE"``.
 SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"
+#: Execution option read by the MySQL and SQLite ``begin`` hooks: the transaction is read-only.
+READONLY_OPTION = "dbsession_readonly"
+_QUERY_ONLY_FLAG = "dbsession_query_only"
 
 _INSTALL_HINTS = {
     "psycopg": "pip install 'dbsession[postgres]'",
@@ -64,12 +73,15 @@ def make_engine(settings: Settings) -> Engine:
         url, keeper = _prepare_sqlite_url(url)
     engine = _create(url, settings, options)
     _install_fork_guard(engine)
+    _install_read_only_errors(engine)
     if is_sqlite:
         _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
         if keeper is not None:
             weakref.finalize(engine, keeper.close)
     else:
         _install_connect_errors(engine, url)
+    if engine.dialect.name in ("mysql", "mariadb"):
+        _install_mysql_read_only(engine)
     logger.info("dbsession: engine created for %s", settings.describe())
     return engine
 
@@ -114,6 +126,55 @@ def _install_fork_guard(engine: Engine) -> None:
             raise exc.DisconnectionError(
                 "connection was opened by another process; reconnecting in this one"
             )
+
+
+def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:
+    """The execution options of the engine a scope of this kind runs on.
+
+    SQLite writing scopes take the write lock at ``BEGIN IMMEDIATE``; read-only ones
+    use a plain ``BEGIN`` (WAL readers never wait) plus ``PRAGMA query_only``.
+    """
+    options: dict[str, Any] = {}
+    name = engine.dialect.name
+    if name == "sqlite":
+        options[SQLITE_BEGIN_OPTION] = "BEGIN" if readonly else "BEGIN IMMEDIATE"
+    if readonly:
+        options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
+    if isolation_level is not None:
+        options["isolation_level"] = isolation_level
+    return options
+
+
+def isolation_levels(engine: Engine) -> tuple[str, ...]:
+    """The isolation level names the engine's dialect accepts (opens one connection)."""
+    raw = engine.raw_connection()
+    try:
+        assert raw.dbapi_connection is not None
+        return tuple(engine.dialect.get_isolation_level_values(raw.dbapi_connection))
+    finally:
+        raw.close()
+
+
+def _install_read_only_errors(engine: Engine) -> None:
+    @event.listens_for(engine, "handle_error")
+    def read_only(context: ExceptionContext) -> BaseException | None:
+        original = context.original_exception
+        if not is_read_only_violation(original, context.dialect.name):
+            return None
+        first_line = str(original).strip().splitlines() or [""]
+        return ReadOnlyError(
+            f"A write was refused because the transaction is read-only "
+            f"({context.dialect.name}: {scrub(first_line[0], engine.url)}). "
+            "session_scope(readonly=True) never writes: do this work in a writing "
+            "scope, session_scope()."
+        )
+
+
+def _install_mysql_read_only(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(READONLY_OPTION):
+            connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
 def _install_connect_errors(engine: Engine, url: URL) -> None:
@@ -191,6 +252,14 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
 
     @event.listens_for(engine, "begin")
     def begin(connection: Connection) -> None:
-        connection.exec_driver_sql(
-            connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "BEGIN")
-        )
+        options = connection.get_execution_options()
+        connection.exec_driver_sql(options.get(SQLITE_BEGIN_OPTION, "BEGIN"))
+        if options.get(READONLY_OPTION):
+            connection.exec_driver_sql("PRAGMA query_only=ON")
+            connection.info[_QUERY_ONLY_FLAG] = True
+
+    @event.listens_for(engine, "checkin")
+    def writable_again(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # A pooled connection never stays query_only after its read-only scope.
+        if record.info.pop(_QUERY_ONLY_FLAG, False) and dbapi_connection is not None:
+            dbapi_connection.execute("PRAGMA query_only=OFF")

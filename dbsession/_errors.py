@@ -9,10 +9,17 @@ anything this package raises on its own account::
     │   ├── UnknownDialectError     no such SQLAlchemy dialect or driver
     │   ├── MissingDriverError      the driver package is not installed
     │   ├── SQLitePathError         SQLite file folder missing or not writable
-    │   └── AlreadyInitializedError global_init() again with other settings
-    └── DatabaseUnreachableError    the server did not accept a connection
+    │   ├── AlreadyInitializedError global_init() again with other settings
+    │   └── UnsupportedIsolationLevelError  isolation level the backend does not have
+    ├── DatabaseUnreachableError    the server did not accept a connection
+    ├── ScopeError                  a scope used in a way that cannot work
+    │   └── NoActiveScopeError      current_session()/on_commit() outside any scope
+    ├── ReadOnlyError               a write inside session_scope(readonly=True)
+    └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
-Errors of SQLAlchemy and the drivers that dbsession has nothing to add to
+A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
+25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY), which stays reachable as
+its ``__cause__``. Errors of SQLAlchemy and the drivers that dbsession has nothing to add to
 (an ``IntegrityError`` from a flush, say) pass through unchanged. No message
 ever contains a password: URLs are always rendered masked.
 """
@@ -50,3 +57,35 @@ class AlreadyInitializedError(ConfigurationError):
 
 class DatabaseUnreachableError(DbSessionError):
     """A connection to the database server could not be opened."""
+
+
+class UnsupportedIsolationLevelError(ConfigurationError):
+    """The isolation level asked of a scope is not one the backend supports."""
+
+
+class ScopeError(DbSessionError):
+    """A scope was asked for something it cannot do (say, a savepoint changing read-only-ness)."""
+
+
+class NoActiveScopeError(ScopeError):
+    """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``."""
+
+
+class ReadOnlyError(DbSessionError):
+    """A statement tried to write inside a read-only transaction.
+
+    The backend's error is the ``__cause__``.
+    """
+
+
+class RetryExhaustedError(DbSessionError):
+    """A transient failure persisted through every attempt of ``run_in_transaction``.
+
+    ``attempts`` is how many were made; the last error is ``last_error`` and the
+    ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, attempts: int, last_error: BaseException) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.last_error = last_error

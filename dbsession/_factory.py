@@ -7,24 +7,35 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from types import MethodType
 from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 from sqlalchemy import MetaData
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from ._base import Base
+from ._binding import Binding, normalize_isolation_level
 from ._config import Settings, make_settings, mask_url
-from ._engine import SQLITE_BEGIN_OPTION, make_engine
+from ._context import innermost
+from ._engine import make_engine
 from ._errors import AlreadyInitializedError
-from ._scope import unit_of_work
+from ._retry import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_BASE_DELAY,
+    DEFAULT_MAX_DELAY,
+    RetryPolicy,
+    TransactionalDecorator,
+    retry_decorator,
+    run_with_retries,
+)
+from ._scope import savepoint, unit_of_work
 
 logger = logging.getLogger("dbsession")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class _DefaultOrSelf(Generic[P, R]):
@@ -32,16 +43,24 @@ class _DefaultOrSelf(Generic[P, R]):
 
     ``DbSessionFactory.create_session()`` and ``reports.create_session()`` are one
     implementation; the default is looked up at call time, never at attribute access.
+    With ``late=True`` the method gets ``None`` for the default and looks it up itself,
+    later (a decorator looks it up at each call of the function it decorates).
     """
 
     def __init__(
-        self, func: Callable[Concatenate[DbSessionFactory, P], R], *, create: bool = True
+        self,
+        func: Callable[Concatenate[DbSessionFactory, P], R],
+        *,
+        create: bool = True,
+        late: bool = False,
     ) -> None:
         self._func = func
         self.__doc__ = func.__doc__
 
         @functools.wraps(func)
         def on_default(*args: P.args, **kwargs: P.kwargs) -> R:
+            if late:
+                return func(None, *args, **kwargs)  # type: ignore[arg-type]
             target = DbSessionFactory.default() if create else DbSessionFactory._default
             if target is None:
                 return None  # type: ignore[return-value]  # dispose() with nothing to dispose
@@ -53,13 +72,6 @@ class _DefaultOrSelf(Generic[P, R]):
         if instance is None:
             return self._on_default
         return cast("Callable[P, R]", MethodType(self._func, instance))
-
-
-@dataclass(frozen=True)
-class _Built:
-    engine: Engine
-    writer: sessionmaker[Session]
-    reader: sessionmaker[Session]
 
 
 class DbSessionFactory:
@@ -80,6 +92,7 @@ class DbSessionFactory:
         self,
         url: str | URL | None = None,
         *,
+        replica_url: str | URL | None = None,
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
         **engine_options: Any,
@@ -87,16 +100,19 @@ class DbSessionFactory:
         """Resolve the URL now (argument > DATABASE_URL > SQLite default); build the engine lazily.
 
         ``engine_options`` go to :func:`sqlalchemy.create_engine` and override
-        dbsession's defaults (``pool_pre_ping=True``).
+        dbsession's defaults (``pool_pre_ping=True``). With ``replica_url``, read-only
+        scopes run on a second engine for that URL (same options), built on first use.
         """
         self._settings = make_settings(
             url,
             expire_on_commit=expire_on_commit,
             sqlite_busy_timeout=sqlite_busy_timeout,
             engine_options=engine_options,
+            replica_url=replica_url,
         )
         self._lock = threading.Lock()
-        self._built: _Built | None = None
+        self._built: Binding | None = None
+        self._replica: Binding | None = None
 
     def __repr__(self) -> str:
         state = "ready" if self._built is not None else "not initialised"
@@ -117,11 +133,17 @@ class DbSessionFactory:
         """The engine, built on first access."""
         return self._build().engine
 
+    @property
+    def replica_engine(self) -> Engine | None:
+        """The replica's engine (built on first access), or None without a replica_url."""
+        return None if self._settings.replica_url is None else self._build_replica().engine
+
     @classmethod
     def global_init(
         cls,
         url: str | URL | None = None,
         *,
+        replica_url: str | URL | None = None,
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
         **engine_options: Any,
@@ -138,6 +160,7 @@ class DbSessionFactory:
             expire_on_commit=expire_on_commit,
             sqlite_busy_timeout=sqlite_busy_timeout,
             engine_options=engine_options,
+            replica_url=replica_url,
         )
         with cls._default_lock:
             current = cls._default
@@ -167,36 +190,128 @@ class DbSessionFactory:
         factory._settings = settings
         factory._lock = threading.Lock()
         factory._built = None
+        factory._replica = None
         return factory
 
-    def _build(self) -> _Built:
+    def _build(self) -> Binding:
         built = self._built
         if built is not None:
             return built
         with self._lock:
             if self._built is None:
                 engine = make_engine(self._settings)
-                immediate = engine.execution_options(**{SQLITE_BEGIN_OPTION: "BEGIN IMMEDIATE"})
-                expire = self._settings.expire_on_commit
-                writer = sessionmaker(
-                    bind=immediate if _is_sqlite(engine) else engine, expire_on_commit=expire
-                )
-                reader = sessionmaker(bind=engine, expire_on_commit=expire)
-                self._built = _Built(engine, writer, reader)
+                self._built = Binding(engine, expire_on_commit=self._settings.expire_on_commit)
             return self._built
 
-    def _session_scope(self) -> AbstractContextManager[Session]:
+    def _build_replica(self) -> Binding:
+        replica = self._replica
+        if replica is not None:
+            return replica
+        with self._lock:
+            if self._replica is None:
+                settings = self._settings.for_replica()
+                engine = make_engine(settings)
+                self._replica = Binding(engine, expire_on_commit=settings.expire_on_commit)
+            return self._replica
+
+    def _session_scope(
+        self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+    ) -> AbstractContextManager[Session]:
         """Open a unit of work: a fresh Session committed on success and rolled back on any error.
 
         ``with DbSessionFactory.session_scope() as session: ...``. The exception that
         ended the block is re-raised unchanged after the rollback; the session is
-        always closed. Raises DatabaseUnreachableError when no connection can be opened.
+        always closed, and ``on_commit`` hooks run after a successful commit.
+
+        - ``nested=True``: inside an active scope of this factory (same thread or
+          asyncio task, at the time of the call), join its session as a SAVEPOINT;
+          an exception rolls back to the savepoint only. Elsewhere, a normal scope.
+        - ``readonly=True``: a read-only transaction, ended by a rollback, on the
+          replica if there is one; a write raises ReadOnlyError.
+        - ``isolation_level``: e.g. ``"SERIALIZABLE"`` or ``"read_committed"`` for
+          this scope's transaction only.
+
+        Raises UnsupportedIsolationLevelError for a level the backend does not have,
+        ScopeError when a savepoint is asked to change read-only-ness or isolation,
+        DatabaseUnreachableError when no connection can be opened.
         """
-        return unit_of_work(self._build().writer)
+        level = normalize_isolation_level(isolation_level)
+        outer = innermost(self) if nested else None
+        if outer is not None:
+            return savepoint(outer, readonly=readonly, isolation_level=level)
+        binding = (
+            self._build_replica() if readonly and self._settings.replica_url else self._build()
+        )
+        maker = binding.maker(readonly=readonly, isolation_level=level)
+        return unit_of_work(maker, owner=self, readonly=readonly, isolation_level=level)
+
+    def _run_in_transaction(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        attempts: int = DEFAULT_ATTEMPTS,
+        base_delay: float = DEFAULT_BASE_DELAY,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> T:
+        """Run ``fn(session, *args)`` in a fresh scope; retry it whole on a transient failure.
+
+        Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
+        or lock wait timeout (MySQL/MariaDB 1213, 1205), SQLITE_BUSY. Such a failure
+        rolls the attempt back and, after a jittered exponential backoff (see
+        RetryPolicy), runs ``fn`` again, up to ``attempts`` times in all. Returns
+        ``fn``'s result. Other errors propagate unchanged and are never retried;
+        ``on_commit`` hooks run once, after the successful attempt. Each retry is
+        logged at INFO. Raises RetryExhaustedError (chaining the last error) when
+        every attempt failed, ConfigurationError for a bad attempts or delay.
+        """
+        policy = RetryPolicy(attempts, base_delay, max_delay)
+        level = normalize_isolation_level(isolation_level)
+
+        def open_scope() -> AbstractContextManager[Session]:
+            return self._session_scope(readonly=readonly, isolation_level=level)
+
+        return run_with_retries(
+            open_scope,
+            functools.wraps(fn)(lambda session: fn(session, *args)),
+            policy=policy,
+            dialect_name=self._settings.url.get_backend_name(),
+        )
+
+    def _transactional(
+        self,
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        base_delay: float = DEFAULT_BASE_DELAY,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> TransactionalDecorator:
+        """Decorator: ``@transactional()`` on ``def f(session, ...)`` makes ``f(...)`` run
+        through run_in_transaction with these options (the factory is looked up at each call).
+
+        Raises what run_in_transaction raises, when the decorated function is called.
+        """
+        RetryPolicy(attempts, base_delay, max_delay)  # bad options fail at decoration
+        target = self
+
+        def run(fn: Callable[[Session], Any]) -> Any:
+            factory = target if target is not None else DbSessionFactory.default()
+            return factory._run_in_transaction(
+                fn,
+                attempts=attempts,
+                base_delay=base_delay,
+                max_delay=max_delay,
+                readonly=readonly,
+                isolation_level=isolation_level,
+            )
+
+        return retry_decorator(run)
 
     def _create_session(self) -> Session:
         """Return a new Session that the caller commits, rolls back and closes itself."""
-        return self._build().writer()
+        return self._build().maker()()
 
     def _get_engine(self) -> Engine:
         """Return the engine, building it on first use."""
@@ -217,27 +332,73 @@ class DbSessionFactory:
         """
         with self._lock:
             built, self._built = self._built, None
-        if built is not None:
-            built.engine.dispose()
-            logger.debug("dbsession: engine disposed for %s", self._settings.describe())
+            replica, self._replica = self._replica, None
+        for binding in (built, replica):
+            if binding is not None:
+                binding.engine.dispose()
+                logger.debug("dbsession: engine disposed for %s", self._settings.describe())
         with DbSessionFactory._default_lock:
             if DbSessionFactory._default is self:
                 DbSessionFactory._default = None
 
     session_scope = _DefaultOrSelf(_session_scope)
+    run_in_transaction = _DefaultOrSelf(_run_in_transaction)
+    transactional = _DefaultOrSelf(_transactional, late=True)
     create_session = _DefaultOrSelf(_create_session)
     get_engine = _DefaultOrSelf(_get_engine)
     create_all = _DefaultOrSelf(_create_all)
     dispose = _DefaultOrSelf(_dispose, create=False)
 
 
-def _is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
-def session_scope() -> AbstractContextManager[Session]:
+def session_scope(
+    *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+) -> AbstractContextManager[Session]:
     """Open a unit of work on the process default factory; see DbSessionFactory.session_scope."""
-    return DbSessionFactory.default()._session_scope()
+    return DbSessionFactory.default()._session_scope(
+        nested=nested, readonly=readonly, isolation_level=isolation_level
+    )
+
+
+def run_in_transaction(
+    fn: Callable[..., T],
+    *args: Any,
+    attempts: int = DEFAULT_ATTEMPTS,
+    base_delay: float = DEFAULT_BASE_DELAY,
+    max_delay: float = DEFAULT_MAX_DELAY,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+) -> T:
+    """Run ``fn(session, *args)`` on the process default, retrying transient failures;
+    see DbSessionFactory.run_in_transaction for what is retried and what is raised."""
+    return DbSessionFactory.default()._run_in_transaction(
+        fn,
+        *args,
+        attempts=attempts,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        readonly=readonly,
+        isolation_level=isolation_level,
+    )
+
+
+def transactional(
+    *,
+    attempts: int = DEFAULT_ATTEMPTS,
+    base_delay: float = DEFAULT_BASE_DELAY,
+    max_delay: float = DEFAULT_MAX_DELAY,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+) -> TransactionalDecorator:
+    """Decorator running ``f(session, ...)`` as ``f(...)`` through run_in_transaction on the
+    process default (looked up at each call); see DbSessionFactory.transactional."""
+    return DbSessionFactory._transactional(
+        None,  # type: ignore[arg-type]
+        attempts=attempts,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        readonly=readonly,
+        isolation_level=isolation_level,
+    )
 
 
 def create_session() -> Session:
