@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import cast
 
 from sqlalchemy.orm import Session
@@ -53,10 +53,9 @@ def unit_of_work(
     run_hooks(frame.hooks)
 
 
-@contextmanager
 def savepoint(
     outer: Frame, *, readonly: bool = False, isolation_level: str | None = None
-) -> Iterator[Session]:
+) -> AbstractContextManager[Session]:
     """Yield ``outer``'s session inside a SAVEPOINT.
 
     An exception rolls back to the savepoint only (and the hooks registered since)
@@ -77,6 +76,11 @@ def savepoint(
             "shares the outer transaction and cannot change its isolation level. Give the "
             "level to the outer scope, or open an independent scope."
         )
+    return _savepoint(outer)
+
+
+@contextmanager
+def _savepoint(outer: Frame) -> Iterator[Session]:
     session = cast(Session, outer.session)
     frame = Frame(session, outer.owner, outer.readonly, outer.isolation_level, parent=outer)
     with entered(frame), session.begin_nested():
