@@ -66,7 +66,8 @@ class Binding:
 
     def _check_level(self, level: str) -> None:
         if self._levels is None:
-            self._levels = tuple(isolation_levels(self.engine))
+            levels = isolation_levels(self.engine)
+            self._levels = tuple(level for level in levels if level != "AUTOCOMMIT")
         if level not in self._levels:
             raise UnsupportedIsolationLevelError(
                 f"Isolation level {level!r} is not supported by {self.engine.dialect.name}; "

@@ -18,9 +18,10 @@ anything this package raises on its own account::
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
-25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY), which stays reachable as
-its ``__cause__``. Errors of SQLAlchemy and the drivers that dbsession has nothing to add to
-(an ``IntegrityError`` from a flush, say) pass through unchanged. No message
+25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY); the driver's exception
+stays reachable as its ``__cause__``. Errors of SQLAlchemy and the drivers
+that dbsession has nothing to add to (an ``IntegrityError`` from a flush, say)
+pass through unchanged. No message
 ever contains a password: URLs are always rendered masked.
 """
 
@@ -74,7 +75,8 @@ class NoActiveScopeError(ScopeError):
 class ReadOnlyError(DbSessionError):
     """A statement tried to write inside a read-only transaction.
 
-    The backend's error is the ``__cause__``.
+    The driver's exception (PostgreSQL 25006, MySQL/MariaDB 1792, SQLite
+    SQLITE_READONLY) is the ``__cause__``.
     """
 
 

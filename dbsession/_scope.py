@@ -33,7 +33,8 @@ def unit_of_work(
     Any ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``)
     rolls back too, and the original exception is re-raised unchanged. If the
     commit itself fails, the transaction is rolled back and the commit's error raised.
-    A ``readonly`` scope ends with a rollback: it never has anything to commit.
+    A ``readonly`` scope flushes (so pending ORM changes raise ReadOnlyError instead
+    of vanishing) and ends with a rollback.
     After a successful end, the scope's ``on_commit`` hooks run, once the session is closed.
     """
     session = make_session()
@@ -42,6 +43,7 @@ def unit_of_work(
         with entered(frame):
             yield session
             if readonly:
+                session.flush()  # pending changes are refused loudly, not dropped quietly
                 session.rollback()
             else:
                 session.commit()
