@@ -25,7 +25,7 @@ from dbsession import (
 )
 from dbsession.example.models import Supplier
 
-FAST = {"base_delay": 0.001, "max_delay": 0.05}
+BASE, CAP = 0.001, 0.05  # fast backoff for tests
 
 
 class Boom(Exception):
@@ -85,7 +85,11 @@ def test_4_threads_x_100_serializable_increments_all_land(
         try:
             for _ in range(100):
                 factory.run_in_transaction(
-                    one_increment, attempts=200, isolation_level="SERIALIZABLE", **FAST
+                    one_increment,
+                    attempts=200,
+                    isolation_level="SERIALIZABLE",
+                    base_delay=BASE,
+                    max_delay=CAP,
                 )
         except BaseException as error:  # reported below, not lost in the thread
             failures.append(error)
@@ -127,7 +131,9 @@ def test_deadlock_between_two_threads_is_retried_and_both_complete(
 
     def worker(first: int, second: int) -> None:
         try:
-            factory.run_in_transaction(cross, first, second, attempts=5, **FAST)
+            factory.run_in_transaction(
+                cross, first, second, attempts=5, base_delay=BASE, max_delay=CAP
+            )
         except BaseException as error:
             failures.append(error)
         finally:
@@ -170,7 +176,7 @@ def test_sqlite_busy_is_retried_until_the_lock_is_released(
             session.flush()
             return supplier.id
 
-        assert made.run_in_transaction(add, attempts=100, **FAST) == 1
+        assert made.run_in_transaction(add, attempts=100, base_delay=BASE, max_delay=CAP) == 1
         release.join()
         holder.close()
         assert retries(caplog) and all("SQLITE_BUSY" in line for line in retries(caplog))
@@ -192,7 +198,7 @@ def test_retry_exhausted_is_a_named_error_chaining_the_last_one(tmp_path: Path) 
 
     try:
         with pytest.raises(RetryExhaustedError, match="on each of 3 attempts") as caught:
-            made.run_in_transaction(never_reached, attempts=3, **FAST)
+            made.run_in_transaction(never_reached, attempts=3, base_delay=BASE, max_delay=CAP)
         assert caught.value.attempts == 3
         assert isinstance(caught.value.__cause__, OperationalError)
         assert caught.value.last_error is caught.value.__cause__
