@@ -21,8 +21,8 @@ A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
 25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY); the driver's exception
 stays reachable as its ``__cause__``. Errors of SQLAlchemy and the drivers
 that dbsession has nothing to add to (an ``IntegrityError`` from a flush, say)
-pass through unchanged. No message
-ever contains a password: URLs are always rendered masked.
+pass through unchanged. No message ever contains a password: URLs are always
+rendered masked.
 """
 
 from __future__ import annotations
