@@ -66,6 +66,7 @@ class _DefaultOrSelf(Generic[P, R]):
                 return None  # type: ignore[return-value]  # dispose() with nothing to dispose
             return func(target, *args, **kwargs)
 
+        on_default.__name__ = on_default.__qualname__ = func.__name__.lstrip("_")
         self._on_default = on_default
 
     def __get__(self, instance: DbSessionFactory | None, owner: type[Any]) -> Callable[P, R]:
@@ -111,11 +112,10 @@ class DbSessionFactory:
             replica_url=replica_url,
         )
         self._lock = threading.Lock()
-        self._built: Binding | None = None
-        self._replica: Binding | None = None
+        self._bindings: dict[bool, Binding] = {}  # keyed by "is the replica"
 
     def __repr__(self) -> str:
-        state = "ready" if self._built is not None else "not initialised"
+        state = "ready" if self._bindings else "not initialised"
         return f"<DbSessionFactory {mask_url(self._settings.url)} ({state})>"
 
     @property
@@ -136,7 +136,7 @@ class DbSessionFactory:
     @property
     def replica_engine(self) -> Engine | None:
         """The replica's engine (built on first access), or None without a replica_url."""
-        return None if self._settings.replica_url is None else self._build_replica().engine
+        return None if self._settings.replica_url is None else self._build(replica=True).engine
 
     @classmethod
     def global_init(
@@ -189,30 +189,21 @@ class DbSessionFactory:
         factory = cls.__new__(cls)
         factory._settings = settings
         factory._lock = threading.Lock()
-        factory._built = None
-        factory._replica = None
+        factory._bindings = {}
         return factory
 
-    def _build(self) -> Binding:
-        built = self._built
+    def _build(self, *, replica: bool = False) -> Binding:
+        built = self._bindings.get(replica)
         if built is not None:
             return built
         with self._lock:
-            if self._built is None:
-                engine = make_engine(self._settings)
-                self._built = Binding(engine, expire_on_commit=self._settings.expire_on_commit)
-            return self._built
-
-    def _build_replica(self) -> Binding:
-        replica = self._replica
-        if replica is not None:
-            return replica
-        with self._lock:
-            if self._replica is None:
-                settings = self._settings.for_replica()
+            built = self._bindings.get(replica)
+            if built is None:
+                settings = self._settings.for_replica() if replica else self._settings
                 engine = make_engine(settings)
-                self._replica = Binding(engine, expire_on_commit=settings.expire_on_commit)
-            return self._replica
+                built = Binding(engine, expire_on_commit=settings.expire_on_commit)
+                self._bindings[replica] = built
+            return built
 
     def _session_scope(
         self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
@@ -239,9 +230,7 @@ class DbSessionFactory:
         outer = innermost(self) if nested else None
         if outer is not None:
             return savepoint(outer, readonly=readonly, isolation_level=level)
-        binding = (
-            self._build_replica() if readonly and self._settings.replica_url else self._build()
-        )
+        binding = self._build(replica=readonly and self._settings.replica_url is not None)
         maker = binding.maker(readonly=readonly, isolation_level=level)
         return unit_of_work(maker, owner=self, readonly=readonly, isolation_level=level)
 
@@ -331,12 +320,10 @@ class DbSessionFactory:
         so ``global_init()`` may be called again with another URL.
         """
         with self._lock:
-            built, self._built = self._built, None
-            replica, self._replica = self._replica, None
-        for binding in (built, replica):
-            if binding is not None:
-                binding.engine.dispose()
-                logger.debug("dbsession: engine disposed for %s", self._settings.describe())
+            bindings, self._bindings = self._bindings, {}
+        for binding in bindings.values():
+            binding.engine.dispose()
+            logger.debug("dbsession: engine disposed for %s", mask_url(binding.engine.url))
         with DbSessionFactory._default_lock:
             if DbSessionFactory._default is self:
                 DbSessionFactory._default = None
@@ -359,46 +346,13 @@ def session_scope(
     )
 
 
-def run_in_transaction(
-    fn: Callable[..., T],
-    *args: Any,
-    attempts: int = DEFAULT_ATTEMPTS,
-    base_delay: float = DEFAULT_BASE_DELAY,
-    max_delay: float = DEFAULT_MAX_DELAY,
-    readonly: bool = False,
-    isolation_level: str | None = None,
-) -> T:
-    """Run ``fn(session, *args)`` on the process default, retrying transient failures;
-    see DbSessionFactory.run_in_transaction for what is retried and what is raised."""
-    return DbSessionFactory.default()._run_in_transaction(
-        fn,
-        *args,
-        attempts=attempts,
-        base_delay=base_delay,
-        max_delay=max_delay,
-        readonly=readonly,
-        isolation_level=isolation_level,
-    )
+#: ``run_in_transaction(fn, *args, attempts=5, ...)`` on the process default, looked up at
+#: each call; see DbSessionFactory.run_in_transaction.
+run_in_transaction = DbSessionFactory.run_in_transaction
 
-
-def transactional(
-    *,
-    attempts: int = DEFAULT_ATTEMPTS,
-    base_delay: float = DEFAULT_BASE_DELAY,
-    max_delay: float = DEFAULT_MAX_DELAY,
-    readonly: bool = False,
-    isolation_level: str | None = None,
-) -> TransactionalDecorator:
-    """Decorator running ``f(session, ...)`` as ``f(...)`` through run_in_transaction on the
-    process default (looked up at each call); see DbSessionFactory.transactional."""
-    return DbSessionFactory._transactional(
-        None,  # type: ignore[arg-type]
-        attempts=attempts,
-        base_delay=base_delay,
-        max_delay=max_delay,
-        readonly=readonly,
-        isolation_level=isolation_level,
-    )
+#: ``@transactional(attempts=5, ...)`` on the process default, looked up at each call of the
+#: decorated function; see DbSessionFactory.transactional.
+transactional = DbSessionFactory.transactional
 
 
 def create_session() -> Session:
