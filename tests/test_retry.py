@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,10 @@ def test_4_threads_x_100_serializable_increments_all_land(
     assert failures == []
     assert value(other_connection) == 400
     assert hooks == 400  # once per successful attempt, never for a retried one
-    if factory.url.get_backend_name() != "sqlite":  # SQLite's BEGIN IMMEDIATE queues writers
-        assert retries(caplog), "expected serialization failures or deadlocks to be retried"
+    expected = {"postgresql": "SQLSTATE 40001", "mysql": "1213 deadlock"}
+    backend = factory.url.get_backend_name()
+    if backend in expected:  # SQLite's BEGIN IMMEDIATE queues writers: nothing to retry
+        assert any(expected[backend] in line for line in retries(caplog))
 
 
 def test_deadlock_between_two_threads_is_retried_and_both_complete(
@@ -158,30 +161,76 @@ def _hold_sqlite_write_lock(path: str) -> sqlite3.Connection:
     return holder
 
 
+class _OnFirstRetry(logging.Handler):
+    """Calls ``release()`` (ending another connection's transaction) at the first retry logged."""
+
+    def __init__(self, release: Callable[[], object]) -> None:
+        super().__init__()
+        self.pending: Callable[[], object] | None = release
+
+    def emit(self, record: logging.LogRecord) -> None:
+        release = self.pending
+        if "retrying in" in record.getMessage() and release is not None:
+            self.pending = None
+            release()
+
+
+@contextmanager
+def released_on_first_retry(release: Callable[[], object]) -> Iterator[None]:
+    handler = _OnFirstRetry(release)
+    logging.getLogger("dbsession").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("dbsession").removeHandler(handler)
+
+
 def test_sqlite_busy_is_retried_until_the_lock_is_released(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="dbsession")
     path = str(tmp_path / "busy.sqlite3")
-    made = DbSessionFactory(f"sqlite:///{path}", sqlite_busy_timeout=0.02)
+    made = DbSessionFactory(f"sqlite:///{path}", sqlite_busy_timeout=0)
+    holder = _hold_sqlite_write_lock(path)
+
+    def add(session: Session) -> str:
+        session.execute(text("CREATE TABLE IF NOT EXISTS t (name TEXT)"))
+        session.execute(text("INSERT INTO t VALUES ('after the lock')"))
+        return "done"
+
     try:
-        made.create_all()
-        holder = _hold_sqlite_write_lock(path)
-        release = threading.Timer(0.3, holder.rollback)
-        release.start()
-
-        def add(session: Session) -> int:
-            supplier = Supplier(name="after the lock")
-            session.add(supplier)
-            session.flush()
-            return supplier.id
-
-        assert made.run_in_transaction(add, attempts=100, base_delay=BASE, max_delay=CAP) == 1
-        release.join()
-        holder.close()
-        assert retries(caplog) and all("SQLITE_BUSY" in line for line in retries(caplog))
+        with released_on_first_retry(holder.rollback):
+            assert (
+                made.run_in_transaction(add, attempts=3, base_delay=BASE, max_delay=CAP) == "done"
+            )
+        logged = retries(caplog)
+        assert len(logged) == 1 and "SQLITE_BUSY" in logged[0]
     finally:
+        holder.close()
         made.dispose()
+
+
+def test_mariadb_lock_wait_timeout_is_retried(
+    factory: DbSessionFactory,
+    counters: Engine,
+    other_connection: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if factory.url.get_backend_name() not in ("mysql", "mariadb"):
+        pytest.skip("error 1205 (lock wait timeout) is MySQL/MariaDB's")
+    caplog.set_level(logging.INFO, logger="dbsession")
+
+    def bump(session: Session) -> None:
+        session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+        session.execute(text("UPDATE counter SET value = value + 1 WHERE id = 1"))
+
+    with other_connection.connect() as holder:
+        holder.execute(text("UPDATE counter SET value = 10 WHERE id = 1"))  # row locked
+        with released_on_first_retry(holder.commit):
+            factory.run_in_transaction(bump, attempts=3, base_delay=BASE, max_delay=CAP)
+    logged = retries(caplog)
+    assert len(logged) == 1 and "1205 lock wait timeout" in logged[0]
+    assert value(other_connection) == 11
 
 
 def test_retry_exhausted_is_a_named_error_chaining_the_last_one(tmp_path: Path) -> None:
