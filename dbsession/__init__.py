@@ -12,9 +12,13 @@ from ._errors import ConfigurationError as ConfigurationError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
+from ._errors import MigrationError as MigrationError
+from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
 from ._errors import MissingDriverError as MissingDriverError
+from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import SQLitePathError as SQLitePathError
 from ._errors import UnknownDialectError as UnknownDialectError
+from ._errors import UnknownRevisionError as UnknownRevisionError
 from ._factory import DbSessionFactory as DbSessionFactory
 from ._factory import create_session as create_session
 from ._factory import session_scope as session_scope
@@ -28,9 +32,13 @@ __all__ = [
     "DbSessionError",
     "DbSessionFactory",
     "InvalidURLError",
+    "MigrationError",
+    "MigrationsNotFoundError",
     "MissingDriverError",
     "SQLitePathError",
+    "SchemaNotAtHeadError",
     "UnknownDialectError",
+    "UnknownRevisionError",
     "create_session",
     "mask_url",
     "session_scope",

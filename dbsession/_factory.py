@@ -124,6 +124,7 @@ class DbSessionFactory:
         *,
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
+        require_migrated: bool = False,
         **engine_options: Any,
     ) -> DbSessionFactory:
         """Configure and build the process-wide default factory, once.
@@ -131,7 +132,10 @@ class DbSessionFactory:
         Calling it again with the same URL and options does nothing. Raises
         AlreadyInitializedError if the default already uses another URL or other
         options (call ``DbSessionFactory.dispose()`` first to switch), and a
-        ConfigurationError subclass if the URL or options cannot work.
+        ConfigurationError subclass if the URL or options cannot work. With
+        ``require_migrated=True`` it raises SchemaNotAtHeadError, naming the
+        current and the head revision, when the schema is behind the migrations
+        (see ``dbsession.migrations.require_head``).
         """
         settings = make_settings(
             url,
@@ -153,6 +157,10 @@ class DbSessionFactory:
                     + ". Call global_init() before the first session_scope(), or call "
                     "DbSessionFactory.dispose() first to re-initialise."
                 )
+        if require_migrated:
+            from .migrations import require_head  # Alembic is only imported when asked for
+
+            require_head(url=current.url)
         return current
 
     @classmethod
