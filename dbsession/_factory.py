@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
 from types import MethodType
 from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 from sqlalchemy import MetaData
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._base import Base
@@ -231,6 +231,38 @@ class DbSessionFactory:
         with DbSessionFactory._default_lock:
             if DbSessionFactory._default is self:
                 DbSessionFactory._default = None
+
+    # Private hook for dbsession.testing (the pytest plugin); not public API.
+    # SQLAlchemy's "Joining a Session into an External Transaction" recipe: while the
+    # block runs, every session this factory makes (session_scope, create_session) is
+    # bound to ``connection`` with join_transaction_mode="create_savepoint", so its
+    # commit releases a SAVEPOINT and its rollback rolls back to it, while the
+    # connection's outer transaction (owned by the caller) stays open. The factory is
+    # also the process default for the block, so the module-level session_scope()
+    # joins too. Swaps and restores happen under the locks; the connection itself is
+    # not thread-safe, so only the test's own thread may use the sessions.
+    @contextmanager
+    def _joined(self, connection: Connection) -> Iterator[sessionmaker[Session]]:
+        built = self._build()
+        joined = sessionmaker(
+            bind=connection,
+            join_transaction_mode="create_savepoint",
+            expire_on_commit=self._settings.expire_on_commit,
+        )
+        bound = replace(built, writer=joined, reader=joined)
+        with self._lock:
+            self._built = bound
+        with DbSessionFactory._default_lock:
+            previous, DbSessionFactory._default = DbSessionFactory._default, self
+        try:
+            yield joined
+        finally:
+            with DbSessionFactory._default_lock:
+                if DbSessionFactory._default is self:
+                    DbSessionFactory._default = previous
+            with self._lock:
+                if self._built is bound:
+                    self._built = built
 
     session_scope = _DefaultOrSelf(_session_scope)
     create_session = _DefaultOrSelf(_create_session)
