@@ -14,13 +14,17 @@ from ._errors import ConfigurationError as ConfigurationError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
+from ._errors import MigrationError as MigrationError
+from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
 from ._errors import MissingDriverError as MissingDriverError
 from ._errors import NoActiveScopeError as NoActiveScopeError
 from ._errors import ReadOnlyError as ReadOnlyError
 from ._errors import RetryExhaustedError as RetryExhaustedError
+from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
 from ._errors import SQLitePathError as SQLitePathError
 from ._errors import UnknownDialectError as UnknownDialectError
+from ._errors import UnknownRevisionError as UnknownRevisionError
 from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevelError
 from ._factory import DbSessionFactory as DbSessionFactory
 from ._factory import create_session as create_session
@@ -37,6 +41,8 @@ __all__ = [
     "DbSessionError",
     "DbSessionFactory",
     "InvalidURLError",
+    "MigrationError",
+    "MigrationsNotFoundError",
     "MissingDriverError",
     "NoActiveScopeError",
     "ReadOnlyError",
@@ -45,6 +51,8 @@ __all__ = [
     "ScopeError",
     "UnknownDialectError",
     "UnsupportedIsolationLevelError",
+    "SchemaNotAtHeadError",
+    "UnknownRevisionError",
     "create_session",
     "current_session",
     "mask_url",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._engine import isolation_levels, scope_options
@@ -39,6 +39,7 @@ class Binding:
         self._makers: dict[tuple[bool, str | None], sessionmaker[Session]] = {}
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
+        self._joined: sessionmaker[Session] | None = None
 
     def maker(
         self, *, readonly: bool = False, isolation_level: str | None = None
@@ -47,6 +48,8 @@ class Binding:
 
         Raises UnsupportedIsolationLevelError if the backend has no such level.
         """
+        if self._joined is not None:
+            return self._joined
         key = (readonly, isolation_level)
         made = self._makers.get(key)
         if made is not None:
@@ -63,6 +66,21 @@ class Binding:
                 made = sessionmaker(bind=bind, expire_on_commit=self._expire_on_commit)
                 self._makers[key] = made
             return made
+
+    def joined_to(self, connection: Connection) -> Binding:
+        """A Binding on the same engine whose every session joins ``connection``'s transaction.
+
+        For dbsession.testing: a session's commit releases a SAVEPOINT and its rollback
+        rolls back to it, while the caller's outer transaction stays open. Read-only
+        and isolation level requests are not applied: the transaction is already open.
+        """
+        clone = Binding(self.engine, expire_on_commit=self._expire_on_commit)
+        clone._joined = sessionmaker(
+            bind=connection,
+            join_transaction_mode="create_savepoint",
+            expire_on_commit=self._expire_on_commit,
+        )
+        return clone
 
     def _check_level(self, level: str) -> None:
         if self._levels is None:

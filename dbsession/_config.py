@@ -35,7 +35,7 @@ class Settings:
     """Everything that decides how one factory builds its engine and sessions."""
 
     url: URL
-    source: str
+    source: str = field(compare=False)
     expire_on_commit: bool = False
     sqlite_busy_timeout: float = DEFAULT_SQLITE_BUSY_TIMEOUT
     engine_options: Mapping[str, Any] = field(default_factory=dict)

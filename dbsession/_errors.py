@@ -10,8 +10,12 @@ anything this package raises on its own account::
     │   ├── MissingDriverError      the driver package is not installed
     │   ├── SQLitePathError         SQLite file folder missing or not writable
     │   ├── AlreadyInitializedError global_init() again with other settings
+    │   ├── MigrationsNotFoundError no Alembic migrations folder to run
     │   └── UnsupportedIsolationLevelError  isolation level the backend does not have
     ├── DatabaseUnreachableError    the server did not accept a connection
+    ├── MigrationError              an Alembic command failed
+    │   ├── UnknownRevisionError    no such revision in the migrations folder
+    │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
     │   └── NoActiveScopeError      current_session()/on_commit() outside any scope
     ├── ReadOnlyError               a write inside session_scope(readonly=True)
@@ -91,3 +95,28 @@ class RetryExhaustedError(DbSessionError):
         super().__init__(message)
         self.attempts = attempts
         self.last_error = last_error
+
+
+class MigrationsNotFoundError(ConfigurationError):
+    """No Alembic configuration or migrations folder was found where dbsession looked."""
+
+
+class MigrationError(DbSessionError):
+    """An Alembic migration command failed; the message says which and why."""
+
+
+class UnknownRevisionError(MigrationError):
+    """The revision named does not exist in the migrations folder."""
+
+
+class SchemaNotAtHeadError(MigrationError):
+    """The database schema is not at the newest migration revision."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        super().__init__(
+            f"The database schema is at revision {current or '<base> (empty)'} but the "
+            f"migrations head is {head}. Run 'dbsession upgrade' (or 'alembic upgrade head', "
+            "or dbsession.migrations.upgrade()) before starting the app."
+        )

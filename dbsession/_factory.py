@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from types import MethodType
 from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 from sqlalchemy import MetaData
-from sqlalchemy.engine import URL, Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from ._base import Base
 from ._binding import Binding, normalize_isolation_level
@@ -146,6 +146,7 @@ class DbSessionFactory:
         replica_url: str | URL | None = None,
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
+        require_migrated: bool = False,
         **engine_options: Any,
     ) -> DbSessionFactory:
         """Configure and build the process-wide default factory, once.
@@ -153,7 +154,10 @@ class DbSessionFactory:
         Calling it again with the same URL and options does nothing. Raises
         AlreadyInitializedError if the default already uses another URL or other
         options (call ``DbSessionFactory.dispose()`` first to switch), and a
-        ConfigurationError subclass if the URL or options cannot work.
+        ConfigurationError subclass if the URL or options cannot work. With
+        ``require_migrated=True`` it raises SchemaNotAtHeadError, naming the
+        current and the head revision, when the schema is behind the migrations
+        (see ``dbsession.migrations.require_head``).
         """
         settings = make_settings(
             url,
@@ -176,6 +180,10 @@ class DbSessionFactory:
                     + ". Call global_init() before the first session_scope(), or call "
                     "DbSessionFactory.dispose() first to re-initialise."
                 )
+        if require_migrated:
+            from .migrations import require_head  # Alembic is only imported when asked for
+
+            require_head(url=current.url)
         return current
 
     @classmethod
@@ -327,6 +335,32 @@ class DbSessionFactory:
         with DbSessionFactory._default_lock:
             if DbSessionFactory._default is self:
                 DbSessionFactory._default = None
+
+    # Private hook for dbsession.testing (the pytest plugin); not public API.
+    # SQLAlchemy's "Joining a Session into an External Transaction" recipe: while the
+    # block runs, every session this factory makes (session_scope, create_session) is
+    # bound to ``connection`` with join_transaction_mode="create_savepoint", so its
+    # commit releases a SAVEPOINT and its rollback rolls back to it, while the
+    # connection's outer transaction (owned by the caller) stays open. The factory is
+    # also the process default for the block, so the module-level session_scope()
+    # joins too. Swaps and restores happen under the locks; the connection itself is
+    # not thread-safe, so only the test's own thread may use the sessions.
+    @contextmanager
+    def _joined(self, connection: Connection) -> Iterator[sessionmaker[Session]]:
+        bound = self._build().joined_to(connection)
+        with self._lock:
+            saved, self._bindings = self._bindings, {False: bound, True: bound}
+        with DbSessionFactory._default_lock:
+            previous, DbSessionFactory._default = DbSessionFactory._default, self
+        try:
+            yield bound.maker()
+        finally:
+            with DbSessionFactory._default_lock:
+                if DbSessionFactory._default is self:
+                    DbSessionFactory._default = previous
+            with self._lock:
+                if self._bindings.get(False) is bound:
+                    self._bindings = saved
 
     session_scope = _DefaultOrSelf(_session_scope)
     run_in_transaction = _DefaultOrSelf(_run_in_transaction)
