@@ -44,6 +44,16 @@ class Settings:
         """The masked URL and where it came from, for messages and logs."""
         return f"{mask_url(self.url)} (from {self.source})"
 
+    def __repr__(self) -> str:
+        # The dataclass repr would show the URL's secret query values (SQLAlchemy's
+        # URL repr hides only the password) and any secret passed in engine options.
+        return (
+            f"Settings(url={mask_url(self.url)!r}, source={self.source!r}, "
+            f"expire_on_commit={self.expire_on_commit!r}, "
+            f"sqlite_busy_timeout={self.sqlite_busy_timeout!r}, "
+            f"engine_options=<{', '.join(sorted(self.engine_options)) or 'none'}>)"
+        )
+
 
 def make_settings(
     url: str | URL | None = None,
