@@ -55,6 +55,16 @@ class Settings:
             )
         return replace(self, url=self.replica_url, source="replica_url", replica_url=None)
 
+    def __repr__(self) -> str:
+        # The dataclass repr would show the URL's secret query values (SQLAlchemy's
+        # URL repr hides only the password) and any secret passed in engine options.
+        return (
+            f"Settings(url={mask_url(self.url)!r}, source={self.source!r}, "
+            f"expire_on_commit={self.expire_on_commit!r}, "
+            f"sqlite_busy_timeout={self.sqlite_busy_timeout!r}, "
+            f"engine_options=<{', '.join(sorted(self.engine_options)) or 'none'}>)"
+        )
+
 
 def make_settings(
     url: str | URL | None = None,

@@ -109,8 +109,27 @@ def _create(url: URL, settings: Settings, options: dict[str, Any]) -> Engine:
         ) from None
 
 
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _forget_inherited_pools() -> None:
+    """In a forked child, start every engine on an empty pool (the parent's stay untouched).
+
+    The checkout guard below is not enough alone: SQLAlchemy pre-pings a pooled
+    connection *before* the checkout event, so the child would send its ping on
+    the parent's socket and could steal or corrupt the parent's replies.
+    """
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_pools)
+
+
 def _install_fork_guard(engine: Engine) -> None:
     """SQLAlchemy's recipe: a pooled connection is only ever used by the process that opened it."""
+    _ENGINES.add(engine)
 
     @event.listens_for(engine, "connect")
     def remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
