@@ -13,11 +13,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._scope import rollback_quietly
+from ._context import Frame, entered, run_hooks
+from ._scope import end_transaction, rollback_quietly
 
 logger = logging.getLogger("dbsession")
 
@@ -25,6 +26,10 @@ logger = logging.getLogger("dbsession")
 @asynccontextmanager
 async def async_unit_of_work(
     make_session: Callable[[], AsyncSession],
+    *,
+    owner: object = None,
+    readonly: bool = False,
+    isolation_level: str | None = None,
 ) -> AsyncIterator[AsyncSession]:
     """Yield a new session; commit when the block ends, roll back on any exception, always close.
 
@@ -32,16 +37,37 @@ async def async_unit_of_work(
     ``asyncio.timeout``, ``KeyboardInterrupt``, ``GeneratorExit``) rolls back too, and
     the original exception is re-raised unchanged. If the commit fails, the transaction
     is rolled back and the commit's error raised. A cancellation that arrives during
-    the rollback or close is held until they finish, then raised.
+    the rollback or close is held until they finish, then raised. A ``readonly`` scope
+    ends like the sync one (``end_transaction``). The scope is on the stack of active
+    scopes while open (``on_commit``, ``current_async_session``); after a successful
+    end its ``on_commit`` hooks run, once the session is closed.
     """
     session = make_session()
+    frame = Frame(session, owner, readonly, isolation_level)
     try:
-        yield session
-        await session.commit()
+        with entered(frame):
+            yield session
+            await session.run_sync(end_transaction, readonly)
     except BaseException:
         await run_to_completion(_roll_back_and_close(session))
         raise
     await run_to_completion(session.close())
+    run_hooks(frame.hooks)
+
+
+@asynccontextmanager
+async def async_savepoint(frame: Frame) -> AsyncIterator[AsyncSession]:
+    """Yield the session of ``frame`` (made by ``savepoint_frame``) inside a SAVEPOINT.
+
+    An exception rolls back to the savepoint only (and the hooks registered since) and
+    is re-raised; on success the savepoint is released and its hooks wait for the
+    outer commit.
+    """
+    session = cast(AsyncSession, frame.session)
+    with entered(frame):
+        async with session.begin_nested():
+            yield session
+    frame.hand_up()
 
 
 async def _roll_back_and_close(session: AsyncSession) -> None:

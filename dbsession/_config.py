@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ _DEFAULT_ASYNC_DRIVERS = {
     "mysql": "aiomysql",
     "mariadb": "aiomysql",
 }
+_ASYNC_ONLY_DRIVERS = frozenset({"aiosqlite", "asyncpg", "aiomysql", "asyncmy"})
 _SCHEME_ALIASES = {"postgres": "postgresql"}
 _SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
 _MASK = "***"
@@ -43,14 +44,35 @@ class Settings:
     """Everything that decides how one factory builds its engine and sessions."""
 
     url: URL
-    source: str
+    source: str = field(compare=False)
     expire_on_commit: bool = False
     sqlite_busy_timeout: float = DEFAULT_SQLITE_BUSY_TIMEOUT
     engine_options: Mapping[str, Any] = field(default_factory=dict)
+    replica_url: URL | None = None
 
     def describe(self) -> str:
         """The masked URL and where it came from, for messages and logs."""
-        return f"{mask_url(self.url)} (from {self.source})"
+        replica = f" with replica {mask_url(self.replica_url)}" if self.replica_url else ""
+        return f"{mask_url(self.url)} (from {self.source}){replica}"
+
+    def for_replica(self) -> Settings:
+        """The same options on the replica URL; raise ConfigurationError if there is none."""
+        if self.replica_url is None:
+            raise ConfigurationError(
+                "No replica_url is configured; pass replica_url= to DbSessionFactory() "
+                "or global_init()."
+            )
+        return replace(self, url=self.replica_url, source="replica_url", replica_url=None)
+
+    def __repr__(self) -> str:
+        # The dataclass repr would show the URL's secret query values (SQLAlchemy's
+        # URL repr hides only the password) and any secret passed in engine options.
+        return (
+            f"Settings(url={mask_url(self.url)!r}, source={self.source!r}, "
+            f"expire_on_commit={self.expire_on_commit!r}, "
+            f"sqlite_busy_timeout={self.sqlite_busy_timeout!r}, "
+            f"engine_options=<{', '.join(sorted(self.engine_options)) or 'none'}>)"
+        )
 
 
 def make_settings(
@@ -59,6 +81,7 @@ def make_settings(
     expire_on_commit: bool | None = None,
     sqlite_busy_timeout: float | None = None,
     engine_options: Mapping[str, Any] | None = None,
+    replica_url: str | URL | None = None,
     asyncio: bool = False,
 ) -> Settings:
     """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work.
@@ -78,6 +101,9 @@ def make_settings(
         expire_on_commit=bool(expire_on_commit),
         sqlite_busy_timeout=float(timeout),
         engine_options=dict(engine_options or {}),
+        replica_url=None
+        if replica_url is None
+        else _with_default_driver(_parse(replica_url, "replica_url"), _drivers(asyncio)),
     )
 
 
@@ -87,7 +113,6 @@ def resolve_url(url: str | URL | None = None, *, asyncio: bool = False) -> tuple
     A URL without a driver gets the default one of its backend (the async one
     with ``asyncio=True``). Raises InvalidURLError for an empty or malformed URL.
     """
-    drivers = _DEFAULT_ASYNC_DRIVERS if asyncio else _DEFAULT_DRIVERS
     from_env = os.environ.get(ENV_VAR)
     if url is not None:
         resolved, source = _parse(url, "argument"), "argument"
@@ -95,7 +120,21 @@ def resolve_url(url: str | URL | None = None, *, asyncio: bool = False) -> tuple
         resolved, source = _parse(from_env, ENV_VAR), ENV_VAR
     else:
         resolved, source = default_sqlite_url(), "default"
-    return _with_default_driver(resolved, drivers), source
+    return _with_default_driver(resolved, _drivers(asyncio)), source
+
+
+def sync_twin(url: URL) -> URL:
+    """The URL with an async driver swapped for the sync one dbsession ships for its backend
+    (for the work done outside the event loop, such as migrations); other URLs unchanged."""
+    backend = url.get_backend_name()
+    if url.get_driver_name() in _ASYNC_ONLY_DRIVERS:
+        sync = _DEFAULT_DRIVERS.get(backend)
+        return url.set(drivername=backend if sync is None else f"{backend}+{sync}")
+    return url
+
+
+def _drivers(asyncio: bool) -> Mapping[str, str]:
+    return _DEFAULT_ASYNC_DRIVERS if asyncio else _DEFAULT_DRIVERS
 
 
 def default_sqlite_url() -> URL:
@@ -126,7 +165,9 @@ def scrub(text: str, url: URL) -> str:
 
 
 def _parse(raw: str | URL, source: str) -> URL:
-    where = "the url argument" if source == "argument" else f"the {source} environment variable"
+    where = {"argument": "the url argument", "replica_url": "the replica_url argument"}.get(
+        source, f"the {source} environment variable"
+    )
     if isinstance(raw, str):
         if not raw.strip():
             raise InvalidURLError(

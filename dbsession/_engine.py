@@ -11,6 +11,10 @@
   ``memdb`` VFS so several threads (several connections) see one database.
   A statement interrupted by task cancellation is stopped and its transaction
   ended at once (aiosqlite runs it in a thread of its own).
+- read-only transactions (:func:`scope_options`): PostgreSQL through SQLAlchemy's
+  ``postgresql_readonly``; MySQL/MariaDB ``START TRANSACTION READ ONLY`` and SQLite
+  ``PRAGMA query_only`` from begin hooks here; the backend's refusal of a write
+  raised as ReadOnlyError.
 
 ``build_engine`` applies all of this to ``create_engine`` and, for
 ``dbsession.asyncio``, to ``create_async_engine(...).sync_engine``.
@@ -34,11 +38,13 @@ from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from ._classify import is_read_only_violation
 from ._config import Settings, mask_url, scrub
 from ._errors import (
     ConfigurationError,
     DatabaseUnreachableError,
     MissingDriverError,
+    ReadOnlyError,
     SQLitePathError,
     UnknownDialectError,
 )
@@ -47,6 +53,9 @@ logger = logging.getLogger("dbsession")
 
 #: Execution option read by the SQLite ``begin`` hook: ``"BEGIN"`` or ``"BEGIN IMMEDIATE"``.
 SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"
+#: Execution option read by the MySQL and SQLite ``begin`` hooks: the transaction is read-only.
+READONLY_OPTION = "dbsession_readonly"
+_QUERY_ONLY_FLAG = "dbsession_query_only"
 
 _INSTALL_HINTS = {
     "psycopg": "pip install 'dbsession[postgres]'",
@@ -91,19 +100,17 @@ def build_engine(
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     _install_fork_guard(engine)
+    _install_read_only_errors(engine)
     if is_sqlite:
         _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
         if keeper is not None:
             weakref.finalize(engine, keeper.close)
     else:
         _install_connect_errors(engine, url)
+    if engine.dialect.name in ("mysql", "mariadb"):
+        _install_mysql_read_only(engine)
     logger.info("dbsession: engine created for %s", settings.describe())
     return built
-
-
-def write_options(url: URL) -> dict[str, Any]:
-    """Execution options for a writing unit of work: SQLite takes its write lock at BEGIN."""
-    return {SQLITE_BEGIN_OPTION: "BEGIN IMMEDIATE"} if url.get_backend_name() == "sqlite" else {}
 
 
 def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
@@ -134,8 +141,27 @@ def _create(create: Callable[..., E], url: URL, settings: Settings, options: dic
         ) from None
 
 
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _forget_inherited_pools() -> None:
+    """In a forked child, start every engine on an empty pool (the parent's stay untouched).
+
+    The checkout guard below is not enough alone: SQLAlchemy pre-pings a pooled
+    connection *before* the checkout event, so the child would send its ping on
+    the parent's socket and could steal or corrupt the parent's replies.
+    """
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_pools)
+
+
 def _install_fork_guard(engine: Engine) -> None:
     """SQLAlchemy's recipe: a pooled connection is only ever used by the process that opened it."""
+    _ENGINES.add(engine)
 
     @event.listens_for(engine, "connect")
     def remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -151,6 +177,64 @@ def _install_fork_guard(engine: Engine) -> None:
             raise exc.DisconnectionError(
                 "connection was opened by another process; reconnecting in this one"
             )
+
+
+def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:
+    """The execution options of the engine a scope of this kind runs on.
+
+    SQLite writing scopes take the write lock at ``BEGIN IMMEDIATE``; read-only ones
+    use a plain ``BEGIN`` (WAL readers never wait) plus ``PRAGMA query_only``.
+    """
+    options: dict[str, Any] = {}
+    name = engine.dialect.name
+    if name == "sqlite":
+        options[SQLITE_BEGIN_OPTION] = "BEGIN" if readonly else "BEGIN IMMEDIATE"
+    if readonly:
+        options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
+    if isolation_level is not None:
+        options["isolation_level"] = isolation_level
+    return options
+
+
+def isolation_levels(engine: Engine) -> tuple[str, ...]:
+    """The isolation level names the engine's dialect accepts.
+
+    The dialects dbsession ships drivers for answer without a connection (so an
+    AsyncEngine's sync_engine can be asked outside the event loop); another dialect
+    gets one connection opened.
+    """
+    try:
+        return tuple(engine.dialect.get_isolation_level_values(None))  # type: ignore[arg-type]
+    except Exception:
+        pass
+    raw = engine.raw_connection()
+    try:
+        assert raw.dbapi_connection is not None
+        return tuple(engine.dialect.get_isolation_level_values(raw.dbapi_connection))
+    finally:
+        raw.close()
+
+
+def _install_read_only_errors(engine: Engine) -> None:
+    @event.listens_for(engine, "handle_error")
+    def read_only(context: ExceptionContext) -> BaseException | None:
+        original = context.original_exception
+        if not is_read_only_violation(original, context.dialect.name):
+            return None
+        first_line = str(original).strip().splitlines() or [""]
+        return ReadOnlyError(
+            f"A write was refused because the transaction is read-only "
+            f"({context.dialect.name}: {scrub(first_line[0], engine.url)}). "
+            "session_scope(readonly=True) never writes: do this work in a writing "
+            "scope, session_scope()."
+        )
+
+
+def _install_mysql_read_only(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(READONLY_OPTION):
+            connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
 def _install_connect_errors(engine: Engine, url: URL) -> None:
@@ -245,6 +329,14 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
 
     @event.listens_for(engine, "begin")
     def begin(connection: Connection) -> None:
-        connection.exec_driver_sql(
-            connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "BEGIN")
-        )
+        options = connection.get_execution_options()
+        connection.exec_driver_sql(options.get(SQLITE_BEGIN_OPTION, "BEGIN"))
+        if options.get(READONLY_OPTION):
+            connection.exec_driver_sql("PRAGMA query_only=ON")
+            connection.info[_QUERY_ONLY_FLAG] = True
+
+    @event.listens_for(engine, "checkin")
+    def writable_again(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # A pooled connection never stays query_only after its read-only scope.
+        if record.info.pop(_QUERY_ONLY_FLAG, False) and dbapi_connection is not None:
+            dbapi_connection.execute("PRAGMA query_only=OFF")

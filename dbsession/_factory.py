@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ClassVar, TypeVar, cast
 
 from sqlalchemy import MetaData
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._base import Base
-from ._config import Settings
-from ._engine import make_engine, write_options
+from ._binding import Binding, sync_binding
+from ._config import Settings, mask_url
+from ._engine import make_engine
 from ._lifecycle import DefaultOrSelf, LazyFactory
-from ._scope import unit_of_work
+from ._retry import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_BASE_DELAY,
+    DEFAULT_MAX_DELAY,
+    RetryPolicy,
+    TransactionalDecorator,
+    retry_decorator,
+    run_with_retries,
+)
+from ._scope import savepoint, unit_of_work
 
 logger = logging.getLogger("dbsession")
 
-
-@dataclass(frozen=True)
-class _Built:
-    engine: Engine
-    writer: sessionmaker[Session]
-    reader: sessionmaker[Session]
+T = TypeVar("T")
+SyncBinding = Binding[Engine, sessionmaker[Session]]
 
 
-class DbSessionFactory(LazyFactory[_Built]):
+class DbSessionFactory(LazyFactory[SyncBinding]):
     """Owns one engine and its sessionmakers for one database URL.
 
     The process default is configured with :meth:`global_init` (or lazily, on first
@@ -47,27 +53,101 @@ class DbSessionFactory(LazyFactory[_Built]):
         """The engine, built on first access."""
         return self._build().engine
 
-    def _make(self, settings: Settings) -> _Built:
-        engine = make_engine(settings)
-        expire = settings.expire_on_commit
-        writer = sessionmaker(
-            bind=engine.execution_options(**write_options(settings.url)), expire_on_commit=expire
-        )
-        reader = sessionmaker(bind=engine, expire_on_commit=expire)
-        return _Built(engine, writer, reader)
+    @property
+    def replica_engine(self) -> Engine | None:
+        """The replica's engine (built on first access), or None without a replica_url."""
+        return None if self._settings.replica_url is None else self._build(replica=True).engine
 
-    def _session_scope(self) -> AbstractContextManager[Session]:
+    def _make(self, settings: Settings) -> SyncBinding:
+        return sync_binding(make_engine(settings), expire_on_commit=settings.expire_on_commit)
+
+    def _session_scope(
+        self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+    ) -> AbstractContextManager[Session]:
         """Open a unit of work: a fresh Session committed on success and rolled back on any error.
 
         ``with DbSessionFactory.session_scope() as session: ...``. The exception that
         ended the block is re-raised unchanged after the rollback; the session is
-        always closed. Raises DatabaseUnreachableError when no connection can be opened.
+        always closed, and ``on_commit`` hooks run after a successful commit.
+
+        - ``nested=True``: inside an active scope of this factory (same thread or
+          asyncio task, at the time of the call), join its session as a SAVEPOINT;
+          an exception rolls back to the savepoint only. Elsewhere, a normal scope.
+        - ``readonly=True``: a read-only transaction, ended by a rollback, on the
+          replica if there is one; a write raises ReadOnlyError.
+        - ``isolation_level``: e.g. ``"SERIALIZABLE"`` or ``"read_committed"`` for
+          this scope's transaction only.
+
+        Raises UnsupportedIsolationLevelError for a level the backend does not have,
+        ScopeError when a savepoint is asked to change read-only-ness or isolation,
+        DatabaseUnreachableError when no connection can be opened.
         """
-        return unit_of_work(self._build().writer)
+        return self._open_scope(
+            unit_of_work,
+            savepoint,
+            nested=nested,
+            readonly=readonly,
+            isolation_level=isolation_level,
+        )
+
+    def _run_in_transaction(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        attempts: int = DEFAULT_ATTEMPTS,
+        base_delay: float = DEFAULT_BASE_DELAY,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> T:
+        """Run ``fn(session, *args)`` in a fresh scope; retry it whole on a transient failure.
+
+        Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
+        or lock wait timeout (MySQL/MariaDB 1213, 1205), SQLITE_BUSY. Such a failure
+        rolls the attempt back and, after a jittered exponential backoff (see
+        RetryPolicy), runs ``fn`` again, up to ``attempts`` times in all. Returns
+        ``fn``'s result. Other errors propagate unchanged and are never retried;
+        ``on_commit`` hooks run once, after the successful attempt. Each retry is
+        logged at INFO. Raises RetryExhaustedError (chaining the last error) when
+        every attempt failed, ConfigurationError for a bad attempts or delay.
+        """
+        policy = RetryPolicy(attempts, base_delay, max_delay)
+        run, scope = run_with_retries, self._session_scope
+        return cast(T, self._with_retries(run, scope, fn, args, policy, readonly, isolation_level))
+
+    def _transactional(
+        self,
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        base_delay: float = DEFAULT_BASE_DELAY,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> TransactionalDecorator:
+        """Decorator: ``@transactional()`` on ``def f(session, ...)`` makes ``f(...)`` run
+        through run_in_transaction with these options (the factory is looked up at each call).
+
+        Raises what run_in_transaction raises, when the decorated function is called.
+        """
+        RetryPolicy(attempts, base_delay, max_delay)  # bad options fail at decoration
+        target = self
+
+        def run(fn: Callable[[Session], Any]) -> Any:
+            factory = target if target is not None else DbSessionFactory.default()
+            return factory._run_in_transaction(
+                fn,
+                attempts=attempts,
+                base_delay=base_delay,
+                max_delay=max_delay,
+                readonly=readonly,
+                isolation_level=isolation_level,
+            )
+
+        return retry_decorator(run)
 
     def _create_session(self) -> Session:
         """Return a new Session that the caller commits, rolls back and closes itself."""
-        return self._build().writer()
+        return self._build().maker()()
 
     def _get_engine(self) -> Engine:
         """Return the engine, building it on first use."""
@@ -86,21 +166,61 @@ class DbSessionFactory(LazyFactory[_Built]):
         On the class, ``DbSessionFactory.dispose()`` also forgets the process default,
         so ``global_init()`` may be called again with another URL.
         """
-        built = self._detach()
-        if built is not None:
-            built.engine.dispose()
-            logger.debug("dbsession: engine disposed for %s", self._settings.describe())
+        for binding in self._detach():
+            binding.engine.dispose()
+            logger.debug("dbsession: engine disposed for %s", mask_url(binding.engine.url))
+
+    # Private hook for dbsession.testing (the pytest plugin); not public API.
+    # SQLAlchemy's "Joining a Session into an External Transaction" recipe: while the
+    # block runs, every session this factory makes (session_scope, create_session) is
+    # bound to ``connection`` with join_transaction_mode="create_savepoint", so its
+    # commit releases a SAVEPOINT and its rollback rolls back to it, while the
+    # connection's outer transaction (owned by the caller) stays open. The factory is
+    # also the process default for the block, so the module-level session_scope()
+    # joins too. Swaps and restores happen under the locks; the connection itself is
+    # not thread-safe, so only the test's own thread may use the sessions.
+    @contextmanager
+    def _joined(self, connection: Connection) -> Iterator[sessionmaker[Session]]:
+        bound = self._build().joined_to(connection)
+        with self._lock:
+            saved, self._bindings = self._bindings, {False: bound, True: bound}
+        with DbSessionFactory._default_lock:
+            previous, DbSessionFactory._default = DbSessionFactory._default, self
+        try:
+            yield bound.maker()
+        finally:
+            with DbSessionFactory._default_lock:
+                if DbSessionFactory._default is self:
+                    DbSessionFactory._default = previous
+            with self._lock:
+                if self._bindings.get(False) is bound:
+                    self._bindings = saved
 
     session_scope = DefaultOrSelf(_session_scope)
+    run_in_transaction = DefaultOrSelf(_run_in_transaction)
+    transactional = DefaultOrSelf(_transactional, late=True)
     create_session = DefaultOrSelf(_create_session)
     get_engine = DefaultOrSelf(_get_engine)
     create_all = DefaultOrSelf(_create_all)
     dispose = DefaultOrSelf(_dispose, no_default=lambda: None)
 
 
-def session_scope() -> AbstractContextManager[Session]:
+def session_scope(
+    *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+) -> AbstractContextManager[Session]:
     """Open a unit of work on the process default factory; see DbSessionFactory.session_scope."""
-    return DbSessionFactory.default()._session_scope()
+    return DbSessionFactory.default()._session_scope(
+        nested=nested, readonly=readonly, isolation_level=isolation_level
+    )
+
+
+#: ``run_in_transaction(fn, *args, attempts=5, ...)`` on the process default, looked up at
+#: each call; see DbSessionFactory.run_in_transaction.
+run_in_transaction = DbSessionFactory.run_in_transaction
+
+#: ``@transactional(attempts=5, ...)`` on the process default, looked up at each call of the
+#: decorated function; see DbSessionFactory.transactional.
+transactional = DbSessionFactory.transactional
 
 
 def create_session() -> Session:

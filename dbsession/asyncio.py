@@ -17,9 +17,9 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from sqlalchemy import MetaData
 from sqlalchemy.engine import Engine
@@ -30,29 +30,39 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._async_scope import async_unit_of_work
+from ._async_scope import async_savepoint, async_unit_of_work
 from ._base import Base
-from ._config import Settings
-from ._engine import build_engine, write_options
+from ._binding import Binding
+from ._config import Settings, mask_url
+from ._context import session_of_scope
+from ._engine import build_engine
 from ._errors import MissingDriverError
 from ._lifecycle import DefaultOrSelf, LazyFactory
+from ._retry import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_BASE_DELAY,
+    DEFAULT_MAX_DELAY,
+    RetryPolicy,
+    run_with_retries_async,
+)
 
 __all__ = [
     "AsyncDbSessionFactory",
+    "async_run_in_transaction",
     "async_session_scope",
     "create_async_session",
+    "current_async_session",
 ]
 
 logger = logging.getLogger("dbsession")
 
-
-@dataclass(frozen=True)
-class _AsyncBuilt:
-    engine: AsyncEngine
-    writer: async_sessionmaker[AsyncSession]
+T = TypeVar("T")
 
 
-class AsyncDbSessionFactory(LazyFactory[_AsyncBuilt]):
+AsyncBinding = Binding[AsyncEngine, async_sessionmaker[AsyncSession]]
+
+
+class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
     """Owns one AsyncEngine and its async_sessionmaker for one database URL.
 
     The async twin of :class:`dbsession.DbSessionFactory`: the process default is
@@ -76,28 +86,73 @@ class AsyncDbSessionFactory(LazyFactory[_AsyncBuilt]):
         """The AsyncEngine, built on first access."""
         return self._build().engine
 
-    def _make(self, settings: Settings) -> _AsyncBuilt:
+    def _make(self, settings: Settings) -> AsyncBinding:
         _require_greenlet()
         engine = build_engine(settings, create_async_engine, _sync_engine)
-        writer = async_sessionmaker(
-            bind=engine.execution_options(**write_options(settings.url)),
-            expire_on_commit=settings.expire_on_commit,
-        )
-        return _AsyncBuilt(engine, writer)
+        expire = settings.expire_on_commit
 
-    def _async_session_scope(self) -> AbstractAsyncContextManager[AsyncSession]:
+        def new_maker(options: dict[str, Any]) -> async_sessionmaker[AsyncSession]:
+            bind = engine.execution_options(**options) if options else engine
+            return async_sessionmaker(bind=bind, expire_on_commit=expire)
+
+        return Binding(engine, engine.sync_engine, new_maker, expire_on_commit=expire)
+
+    @property
+    def replica_engine(self) -> AsyncEngine | None:
+        """The replica's AsyncEngine (built on first access), or None without a replica_url."""
+        return None if self._settings.replica_url is None else self._build(replica=True).engine
+
+    def _async_session_scope(
+        self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncSession]:
         """Open a unit of work: a fresh AsyncSession committed on success, rolled back on error.
 
         ``async with AsyncDbSessionFactory.async_session_scope() as session: ...``. Any
         exception, ``asyncio.CancelledError`` and timeouts included, rolls back and is
         re-raised unchanged once the session is closed and its connection back in the
-        pool. Raises DatabaseUnreachableError when no connection can be opened.
+        pool; ``on_commit`` hooks run after a successful commit. ``nested``,
+        ``readonly`` and ``isolation_level`` mean what they mean for
+        ``DbSessionFactory.session_scope``: a SAVEPOINT joined to this task's innermost
+        scope of this factory; a read-only transaction (on the replica if there is one)
+        where a write raises ReadOnlyError; this transaction's isolation level.
+        It raises what ``session_scope`` raises.
         """
-        return async_unit_of_work(self._build().writer)
+        return self._open_scope(
+            async_unit_of_work,
+            async_savepoint,
+            nested=nested,
+            readonly=readonly,
+            isolation_level=isolation_level,
+        )
+
+    async def _run_in_transaction(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        attempts: int = DEFAULT_ATTEMPTS,
+        base_delay: float = DEFAULT_BASE_DELAY,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> T:
+        """Run ``await fn(session, *args)`` in a fresh scope; retry it whole on a transient failure.
+
+        The async twin of ``DbSessionFactory.run_in_transaction``: the same transient
+        errors (see ``dbsession.run_in_transaction``), the same jittered backoff
+        (awaited with ``asyncio.sleep``, so other tasks run meanwhile), ``on_commit``
+        hooks once after the successful attempt. Returns ``fn``'s result. Raises
+        RetryExhaustedError (chaining the last error) when every attempt failed,
+        ConfigurationError for a bad attempts or delay; other errors, cancellation
+        included, propagate unchanged.
+        """
+        policy = RetryPolicy(attempts, base_delay, max_delay)
+        run, scope = run_with_retries_async, self._async_session_scope
+        result = self._with_retries(run, scope, fn, args, policy, readonly, isolation_level)
+        return cast(T, await result)
 
     def _create_session(self) -> AsyncSession:
         """Return a new AsyncSession that the caller commits, rolls back and closes itself."""
-        return self._build().writer()
+        return self._build().maker()()
 
     def _get_engine(self) -> AsyncEngine:
         """Return the AsyncEngine, building it on first use."""
@@ -118,12 +173,12 @@ class AsyncDbSessionFactory(LazyFactory[_AsyncBuilt]):
         default, so ``global_init()`` may be called again with another URL. Call it from
         the event loop the connections were opened in (the app's shutdown hook).
         """
-        built = self._detach()
-        if built is not None:
-            await built.engine.dispose()
-            logger.debug("dbsession: async engine disposed for %s", self._settings.describe())
+        for binding in self._detach():
+            await binding.engine.dispose()
+            logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
 
     async_session_scope = DefaultOrSelf(_async_session_scope)
+    run_in_transaction = DefaultOrSelf(_run_in_transaction)
     create_session = DefaultOrSelf(_create_session)
     get_engine = DefaultOrSelf(_get_engine)
     create_all = DefaultOrSelf(_create_all)
@@ -148,12 +203,31 @@ def _require_greenlet() -> None:
         ) from None
 
 
-def async_session_scope() -> AbstractAsyncContextManager[AsyncSession]:
+def async_session_scope(
+    *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+) -> AbstractAsyncContextManager[AsyncSession]:
     """Open a unit of work on the process default async factory.
 
     See AsyncDbSessionFactory.async_session_scope.
     """
-    return AsyncDbSessionFactory.default()._async_session_scope()
+    return AsyncDbSessionFactory.default()._async_session_scope(
+        nested=nested, readonly=readonly, isolation_level=isolation_level
+    )
+
+
+#: ``await async_run_in_transaction(fn, *args, attempts=5, ...)`` on the process default
+#: async factory, looked up at each call; see AsyncDbSessionFactory.run_in_transaction.
+async_run_in_transaction = AsyncDbSessionFactory.run_in_transaction
+
+
+def current_async_session() -> AsyncSession:
+    """Return the AsyncSession of the innermost active scope of this asyncio task.
+
+    The async twin of ``dbsession.current_session()`` (use ``dbsession.on_commit``
+    in either kind of scope). Raises NoActiveScopeError outside any scope, and
+    inside a sync scope.
+    """
+    return session_of_scope(AsyncSession, "current_async_session()", "dbsession.current_session()")
 
 
 def create_async_session() -> AsyncSession:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError
 
 from dbsession import DbSessionFactory
 from dbsession.example.models import Supplier
@@ -81,25 +80,30 @@ def test_sqlite_transactional_ddl_rolls_back(sqlite_factory: DbSessionFactory) -
         assert conn.scalar(text("SELECT count(*) FROM sqlite_master WHERE name='scratch'")) == 0
 
 
+def write_from_threads(factory: DbSessionFactory, threads: int, scopes: int) -> list[Exception]:
+    """Each thread commits ``scopes`` one-row scopes; return every error raised."""
+    errors: list[Exception] = []
+
+    def writer(worker: int) -> None:
+        for i in range(scopes):
+            try:
+                with factory.session_scope() as session:
+                    session.add(Supplier(name=f"w{worker}-{i}"))
+            except Exception as error:  # "database is locked" would land here
+                errors.append(error)
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return errors
+
+
 def test_sqlite_8_threads_x_200_write_scopes_never_lock(
     sqlite_factory: DbSessionFactory,
 ) -> None:
-    errors: list[BaseException] = []
-
-    def writer(worker: int) -> None:
-        for i in range(200):
-            try:
-                with sqlite_factory.session_scope() as session:
-                    session.add(Supplier(name=f"w{worker}-{i}"))
-            except OperationalError as error:  # "database is locked" would land here
-                errors.append(error)
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert write_from_threads(sqlite_factory, threads=8, scopes=200) == []
     with sqlite_factory.session_scope() as session:
         assert session.query(Supplier).count() == 1600
 
@@ -108,22 +112,7 @@ def test_sqlite_8_threads_x_200_write_scopes_never_lock(
 def test_in_memory_sqlite_is_one_database_across_threads(url: str) -> None:
     factory = DbSessionFactory(url)
     factory.create_all()
-    errors: list[BaseException] = []
-
-    def writer(worker: int) -> None:
-        try:
-            for i in range(50):
-                with factory.session_scope() as session:
-                    session.add(Supplier(name=f"m{worker}-{i}"))
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert write_from_threads(factory, threads=4, scopes=50) == []
     with factory.session_scope() as session:
         assert session.query(Supplier).count() == 200
     factory.dispose()

@@ -20,8 +20,13 @@ from dbsession import (
     DbSessionFactory,
     InvalidURLError,
     MissingDriverError,
+    NoActiveScopeError,
+    ReadOnlyError,
+    RetryExhaustedError,
+    ScopeError,
     SQLitePathError,
     UnknownDialectError,
+    UnsupportedIsolationLevelError,
 )
 
 MARKER = "Pw-MARKER-7f3a"
@@ -49,8 +54,15 @@ def test_every_error_is_a_dbsession_error() -> None:
         SQLitePathError,
         AlreadyInitializedError,
         DatabaseUnreachableError,
+        UnsupportedIsolationLevelError,
+        ScopeError,
+        NoActiveScopeError,
+        ReadOnlyError,
+        RetryExhaustedError,
     ):
         assert issubclass(error, DbSessionError)
+    assert issubclass(UnsupportedIsolationLevelError, ConfigurationError)
+    assert issubclass(NoActiveScopeError, ScopeError)
 
 
 def test_unknown_dialect_names_it_and_the_supported_ones() -> None:

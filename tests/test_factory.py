@@ -157,3 +157,11 @@ def test_create_all_creates_the_base_tables(tmp_path: Path) -> None:
     with factory.engine.connect() as conn:
         tables = set(conn.scalars(text("SELECT name FROM sqlite_master WHERE type='table'")))
     assert {"customer", "supplier", "orders"} <= tables
+
+
+def test_global_init_after_lazy_use_with_the_same_url_is_a_no_op(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", sqlite_url(tmp_path))
+    lazy = DbSessionFactory.default()
+    assert DbSessionFactory.global_init(sqlite_url(tmp_path)) is lazy

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dbsession import DbSessionFactory, mask_url
+from dbsession import DbSessionFactory, mask_url, migrations
 
 from .models import Customer, Order, Supplier
 
@@ -85,8 +86,17 @@ def run(factory: DbSessionFactory) -> str:
 
 
 def main() -> int:
-    """Entry point of ``python -m dbsession.example``."""
+    """Entry point of ``python -m dbsession.example``: migrate to head, then run the store."""
     factory = DbSessionFactory.default()
-    factory.create_all()
+    migrations.upgrade(url=factory.url, migrations=_alembic_ini())
     print(run(factory))
+    print(f"schema: Alembic revision {migrations.current(url=factory.url)} (head)")
     return 0
+
+
+def _alembic_ini() -> Path | None:
+    """The template's alembic.ini: in the working directory, else beside the package."""
+    for folder in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (folder / "alembic.ini").is_file():
+            return folder / "alembic.ini"
+    return None

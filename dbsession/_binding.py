@@ -1,0 +1,121 @@
+"""One engine and its sessionmakers: one per kind of scope (read-only or not, isolation level)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ._engine import isolation_levels, scope_options
+from ._errors import UnsupportedIsolationLevelError
+
+E = TypeVar("E")
+M = TypeVar("M")
+
+
+def normalize_isolation_level(level: str | None) -> str | None:
+    """``"read_committed"`` -> ``"READ COMMITTED"``; AUTOCOMMIT is refused (a scope is a
+    transaction). Raises UnsupportedIsolationLevelError."""
+    if level is None:
+        return None
+    normalized = " ".join(str(level).replace("_", " ").upper().split())
+    if normalized == "AUTOCOMMIT":
+        raise UnsupportedIsolationLevelError(
+            "isolation_level='AUTOCOMMIT' cannot be used for a scope: a scope is one "
+            "transaction. Use engine.connect().execution_options(isolation_level="
+            "'AUTOCOMMIT') for statements outside a transaction."
+        )
+    return normalized
+
+
+class Binding(Generic[E, M]):
+    """An engine and, made once each and cached, the sessionmaker of every kind of scope.
+
+    ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind
+    (``sessionmaker`` or ``async_sessionmaker``): ``new_maker(options)`` makes one on
+    ``engine.execution_options(**options)``, a view sharing the pool; see
+    ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
+    dialect and events live (the engine itself on the sync side).
+    """
+
+    def __init__(
+        self,
+        engine: E,
+        sync_engine: Engine,
+        new_maker: Callable[[dict[str, Any]], M],
+        *,
+        expire_on_commit: bool,
+    ) -> None:
+        self.engine = engine
+        self.expire_on_commit = expire_on_commit
+        self._sync_engine = sync_engine
+        self._new_maker = new_maker
+        self._makers: dict[tuple[bool, str | None], M] = {}
+        self._levels: tuple[str, ...] | None = None
+        self._lock = threading.Lock()
+        self._joined: M | None = None
+
+    def maker(self, *, readonly: bool = False, isolation_level: str | None = None) -> M:
+        """The sessionmaker for this kind of scope; ``isolation_level`` already normalized.
+
+        Raises UnsupportedIsolationLevelError if the backend has no such level.
+        """
+        if self._joined is not None:
+            return self._joined
+        key = (readonly, isolation_level)
+        made = self._makers.get(key)
+        if made is not None:
+            return made
+        if isolation_level is not None:
+            self._check_level(isolation_level)
+        with self._lock:
+            made = self._makers.get(key)
+            if made is None:
+                made = self._new_maker(
+                    scope_options(
+                        self._sync_engine, readonly=readonly, isolation_level=isolation_level
+                    )
+                )
+                self._makers[key] = made
+            return made
+
+    def joined_to(
+        self: Binding[Engine, sessionmaker[Session]], connection: Connection
+    ) -> Binding[Engine, sessionmaker[Session]]:
+        """A Binding on the same engine whose every session joins ``connection``'s transaction.
+
+        For dbsession.testing: a session's commit releases a SAVEPOINT and its rollback
+        rolls back to it, while the caller's outer transaction stays open. Read-only
+        and isolation level requests are not applied: the transaction is already open.
+        """
+        expire = self.expire_on_commit
+        clone = Binding(self.engine, self._sync_engine, self._new_maker, expire_on_commit=expire)
+        clone._joined = sessionmaker(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=expire
+        )
+        return clone
+
+    def _check_level(self, level: str) -> None:
+        if self._levels is None:
+            levels = isolation_levels(self._sync_engine)
+            self._levels = tuple(level for level in levels if level != "AUTOCOMMIT")
+        if level not in self._levels:
+            raise UnsupportedIsolationLevelError(
+                f"Isolation level {level!r} is not supported by "
+                f"{self._sync_engine.dialect.name}; use one of: {', '.join(sorted(self._levels))}."
+            )
+
+
+def sync_binding(
+    engine: Engine, *, expire_on_commit: bool
+) -> Binding[Engine, sessionmaker[Session]]:
+    """The Binding of a sync engine: ``sessionmaker`` on execution-option views of it."""
+
+    def new_maker(options: dict[str, Any]) -> sessionmaker[Session]:
+        bind = engine.execution_options(**options) if options else engine
+        return sessionmaker(bind=bind, expire_on_commit=expire_on_commit)
+
+    return Binding(engine, engine, new_maker, expire_on_commit=expire_on_commit)

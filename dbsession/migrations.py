@@ -1,0 +1,339 @@
+"""Alembic driven from Python: upgrade, current, head, the at-head check and the migration lock.
+
+The URL reaches Alembic as an object in ``Config.attributes``, never as text in
+``alembic.ini`` (so a password with ``%``, ``@``, ``:`` or ``/`` works and is never
+printed). The same resolution applies everywhere: ``url=`` here or ``-x url=...``
+on the alembic command line, else ``DATABASE_URL``, else the embedded SQLite file.
+
+Where the migrations are: the ``migrations`` argument (a folder, or an ``.ini``
+file), else ``DBSESSION_MIGRATIONS``, else ``./alembic.ini``, else ``./migrations``.
+Which metadata autogenerate compares with: the ``metadata`` argument, else
+``DBSESSION_METADATA``, else ``dbsession_metadata`` in ``alembic.ini``; an import
+path such as ``myapp.models:Base.metadata``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from logging.config import fileConfig
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import MetaData, text
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.pool import NullPool
+
+from ._config import resolve_url, scrub
+from ._errors import (
+    ConfigurationError,
+    MigrationError,
+    MigrationsNotFoundError,
+    SchemaNotAtHeadError,
+    UnknownRevisionError,
+)
+from ._factory import DbSessionFactory
+
+MIGRATIONS_ENV = "DBSESSION_MIGRATIONS"
+METADATA_ENV = "DBSESSION_METADATA"
+METADATA_OPTION = "dbsession_metadata"
+#: Set in Config.attributes when dbsession built the Config: env.py leaves logging alone.
+MANAGED_ATTRIBUTE = "dbsession_managed"
+_URL_ATTRIBUTE = "dbsession_url"
+_METADATA_ATTRIBUTE = "dbsession_metadata"
+_LOCK_NAME = "dbsession_migrations"
+_PG_LOCK_KEY = 0x64627365  # "dbse"
+_LOCK_TIMEOUT_SECONDS = 600
+
+Migrations = str | os.PathLike[str] | None
+
+
+def make_config(
+    migrations: Migrations = None,
+    *,
+    url: str | URL | None = None,
+    metadata: str | None = None,
+) -> Config:
+    """Build the Alembic Config for a migrations folder or ``.ini`` file (see module docs).
+
+    Raises MigrationsNotFoundError when there is nothing to run.
+    """
+    location = _find_migrations(migrations)
+    if location.suffix == ".ini":
+        config = Config(str(location))
+    else:
+        config = Config()
+        config.set_main_option("script_location", str(location).replace("%", "%%"))
+    config.attributes[MANAGED_ATTRIBUTE] = True
+    if url is not None:
+        config.attributes[_URL_ATTRIBUTE] = url
+    if metadata is not None:
+        config.attributes[_METADATA_ATTRIBUTE] = metadata
+    return config
+
+
+def upgrade(
+    revision: str = "head",
+    *,
+    url: str | URL | None = None,
+    migrations: Migrations = None,
+    sql: bool = False,
+) -> None:
+    """Upgrade the database to ``revision``, holding the migration lock while it runs.
+
+    With several workers starting at once, one migrates and the others wait, then
+    find the database at head. ``sql=True`` prints the SQL instead (offline mode).
+    Raises UnknownRevisionError, MigrationError, MigrationsNotFoundError or
+    DatabaseUnreachableError.
+    """
+    run_command(command.upgrade, make_config(migrations, url=url), revision, sql=sql)
+
+
+def downgrade(
+    revision: str,
+    *,
+    url: str | URL | None = None,
+    migrations: Migrations = None,
+    sql: bool = False,
+) -> None:
+    """Downgrade the database to ``revision`` (``"base"`` undoes every migration)."""
+    run_command(command.downgrade, make_config(migrations, url=url), revision, sql=sql)
+
+
+def current(*, url: str | URL | None = None) -> str | None:
+    """Return the database's current revision, or None for an unmigrated database."""
+    factory = DbSessionFactory(_resolve(url), poolclass=NullPool)
+    try:
+        with factory.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        factory.dispose()
+
+
+def head(*, migrations: Migrations = None) -> str:
+    """Return the newest revision of the migrations folder.
+
+    Raises MigrationError when the folder has no revision or more than one head.
+    """
+    script = ScriptDirectory.from_config(make_config(migrations))
+    heads = script.get_heads()
+    if len(heads) != 1:
+        raise MigrationError(
+            f"The migrations folder {script.dir} has {len(heads)} heads {sorted(heads)}; "
+            "expected exactly one. Merge them with 'dbsession merge heads' "
+            "(alembic merge heads) or create the first revision."
+        )
+    return heads[0]
+
+
+def is_at_head(*, url: str | URL | None = None, migrations: Migrations = None) -> bool:
+    """True when the database's revision is the newest revision of the migrations folder."""
+    return current(url=url) == head(migrations=migrations)
+
+
+def require_head(*, url: str | URL | None = None, migrations: Migrations = None) -> None:
+    """Raise SchemaNotAtHeadError, naming both revisions, unless the database is at head."""
+    at, newest = current(url=url), head(migrations=migrations)
+    if at != newest:
+        raise SchemaNotAtHeadError(at, newest)
+
+
+#: The whole of a dbsession ``migrations/env.py``.
+ENV_PY = '''"""Alembic environment: dbsession supplies the URL, metadata and migration lock."""
+
+from dbsession.migrations import run_env
+
+run_env()
+'''
+
+
+def run_env() -> None:
+    """The body of ``migrations/env.py``: run Alembic with dbsession's URL, metadata and lock.
+
+    Sets up logging from ``alembic.ini`` when run by the ``alembic`` command itself.
+    """
+    from alembic import context
+
+    config = context.config
+    if config.config_file_name is not None and MANAGED_ATTRIBUTE not in config.attributes:
+        fileConfig(config.config_file_name, disable_existing_loggers=False)
+    metadata = _load_metadata(config)
+    url = _resolve(config.attributes.get(_URL_ATTRIBUTE) or _x_argument(context))
+    is_sqlite = url.get_backend_name() == "sqlite"
+    options: dict[str, Any] = {
+        "target_metadata": metadata,
+        "compare_type": True,
+        "render_as_batch": is_sqlite,
+        "transaction_per_migration": True,
+    }
+    if is_sqlite:  # dbsession's engine emits BEGIN itself, so SQLite DDL is transactional
+        options["transactional_ddl"] = True
+    if context.is_offline_mode():
+        context.configure(
+            dialect_name=url.get_dialect().name,
+            literal_binds=True,
+            dialect_opts={"paramstyle": "named"},
+            **options,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    shared: Connection | None = config.attributes.get("connection")
+    if shared is not None:
+        context.configure(connection=shared, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    factory = DbSessionFactory(url, poolclass=NullPool)
+    try:
+        with factory.engine.connect() as connection, migration_lock(connection):
+            context.configure(connection=connection, **options)
+            with context.begin_transaction():
+                context.run_migrations()
+            connection.commit()
+    finally:
+        factory.dispose()
+
+
+@contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """Hold the process-crossing migration lock for this database while the block runs.
+
+    PostgreSQL: a session advisory lock; MySQL/MariaDB: ``GET_LOCK``; SQLite: an
+    exclusive ``flock`` on ``<database>.migrations.lock``. In-memory SQLite needs none.
+    """
+    backend = connection.dialect.name
+    if backend == "postgresql":
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.rollback()
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+            connection.commit()
+    elif backend in ("mysql", "mariadb"):
+        got = connection.execute(
+            text("SELECT GET_LOCK(:name, :timeout)"),
+            {"name": _LOCK_NAME, "timeout": _LOCK_TIMEOUT_SECONDS},
+        ).scalar()
+        connection.commit()
+        if got != 1:
+            raise MigrationError(
+                f"Timed out after {_LOCK_TIMEOUT_SECONDS} s waiting for another process's "
+                "migration to finish (MySQL GET_LOCK); retry when it is done."
+            )
+        try:
+            yield
+        finally:
+            connection.rollback()
+            connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": _LOCK_NAME})
+            connection.commit()
+    else:
+        with _file_lock(connection.engine.url.database):
+            yield
+
+
+@contextmanager
+def _file_lock(database: str | None) -> Iterator[None]:
+    if not database or database.startswith("file:"):
+        yield
+        return
+    import fcntl
+
+    with open(f"{database}.migrations.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def metadata_configured(config: Config) -> bool:
+    """True when autogenerate has metadata to compare with (argument, environment or ini)."""
+    return _load_metadata(config) is not None
+
+
+def run_command(fn: Any, config: Config, *args: Any, **kwargs: Any) -> Any:
+    """Run an ``alembic.command`` function, turning its errors into dbsession's."""
+    url = config.attributes.get(_URL_ATTRIBUTE)
+    try:
+        return fn(config, *args, **kwargs)
+    except CommandError as error:
+        message = str(error)
+        if url is not None:
+            message = scrub(message, _resolve(url))
+        if "Can't locate revision" in message or "No such revision" in message:
+            raise UnknownRevisionError(
+                f"{message}. 'dbsession history' lists the revisions of the migrations folder."
+            ) from None
+        raise MigrationError(f"Alembic: {message}") from None
+
+
+def _resolve(url: str | URL | None) -> URL:
+    return resolve_url(url)[0]
+
+
+def _x_argument(context: Any) -> str | None:
+    value: str | None = context.get_x_argument(as_dictionary=True).get("url")
+    return value
+
+
+def _find_migrations(migrations: Migrations) -> Path:
+    candidates: list[Path]
+    if migrations is not None:
+        candidates = [Path(migrations)]
+    elif os.environ.get(MIGRATIONS_ENV):
+        candidates = [Path(os.environ[MIGRATIONS_ENV])]
+    else:
+        candidates = [Path("alembic.ini"), Path("migrations")]
+    for candidate in candidates:
+        if candidate.is_file() and candidate.suffix == ".ini":
+            return candidate.absolute()
+        if (candidate / "env.py").is_file():
+            return candidate.absolute()
+    looked = ", ".join(str(c.absolute()) for c in candidates)
+    raise MigrationsNotFoundError(
+        f"No migrations found (looked for {looked}). Run from the folder that holds "
+        f"alembic.ini, pass --migrations DIR (or set {MIGRATIONS_ENV}), or create a "
+        "migrations folder with 'dbsession init'."
+    )
+
+
+def _load_metadata(config: Config) -> MetaData | None:
+    path = (
+        config.attributes.get(_METADATA_ATTRIBUTE)
+        or os.environ.get(METADATA_ENV)
+        or config.get_main_option(METADATA_OPTION)
+    )
+    return load_metadata(path) if path else None
+
+
+def load_metadata(path: str) -> MetaData:
+    """Import ``package.module:attribute.path`` and return the MetaData it names.
+
+    Raises ConfigurationError when the module or attribute does not exist or is not MetaData.
+    """
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in filter(None, attribute.split(".")):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise ConfigurationError(
+            f"Cannot load the metadata {path!r} ({error}). Set {METADATA_OPTION} in "
+            f"alembic.ini or {METADATA_ENV} to 'package.module:Base.metadata'."
+        ) from None
+    if not isinstance(target, MetaData):
+        raise ConfigurationError(
+            f"{path!r} is a {type(target).__name__}, not a MetaData: point it at "
+            "'package.module:Base.metadata'."
+        )
+    return target

@@ -1,0 +1,206 @@
+"""session_scope(nested=True) as a SAVEPOINT, independent inner scopes, current_session()."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from dbsession import (
+    DbSessionFactory,
+    NoActiveScopeError,
+    ScopeError,
+    current_session,
+    session_scope,
+)
+from dbsession.example.models import Supplier
+
+
+class Boom(Exception):
+    pass
+
+
+def names(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.scalars(text("SELECT name FROM supplier")))
+
+
+def test_nested_scope_joins_the_outer_session(factory: DbSessionFactory) -> None:
+    with factory.session_scope() as outer:
+        with factory.session_scope(nested=True) as inner:
+            assert inner is outer
+            assert current_session() is outer
+
+
+def test_failed_nested_scope_rolls_back_to_its_savepoint_only(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    with factory.session_scope() as session:
+        session.add(Supplier(name="before"))
+        with pytest.raises(Boom):
+            with factory.session_scope(nested=True) as nested:
+                nested.add(Supplier(name="inside"))
+                nested.flush()
+                raise Boom
+        session.add(Supplier(name="after"))
+    assert names(other_connection) == {"before", "after"}
+
+
+def test_outer_commit_includes_the_nested_work(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    with factory.session_scope() as session:
+        session.add(Supplier(name="outer"))
+        with factory.session_scope(nested=True) as nested:
+            nested.add(Supplier(name="nested"))
+    assert names(other_connection) == {"outer", "nested"}
+
+
+def test_outer_rollback_discards_the_released_savepoint(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    with pytest.raises(Boom):
+        with factory.session_scope():
+            with factory.session_scope(nested=True) as nested:
+                nested.add(Supplier(name="nested"))
+            raise Boom
+    assert names(other_connection) == set()
+
+
+def test_nested_outside_any_scope_is_a_normal_scope(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    with factory.session_scope(nested=True) as session:
+        session.add(Supplier(name="alone"))
+    assert names(other_connection) == {"alone"}
+    with pytest.raises(Boom):
+        with factory.session_scope(nested=True) as session:
+            session.add(Supplier(name="rolled back"))
+            session.flush()
+            raise Boom
+    assert names(other_connection) == {"alone"}
+
+
+def test_plain_scope_inside_another_is_independent(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    # The outer scope has not touched the database yet, so SQLite's single writer is free.
+    with pytest.raises(Boom):
+        with factory.session_scope() as outer:
+            with factory.session_scope() as inner:
+                assert inner is not outer
+                assert current_session() is inner
+                inner.add(Supplier(name="independent"))
+            assert current_session() is outer
+            raise Boom
+    assert names(other_connection) == {"independent"}
+
+
+def test_sqlite_independent_writer_inside_a_writing_scope_waits_then_fails(
+    tmp_path: Path,
+) -> None:
+    factory = DbSessionFactory(f"sqlite:///{tmp_path}/one.sqlite3", sqlite_busy_timeout=0.1)
+    try:
+        factory.create_all()
+        with factory.session_scope() as outer:
+            outer.add(Supplier(name="outer"))
+            outer.flush()  # BEGIN IMMEDIATE: this scope holds the only write lock
+            with pytest.raises(OperationalError, match="database is locked"):
+                with factory.session_scope() as inner:
+                    inner.add(Supplier(name="inner"))
+            with factory.session_scope(nested=True) as nested:
+                nested.add(Supplier(name="nested"))
+        with factory.session_scope(readonly=True) as session:
+            assert set(session.scalars(text("SELECT name FROM supplier"))) == {"outer", "nested"}
+    finally:
+        factory.dispose()
+
+
+def test_nested_joins_only_scopes_of_the_same_factory(
+    factory: DbSessionFactory, tmp_path: Path
+) -> None:
+    other = DbSessionFactory(f"sqlite:///{tmp_path}/other.sqlite3")
+    try:
+        with factory.session_scope() as outer:
+            with other.session_scope(nested=True) as session:
+                assert session is not outer
+                assert session.get_bind().engine.url == other.url
+    finally:
+        other.dispose()
+
+
+def test_nested_scope_cannot_make_a_writing_transaction_read_only(
+    factory: DbSessionFactory,
+) -> None:
+    with factory.session_scope():
+        with pytest.raises(ScopeError, match="cannot make it read-only"):
+            factory.session_scope(nested=True, readonly=True)
+
+
+def test_nested_scope_cannot_change_the_isolation_level(factory: DbSessionFactory) -> None:
+    with factory.session_scope():
+        with pytest.raises(ScopeError, match="cannot change its isolation level"):
+            factory.session_scope(nested=True, isolation_level="SERIALIZABLE")
+    with factory.session_scope(isolation_level="SERIALIZABLE") as outer:
+        with factory.session_scope(nested=True, isolation_level="serializable") as nested:
+            assert nested is outer
+
+
+def test_current_session_outside_any_scope_is_a_named_error() -> None:
+    with pytest.raises(NoActiveScopeError, match="outside any session_scope"):
+        current_session()
+
+
+def test_current_session_is_per_thread(factory: DbSessionFactory) -> None:
+    seen: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            current_session()
+        except BaseException as error:
+            seen.append(error)
+
+    with factory.session_scope():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(seen) == 1 and isinstance(seen[0], NoActiveScopeError)
+
+
+def test_current_session_is_per_asyncio_task(factory: DbSessionFactory) -> None:
+    async def in_scope(started: asyncio.Event, release: asyncio.Event) -> Session:
+        with factory.session_scope() as session:
+            started.set()
+            await release.wait()
+            assert current_session() is session
+            return session
+
+    async def outside(started: asyncio.Event, release: asyncio.Event) -> bool:
+        await started.wait()
+        try:
+            current_session()
+        except NoActiveScopeError:
+            return True
+        finally:
+            release.set()
+        return False
+
+    async def main() -> tuple[Session, bool]:
+        started, release = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(in_scope(started, release), outside(started, release))
+
+    _, outside_saw_none = asyncio.run(main())
+    assert outside_saw_none
+
+
+def test_module_level_nested_scope_uses_the_default(tmp_path: Path) -> None:
+    DbSessionFactory.global_init(f"sqlite:///{tmp_path}/default.sqlite3").create_all()
+    with session_scope() as outer:
+        with session_scope(nested=True) as nested:
+            assert nested is outer

@@ -1,0 +1,301 @@
+"""Reliability under load: money is never created or lost, failures leave no trace.
+
+The accounts and ledger live on a MetaData of their own (with dbsession's naming
+convention), so they never join ``dbsession.Base`` or the example models.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import ForeignKey, MetaData, String, delete, event, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from dbsession import NAMING_CONVENTION, DbSessionFactory
+
+
+class LedgerBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Account(LedgerBase):
+    __tablename__ = "rel_account"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    balance: Mapped[int]
+
+
+class Ledger(LedgerBase):
+    __tablename__ = "rel_ledger"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    transfer: Mapped[str] = mapped_column(String(40), unique=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("rel_account.id"))
+    target_id: Mapped[int] = mapped_column(ForeignKey("rel_account.id"))
+    amount: Mapped[int]
+
+
+class Item(LedgerBase):
+    __tablename__ = "rel_item"
+    name: Mapped[str] = mapped_column(String(10), primary_key=True)
+    number: Mapped[int]
+
+
+class Injected(Exception):
+    """The failure a test raises on purpose inside a scope."""
+
+
+ACCOUNTS = 20
+OPENING_BALANCE = 1_000
+THREADS = 8
+TRANSFERS_PER_THREAD = 500
+FAILURE_POINTS = ("before_flush", "after_flush", "before_commit")
+
+
+@pytest.fixture
+def ledger(factory: DbSessionFactory) -> Iterator[DbSessionFactory]:
+    """The factory with the accounts, ledger and item tables; 20 accounts of 1,000 each."""
+    LedgerBase.metadata.create_all(factory.engine)
+    with factory.session_scope() as session:
+        session.add_all(Account(id=n, balance=OPENING_BALANCE) for n in range(ACCOUNTS))
+    yield factory
+    LedgerBase.metadata.drop_all(factory.engine)
+
+
+def fail_before_commit(session: Session, error: BaseException) -> None:
+    """Make the scope's own ``session.commit()`` raise ``error`` before it commits."""
+
+    def raise_it(_: Session) -> None:
+        raise error
+
+    event.listen(session, "before_commit", raise_it)
+
+
+def transfer(
+    session: Session, name: str, source: int, target: int, amount: int, fail_at: str | None
+) -> None:
+    """Move ``amount`` between two accounts with a ledger row; raise Injected at ``fail_at``."""
+    first, second = sorted((source, target))  # lock in one order: no deadlocks
+    accounts = {n: session.get_one(Account, n, with_for_update=True) for n in (first, second)}
+    accounts[source].balance -= amount
+    accounts[target].balance += amount
+    session.add(Ledger(transfer=name, source_id=source, target_id=target, amount=amount))
+    if fail_at == "before_flush":
+        raise Injected(name)
+    session.flush()
+    if fail_at == "after_flush":
+        raise Injected(name)
+    if fail_at == "before_commit":
+        fail_before_commit(session, Injected(name))
+
+
+def balances(engine: Engine) -> dict[int, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, balance FROM rel_account"))
+        return {int(id_): int(balance) for id_, balance in rows}
+
+
+def ledger_rows(engine: Engine) -> list[tuple[str, int, int, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT transfer, source_id, target_id, amount FROM rel_ledger"))
+        return [(str(t), int(s), int(d), int(a)) for t, s, d, a in rows]
+
+
+def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
+    ledger: DbSessionFactory, other_connection: Engine
+) -> None:
+    committed: dict[str, tuple[int, int, int]] = {}
+    failed: set[str] = set()
+    unexpected: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(number: int) -> None:
+        rng = random.Random(number)
+        for i in range(TRANSFERS_PER_THREAD):
+            name = f"t{number}-{i}"
+            source, target = rng.sample(range(ACCOUNTS), 2)
+            amount = rng.randint(1, 50)
+            fail_at = rng.choice(FAILURE_POINTS) if rng.random() < 0.1 else None
+            try:
+                with ledger.session_scope() as session:
+                    transfer(session, name, source, target, amount, fail_at)
+            except Injected:
+                with lock:
+                    failed.add(name)
+            except Exception as error:  # a lock timeout or deadlock would land here
+                with lock:
+                    unexpected.append(error)
+            else:
+                with lock:
+                    committed[name] = (source, target, amount)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert unexpected == []
+    assert len(committed) + len(failed) == THREADS * TRANSFERS_PER_THREAD
+    assert 250 < len(failed) < 550  # about 10% failed on purpose
+    rows = ledger_rows(other_connection)
+    assert sorted(row[0] for row in rows) == sorted(committed)  # one row each, none for failures
+    assert {row[0]: row[1:] for row in rows} == committed
+    expected = dict.fromkeys(range(ACCOUNTS), OPENING_BALANCE)
+    for source, target, amount in committed.values():
+        expected[source] -= amount
+        expected[target] += amount
+    assert balances(other_connection) == expected  # failed transfers moved no money
+    assert sum(expected.values()) == ACCOUNTS * OPENING_BALANCE
+    assert ledger.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_keyboard_interrupt_mid_transfer_rolls_back_and_returns_the_connection(
+    ledger: DbSessionFactory, other_connection: Engine
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with ledger.session_scope() as session:
+            transfer(session, "interrupted", 0, 1, 500, None)
+            raise KeyboardInterrupt
+
+    assert ledger_rows(other_connection) == []
+    assert balances(other_connection) == dict.fromkeys(range(ACCOUNTS), OPENING_BALANCE)
+    assert ledger.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+RANDOM_ERRORS: tuple[Callable[[], BaseException], ...] = (
+    lambda: Injected("plain"),
+    lambda: KeyboardInterrupt(),
+    lambda: SystemExit(3),
+    lambda: GeneratorExit(),
+    lambda: ValueError("value"),
+)
+
+
+def test_ten_thousand_scopes_with_random_exceptions_leak_no_connection(
+    ledger: DbSessionFactory, other_connection: Engine
+) -> None:
+    rng = random.Random(7)
+    committed = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(10_000):
+            error = rng.choice(RANDOM_ERRORS)() if rng.random() < 0.5 else None
+            writes = rng.random() < 0.2
+            try:
+                with ledger.session_scope() as session:
+                    if writes:
+                        session.add(Item(name=f"k{i}", number=i))
+                    point = rng.random()
+                    if error is not None and point < 0.3:
+                        raise error
+                    session.execute(select(Account.balance).where(Account.id == i % ACCOUNTS))
+                    if error is not None and point < 0.6:
+                        raise error
+                    if error is not None:
+                        fail_before_commit(session, error)
+            except BaseException as raised:
+                assert raised is error
+            else:
+                committed += writes
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert ledger.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with other_connection.connect() as conn:
+        assert conn.scalar(text("SELECT COUNT(*) FROM rel_item")) == committed
+
+
+# --- property: random units of work against an in-memory model ---------------------------
+
+Step = tuple[str, str, int]  # ("put" | "delete" | "insert", key, value)
+
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "delete", "insert"]),
+        st.sampled_from(["a", "b", "c", "d"]),
+        st.integers(min_value=-5, max_value=5),
+    ),
+    max_size=6,
+)
+scopes = st.lists(
+    st.tuples(steps, st.sampled_from([None, *FAILURE_POINTS])), min_size=1, max_size=5
+)
+
+
+def apply_step(session: Session, step: Step) -> None:
+    """Run one step in the session: upsert, delete if present, or a plain insert."""
+    kind, key, value = step
+    if kind == "insert":  # an IntegrityError at flush when the key exists: a real failure
+        session.add(Item(name=key, number=value))
+        session.flush()
+    elif kind == "delete":
+        session.execute(delete(Item).where(Item.name == key))
+    else:
+        item = session.get(Item, key)
+        if item is None:
+            session.add(Item(name=key, number=value))
+        else:
+            item.number = value
+        session.flush()
+
+
+def model_after(model: dict[str, int], scope_steps: list[Step]) -> dict[str, int] | None:
+    """The model after the steps, or None if the database must reject them (duplicate insert)."""
+    result = dict(model)
+    for kind, key, value in scope_steps:
+        if kind == "insert" and key in result:
+            return None
+        if kind == "delete":
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+def items(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {str(k): int(v) for k, v in conn.execute(text("SELECT name, number FROM rel_item"))}
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(scopes=scopes)
+def test_random_units_of_work_match_an_in_memory_model(
+    ledger: DbSessionFactory, other_connection: Engine, scopes: list[tuple[list[Step], Any]]
+) -> None:
+    with ledger.session_scope() as session:
+        session.execute(delete(Item))
+    model: dict[str, int] = {}
+    for scope_steps, fail_at in scopes:
+        after = model_after(model, scope_steps)
+        try:
+            with ledger.session_scope() as session:
+                for step in scope_steps:
+                    apply_step(session, step)
+                if fail_at == "before_flush":
+                    raise Injected
+                session.flush()
+                if fail_at == "after_flush":
+                    raise Injected
+                if fail_at == "before_commit":
+                    fail_before_commit(session, Injected())
+        except Injected:
+            assert fail_at is not None
+        except Exception:
+            assert after is None  # only a duplicate insert may fail on its own
+        else:
+            assert fail_at is None and after is not None
+            model = after
+        assert items(other_connection) == model
+    assert ledger.engine.pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -1,0 +1,190 @@
+"""Reliability of connections: killed server sessions, a stale pool, fork, and secrets."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import pytest
+from server_helpers import kill, server_pid, suppliers
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from dbsession import Base, DatabaseUnreachableError, DbSessionFactory
+from dbsession.example.models import Supplier
+
+SERVERS_ONLY = pytest.mark.parametrize("backend_url", ["postgresql", "mysql"], indirect=True)
+PASSWORD = "pw-MARKER-7f3a"
+QUERY_SECRET = "qs-MARKER-91c2"
+
+
+# --- killed connection mid-scope ---------------------------------------------------------
+
+
+@SERVERS_ONLY
+@pytest.mark.parametrize("then", ["commit", "next statement"])
+def test_connection_killed_mid_scope_raises_commits_nothing_and_the_next_scope_works(
+    factory: DbSessionFactory, other_connection: Engine, then: str
+) -> None:
+    with pytest.raises(OperationalError) as caught:
+        with factory.session_scope() as session:
+            session.add(Supplier(name="lost"))
+            session.flush()
+            kill(other_connection, [server_pid(session)])
+            if then == "next statement":
+                session.execute(text("SELECT 1"))
+
+    assert caught.value.connection_invalidated
+    assert any(
+        clue in str(caught.value)
+        for clue in ("terminating connection due to administrator command", "Lost connection")
+    )
+    assert suppliers(other_connection) == []
+    assert factory.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with factory.session_scope() as session:
+        session.add(Supplier(name="next"))
+    assert suppliers(other_connection) == ["next"]
+
+
+# --- stale pool ---------------------------------------------------------------------------
+
+
+def fill_pool(factory: DbSessionFactory, size: int) -> list[int]:
+    """Open ``size`` connections at once, return them to the pool idle; their server ids."""
+    connections = [factory.engine.connect() for _ in range(size)]
+    pids = [server_pid(conn) for conn in connections]
+    for conn in connections:
+        conn.close()
+    assert factory.engine.pool.checkedin() == size  # type: ignore[attr-defined]
+    return pids
+
+
+@SERVERS_ONLY
+def test_next_100_scopes_succeed_after_every_idle_pooled_connection_was_killed(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    killed = fill_pool(factory, 5)
+    kill(other_connection, killed)
+
+    errors: list[Exception] = []
+    used: set[int] = set()
+    for i in range(100):
+        try:
+            with factory.session_scope() as session:
+                used.add(server_pid(session))
+                session.add(Supplier(name=f"s{i:03}"))
+        except Exception as error:
+            errors.append(error)
+
+    assert errors == []
+    assert not used & set(killed)
+    assert len(suppliers(other_connection)) == 100
+
+
+@SERVERS_ONLY
+def test_without_pre_ping_a_killed_pooled_connection_does_fail(
+    backend_url: URL, other_connection: Engine
+) -> None:
+    """The counterpart that shows the stale-pool test exercises something real."""
+    unpinged = DbSessionFactory(backend_url, pool_pre_ping=False)
+    try:
+        kill(other_connection, fill_pool(unpinged, 1))
+        with pytest.raises(OperationalError):
+            with unpinged.session_scope() as session:
+                session.execute(text("SELECT 1"))
+    finally:
+        unpinged.dispose()
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+def with_secrets(url: URL) -> URL:
+    return url.set(password=PASSWORD).update_query_dict({"sslpassword": QUERY_SECRET})
+
+
+def exception_texts(error: BaseException) -> list[str]:
+    """str, repr and the full formatted traceback (with causes) of an exception."""
+    return [str(error), repr(error), "".join(traceback.format_exception(error))]
+
+
+def assert_no_secret(texts: list[str]) -> None:
+    for text_ in texts:
+        assert PASSWORD not in text_
+        assert QUERY_SECRET not in text_
+
+
+def test_secrets_never_appear_in_debug_logs_echo_errors_or_reprs(
+    postgresql_url: URL, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret_factory = DbSessionFactory(with_secrets(postgresql_url), echo=True, echo_pool="debug")
+    texts = [repr(secret_factory), str(secret_factory), repr(secret_factory.settings)]
+    try:
+        Base.metadata.create_all(secret_factory.engine)
+        with secret_factory.session_scope() as session:
+            session.add(Supplier(name="dup"))
+        failures: list[BaseException] = []
+        for statement in ("duplicate", "syntax error"):
+            with pytest.raises(DBAPIError) as caught:
+                with secret_factory.session_scope() as session:
+                    if statement == "duplicate":
+                        session.add(Supplier(name="dup"))
+                    else:
+                        session.execute(text("SELEKT 1"))
+            failures.append(caught.value)
+        assert isinstance(failures[0], IntegrityError)
+        for failure in failures:
+            texts += exception_texts(failure)
+    finally:
+        Base.metadata.drop_all(secret_factory.engine)
+        secret_factory.dispose()
+
+    formatter = logging.Formatter()
+    texts += [formatter.format(record) for record in caplog.records]
+    captured = capsys.readouterr()
+    texts += [captured.out, captured.err]
+    assert any("INSERT INTO supplier" in t for t in texts)  # echo and DEBUG logs were captured
+    assert_no_secret(texts)
+
+
+@pytest.mark.parametrize("server", ["postgresql", "mysql"])
+def test_secrets_never_appear_in_connection_errors(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture, server: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url: URL = request.getfixturevalue(f"{server}_url")
+    url = url.set(password=PASSWORD, port=1)  # nothing listens there
+    if server == "postgresql":  # PyMySQL takes no secret-looking query parameter
+        url = with_secrets(url)
+    refused = DbSessionFactory(url)
+    texts = [repr(refused), repr(refused.settings)]
+    with pytest.raises(DatabaseUnreachableError) as caught:
+        with refused.session_scope() as session:
+            session.execute(text("SELECT 1"))
+    refused.dispose()
+    texts += exception_texts(caught.value)
+    texts += [logging.Formatter().format(record) for record in caplog.records]
+    assert_no_secret(texts)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SQLAlchemy's URL and Engine reprs hide the password but not query-string secrets",
+)
+def test_engine_and_url_reprs_mask_query_string_secrets(postgresql_url: URL) -> None:
+    secret_factory = DbSessionFactory(with_secrets(postgresql_url))
+    try:
+        assert_no_secret([repr(secret_factory.url), repr(secret_factory.engine)])
+    finally:
+        secret_factory.dispose()
+
+
+def test_settings_repr_masks_query_secrets_and_engine_option_values() -> None:
+    settings = DbSessionFactory(
+        f"postgresql://app:{PASSWORD}@db/app?sslpassword={QUERY_SECRET}",
+        connect_args={"password": PASSWORD},
+    ).settings
+    assert_no_secret([repr(settings), str(settings)])
+    assert "connect_args" in repr(settings)

@@ -1,0 +1,230 @@
+"""The pytest plugin, run by pytester in a subprocess against each backend with a toy app."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import URL, Engine
+
+pytest_plugins = ["pytester"]
+
+TOY_APP = '''
+"""A toy app: its functions commit inside dbsession's session_scope()."""
+
+from sqlalchemy import String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dbsession import DbSessionFactory, session_scope
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "toy_item"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50), unique=True)
+
+
+def add_item(name):
+    with session_scope() as session:
+        session.add(Item(name=name))
+
+
+def add_item_on_the_class(name):
+    with DbSessionFactory.session_scope() as session:
+        session.add(Item(name=name))
+
+
+def add_item_then_fail(name):
+    with session_scope() as session:
+        session.add(Item(name=name))
+        session.flush()
+        raise RuntimeError("payment declined")
+
+
+def names():
+    with session_scope() as session:
+        return sorted(session.scalars(select(Item.name)))
+'''
+
+TESTS = """
+import pytest
+
+import toyapp
+
+
+def test_first_inserts_the_unique_row():
+    toyapp.add_item("unique")
+    assert toyapp.names() == ["unique"]
+
+
+def test_second_inserts_the_same_unique_row(db_session):
+    toyapp.add_item_on_the_class("unique")
+    assert toyapp.names() == ["unique"]
+
+
+def test_failing_scope_rolls_back_only_itself(db_session):
+    toyapp.add_item("kept")
+    db_session.add(toyapp.Item(name="from the test"))
+    db_session.flush()
+    with pytest.raises(RuntimeError, match="payment declined"):
+        toyapp.add_item_then_fail("lost")
+    assert toyapp.names() == ["from the test", "kept"]
+"""
+
+CONFTEST = '''
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _every_test_isolated(db_session):
+    """The documented way to isolate every test of a project."""
+'''
+
+
+def write_toy_project(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(toyapp=TOY_APP, test_app=TESTS)
+    pytester.makeconftest(CONFTEST)
+
+
+def run_inner(pytester: pytest.Pytester, url: URL, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(
+        f"--dbsession-url={url.render_as_string(hide_password=False)}",
+        "--dbsession-metadata=toyapp:Base.metadata",
+        "-v",
+        *args,
+    )
+
+
+def toy_rows(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(text("SELECT COUNT(*) FROM toy_item")) or 0)
+
+
+@pytest.fixture
+def toy_project(pytester: pytest.Pytester, other_connection: Engine) -> Iterator[Engine]:
+    """The toy app and its tests in pytester's folder; its table dropped afterwards."""
+    write_toy_project(pytester)
+    yield other_connection
+    with other_connection.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS toy_item"))
+
+
+def test_tests_that_insert_the_same_unique_row_pass_in_either_order_and_leave_nothing(
+    pytester: pytest.Pytester, backend_url: URL, toy_project: Engine
+) -> None:
+    forward = run_inner(pytester, backend_url)
+    forward.assert_outcomes(passed=3)
+    forward.stdout.fnmatch_lines(["*test_first_inserts*", "*test_second_inserts*"])
+    backward = run_inner(
+        pytester,
+        backend_url,
+        "test_app.py::test_second_inserts_the_same_unique_row",
+        "test_app.py::test_first_inserts_the_unique_row",
+    )
+    backward.assert_outcomes(passed=2)
+    backward.stdout.fnmatch_lines(["*test_second_inserts*", "*test_first_inserts*"])
+    assert "toy_item" in inspect(toy_project).get_table_names()
+    assert toy_rows(toy_project) == 0
+
+
+def test_without_the_plugin_the_same_tests_collide(
+    pytester: pytest.Pytester, backend_url: URL, toy_project: Engine
+) -> None:
+    """The control experiment: the toy app really commits, so the isolation is the plugin's."""
+    pytester.makeconftest(
+        """
+        import toyapp
+        from dbsession import DbSessionFactory
+
+        def pytest_sessionstart(session):
+            toyapp.Base.metadata.create_all(DbSessionFactory.global_init().engine)
+        """
+    )
+    pytester.makepyfile(
+        test_plain="""
+        import toyapp
+
+        def test_one():
+            toyapp.add_item("unique")
+
+        def test_two():
+            toyapp.add_item("unique")
+        """
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DATABASE_URL", backend_url.render_as_string(hide_password=False))
+        result = pytester.runpytest_subprocess("-p", "no:dbsession", "test_plain.py")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*IntegrityError*"])
+    assert toy_rows(toy_project) == 1
+
+
+def test_fixtures_are_listed_by_pytest_fixtures_with_one_line_each(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.runpytest_subprocess("--fixtures")
+    for name in ("dbsession_url", "dbsession_database", "dbsession_factory", "db_session"):
+        result.stdout.re_match_lines([rf"^{name}\b.* -- .*testing\.py:\d+$", r"^    \S.+$"])
+    assert result.ret == 0
+
+
+def test_importing_dbsession_does_not_import_the_plugin() -> None:
+    code = (
+        "import sys, dbsession; print('dbsession.testing' in sys.modules, 'pytest' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_schema_from_the_projects_migrations_when_it_has_them(
+    pytester: pytest.Pytester,
+) -> None:
+    """auto finds alembic.ini in the rootdir and migrates the temporary SQLite file."""
+    pytester.makefile(
+        ".ini",
+        alembic=textwrap.dedent(
+            """
+            [alembic]
+            script_location = %(here)s/migrations
+            """
+        ),
+    )
+    versions = pytester.mkdir("migrations") / "versions"
+    versions.mkdir()
+    (pytester.path / "migrations" / "env.py").write_text(
+        "from dbsession.migrations import run_env\nrun_env()\n"
+    )
+    (versions / "0001_first.py").write_text(
+        textwrap.dedent(
+            """
+            import sqlalchemy as sa
+            from alembic import op
+
+            revision = "0001"
+            down_revision = None
+
+            def upgrade():
+                op.create_table("migrated", sa.Column("id", sa.Integer, primary_key=True))
+            """
+        )
+    )
+    pytester.makepyfile(
+        test_migrated="""
+        from sqlalchemy import text
+
+        def test_table_from_the_migration_exists(db_session):
+            assert db_session.execute(text("SELECT COUNT(*) FROM migrated")).scalar() == 0
+            version = db_session.execute(text("SELECT version_num FROM alembic_version"))
+            assert version.scalar() == "0001"
+        """
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
