@@ -268,3 +268,19 @@ def test_public_async_names_are_documented() -> None:
         assert getattr(dbsession.asyncio, name).__doc__, f"{name} has no docstring"
     for method in ("async_session_scope", "create_session", "get_engine", "create_all", "dispose"):
         assert getattr(AsyncDbSessionFactory, method).__doc__, f"{method} has no docstring"
+
+
+def test_global_init_can_require_a_migrated_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Run[Any]
+) -> None:
+    from dbsession import SchemaNotAtHeadError, migrations
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    url = f"sqlite:///{tmp_path / 'migrated.sqlite3'}"
+    with pytest.raises(SchemaNotAtHeadError):
+        AsyncDbSessionFactory.global_init(url, require_migrated=True)
+    run(AsyncDbSessionFactory.dispose())
+    migrations.upgrade(url=url, migrations=root / "alembic.ini")
+    made = AsyncDbSessionFactory.global_init(url, require_migrated=True)
+    assert made.url.drivername == "sqlite+aiosqlite"
