@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import select, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from test_retry import released_on_first_retry, retries
+from test_readonly import statements
+from test_retry import (
+    counters,  # noqa: F401  (a fixture: table counter, rows 1 and 2)
+    released_on_first_retry,
+    retries,
+    value,
+)
 
 from dbsession import (
     NoActiveScopeError,
@@ -35,18 +40,10 @@ from dbsession.asyncio import (
 from dbsession.example.models import Supplier
 
 from .conftest import Run, bare
+from .test_async_scope import checked_out
+from .test_async_scope import supplier_names as names
 
 BASE, CAP = 0.001, 0.05  # fast backoff for tests
-
-
-def names(engine: Engine) -> list[str]:
-    with engine.connect() as connection:
-        return list(connection.scalars(select(Supplier.name).order_by(Supplier.name)))
-
-
-def checked_out(factory: AsyncDbSessionFactory) -> int:
-    count: int = factory.engine.pool.checkedout()  # type: ignore[attr-defined]
-    return count
 
 
 # --- nested scopes, current_async_session, on_commit ------------------------------------
@@ -165,16 +162,6 @@ def test_write_in_a_read_only_scope_is_a_read_only_error(
     assert checked_out(async_factory) == 0
 
 
-def statements(engine: Engine) -> list[str]:
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    return seen
-
-
 def test_replica_serves_read_only_scopes_and_the_primary_the_rest(
     async_factory: AsyncDbSessionFactory, backend_url: URL, run: Run[Any]
 ) -> None:
@@ -221,25 +208,10 @@ def test_isolation_level_applies_to_the_scope(
 # --- run_in_transaction ------------------------------------------------------------------
 
 
-@pytest.fixture
-def counter(async_factory: AsyncDbSessionFactory, other_connection: Engine) -> Iterator[Engine]:
-    """Table ``counter`` with rows (1, 0) and (2, 0); ``other_connection`` reads it."""
-    with other_connection.begin() as connection:
-        connection.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, value INTEGER)"))
-        connection.execute(text("INSERT INTO counter (id, value) VALUES (1, 0), (2, 0)"))
-    yield other_connection
-    with other_connection.begin() as connection:
-        connection.execute(text("DROP TABLE counter"))
-
-
-def value(engine: Engine, row: int = 1) -> int:
-    with engine.connect() as connection:
-        return int(connection.scalar(text(f"SELECT value FROM counter WHERE id = {row}")))
-
-
+@pytest.mark.usefixtures("counters")
 def test_serializable_increments_from_many_tasks_all_land(
     async_factory: AsyncDbSessionFactory,
-    counter: Engine,
+    other_connection: Engine,
     run: Run[Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -272,7 +244,7 @@ def test_serializable_increments_from_many_tasks_all_land(
         await asyncio.gather(*(worker(task) for task in range(4)))
 
     run(body())
-    assert value(counter) == 60
+    assert value(other_connection) == 60
     assert len(hooks) == 60 and len(set(hooks)) == 60  # once per successful attempt
     expected = {"postgresql": "SQLSTATE 40001", "mysql": "1213 deadlock"}
     backend = async_factory.url.get_backend_name()
@@ -281,9 +253,10 @@ def test_serializable_increments_from_many_tasks_all_land(
     assert checked_out(async_factory) == 0
 
 
+@pytest.mark.usefixtures("counters")
 def test_deadlock_between_two_tasks_is_retried_and_both_complete(
     async_factory: AsyncDbSessionFactory,
-    counter: Engine,
+    other_connection: Engine,
     run: Run[Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -315,7 +288,7 @@ def test_deadlock_between_two_tasks_is_retried_and_both_complete(
 
     run(body())
     assert sorted(completed) == ["1->2", "2->1"]
-    assert value(counter, 1) == 2 and value(counter, 2) == 2
+    assert value(other_connection, 1) == 2 and value(other_connection, 2) == 2
     logged = retries(caplog)
     assert len(logged) == 1
     assert ("1213 deadlock" in logged[0]) or ("SQLSTATE 40P01" in logged[0])
