@@ -72,7 +72,16 @@ def mysql_url() -> Iterator[URL]:
     yield from _server_database("mysql")
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that uses ``backend_url`` once per backend, or per backend named by
+    ``@pytest.mark.backends(...)`` for behaviour that exists only there (never a skip)."""
+    if "backend_url" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        names = list(marker.args) if marker is not None else BACKENDS
+        metafunc.parametrize("backend_url", names, indirect=True)
+
+
+@pytest.fixture
 def backend_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> URL:
     """The URL of an empty database on each backend in turn."""
     backend: str = request.param
