@@ -8,9 +8,12 @@ to point them at a server.
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -19,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 import dbsession.example.models  # noqa: F401  (registers the example tables)
-from dbsession import Base, DbSessionFactory
+from dbsession import Base, DbSessionFactory, migrations
 
 SERVERS = {
     "postgresql": (
@@ -29,6 +32,14 @@ SERVERS = {
     "mysql": ("DBSESSION_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
 BACKENDS = ["sqlite", *SERVERS]
+ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
+
+
+def require_extra(module: str, extra: str) -> ModuleType:
+    """Import an optional framework, or skip naming the extra (with CI=true, fail instead)."""
+    if os.environ.get("CI", "").lower() != "true":
+        pytest.importorskip(module, reason=f"needs pip install 'dbsession[{extra}]'")
+    return importlib.import_module(module)
 
 
 def _admin_engine(url: URL) -> Engine:
@@ -72,7 +83,16 @@ def mysql_url() -> Iterator[URL]:
     yield from _server_database("mysql")
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that uses ``backend_url`` once per backend, or per backend named by
+    ``@pytest.mark.backends(...)`` for behaviour that exists only there (never a skip)."""
+    if "backend_url" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        names = list(marker.args) if marker is not None else BACKENDS
+        metafunc.parametrize("backend_url", names, indirect=True)
+
+
+@pytest.fixture
 def backend_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> URL:
     """The URL of an empty database on each backend in turn."""
     backend: str = request.param
@@ -90,6 +110,17 @@ def factory(backend_url: URL) -> Iterator[DbSessionFactory]:
     yield made
     Base.metadata.drop_all(made.engine)
     made.dispose()
+
+
+@pytest.fixture
+def db_url(backend_url: URL) -> Iterator[URL]:
+    """The backend's database, migrated down to base and version table dropped afterwards."""
+    yield backend_url
+    migrations.downgrade("base", url=backend_url, migrations=ALEMBIC_INI)
+    engine = create_engine(backend_url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    engine.dispose()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,17 +53,6 @@ def run(
         timeout=300,
         check=False,
     )
-
-
-@pytest.fixture
-def db_url(backend_url: URL) -> Iterator[URL]:
-    """The backend's database, migrated down to base and version table dropped afterwards."""
-    yield backend_url
-    migrations.downgrade("base", url=backend_url, migrations=INI)
-    engine = create_engine(backend_url, poolclass=NullPool)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
 
 
 def test_upgrade_to_head_and_downgrade_to_base_round_trip(db_url: URL) -> None:

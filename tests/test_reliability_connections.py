@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from dbsession import Base, DatabaseUnreachableError, DbSessionFactory
 from dbsession.example.models import Supplier
 
-SERVERS_ONLY = pytest.mark.parametrize("backend_url", ["postgresql", "mysql"], indirect=True)
+SERVERS_ONLY = pytest.mark.backends("postgresql", "mysql")
 PASSWORD = "pw-MARKER-7f3a"
 QUERY_SECRET = "qs-MARKER-91c2"
 

@@ -17,7 +17,7 @@ from dbsession.example.models import Supplier
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only"),
     pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning"),
-    pytest.mark.parametrize("backend_url", ["postgresql"], indirect=True),
+    pytest.mark.backends("postgresql"),
 ]
 
 

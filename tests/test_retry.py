@@ -109,14 +109,13 @@ def test_4_threads_x_100_serializable_increments_all_land(
         assert any(expected[backend] in line for line in retries(caplog))
 
 
+@pytest.mark.backends("postgresql", "mysql")  # SQLite's BEGIN IMMEDIATE queues writers
 def test_deadlock_between_two_threads_is_retried_and_both_complete(
     factory: DbSessionFactory,
     counters: Engine,
     other_connection: Engine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    if factory.url.get_backend_name() == "sqlite":
-        pytest.skip("SQLite's BEGIN IMMEDIATE serialises writers: they cannot deadlock")
     caplog.set_level(logging.INFO, logger="dbsession")
     both_hold_one_row = threading.Barrier(2)
     completed: list[str] = []
@@ -210,14 +209,13 @@ def test_sqlite_busy_is_retried_until_the_lock_is_released(
         made.dispose()
 
 
+@pytest.mark.backends("mysql")
 def test_mariadb_lock_wait_timeout_is_retried(
     factory: DbSessionFactory,
     counters: Engine,
     other_connection: Engine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    if factory.url.get_backend_name() not in ("mysql", "mariadb"):
-        pytest.skip("error 1205 (lock wait timeout) is MySQL/MariaDB's")
     caplog.set_level(logging.INFO, logger="dbsession")
 
     def bump(session: Session) -> None:

@@ -1,0 +1,57 @@
+"""FastAPI: a request-scoped unit of work as a dependency (``pip install 'dbsession[fastapi]'``).
+
+``session: DbSession`` in a path operation gives a real SQLAlchemy Session from
+``session_scope()``. When the path operation function returns, the unit of work is
+committed, and only then is the response sent; when it raises (an ``HTTPException``
+after writes included), FastAPI re-raises the exception into the dependency, so the
+unit of work is rolled back before the error response is built. A commit that fails
+becomes an error response (FastAPI's exception handlers, else 500), never a success.
+
+That ordering comes from ``Depends(..., scope="function")`` (FastAPI >= 0.121).
+With FastAPI's default scope (``"request"``) the exit code of a dependency with
+``yield`` runs after the response was sent, so a client could get ``201`` for a
+commit that then failed. See docs/web.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy.orm import Session
+
+from .._factory import DbSessionFactory, session_scope
+
+__all__ = ["DbSession", "get_session", "session_dependency"]
+
+
+def session_dependency(
+    factory: DbSessionFactory | None = None,
+) -> Callable[[], Iterator[Session]]:
+    """Return a FastAPI dependency that yields a session inside ``factory.session_scope()``.
+
+    Without ``factory`` it uses the process default (``DbSessionFactory.global_init()``,
+    looked up on each request, so the app may initialise it in its lifespan). Use it
+    as ``Annotated[Session, Depends(session_dependency(reports), scope="function")]``.
+    Opening the scope raises DatabaseUnreachableError when no connection can be had.
+    """
+    open_scope: Callable[[], AbstractContextManager[Session]] = (
+        session_scope if factory is None else factory.session_scope
+    )
+
+    def get_session() -> Iterator[Session]:
+        """Yield one unit of work: committed when the endpoint returns, rolled back if it raises."""
+        with open_scope() as session:
+            yield session
+
+    return get_session
+
+
+#: The dependency on the process default factory.
+get_session = session_dependency()
+
+#: ``session: DbSession`` in a path operation: one unit of work on the process default
+#: factory, committed before the response is sent.
+DbSession = Annotated[Session, Depends(get_session, scope="function")]

@@ -1,0 +1,1 @@
+"""The store API on FastAPI, sync path operations (``python -m examples.fastapi_app``)."""
