@@ -254,14 +254,13 @@ def test_serializable_increments_from_many_tasks_all_land(
 
 
 @pytest.mark.usefixtures("counters")
+@pytest.mark.backends("postgresql", "mysql")  # SQLite's BEGIN IMMEDIATE queues writers
 def test_deadlock_between_two_tasks_is_retried_and_both_complete(
     async_factory: AsyncDbSessionFactory,
     other_connection: Engine,
     run: Run[Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    if async_factory.url.get_backend_name() == "sqlite":
-        pytest.skip("SQLite's BEGIN IMMEDIATE serialises writers: they cannot deadlock")
     caplog.set_level(logging.INFO, logger="dbsession")
     completed: list[str] = []
 
