@@ -1,14 +1,15 @@
 """dbsession.integrations: the FastAPI dependency and the Flask decorator on an instance factory.
 
 Tiny apps on the ``factory`` fixture (a DbSessionFactory instance, not the process
-default), through each framework's own test client, on every backend. No
-``from __future__ import annotations``: FastAPI reads the views' annotations, which
-name a local ``Depends``.
+default; the async app uses an AsyncDbSessionFactory on the same database), through
+each framework's own test client, on every backend. No ``from __future__ import
+annotations``: FastAPI reads the views' annotations, which name a local ``Depends``.
 """
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import pytest
@@ -19,7 +20,12 @@ from sqlalchemy.orm import Session
 from dbsession import DbSessionFactory
 from dbsession.example.models import Supplier
 
-FRAMEWORKS = {"fastapi": "fastapi", "flask": "flask"}
+# app: the modules it needs, each with the extra that installs it
+APPS = {
+    "fastapi": {"fastapi": "fastapi"},
+    "fastapi-async": {"fastapi": "fastapi", "aiosqlite": "async", "aiomysql": "async"},
+    "flask": {"flask": "flask"},
+}
 Post = Callable[[str], int]  # path -> status
 
 
@@ -28,7 +34,7 @@ def suppliers(factory: DbSessionFactory) -> list[str]:
         return sorted(session.scalars(select(Supplier.name)))
 
 
-def fastapi_post(factory: DbSessionFactory) -> Post:
+def fastapi_post(factory: DbSessionFactory) -> Iterator[Post]:
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.testclient import TestClient
 
@@ -51,10 +57,46 @@ def fastapi_post(factory: DbSessionFactory) -> Post:
         raise RuntimeError("after the write")
 
     client = TestClient(app, raise_server_exceptions=False)
-    return lambda path: client.post(path).status_code
+    yield lambda path: client.post(path).status_code
 
 
-def flask_post(factory: DbSessionFactory) -> Post:
+def fastapi_async_post(factory: DbSessionFactory) -> Iterator[Post]:
+    from dbsession.asyncio import AsyncDbSessionFactory
+    from fastapi import Depends, FastAPI, HTTPException
+    from fastapi.testclient import TestClient
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from dbsession.integrations.fastapi import async_session_dependency
+
+    url = factory.url
+    async_factory = AsyncDbSessionFactory(url.set(drivername=url.get_backend_name()))
+    db = Depends(async_session_dependency(async_factory), scope="function")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await async_factory.dispose()  # in the loop that opened the connections
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/add/{name}", status_code=201)
+    async def add(name: str, session: Annotated[AsyncSession, db]) -> dict[str, str]:
+        session.add(Supplier(name=name))  # no flush: a duplicate fails at commit
+        return {"added": name}
+
+    @app.post("/add-then-fail/{name}")
+    async def add_then_fail(name: str, session: Annotated[AsyncSession, db]) -> None:
+        session.add(Supplier(name=name))
+        await session.flush()
+        if name == "http":
+            raise HTTPException(418, "after the write")
+        raise RuntimeError("after the write")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield lambda path: client.post(path).status_code
+
+
+def flask_post(factory: DbSessionFactory) -> Iterator[Post]:
     from flask import Flask, abort
 
     from dbsession.integrations.flask import unit_of_work
@@ -77,18 +119,21 @@ def flask_post(factory: DbSessionFactory) -> Post:
         raise RuntimeError("after the write")
 
     client = app.test_client()
-    return lambda path: client.post(path).status_code
+    yield lambda path: client.post(path).status_code
 
 
-@pytest.fixture(params=list(FRAMEWORKS))
-def post(request: pytest.FixtureRequest, factory: DbSessionFactory) -> Post:
-    """POST to a tiny app of one framework whose views use ``factory``."""
-    framework: str = request.param
-    require_extra(framework, FRAMEWORKS[framework])
-    make: Callable[[DbSessionFactory], Post] = {"fastapi": fastapi_post, "flask": flask_post}[
-        framework
-    ]
-    return make(factory)
+@pytest.fixture(params=list(APPS))
+def post(request: pytest.FixtureRequest, factory: DbSessionFactory) -> Iterator[Post]:
+    """POST to a tiny app whose views use ``factory``'s database."""
+    name: str = request.param
+    for module, extra in APPS[name].items():
+        require_extra(module, extra)
+    make: dict[str, Callable[[DbSessionFactory], Iterator[Post]]] = {
+        "fastapi": fastapi_post,
+        "fastapi-async": fastapi_async_post,
+        "flask": flask_post,
+    }
+    yield from make[name](factory)
 
 
 def test_view_that_returns_is_committed_before_the_response(

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import require_extra
@@ -23,7 +23,15 @@ from sqlalchemy.pool import QueuePool
 from dbsession import DbSessionFactory
 from dbsession.example.models import Customer
 
-FRAMEWORKS = {"fastapi": "fastapi", "flask": "flask"}  # framework: extra
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+# app: the modules it needs, each with the extra that installs it
+APPS = {
+    "fastapi": {"fastapi": "fastapi"},
+    "fastapi-async": {"fastapi": "fastapi", "aiosqlite": "async", "aiomysql": "async"},
+    "flask": {"flask": "flask"},
+}
 CONCURRENT = 20
 
 
@@ -32,6 +40,13 @@ class Api:
     """One framework's test client behind one signature: (method, path, json) -> (status, json)."""
 
     call: Callable[[str, str, Any], tuple[int, Any]]
+    engine: Callable[[], Engine]  # the app's (sync) engine, for its pool
+
+    def checked_out(self) -> int:
+        """Connections of the app's pool that are checked out right now."""
+        pool = self.engine().pool
+        assert isinstance(pool, QueuePool)
+        return pool.checkedout()
 
     def get(self, path: str) -> tuple[int, Any]:
         return self.call("GET", path, None)
@@ -40,26 +55,36 @@ class Api:
         return self.call("POST", path, body)
 
 
-def checked_out() -> int:
-    """Connections of the app's pool that are checked out right now."""
-    pool = DbSessionFactory.get_engine().pool
-    assert isinstance(pool, QueuePool)
-    return pool.checkedout()
-
-
-def fastapi_api(url: URL) -> Iterator[Api]:
+def fastapi_api(app: FastAPI, engine: Callable[[], Engine]) -> Iterator[Api]:
     from fastapi.testclient import TestClient
 
-    from examples.fastapi_app.app import create_app
-
-    with TestClient(create_app(url)) as client:  # runs the lifespan: migrate, global_init
+    with TestClient(app) as client:  # runs the lifespan: migrate, global_init
 
         def call(method: str, path: str, body: Any) -> tuple[int, Any]:
             response = client.request(method, path, json=body)
             return response.status_code, response.json()
 
-        yield Api(call)
-        assert checked_out() == 0
+        api = Api(call, engine)
+        yield api
+        assert api.checked_out() == 0
+
+
+def fastapi_sync_api(url: URL) -> Iterator[Api]:
+    from examples.fastapi_app.app import create_app
+
+    yield from fastapi_api(create_app(url), DbSessionFactory.get_engine)
+
+
+def fastapi_async_api(url: URL) -> Iterator[Api]:
+    from dbsession.asyncio import AsyncDbSessionFactory
+
+    from examples.fastapi_app.async_app import create_app
+
+    def engine() -> Engine:
+        return AsyncDbSessionFactory.get_engine().sync_engine
+
+    # No driver in the URL: the migrations pick the sync one, the app the async one.
+    yield from fastapi_api(create_app(url.set(drivername=url.get_backend_name())), engine)
 
 
 def flask_api(url: URL) -> Iterator[Api]:
@@ -71,16 +96,19 @@ def flask_api(url: URL) -> Iterator[Api]:
         response = app.test_client().open(path, method=method, json=body)
         return response.status_code, response.get_json()
 
-    yield Api(call)
-    assert checked_out() == 0
+    api = Api(call, DbSessionFactory.get_engine)
+    yield api
+    assert api.checked_out() == 0
 
 
-@pytest.fixture(params=list(FRAMEWORKS))
+@pytest.fixture(params=list(APPS))
 def api(request: pytest.FixtureRequest, db_url: URL) -> Iterator[Api]:
-    """The store API of one framework's example app on the backend's database."""
-    framework: str = request.param
-    require_extra(framework, FRAMEWORKS[framework])
-    yield from {"fastapi": fastapi_api, "flask": flask_api}[framework](db_url)
+    """The store API of one example app on the backend's database."""
+    name: str = request.param
+    for module, extra in APPS[name].items():
+        require_extra(module, extra)
+    make = {"fastapi": fastapi_sync_api, "fastapi-async": fastapi_async_api, "flask": flask_api}
+    yield from make[name](db_url)
 
 
 def rows(engine: Engine, sql: str) -> list[tuple[Any, ...]]:
@@ -119,7 +147,7 @@ def test_http_error_raised_after_writes_leaves_no_partial_order(
     assert "over the limit" in body["detail"]  # the order had been flushed: it had an id
     assert rows(other_connection, "SELECT COUNT(*) FROM orders") == [(0,)]
     assert rows(other_connection, "SELECT COUNT(*) FROM supplier") == [(0,)]
-    assert checked_out() == 0
+    assert api.checked_out() == 0
     assert api.post("/orders", {**declined, "amount": "50.00"})[0] == 201
     assert [o["supplier"] for o in api.get("/orders")[1]] == ["NewCo"]
 
@@ -176,4 +204,4 @@ def test_twenty_concurrent_requests_each_get_their_own_session(
     assert all(len(keys) == 1 for keys in sessions.values())
     assert len(set().union(*sessions.values())) == CONCURRENT  # one session per request
     assert rows(other_connection, "SELECT COUNT(*) FROM customer") == [(CONCURRENT,)]
-    assert checked_out() == 0
+    assert api.checked_out() == 0

@@ -1,4 +1,7 @@
-"""``python -m examples.fastapi_app [PORT]``: serve the store API on 127.0.0.1 (default port 8000).
+"""``python -m examples.fastapi_app [PORT] [--async]``: serve the store API on 127.0.0.1.
+
+The default port is 8000. ``--async`` serves ``async_app`` (async def path operations
+over dbsession.asyncio; needs ``pip install 'dbsession[fastapi,async]'``) instead of ``app``.
 
 The database is DATABASE_URL, else the embedded SQLite file ./dbsession.sqlite3; the
 app migrates it to head with Alembic when it starts.
@@ -10,7 +13,8 @@ import sys
 
 import uvicorn
 
-from .app import app
-
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)
+    args = [arg for arg in sys.argv[1:] if arg != "--async"]
+    module = "async_app" if "--async" in sys.argv[1:] else "app"
+    port = int(args[0]) if args else 8000
+    uvicorn.run(f"examples.fastapi_app.{module}:app", host="127.0.0.1", port=port)
