@@ -61,11 +61,11 @@ def fastapi_post(factory: DbSessionFactory) -> Iterator[Post]:
 
 
 def fastapi_async_post(factory: DbSessionFactory) -> Iterator[Post]:
-    from dbsession.asyncio import AsyncDbSessionFactory
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.testclient import TestClient
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    from dbsession.asyncio import AsyncDbSessionFactory
     from dbsession.integrations.fastapi import async_session_dependency
 
     url = factory.url

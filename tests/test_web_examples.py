@@ -77,7 +77,6 @@ def fastapi_sync_api(url: URL) -> Iterator[Api]:
 
 def fastapi_async_api(url: URL) -> Iterator[Api]:
     from dbsession.asyncio import AsyncDbSessionFactory
-
     from examples.fastapi_app.async_app import create_app
 
     def engine() -> Engine:

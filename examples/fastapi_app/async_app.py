@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from dbsession.asyncio import AsyncDbSessionFactory
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
+from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.example.models import Customer
 from dbsession.integrations.fastapi import AsyncDbSession
 
