@@ -6,8 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Engine
 
 from ._engine import isolation_levels, scope_options
 from ._errors import UnsupportedIsolationLevelError
@@ -34,8 +33,8 @@ def normalize_isolation_level(level: str | None) -> str | None:
 class Binding(Generic[E, M]):
     """An engine and, made once each and cached, the sessionmaker of every kind of scope.
 
-    ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind
-    (``sessionmaker`` or ``async_sessionmaker``): ``new_maker(options)`` makes one on
+    ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind,
+    made by ``maker_type`` (``sessionmaker`` or ``async_sessionmaker``) on
     ``engine.execution_options(**options)``, a view sharing the pool; see
     ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
     dialect and events live (the engine itself on the sync side).
@@ -45,14 +44,14 @@ class Binding(Generic[E, M]):
         self,
         engine: E,
         sync_engine: Engine,
-        new_maker: Callable[[dict[str, Any]], M],
+        maker_type: Callable[..., M],
         *,
         expire_on_commit: bool,
     ) -> None:
         self.engine = engine
         self.expire_on_commit = expire_on_commit
         self._sync_engine = sync_engine
-        self._new_maker = new_maker
+        self._maker_type = maker_type
         self._makers: dict[tuple[bool, str | None], M] = {}
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
@@ -74,26 +73,27 @@ class Binding(Generic[E, M]):
         with self._lock:
             made = self._makers.get(key)
             if made is None:
-                made = self._new_maker(
-                    scope_options(
-                        self._sync_engine, readonly=readonly, isolation_level=isolation_level
-                    )
+                options = scope_options(
+                    self._sync_engine, readonly=readonly, isolation_level=isolation_level
                 )
+                engine: Any = self.engine
+                bind = engine.execution_options(**options) if options else engine
+                made = self._maker_type(bind=bind, expire_on_commit=self.expire_on_commit)
                 self._makers[key] = made
             return made
 
-    def joined_to(
-        self: Binding[Engine, sessionmaker[Session]], connection: Connection
-    ) -> Binding[Engine, sessionmaker[Session]]:
+    def joined_to(self, connection: Any) -> Binding[E, M]:
         """A Binding on the same engine whose every session joins ``connection``'s transaction.
 
-        For dbsession.testing: a session's commit releases a SAVEPOINT and its rollback
-        rolls back to it, while the caller's outer transaction stays open. Read-only
-        and isolation level requests are not applied: the transaction is already open.
+        ``connection`` is a ``Connection`` (``AsyncConnection`` on the async side) whose
+        transaction the caller owns. For dbsession.testing: a session's commit releases
+        a SAVEPOINT and its rollback rolls back to it, while the outer transaction stays
+        open. Read-only and isolation level requests are not applied: the transaction
+        is already open.
         """
         expire = self.expire_on_commit
-        clone = Binding(self.engine, self._sync_engine, self._new_maker, expire_on_commit=expire)
-        clone._joined = sessionmaker(
+        clone = Binding(self.engine, self._sync_engine, self._maker_type, expire_on_commit=expire)
+        clone._joined = self._maker_type(
             bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=expire
         )
         return clone
@@ -107,15 +107,3 @@ class Binding(Generic[E, M]):
                 f"Isolation level {level!r} is not supported by "
                 f"{self._sync_engine.dialect.name}; use one of: {', '.join(sorted(self._levels))}."
             )
-
-
-def sync_binding(
-    engine: Engine, *, expire_on_commit: bool
-) -> Binding[Engine, sessionmaker[Session]]:
-    """The Binding of a sync engine: ``sessionmaker`` on execution-option views of it."""
-
-    def new_maker(options: dict[str, Any]) -> sessionmaker[Session]:
-        bind = engine.execution_options(**options) if options else engine
-        return sessionmaker(bind=bind, expire_on_commit=expire_on_commit)
-
-    return Binding(engine, engine, new_maker, expire_on_commit=expire_on_commit)

@@ -133,6 +133,18 @@ def sync_twin(url: URL) -> URL:
     return url
 
 
+def async_twin(url: URL) -> URL:
+    """The URL with a sync-only driver swapped for the async one dbsession ships for its
+    backend (aiosqlite, aiomysql; psycopg serves both sides); async URLs and backends
+    without a known async driver unchanged."""
+    backend = _SCHEME_ALIASES.get(url.get_backend_name(), url.get_backend_name())
+    driver = url.get_driver_name()
+    async_driver = _DEFAULT_ASYNC_DRIVERS.get(backend)
+    if async_driver is None or driver in _ASYNC_ONLY_DRIVERS or driver == async_driver:
+        return url
+    return url.set(drivername=f"{backend}+{async_driver}")
+
+
 def _drivers(asyncio: bool) -> Mapping[str, str]:
     return _DEFAULT_ASYNC_DRIVERS if asyncio else _DEFAULT_DRIVERS
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, TypeVar, cast
 
 from sqlalchemy import MetaData
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._base import Base
-from ._binding import Binding, sync_binding
+from ._binding import Binding
 from ._config import Settings, mask_url
 from ._engine import make_engine
 from ._lifecycle import DefaultOrSelf, LazyFactory
@@ -59,7 +59,8 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         return None if self._settings.replica_url is None else self._build(replica=True).engine
 
     def _make(self, settings: Settings) -> SyncBinding:
-        return sync_binding(make_engine(settings), expire_on_commit=settings.expire_on_commit)
+        engine = make_engine(settings)
+        return Binding(engine, engine, sessionmaker, expire_on_commit=settings.expire_on_commit)
 
     def _session_scope(
         self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
@@ -169,32 +170,6 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         for binding in self._detach():
             binding.engine.dispose()
             logger.debug("dbsession: engine disposed for %s", mask_url(binding.engine.url))
-
-    # Private hook for dbsession.testing (the pytest plugin); not public API.
-    # SQLAlchemy's "Joining a Session into an External Transaction" recipe: while the
-    # block runs, every session this factory makes (session_scope, create_session) is
-    # bound to ``connection`` with join_transaction_mode="create_savepoint", so its
-    # commit releases a SAVEPOINT and its rollback rolls back to it, while the
-    # connection's outer transaction (owned by the caller) stays open. The factory is
-    # also the process default for the block, so the module-level session_scope()
-    # joins too. Swaps and restores happen under the locks; the connection itself is
-    # not thread-safe, so only the test's own thread may use the sessions.
-    @contextmanager
-    def _joined(self, connection: Connection) -> Iterator[sessionmaker[Session]]:
-        bound = self._build().joined_to(connection)
-        with self._lock:
-            saved, self._bindings = self._bindings, {False: bound, True: bound}
-        with DbSessionFactory._default_lock:
-            previous, DbSessionFactory._default = DbSessionFactory._default, self
-        try:
-            yield bound.maker()
-        finally:
-            with DbSessionFactory._default_lock:
-                if DbSessionFactory._default is self:
-                    DbSessionFactory._default = previous
-            with self._lock:
-                if self._bindings.get(False) is bound:
-                    self._bindings = saved
 
     session_scope = DefaultOrSelf(_session_scope)
     run_in_transaction = DefaultOrSelf(_run_in_transaction)

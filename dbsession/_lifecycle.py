@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import threading
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import MethodType
 from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 
@@ -254,6 +255,34 @@ class LazyFactory(Generic[B]):
             policy=policy,
             dialect_name=self._settings.url.get_backend_name(),
         )
+
+    # Private hook for dbsession.testing (the pytest plugin); not public API.
+    # SQLAlchemy's "Joining a Session into an External Transaction" recipe: while the
+    # block runs, every session this factory makes (its scopes, create_session) is
+    # bound to ``connection`` (an AsyncConnection for the async factory) with
+    # join_transaction_mode="create_savepoint", so its commit releases a SAVEPOINT and
+    # its rollback rolls back to it, while the connection's outer transaction (owned
+    # by the caller) stays open. The factory is also its class's process default for
+    # the block, so the module-level scope functions join too. Swaps and restores
+    # happen under the locks; the connection itself is not thread-safe, so only the
+    # test's own thread (or event loop) may use the sessions. Yields the joined Binding.
+    @contextmanager
+    def _joined(self, connection: Any) -> Iterator[B]:
+        bound = cast(B, self._build().joined_to(connection))
+        with self._lock:
+            saved, self._bindings = self._bindings, {False: bound, True: bound}
+        cls = type(self)
+        with cls._default_lock:
+            previous, cls._default = cls._default, self
+        try:
+            yield bound
+        finally:
+            with cls._default_lock:
+                if cls._default is self:
+                    cls._default = previous
+            with self._lock:
+                if self._bindings.get(False) is bound:
+                    self._bindings = saved
 
     @abstractmethod
     def _make(self, settings: Settings) -> B:

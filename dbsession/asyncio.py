@@ -90,12 +90,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         _require_greenlet()
         engine = build_engine(settings, create_async_engine, _sync_engine)
         expire = settings.expire_on_commit
-
-        def new_maker(options: dict[str, Any]) -> async_sessionmaker[AsyncSession]:
-            bind = engine.execution_options(**options) if options else engine
-            return async_sessionmaker(bind=bind, expire_on_commit=expire)
-
-        return Binding(engine, engine.sync_engine, new_maker, expire_on_commit=expire)
+        return Binding(engine, engine.sync_engine, async_sessionmaker, expire_on_commit=expire)
 
     @property
     def replica_engine(self) -> AsyncEngine | None:

@@ -13,6 +13,11 @@ Registered through the ``pytest11`` entry point, so installing dbsession is enou
 - ``db_session`` (function): a Session on one connection whose outer transaction is
   rolled back after the test; the app's own ``session_scope()`` calls join it as
   SAVEPOINTs, so code that commits is undone too.
+- ``dbsession_event_loop`` (session), ``async_dbsession_factory`` (session),
+  ``async_db_session`` (function): the async twins, on one event loop of the
+  plugin's own. An ``async def`` test that uses them is run on that loop by the
+  plugin itself (no pytest-asyncio or anyio needed). The async drivers are only
+  imported when these fixtures are used.
 
 Every option also reads the ini setting of the same name with underscores
 (``dbsession_schema = create_all`` in ``[tool.pytest.ini_options]``); the command
@@ -21,17 +26,26 @@ line wins.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from ._config import resolve_url
+from ._config import async_twin, resolve_url, sync_twin
 from ._errors import MigrationsNotFoundError
 from ._factory import DbSessionFactory
+from ._lifecycle import LazyFactory
+
+if TYPE_CHECKING:  # the async side is imported only when its fixtures are used
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from .asyncio import AsyncDbSessionFactory
 
 URL_ENV = "DBSESSION_TEST_URL"
 SCHEMA_CHOICES = ("auto", "migrations", "create_all", "none")
@@ -105,7 +119,7 @@ def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
     metadata = migrations.load_metadata(
         _setting(pytestconfig, "dbsession_metadata") or DEFAULT_METADATA
     )
-    factory = DbSessionFactory(dbsession_url)
+    factory = DbSessionFactory(sync_twin(dbsession_url))
     try:
         metadata.create_all(factory.engine)
     finally:
@@ -129,7 +143,7 @@ def _migrations_location(config: pytest.Config) -> Path | None:
 @pytest.fixture(scope="session")
 def dbsession_factory(dbsession_database: URL) -> Iterator[DbSessionFactory]:
     """A DbSessionFactory on the prepared test database, disposed at the end of the run."""
-    factory = DbSessionFactory(dbsession_database)
+    factory = DbSessionFactory(sync_twin(dbsession_database))
     yield factory
     factory.dispose()
 
@@ -137,15 +151,97 @@ def dbsession_factory(dbsession_database: URL) -> Iterator[DbSessionFactory]:
 @pytest.fixture
 def db_session(dbsession_factory: DbSessionFactory) -> Iterator[Session]:
     """A Session in a transaction rolled back after the test; app session_scope()s join it."""
-    with dbsession_factory.engine.connect() as connection:
-        transaction = connection.begin()
+    yield from _rolled_back_session(dbsession_factory, _as_is)
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _rolled_back_session(factory: LazyFactory[Any], run: Callable[[Any], Any]) -> Iterator[Any]:
+    """Yield a session of ``factory`` in an outer transaction on one connection, rolled
+    back afterwards, while every session the factory makes joins it (``_joined``).
+
+    One body for both sides: ``run`` is the identity on the sync side and runs the
+    coroutine to completion on the plugin's event loop on the async side.
+    """
+    connection = run(factory._build().engine.connect())
+    try:
+        run(connection.begin())
+        with factory._joined(connection) as bound:
+            session = bound.maker()()
+            try:
+                yield session
+            finally:
+                run(session.close())
+    finally:
         try:
-            with dbsession_factory._joined(connection) as make_session:
-                session = make_session()
-                try:
-                    yield session
-                finally:
-                    session.close()
+            if connection.in_transaction():
+                run(connection.rollback())
         finally:
-            if transaction.is_active:
-                transaction.rollback()
+            run(connection.close())
+
+
+@pytest.fixture(scope="session")
+def dbsession_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The event loop of the async fixtures, and of the async def tests that use them."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    try:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+@pytest.fixture(scope="session")
+def async_dbsession_factory(
+    dbsession_database: URL, dbsession_event_loop: asyncio.AbstractEventLoop
+) -> Iterator[AsyncDbSessionFactory]:
+    """An AsyncDbSessionFactory on the prepared test database (its async driver)."""
+    from .asyncio import AsyncDbSessionFactory
+
+    factory = AsyncDbSessionFactory(async_twin(dbsession_database))
+    yield factory
+    dbsession_event_loop.run_until_complete(factory.dispose())
+
+
+@pytest.fixture
+def async_db_session(
+    request: pytest.FixtureRequest,
+    async_dbsession_factory: AsyncDbSessionFactory,
+    dbsession_event_loop: asyncio.AbstractEventLoop,
+) -> Iterator[AsyncSession]:
+    """An AsyncSession in a transaction rolled back after the test; app scopes join it."""
+    _refuse_foreign_runner(request.node)
+    yield from _rolled_back_session(
+        async_dbsession_factory, dbsession_event_loop.run_until_complete
+    )
+
+
+_FOREIGN_RUNNERS = ("asyncio", "anyio", "trio")
+
+
+def _refuse_foreign_runner(node: pytest.Item) -> None:
+    """Fail early, and clearly, when another plugin would run the test on another loop."""
+    for name in _FOREIGN_RUNNERS:
+        if node.get_closest_marker(name) is not None:
+            pytest.fail(
+                f"{node.nodeid} is marked {name!r}, so another plugin would run it on its own "
+                "event loop, but async_db_session's connection belongs to dbsession's loop. "
+                "Remove the mark: dbsession runs async def tests that use its async fixtures "
+                "itself (with pytest-asyncio, keep asyncio_mode = strict).",
+                pytrace=False,
+            )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run an ``async def`` test that uses the async fixtures on the plugin's event loop."""
+    if "dbsession_event_loop" not in pyfuncitem.fixturenames:
+        return None
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    loop = cast(asyncio.AbstractEventLoop, pyfuncitem.funcargs["dbsession_event_loop"])
+    names = pyfuncitem._fixtureinfo.argnames
+    loop.run_until_complete(pyfuncitem.obj(**{name: pyfuncitem.funcargs[name] for name in names}))
+    return True

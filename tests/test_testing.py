@@ -172,7 +172,9 @@ def test_fixtures_are_listed_by_pytest_fixtures_with_one_line_each(
     pytester: pytest.Pytester,
 ) -> None:
     result = pytester.runpytest_subprocess("--fixtures")
-    for name in ("dbsession_url", "dbsession_database", "dbsession_factory", "db_session"):
+    names = ("dbsession_url", "dbsession_database", "dbsession_factory", "db_session")
+    async_names = ("dbsession_event_loop", "async_dbsession_factory", "async_db_session")
+    for name in names + async_names:
         result.stdout.re_match_lines([rf"^{name}\b.* -- .*testing\.py:\d+$", r"^    \S.+$"])
     assert result.ret == 0
 
