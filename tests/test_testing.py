@@ -113,8 +113,13 @@ def toy_rows(engine: Engine) -> int:
 def toy_project(pytester: pytest.Pytester, other_connection: Engine) -> Iterator[Engine]:
     """The toy app and its tests in pytester's folder; its table dropped afterwards."""
     write_toy_project(pytester)
-    yield other_connection
-    with other_connection.begin() as conn:
+    yield from toy_table_dropped_after(other_connection)
+
+
+def toy_table_dropped_after(engine: Engine) -> Iterator[Engine]:
+    """Yield ``engine``, then drop the toy app's table (the schema outlives the inner runs)."""
+    yield engine
+    with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS toy_item"))
 
 

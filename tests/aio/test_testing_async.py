@@ -8,9 +8,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
-from test_testing import TOY_APP, run_inner, toy_rows
+from test_testing import TOY_APP, run_inner, toy_rows, toy_table_dropped_after
 
 from .conftest import _require_async_drivers
 
@@ -84,9 +83,7 @@ def async_toy_project(pytester: pytest.Pytester, other_connection: Engine) -> It
     """The async toy app and its tests in pytester's folder; its table dropped afterwards."""
     _require_async_drivers()
     pytester.makepyfile(toyapp=TOY_APP, asynctoyapp=ASYNC_TOY_APP, test_async_app=ASYNC_TESTS)
-    yield other_connection
-    with other_connection.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS toy_item"))
+    yield from toy_table_dropped_after(other_connection)
 
 
 def test_async_tests_that_insert_the_same_unique_row_pass_in_either_order_and_leave_nothing(
@@ -108,6 +105,7 @@ def test_async_tests_that_insert_the_same_unique_row_pass_in_either_order_and_le
     assert toy_rows(async_toy_project) == 0
 
 
+@pytest.mark.backends("sqlite")  # about the plugin, not the backend
 def test_a_test_marked_for_another_async_runner_is_refused_with_the_fix(
     pytester: pytest.Pytester, backend_url: URL, async_toy_project: Engine
 ) -> None:
@@ -126,6 +124,7 @@ def test_a_test_marked_for_another_async_runner_is_refused_with_the_fix(
     result.stdout.fnmatch_lines(["*marked 'asyncio'*Remove the mark*"])
 
 
+@pytest.mark.backends("sqlite")  # about the plugin, not the backend
 def test_sync_tests_never_import_the_async_side(
     pytester: pytest.Pytester, backend_url: URL, async_toy_project: Engine
 ) -> None:
