@@ -79,11 +79,22 @@ def fail_before_commit(session: Session, error: BaseException) -> None:
 
 
 def transfer(
-    session: Session, name: str, source: int, target: int, amount: int, fail_at: str | None
+    session: Session,
+    name: str,
+    source: int,
+    target: int,
+    amount: int,
+    fail_at: str | None,
+    *,
+    locked: bool = True,
 ) -> None:
-    """Move ``amount`` between two accounts with a ledger row; raise Injected at ``fail_at``."""
-    first, second = sorted((source, target))  # lock in one order: no deadlocks
-    accounts = {n: session.get_one(Account, n, with_for_update=True) for n in (first, second)}
+    """Move ``amount`` between two accounts with a ledger row; raise Injected at ``fail_at``.
+
+    ``locked`` reads the accounts ``FOR UPDATE`` in id order (no deadlocks); without
+    it concurrent transfers conflict, which SERIALIZABLE turns into transient errors.
+    """
+    first, second = sorted((source, target))
+    accounts = {n: session.get_one(Account, n, with_for_update=locked) for n in (first, second)}
     accounts[source].balance -= amount
     accounts[target].balance += amount
     session.add(Ledger(transfer=name, source_id=source, target_id=target, amount=amount))
@@ -106,6 +117,20 @@ def ledger_rows(engine: Engine) -> list[tuple[str, int, int, int]]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT transfer, source_id, target_id, amount FROM rel_ledger"))
         return [(str(t), int(s), int(d), int(a)) for t, s, d, a in rows]
+
+
+def assert_books_match(engine: Engine, committed: dict[str, tuple[int, int, int]]) -> None:
+    """Exactly one ledger row per committed transfer (name -> source, target, amount), none
+    for any other, and every balance is the opening balance moved by exactly those."""
+    rows = ledger_rows(engine)
+    assert sorted(row[0] for row in rows) == sorted(committed)  # one row each, none for failures
+    assert {row[0]: row[1:] for row in rows} == committed
+    expected = dict.fromkeys(range(ACCOUNTS), OPENING_BALANCE)
+    for source, target, amount in committed.values():
+        expected[source] -= amount
+        expected[target] += amount
+    assert balances(engine) == expected  # failed transfers moved no money
+    assert sum(expected.values()) == ACCOUNTS * OPENING_BALANCE
 
 
 def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
@@ -145,15 +170,7 @@ def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
     assert unexpected == []
     assert len(committed) + len(failed) == THREADS * TRANSFERS_PER_THREAD
     assert 250 < len(failed) < 550  # about 10% failed on purpose
-    rows = ledger_rows(other_connection)
-    assert sorted(row[0] for row in rows) == sorted(committed)  # one row each, none for failures
-    assert {row[0]: row[1:] for row in rows} == committed
-    expected = dict.fromkeys(range(ACCOUNTS), OPENING_BALANCE)
-    for source, target, amount in committed.values():
-        expected[source] -= amount
-        expected[target] += amount
-    assert balances(other_connection) == expected  # failed transfers moved no money
-    assert sum(expected.values()) == ACCOUNTS * OPENING_BALANCE
+    assert_books_match(other_connection, committed)
     assert ledger.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 

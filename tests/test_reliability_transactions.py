@@ -1,0 +1,91 @@
+"""Reliability of run_in_transaction under load: SERIALIZABLE transfers from many threads
+are retried until the books balance exactly, and on_commit hooks run once per commit."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+from test_reliability import (
+    ACCOUNTS,
+    FAILURE_POINTS,
+    Injected,
+    assert_books_match,
+    ledger,  # noqa: F401  (a fixture: 20 accounts of 1,000 each, and the ledger)
+    transfer,
+)
+from test_retry import BASE, CAP, retries
+
+from dbsession import DbSessionFactory, on_commit
+
+THREADS = 8
+TRANSFERS_PER_THREAD = 40
+TRANSIENT = {"postgresql": "SQLSTATE 40001", "mysql": "1213 deadlock"}
+
+
+@pytest.mark.backends("postgresql", "mysql")  # SQLite's BEGIN IMMEDIATE queues writers
+def test_serializable_transfers_from_8_threads_are_retried_and_balance_exactly(
+    ledger: DbSessionFactory,  # noqa: F811
+    other_connection: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dbsession")
+    committed: dict[str, tuple[int, int, int]] = {}
+    failed: set[str] = set()
+    hooked: list[str] = []  # list.append is atomic: no lock needed
+    unexpected: list[BaseException] = []
+
+    def unlocked_transfer(session: Session, name: str, *args: Any) -> None:
+        on_commit(lambda: hooked.append(name))
+        transfer(session, name, *args, locked=False)
+
+    def worker(number: int) -> None:
+        rng = random.Random(number)
+        for i in range(TRANSFERS_PER_THREAD):
+            name = f"t{number}-{i}"
+            source, target = rng.sample(range(ACCOUNTS), 2)
+            amount = rng.randint(1, 50)
+            fail_at = rng.choice(FAILURE_POINTS) if rng.random() < 0.1 else None
+            try:
+                ledger.run_in_transaction(
+                    unlocked_transfer,
+                    name,
+                    source,
+                    target,
+                    amount,
+                    fail_at,
+                    attempts=100,
+                    isolation_level="SERIALIZABLE",
+                    base_delay=BASE,
+                    max_delay=CAP,
+                )
+            except Injected:
+                failed.add(name)
+            except Exception as error:  # retries exhausted, or anything unforeseen
+                unexpected.append(error)
+            else:
+                committed[name] = (source, target, amount)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert unexpected == []
+    assert len(committed) + len(failed) == THREADS * TRANSFERS_PER_THREAD
+    assert failed  # some failed on purpose, and were not retried
+    logged = retries(caplog)
+    backend = ledger.url.get_backend_name()
+    assert sum(TRANSIENT[backend] in line for line in logged) >= THREADS  # real contention
+    assert_books_match(other_connection, committed)
+    assert Counter(hooked) == Counter(
+        committed.keys()
+    )  # once per committed transfer, never a failed one
+    assert ledger.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
