@@ -119,6 +119,25 @@ def ledger_rows(engine: Engine) -> list[tuple[str, int, int, int]]:
         return [(str(t), int(s), int(d), int(a)) for t, s, d, a in rows]
 
 
+def random_transfer(
+    rng: random.Random, number: int, i: int, failures: tuple[str, ...] = FAILURE_POINTS
+) -> tuple[str, int, int, int, str | None]:
+    """The i-th transfer of worker ``number``: name, source, target, amount, and the
+    point where it fails (about 10% of them, at one of ``failures``) or None."""
+    source, target = rng.sample(range(ACCOUNTS), 2)
+    fail_at = rng.choice(failures) if rng.random() < 0.1 else None
+    return f"t{number}-{i}", source, target, rng.randint(1, 50), fail_at
+
+
+def run_threads(worker: Callable[[int], None], count: int) -> None:
+    """Run ``worker(0)`` .. ``worker(count - 1)`` in threads at once; wait for them all."""
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def assert_books_match(engine: Engine, committed: dict[str, tuple[int, int, int]]) -> None:
     """Exactly one ledger row per committed transfer (name -> source, target, amount), none
     for any other, and every balance is the opening balance moved by exactly those."""
@@ -144,10 +163,7 @@ def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
     def worker(number: int) -> None:
         rng = random.Random(number)
         for i in range(TRANSFERS_PER_THREAD):
-            name = f"t{number}-{i}"
-            source, target = rng.sample(range(ACCOUNTS), 2)
-            amount = rng.randint(1, 50)
-            fail_at = rng.choice(FAILURE_POINTS) if rng.random() < 0.1 else None
+            name, source, target, amount, fail_at = random_transfer(rng, number, i)
             try:
                 with ledger.session_scope() as session:
                     transfer(session, name, source, target, amount, fail_at)
@@ -161,11 +177,7 @@ def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
                 with lock:
                     committed[name] = (source, target, amount)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(worker, THREADS)
 
     assert unexpected == []
     assert len(committed) + len(failed) == THREADS * TRANSFERS_PER_THREAD

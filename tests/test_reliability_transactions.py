@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from collections import Counter
 from typing import Any
 
@@ -13,11 +12,11 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from test_reliability import (
-    ACCOUNTS,
-    FAILURE_POINTS,
     Injected,
     assert_books_match,
     ledger,  # noqa: F401  (a fixture: 20 accounts of 1,000 each, and the ledger)
+    random_transfer,
+    run_threads,
     transfer,
 )
 from test_retry import BASE, CAP, retries
@@ -48,10 +47,7 @@ def test_serializable_transfers_from_8_threads_are_retried_and_balance_exactly(
     def worker(number: int) -> None:
         rng = random.Random(number)
         for i in range(TRANSFERS_PER_THREAD):
-            name = f"t{number}-{i}"
-            source, target = rng.sample(range(ACCOUNTS), 2)
-            amount = rng.randint(1, 50)
-            fail_at = rng.choice(FAILURE_POINTS) if rng.random() < 0.1 else None
+            name, source, target, amount, fail_at = random_transfer(rng, number, i)
             try:
                 ledger.run_in_transaction(
                     unlocked_transfer,
@@ -72,11 +68,7 @@ def test_serializable_transfers_from_8_threads_are_retried_and_balance_exactly(
             else:
                 committed[name] = (source, target, amount)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(worker, THREADS)
 
     assert unexpected == []
     assert len(committed) + len(failed) == THREADS * TRANSFERS_PER_THREAD

@@ -15,11 +15,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from test_reliability import (
-    ACCOUNTS,
     FAILURE_POINTS,
     Injected,
     assert_books_match,
     ledger,  # noqa: F401  (a fixture: 20 accounts of 1,000 each, and the ledger)
+    random_transfer,
     transfer,
 )
 
@@ -60,10 +60,7 @@ def test_concurrent_async_transfers_with_failures_and_cancellations_keep_the_boo
     async def worker(number: int) -> None:
         rng = random.Random(number)
         for i in range(TRANSFERS_PER_TASK):
-            name = f"t{number}-{i}"
-            source, target = rng.sample(range(ACCOUNTS), 2)
-            amount = rng.randint(1, 50)
-            fail_at = rng.choice(FAILURES) if rng.random() < 0.1 else None
+            name, source, target, amount, fail_at = random_transfer(rng, number, i, FAILURES)
             held = asyncio.Event()
             task = asyncio.create_task(one_transfer(name, source, target, amount, fail_at, held))
             if fail_at == "cancelled":  # with the rows flushed and locked, at a random moment
