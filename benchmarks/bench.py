@@ -12,11 +12,18 @@ Baselines:
   fair comparison: it isolates what ``session_scope()`` itself costs.
 - ``sqlalchemy (defaults)``: plain ``create_engine(url)`` and ``Session.begin()``.
 - ``raw driver``: one sqlite3 / psycopg connection, hand-written SQL.
+- async (section ``async``, SQLite file and PostgreSQL): ``sqlalchemy async (matched)``
+  is ``create_async_engine`` configured the same way, used through
+  ``async with async_sessionmaker.begin()``; ``raw async driver`` is one aiosqlite /
+  psycopg ``AsyncConnection``.
+- ``run_in_transaction()`` (sync and async) when nothing is retried is also compared
+  with the plain scope, from the same interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import random
@@ -28,14 +35,15 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import MetaData, String, create_engine, event, insert, select, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -134,10 +142,12 @@ def _sqlite_like_dbsession(engine: Engine, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
-        dbapi_connection.execute("PRAGMA foreign_keys=ON")
-        dbapi_connection.execute("PRAGMA busy_timeout=5000")
+        cursor = dbapi_connection.cursor()  # the aiosqlite adapter has no execute()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=5000")
         if wal:
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
 
     @event.listens_for(engine, "begin")
     def begin(connection: Any) -> None:
@@ -244,8 +254,15 @@ def bench_unit_of_work(backend: Backend, count: int, rounds: int) -> None:
             raw.commit() if not begin else raw.execute("COMMIT")
         return (time.perf_counter() - start) / count
 
+    def retried() -> float:
+        start = time.perf_counter()
+        for i in range(count):
+            factory.run_in_transaction(orm_unit, i)
+        return (time.perf_counter() - start) / count
+
     variants = {
         "session_scope()": scoped(factory.session_scope),
+        "run_in_transaction()": retried,
         "sqlalchemy (matched)": scoped(matched.begin),
         "sqlalchemy (defaults)": scoped(defaults.begin),
         "raw driver": raw_run,
@@ -257,12 +274,134 @@ def bench_unit_of_work(backend: Backend, count: int, rounds: int) -> None:
         f"Unit of work (insert + select + commit) on {backend.label}, {count} per round, "
         f"{rounds} rounds; ratio vs sqlalchemy (matched)",
         [
-            (backend.label, n, v, r, "target <= 1.05x" if n == "session_scope()" else "")
+            (backend.label, n, v, r, UOW_NOTES.get(n, ""))
             for n, v, r in ratios(medians, "sqlalchemy (matched)")
         ],
     )
+    retry_overhead(backend.label, medians, "run_in_transaction()", "session_scope()")
     raw.close()
     factory.dispose()
+
+
+UOW_NOTES = {
+    "session_scope()": "target <= 1.05x",
+    "async_session_scope()": "target <= 1.05x",
+    "run_in_transaction()": "nothing retried",
+    "async run_in_transaction()": "nothing retried",
+}
+
+
+def retry_overhead(label: str, medians: dict[str, float], retried: str, scope: str) -> None:
+    """The one-line table: run_in_transaction against the plain scope, same rounds."""
+    table(
+        f"{retried} (nothing retried) vs {scope} on {label}, same rounds; ratio vs {scope}",
+        [
+            (label, n, medians[n], medians[n] / medians[scope], "target <= 1.05x" * (n == retried))
+            for n in (retried, scope)
+        ],
+    )
+
+
+# --- per unit of work, async ------------------------------------------------------------
+
+
+async def async_orm_unit(session: AsyncSession, i: int) -> None:
+    row = Row(name=f"u{i}", value=i)
+    session.add(row)
+    await session.flush()
+    assert await session.scalar(select(Row.name).where(Row.id == row.id)) == f"u{i}"
+
+
+async def raw_async(backend: Backend) -> Any:
+    """A raw async DBAPI-level connection (aiosqlite / psycopg AsyncConnection)."""
+    if backend.dialect == "sqlite":
+        import aiosqlite
+
+        conn = await aiosqlite.connect(backend.url.database, isolation_level=None, timeout=5)
+        for pragma in ("PRAGMA foreign_keys=ON", "PRAGMA journal_mode=WAL"):
+            await (await conn.execute(pragma)).close()  # an open cursor would hold a lock
+        return conn
+    import psycopg
+
+    return await psycopg.AsyncConnection.connect(
+        host=backend.url.host,
+        port=backend.url.port or 5432,
+        user=backend.url.username,
+        password=backend.url.password,
+        dbname=backend.url.database,
+    )
+
+
+def bench_async_unit_of_work(backend: Backend, count: int, rounds: int) -> None:
+    """async_session_scope() vs a matched async_sessionmaker.begin() vs the raw async driver."""
+    from dbsession.asyncio import AsyncDbSessionFactory
+
+    loop = asyncio.new_event_loop()
+    factory = AsyncDbSessionFactory(backend.url.set(drivername=backend.dialect))
+    driver = "sqlite+aiosqlite" if backend.dialect == "sqlite" else "postgresql+psycopg"
+    engine = create_async_engine(backend.url.set(drivername=driver), pool_pre_ping=True)
+    if backend.dialect == "sqlite":
+        _sqlite_like_dbsession(engine.sync_engine, wal=True)
+        engine = engine.execution_options(dbsession_begin="BEGIN IMMEDIATE")
+    matched = async_sessionmaker(engine, expire_on_commit=False)
+    insert_sql, select_sql = INSERT_SQL[backend.dialect], SELECT_SQL[backend.dialect]
+    sqlite = backend.dialect == "sqlite"
+
+    def scoped(make: Callable[[], AbstractAsyncContextManager[AsyncSession]]) -> Variant:
+        async def units() -> None:
+            for i in range(count):
+                async with make() as session:
+                    await async_orm_unit(session, i)
+
+        return lambda: timed_async(loop, units, count)
+
+    async def retried() -> None:
+        for i in range(count):
+            await factory.run_in_transaction(async_orm_unit, i)
+
+    async def raw_units() -> None:
+        for i in range(count):
+            if sqlite:
+                await raw.execute("BEGIN IMMEDIATE")
+            cur = await raw.execute(insert_sql + " RETURNING id", (f"u{i}", i))
+            (row_id,) = await cur.fetchone()
+            cur = await raw.execute(select_sql, (row_id,))
+            assert (await cur.fetchone())[0] == f"u{i}"
+            await (raw.execute("COMMIT") if sqlite else raw.commit())
+
+    variants: dict[str, Variant] = {
+        "async_session_scope()": scoped(factory.async_session_scope),
+        "async run_in_transaction()": lambda: timed_async(loop, retried, count),
+        "sqlalchemy async (matched)": scoped(matched.begin),
+        "raw async driver": lambda: timed_async(loop, raw_units, count),
+    }
+    loop.run_until_complete(factory.create_all(BenchBase.metadata))
+    raw = loop.run_until_complete(raw_async(backend))
+    for variant in variants.values():  # warm up pools, caches and the statement cache
+        variant()
+    medians = interleave(variants, rounds)
+    table(
+        f"Async unit of work (insert + select + commit) on {backend.label}, {count} per round, "
+        f"{rounds} rounds; ratio vs sqlalchemy async (matched)",
+        [
+            (backend.label, n, v, r, UOW_NOTES.get(n, ""))
+            for n, v, r in ratios(medians, "sqlalchemy async (matched)")
+        ],
+    )
+    retry_overhead(backend.label, medians, "async run_in_transaction()", "async_session_scope()")
+    loop.run_until_complete(raw.close())
+    loop.run_until_complete(engine.dispose())
+    loop.run_until_complete(factory.dispose())
+    loop.close()
+
+
+def timed_async(
+    loop: asyncio.AbstractEventLoop, units: Callable[[], Awaitable[None]], count: int
+) -> float:
+    """Seconds per unit of ``units()`` (``count`` of them), run to completion on ``loop``."""
+    start = time.perf_counter()
+    loop.run_until_complete(units())
+    return (time.perf_counter() - start) / count
 
 
 # --- bulk insert ---------------------------------------------------------------------------
@@ -474,8 +613,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="uow,bulk,writers,startup",
-        help="comma-separated sections: uow, bulk, writers, startup",
+        default="uow,async,bulk,writers,startup",
+        help="comma-separated sections: uow, async, bulk, writers, startup",
     )
     parser.add_argument("--uow", type=int, default=300, help="units of work per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds per measurement")
@@ -495,6 +634,8 @@ def main() -> None:
         for backend in backend_list:
             if "uow" in sections:
                 bench_unit_of_work(backend, args.uow, args.rounds)
+            if "async" in sections and backend.label != "sqlite-memory":
+                bench_async_unit_of_work(backend, args.uow, args.rounds)
             if "bulk" in sections:
                 bench_bulk(backend, args.bulk_rows, args.bulk_rounds)
             if "writers" in sections and backend.label != "sqlite-memory":

@@ -6,6 +6,7 @@ import time
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 
@@ -37,6 +38,13 @@ def kill(admin: Engine, pids: list[int]) -> None:
                 return
         time.sleep(0.05)
     raise AssertionError(f"server sessions {pids} still alive 10 s after being killed")
+
+
+def is_killed_connection_error(error: DBAPIError) -> bool:
+    """True if ``error`` says, in the server's words, that its connection was ended under
+    it, and SQLAlchemy invalidated the connection (it will not go back to the pool)."""
+    clues = ("terminating connection due to administrator command", "Lost connection")
+    return error.connection_invalidated and any(clue in str(error) for clue in clues)
 
 
 def suppliers(engine: Engine) -> list[str]:

@@ -79,11 +79,22 @@ def fail_before_commit(session: Session, error: BaseException) -> None:
 
 
 def transfer(
-    session: Session, name: str, source: int, target: int, amount: int, fail_at: str | None
+    session: Session,
+    name: str,
+    source: int,
+    target: int,
+    amount: int,
+    fail_at: str | None,
+    *,
+    locked: bool = True,
 ) -> None:
-    """Move ``amount`` between two accounts with a ledger row; raise Injected at ``fail_at``."""
-    first, second = sorted((source, target))  # lock in one order: no deadlocks
-    accounts = {n: session.get_one(Account, n, with_for_update=True) for n in (first, second)}
+    """Move ``amount`` between two accounts with a ledger row; raise Injected at ``fail_at``.
+
+    ``locked`` reads the accounts ``FOR UPDATE`` in id order (no deadlocks); without
+    it concurrent transfers conflict, which SERIALIZABLE turns into transient errors.
+    """
+    first, second = sorted((source, target))
+    accounts = {n: session.get_one(Account, n, with_for_update=locked) for n in (first, second)}
     accounts[source].balance -= amount
     accounts[target].balance += amount
     session.add(Ledger(transfer=name, source_id=source, target_id=target, amount=amount))
@@ -108,6 +119,39 @@ def ledger_rows(engine: Engine) -> list[tuple[str, int, int, int]]:
         return [(str(t), int(s), int(d), int(a)) for t, s, d, a in rows]
 
 
+def random_transfer(
+    rng: random.Random, number: int, i: int, failures: tuple[str, ...] = FAILURE_POINTS
+) -> tuple[str, int, int, int, str | None]:
+    """The i-th transfer of worker ``number``: name, source, target, amount, and the
+    point where it fails (about 10% of them, at one of ``failures``) or None."""
+    source, target = rng.sample(range(ACCOUNTS), 2)
+    fail_at = rng.choice(failures) if rng.random() < 0.1 else None
+    return f"t{number}-{i}", source, target, rng.randint(1, 50), fail_at
+
+
+def run_threads(worker: Callable[[int], None], count: int) -> None:
+    """Run ``worker(0)`` .. ``worker(count - 1)`` in threads at once; wait for them all."""
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def assert_books_match(engine: Engine, committed: dict[str, tuple[int, int, int]]) -> None:
+    """Exactly one ledger row per committed transfer (name -> source, target, amount), none
+    for any other, and every balance is the opening balance moved by exactly those."""
+    rows = ledger_rows(engine)
+    assert sorted(row[0] for row in rows) == sorted(committed)  # one row each, none for failures
+    assert {row[0]: row[1:] for row in rows} == committed
+    expected = dict.fromkeys(range(ACCOUNTS), OPENING_BALANCE)
+    for source, target, amount in committed.values():
+        expected[source] -= amount
+        expected[target] += amount
+    assert balances(engine) == expected  # failed transfers moved no money
+    assert sum(expected.values()) == ACCOUNTS * OPENING_BALANCE
+
+
 def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
     ledger: DbSessionFactory, other_connection: Engine
 ) -> None:
@@ -119,10 +163,7 @@ def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
     def worker(number: int) -> None:
         rng = random.Random(number)
         for i in range(TRANSFERS_PER_THREAD):
-            name = f"t{number}-{i}"
-            source, target = rng.sample(range(ACCOUNTS), 2)
-            amount = rng.randint(1, 50)
-            fail_at = rng.choice(FAILURE_POINTS) if rng.random() < 0.1 else None
+            name, source, target, amount, fail_at = random_transfer(rng, number, i)
             try:
                 with ledger.session_scope() as session:
                     transfer(session, name, source, target, amount, fail_at)
@@ -136,24 +177,12 @@ def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
                 with lock:
                     committed[name] = (source, target, amount)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(worker, THREADS)
 
     assert unexpected == []
     assert len(committed) + len(failed) == THREADS * TRANSFERS_PER_THREAD
     assert 250 < len(failed) < 550  # about 10% failed on purpose
-    rows = ledger_rows(other_connection)
-    assert sorted(row[0] for row in rows) == sorted(committed)  # one row each, none for failures
-    assert {row[0]: row[1:] for row in rows} == committed
-    expected = dict.fromkeys(range(ACCOUNTS), OPENING_BALANCE)
-    for source, target, amount in committed.values():
-        expected[source] -= amount
-        expected[target] += amount
-    assert balances(other_connection) == expected  # failed transfers moved no money
-    assert sum(expected.values()) == ACCOUNTS * OPENING_BALANCE
+    assert_books_match(other_connection, committed)
     assert ledger.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
