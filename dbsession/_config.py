@@ -35,7 +35,8 @@ _DEFAULT_ASYNC_DRIVERS = {
 }
 _ASYNC_ONLY_DRIVERS = frozenset({"aiosqlite", "asyncpg", "aiomysql", "asyncmy"})
 _SCHEME_ALIASES = {"postgres": "postgresql"}
-_SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
+_SECRET_WORDS = "pass|pwd|secret|token|key"
+_SECRET_QUERY_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
 _MASK = "***"
 
 
@@ -215,7 +216,7 @@ def _mask_raw(raw: str) -> str:
     """Best-effort masking of a string that may not even parse as a URL."""
     masked = re.sub(r"(://[^:/@]*:).*@", rf"\g<1>{_MASK}@", raw)
     return re.sub(
-        r"([?&][^=&]*(?:pass|pwd|secret|token|key)[^=&]*=)[^&]*",
+        rf"([?&][^=&]*(?:{_SECRET_WORDS})[^=&]*=)[^&]*",
         rf"\g<1>{_MASK}",
         masked,
         flags=re.IGNORECASE,

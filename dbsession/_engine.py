@@ -221,10 +221,9 @@ def _install_read_only_errors(engine: Engine) -> None:
         original = context.original_exception
         if not is_read_only_violation(original, context.dialect.name):
             return None
-        first_line = str(original).strip().splitlines() or [""]
         return ReadOnlyError(
             f"A write was refused because the transaction is read-only "
-            f"({context.dialect.name}: {scrub(first_line[0], engine.url)}). "
+            f"({context.dialect.name}: {_first_line(original, engine.url)}). "
             "session_scope(readonly=True) never writes: do this work in a writing "
             "scope, session_scope()."
         )
@@ -244,14 +243,18 @@ def _install_connect_errors(engine: Engine, url: URL) -> None:
             return None
         if not isinstance(context.sqlalchemy_exception, exc.OperationalError):
             return None
-        first_line = str(context.original_exception).strip().splitlines() or [""]
         return DatabaseUnreachableError(
             f"Cannot connect to the {url.get_backend_name()} server at "
             f"{url.host or 'localhost'}:{url.port or _default_port(url)} "
             f"(database {url.database!r}, user {url.username!r}): "
-            f"{scrub(first_line[0], url)}. Check that the server is running and "
+            f"{_first_line(context.original_exception, url)}. Check that the server is running and "
             f"that the URL {mask_url(url)} (DATABASE_URL or global_init) is right."
         )
+
+
+def _first_line(error: BaseException, url: URL) -> str:
+    """The driver's message, first line only, with the URL's secrets removed."""
+    return scrub((str(error).strip().splitlines() or [""])[0], url)
 
 
 def _default_port(url: URL) -> int:

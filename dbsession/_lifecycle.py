@@ -50,11 +50,19 @@ class DefaultOrSelf(Generic[F, P, R]):
         self._func = func
         self._no_default = no_default
         self._late = late
+        self._on_default: dict[type[Any], Callable[P, R]] = {}
         self.__doc__ = func.__doc__
 
     def __get__(self, instance: F | None, owner: type[Any]) -> Callable[P, R]:
         if instance is not None:
             return cast("Callable[P, R]", MethodType(self._func, instance))
+        on_default = self._on_default.get(owner)
+        if on_default is None:
+            on_default = self._on_default[owner] = self._make_on_default(owner)
+        return on_default
+
+    def _make_on_default(self, owner: type[Any]) -> Callable[P, R]:
+        """The class-level function for ``owner``, made once per class, not per access."""
         func, no_default, late = self._func, self._no_default, self._late
 
         @functools.wraps(func)
