@@ -23,6 +23,7 @@ from sqlalchemy.pool import NullPool
 
 import dbsession.example.models  # noqa: F401  (registers the example tables)
 from dbsession import Base, DbSessionFactory, migrations
+from deploy_fixtures import pgbouncer, pgbouncer_session, replica, silent_server  # noqa: F401
 
 SERVERS = {
     "postgresql": (
