@@ -6,15 +6,19 @@ block commits everything, any exception rolls everything back.
 
 from ._base import NAMING_CONVENTION as NAMING_CONVENTION
 from ._base import Base as Base
+from ._config import Timeouts as Timeouts
 from ._config import mask_url as mask_url
 from ._context import current_session as current_session
 from ._context import on_commit as on_commit
 from ._errors import AlreadyInitializedError as AlreadyInitializedError
+from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import ConnectionLostError as ConnectionLostError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
 from ._errors import MigrationError as MigrationError
+from ._errors import MigrationLockTimeoutError as MigrationLockTimeoutError
 from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
 from ._errors import MissingDriverError as MissingDriverError
 from ._errors import NoActiveScopeError as NoActiveScopeError
@@ -22,6 +26,7 @@ from ._errors import ReadOnlyError as ReadOnlyError
 from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
+from ._errors import ScopeTimeoutError as ScopeTimeoutError
 from ._errors import SQLitePathError as SQLitePathError
 from ._errors import UnknownDialectError as UnknownDialectError
 from ._errors import UnknownRevisionError as UnknownRevisionError
@@ -33,26 +38,31 @@ from ._factory import session_scope as session_scope
 from ._factory import transactional as transactional
 
 __all__ = [
-    "NAMING_CONVENTION",
     "AlreadyInitializedError",
     "Base",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
+    "ConnectionLostError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "DbSessionFactory",
     "InvalidURLError",
     "MigrationError",
+    "MigrationLockTimeoutError",
     "MigrationsNotFoundError",
     "MissingDriverError",
+    "NAMING_CONVENTION",
     "NoActiveScopeError",
     "ReadOnlyError",
     "RetryExhaustedError",
     "SQLitePathError",
-    "ScopeError",
-    "UnknownDialectError",
-    "UnsupportedIsolationLevelError",
     "SchemaNotAtHeadError",
+    "ScopeError",
+    "ScopeTimeoutError",
+    "Timeouts",
+    "UnknownDialectError",
     "UnknownRevisionError",
+    "UnsupportedIsolationLevelError",
     "create_session",
     "current_session",
     "mask_url",

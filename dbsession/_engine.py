@@ -39,7 +39,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from ._classify import is_read_only_violation
-from ._config import Settings, mask_url, scrub
+from ._config import Settings, first_line, mask_url, scrub
 from ._errors import (
     ConfigurationError,
     DatabaseUnreachableError,
@@ -47,6 +47,14 @@ from ._errors import (
     ReadOnlyError,
     SQLitePathError,
     UnknownDialectError,
+)
+from ._pooler import install_connection_loss, prepared_statement_args
+from ._timeouts import (
+    TIMEOUT_OPTION,
+    check_timeout,
+    driver_timeouts,
+    install_ping_timeout,
+    install_scope_timeouts,
 )
 
 logger = logging.getLogger("dbsession")
@@ -93,6 +101,13 @@ def build_engine(
     """
     url = settings.url
     options: dict[str, Any] = {"pool_pre_ping": True, **settings.engine_options}
+    connect_args = {
+        **driver_timeouts(url, settings.timeouts),
+        **prepared_statement_args(url, settings.pooler),
+        **options.get("connect_args", {}),
+    }
+    if connect_args:
+        options["connect_args"] = connect_args
     keeper: sqlite3.Connection | None = None
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
@@ -106,7 +121,10 @@ def build_engine(
         if keeper is not None:
             weakref.finalize(engine, keeper.close)
     else:
-        _install_connect_errors(engine, url)
+        _install_connect_errors(engine, url, settings.source)
+        install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
+        install_ping_timeout(engine, settings.timeouts)
+    install_scope_timeouts(engine)
     if engine.dialect.name in ("mysql", "mariadb"):
         _install_mysql_read_only(engine)
     logger.info("dbsession: engine created for %s", settings.describe())
@@ -179,8 +197,12 @@ def _install_fork_guard(engine: Engine) -> None:
             )
 
 
-def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:
+def scope_options(
+    engine: Engine, *, readonly: bool, isolation_level: str | None, timeout: float | None = None
+) -> dict[str, Any]:
     """The execution options of the engine a scope of this kind runs on.
+
+    ``timeout``: the scope's time budget in seconds, applied by ``_timeouts``.
 
     SQLite writing scopes take the write lock at ``BEGIN IMMEDIATE``; read-only ones
     use a plain ``BEGIN`` (WAL readers never wait) plus ``PRAGMA query_only``.
@@ -193,6 +215,8 @@ def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None
         options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
+    if timeout is not None:
+        options[TIMEOUT_OPTION] = check_timeout(timeout)
     return options
 
 
@@ -223,7 +247,7 @@ def _install_read_only_errors(engine: Engine) -> None:
             return None
         return ReadOnlyError(
             f"A write was refused because the transaction is read-only "
-            f"({context.dialect.name}: {_first_line(original, engine.url)}). "
+            f"({context.dialect.name}: {first_line(original, engine.url)}). "
             "session_scope(readonly=True) never writes: do this work in a writing "
             "scope, session_scope()."
         )
@@ -236,25 +260,25 @@ def _install_mysql_read_only(engine: Engine) -> None:
             connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
-def _install_connect_errors(engine: Engine, url: URL) -> None:
+def _install_connect_errors(engine: Engine, url: URL, source: str) -> None:
     @event.listens_for(engine, "handle_error")
     def unreachable(context: ExceptionContext) -> BaseException | None:
         if context.connection is not None or context.is_pre_ping:
             return None
         if not isinstance(context.sqlalchemy_exception, exc.OperationalError):
             return None
+        setting = "replica_url=" if source == "replica_url" else "DATABASE_URL or global_init"
+        server = "replica" if source == "replica_url" else "server"
         return DatabaseUnreachableError(
-            f"Cannot connect to the {url.get_backend_name()} server at "
-            f"{url.host or 'localhost'}:{url.port or _default_port(url)} "
+            f"Cannot connect to the {url.get_backend_name()} {server} at {_where(url)} "
             f"(database {url.database!r}, user {url.username!r}): "
-            f"{_first_line(context.original_exception, url)}. Check that the server is running and "
-            f"that the URL {mask_url(url)} (DATABASE_URL or global_init) is right."
+            f"{first_line(context.original_exception, url)}. Check that the {server} is "
+            f"running and that the URL {mask_url(url)} ({setting}) is right."
         )
 
 
-def _first_line(error: BaseException, url: URL) -> str:
-    """The driver's message, first line only, with the URL's secrets removed."""
-    return scrub((str(error).strip().splitlines() or [""])[0], url)
+def _where(url: URL) -> str:
+    return f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
 
 
 def _default_port(url: URL) -> int:

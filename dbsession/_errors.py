@@ -13,7 +13,12 @@ anything this package raises on its own account::
     │   ├── MigrationsNotFoundError no Alembic migrations folder to run
     │   └── UnsupportedIsolationLevelError  isolation level the backend does not have
     ├── DatabaseUnreachableError    the server did not accept a connection
+    │   └── ConnectionLostError     an open connection broke (also a SQLAlchemy OperationalError)
+    │       └── CommitOutcomeUnknownError  it broke during COMMIT: committed or not, unknown
+    ├── ScopeTimeoutError           a statement or lock wait overran session_scope(timeout=)
+    │                               (also a SQLAlchemy OperationalError)
     ├── MigrationError              an Alembic command failed
+    │   ├── MigrationLockTimeoutError  another process held the migration lock too long
     │   ├── UnknownRevisionError    no such revision in the migrations folder
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
@@ -30,6 +35,10 @@ rendered masked.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
 
 
 class DbSessionError(Exception):
@@ -62,6 +71,44 @@ class AlreadyInitializedError(ConfigurationError):
 
 class DatabaseUnreachableError(DbSessionError):
     """A connection to the database server could not be opened."""
+
+
+class _ReplacesOperationalError(OperationalError):
+    """A dbsession error that replaces a SQLAlchemy ``OperationalError`` (or another
+    DBAPIError) and stays catchable as ``OperationalError``: the driver's exception is
+    ``orig`` and the ``__cause__``; ``str()`` is dbsession's one-line message."""
+
+    def __init__(self, message: str, *, statement: str | None, params: Any, orig: Any) -> None:
+        super().__init__(statement, params, orig, connection_invalidated=True)
+        self.message = message
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self.message))
+
+
+def _rebuild(cls: type[_ReplacesOperationalError], message: str) -> Exception:
+    return cls(message, statement=None, params=None, orig=None)
+
+
+class ConnectionLostError(DatabaseUnreachableError, _ReplacesOperationalError):
+    """An open connection broke mid-transaction (a killed server session, a pooler that
+    dropped it, a peer silent past the timeouts); the transaction did not commit."""
+
+
+class CommitOutcomeUnknownError(ConnectionLostError):
+    """The connection broke while COMMIT was in flight: the transaction may or may not have
+    committed. ``run_in_transaction`` retries it only for ``RetryPolicy(idempotent=True)``."""
+
+
+class ScopeTimeoutError(DbSessionError, _ReplacesOperationalError):
+    """A statement or lock wait overran ``session_scope(timeout=...)``; the scope rolled back.
+
+    Also a SQLAlchemy ``OperationalError`` (the error it replaces); ``timeout`` is the budget.
+    """
 
 
 class UnsupportedIsolationLevelError(ConfigurationError):
@@ -103,6 +150,10 @@ class MigrationsNotFoundError(ConfigurationError):
 
 class MigrationError(DbSessionError):
     """An Alembic migration command failed; the message says which and why."""
+
+
+class MigrationLockTimeoutError(MigrationError):
+    """The migration lock stayed held by another process for the whole lock timeout."""
 
 
 class UnknownRevisionError(MigrationError):

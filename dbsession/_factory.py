@@ -63,7 +63,13 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         return Binding(engine, engine, sessionmaker, expire_on_commit=settings.expire_on_commit)
 
     def _session_scope(
-        self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+        self,
+        *,
+        nested: bool = False,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        timeout: float | None = None,
+        replica: bool | None = None,
     ) -> AbstractContextManager[Session]:
         """Open a unit of work: a fresh Session committed on success and rolled back on any error.
 
@@ -78,6 +84,10 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
           replica if there is one; a write raises ReadOnlyError.
         - ``isolation_level``: e.g. ``"SERIALIZABLE"`` or ``"read_committed"`` for
           this scope's transaction only.
+        - ``timeout``: a time budget in seconds for every statement and lock wait of
+          this transaction; overrunning it raises ScopeTimeoutError.
+        - ``replica``: ``False`` keeps a read-only scope on the primary (to see a commit
+          just made); ``True`` insists on the replica. See docs/deploying.md.
 
         Raises UnsupportedIsolationLevelError for a level the backend does not have,
         ScopeError when a savepoint is asked to change read-only-ness or isolation,
@@ -89,6 +99,8 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             nested=nested,
             readonly=readonly,
             isolation_level=isolation_level,
+            timeout=timeout,
+            replica=replica,
         )
 
     def _run_in_transaction(
@@ -181,11 +193,20 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
 
 
 def session_scope(
-    *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+    *,
+    nested: bool = False,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    timeout: float | None = None,
+    replica: bool | None = None,
 ) -> AbstractContextManager[Session]:
     """Open a unit of work on the process default factory; see DbSessionFactory.session_scope."""
     return DbSessionFactory.default()._session_scope(
-        nested=nested, readonly=readonly, isolation_level=isolation_level
+        nested=nested,
+        readonly=readonly,
+        isolation_level=isolation_level,
+        timeout=timeout,
+        replica=replica,
     )
 
 

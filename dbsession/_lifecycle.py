@@ -16,9 +16,10 @@ from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, cast
 from sqlalchemy.engine import URL
 
 from ._binding import Binding, normalize_isolation_level
-from ._config import Settings, make_settings, mask_url, sync_twin
+from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
 from ._context import Frame, innermost
 from ._errors import AlreadyInitializedError
+from ._replica import use_replica
 from ._retry import RetryPolicy
 from ._scope import savepoint_frame
 
@@ -97,6 +98,9 @@ class LazyFactory(Generic[B]):
         replica_url: str | URL | None = None,
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
+        pooler: str | None = None,
+        timeouts: Timeouts | None = None,
+        max_replica_lag: float | None = None,
         **engine_options: Any,
     ) -> None:
         """Resolve the URL now (argument > DATABASE_URL > SQLite default); build the engine lazily.
@@ -104,11 +108,19 @@ class LazyFactory(Generic[B]):
         ``engine_options`` go to SQLAlchemy's ``create_engine`` (``create_async_engine``)
         and override dbsession's defaults (``pool_pre_ping=True``). With ``replica_url``,
         read-only scopes run on a second engine for that URL (same options), built on
-        first use. Raises a ConfigurationError subclass if the URL or options cannot work.
+        first use. ``pooler`` ("transaction", "session", "none"; unset: prepared
+        statements off), ``timeouts`` (a ``Timeouts``) and ``max_replica_lag`` (seconds):
+        see docs/deploying.md. Raises a ConfigurationError subclass if the URL or options
+        cannot work.
         """
         self._adopt(
             self._settings_for(
-                url, replica_url, expire_on_commit, sqlite_busy_timeout, engine_options
+                url,
+                replica_url,
+                expire_on_commit,
+                sqlite_busy_timeout,
+                engine_options,
+                dict(pooler=pooler, timeouts=timeouts, max_replica_lag=max_replica_lag),
             )
         )
 
@@ -125,6 +137,7 @@ class LazyFactory(Generic[B]):
         expire_on_commit: bool | None,
         sqlite_busy_timeout: float | None,
         engine_options: dict[str, Any],
+        deployment: dict[str, Any],
     ) -> Settings:
         return make_settings(
             url,
@@ -133,6 +146,7 @@ class LazyFactory(Generic[B]):
             engine_options=engine_options,
             replica_url=replica_url,
             asyncio=cls._asyncio,
+            **deployment,
         )
 
     def __repr__(self) -> str:
@@ -158,6 +172,9 @@ class LazyFactory(Generic[B]):
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
         require_migrated: bool = False,
+        pooler: str | None = None,
+        timeouts: Timeouts | None = None,
+        max_replica_lag: float | None = None,
         **engine_options: Any,
     ) -> F:
         """Configure and build the process-wide default factory, once.
@@ -171,7 +188,12 @@ class LazyFactory(Generic[B]):
         (see ``dbsession.migrations.require_head``).
         """
         settings = cls._settings_for(
-            url, replica_url, expire_on_commit, sqlite_busy_timeout, engine_options
+            url,
+            replica_url,
+            expire_on_commit,
+            sqlite_busy_timeout,
+            engine_options,
+            dict(pooler=pooler, timeouts=timeouts, max_replica_lag=max_replica_lag),
         )
         with cls._default_lock:
             current: F | None = cls._default
@@ -225,6 +247,8 @@ class LazyFactory(Generic[B]):
         nested: bool,
         readonly: bool,
         isolation_level: str | None,
+        timeout: float | None = None,
+        replica: bool | None = None,
     ) -> C:
         """The one policy of ``session_scope`` and ``async_session_scope``: ``join(frame)``
         the innermost active scope of this factory as a savepoint when ``nested``, else a
@@ -238,8 +262,11 @@ class LazyFactory(Generic[B]):
         outer = innermost(self) if nested else None
         if outer is not None:
             return join(savepoint_frame(outer, readonly=readonly, isolation_level=level))
-        binding = self._build(replica=readonly and self._settings.replica_url is not None)
-        maker = binding.maker(readonly=readonly, isolation_level=level)
+        on_replica = use_replica(
+            self, self._settings, readonly=readonly, replica=replica, isolation_level=level
+        )
+        binding = self._build(replica=on_replica)
+        maker = binding.maker(readonly=readonly, isolation_level=level, timeout=timeout)
         return new(maker, owner=self, readonly=readonly, isolation_level=level)
 
     def _with_retries(

@@ -98,7 +98,13 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         return None if self._settings.replica_url is None else self._build(replica=True).engine
 
     def _async_session_scope(
-        self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+        self,
+        *,
+        nested: bool = False,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        timeout: float | None = None,
+        replica: bool | None = None,
     ) -> AbstractAsyncContextManager[AsyncSession]:
         """Open a unit of work: a fresh AsyncSession committed on success, rolled back on error.
 
@@ -118,6 +124,8 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             nested=nested,
             readonly=readonly,
             isolation_level=isolation_level,
+            timeout=timeout,
+            replica=replica,
         )
 
     async def _run_in_transaction(
@@ -199,14 +207,23 @@ def _require_greenlet() -> None:
 
 
 def async_session_scope(
-    *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+    *,
+    nested: bool = False,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    timeout: float | None = None,
+    replica: bool | None = None,
 ) -> AbstractAsyncContextManager[AsyncSession]:
     """Open a unit of work on the process default async factory.
 
     See AsyncDbSessionFactory.async_session_scope.
     """
     return AsyncDbSessionFactory.default()._async_session_scope(
-        nested=nested, readonly=readonly, isolation_level=isolation_level
+        nested=nested,
+        readonly=readonly,
+        isolation_level=isolation_level,
+        timeout=timeout,
+        replica=replica,
     )
 
 
