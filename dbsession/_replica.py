@@ -113,4 +113,3 @@ def _probe(owner: Any, settings: Settings) -> _LagProbe:
             if probe is None:
                 probe = _PROBES[owner] = _LagProbe(settings)
     return probe
-
