@@ -21,7 +21,13 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 from sqlalchemy.orm import Session
 
 from ._classify import transient_reason
-from ._errors import ConfigurationError, RetryExhaustedError
+from ._errors import (
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    ConnectionLostError,
+    RetryExhaustedError,
+    ScopeTimeoutError,
+)
 
 logger = logging.getLogger("dbsession")
 
@@ -45,13 +51,17 @@ class RetryPolicy:
     """How often to try, and how long to wait between tries.
 
     The wait after the n-th failure is drawn uniformly from ``[cap / 2, cap]`` with
-    ``cap = min(max_delay, base_delay * 2 ** (n - 1))`` seconds. Raises
-    ConfigurationError for ``attempts < 1`` or negative delays.
+    ``cap = min(max_delay, base_delay * 2 ** (n - 1))`` seconds. ``idempotent=True``
+    says the unit may run twice safely, so a unit whose connection was lost during its
+    COMMIT (CommitOutcomeUnknownError: it may have committed) is run again too; by
+    default that error propagates. Raises ConfigurationError for ``attempts < 1`` or
+    negative delays.
     """
 
     attempts: int = DEFAULT_ATTEMPTS
     base_delay: float = DEFAULT_BASE_DELAY
     max_delay: float = DEFAULT_MAX_DELAY
+    idempotent: bool = False
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -127,7 +137,7 @@ def wait_before_retry(
     wait before the next attempt (the retry is logged at INFO). Raises
     RetryExhaustedError, chaining ``error``, when that was the last attempt.
     """
-    reason = transient_reason(error, dialect_name)
+    reason = retry_reason(error, dialect_name, policy)
     if reason is None:
         return None
     if attempt >= policy.attempts:
@@ -148,6 +158,23 @@ def wait_before_retry(
         wait,
     )
     return wait
+
+
+def retry_reason(error: Exception, dialect_name: str, policy: RetryPolicy) -> str | None:
+    """Why ``error`` is worth another attempt under ``policy``, or None if it is not.
+
+    Transient database errors (``_classify.TRANSIENT``) and a connection lost before the
+    commit are; a connection lost during the COMMIT only for ``policy.idempotent``; a
+    scope's own time budget running out never is.
+    """
+    if isinstance(error, ScopeTimeoutError):
+        return None
+    if isinstance(error, CommitOutcomeUnknownError):
+        return "connection lost during COMMIT (idempotent unit)" if policy.idempotent else None
+    reason = transient_reason(error, dialect_name)
+    if reason is None and isinstance(error, ConnectionLostError):
+        return "connection lost before the commit"
+    return reason
 
 
 def retry_decorator(run: Callable[[Callable[[Session], Any]], Any]) -> TransactionalDecorator:

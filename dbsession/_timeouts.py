@@ -27,6 +27,7 @@ open). The per-scope budget (:func:`install_scope_timeouts`) raises ScopeTimeout
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import select
@@ -87,9 +88,9 @@ def driver_name(url: URL) -> str:
 
 
 def install_ping_timeout(engine: Engine, timeouts: Timeouts) -> None:
-    """Bound psycopg's (sync) pre-ping by ``timeouts.ping``: past it the connection counts
-    as lost, so the pool drops it and opens a new one."""
-    if timeouts.ping is None or engine.dialect.driver != "psycopg" or engine.dialect.is_async:
+    """Bound psycopg's pre-ping (sync and async) by ``timeouts.ping``: past it the
+    connection is closed, so the pool drops it and opens a new one."""
+    if timeouts.ping is None or engine.dialect.driver != "psycopg":
         return
     limit = timeouts.ping
     dialect: Any = engine.dialect
@@ -98,7 +99,21 @@ def install_ping_timeout(engine: Engine, timeouts: Timeouts) -> None:
         _ping(dbapi_connection, limit)
         return True
 
-    dialect.do_ping = do_ping
+    def do_ping_async(dbapi_connection: Any) -> bool:
+        await_only(_ping_async(dbapi_connection.driver_connection, limit))
+        return True
+
+    dialect.do_ping = do_ping_async if dialect.is_async else do_ping
+
+
+async def _ping_async(connection: Any, limit: float) -> None:
+    import psycopg
+
+    try:
+        await asyncio.wait_for(connection.execute(";"), limit)
+    except (asyncio.TimeoutError, psycopg.Error):
+        await connection.close()  # the pool sees a closed connection: a disconnect
+        raise psycopg.OperationalError("the server did not answer the pre-ping") from None
 
 
 def _ping(connection: Any, limit: float) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from deploy_fixtures import pgbouncer, pgbouncer_session, replica, silent_server  # noqa: F401
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,7 +24,6 @@ from sqlalchemy.pool import NullPool
 
 import dbsession.example.models  # noqa: F401  (registers the example tables)
 from dbsession import Base, DbSessionFactory, migrations
-from deploy_fixtures import pgbouncer, pgbouncer_session, replica, silent_server  # noqa: F401
 
 SERVERS = {
     "postgresql": (

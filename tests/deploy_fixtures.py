@@ -366,16 +366,21 @@ class TcpProxy:
     def refuse(self) -> None:
         """From now on close every connection, and cut the open ones."""
         self.mode = "refuse"
-        for sock in list(self._sockets):
+        self._cut()
+
+    def _cut(self) -> None:
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        self._sockets.clear()
+            sock.close()
 
     def close(self) -> None:
-        """Stop listening and cut every connection."""
+        """Stop listening and close every connection."""
         self._closed = True
-        self.refuse()
+        self.mode = "refuse"
         self._listener.close()
+        self._cut()
 
 
 @pytest.fixture

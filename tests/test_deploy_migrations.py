@@ -125,9 +125,7 @@ def test_mysql_lock_of_another_database_does_not_block(db_url: URL) -> None:
     assert TABLES <= tables(db_url)
 
 
-def test_sqlite_uri_urls_take_the_lock_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sqlite_uri_urls_take_the_lock_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     database = tmp_path / "app.sqlite3"
     url = URL.create("sqlite", database=f"file:{database}", query={"uri": "true"})
     monkeypatch.setenv("DBSESSION_MIGRATION_LOCK_TIMEOUT", "0.5")
