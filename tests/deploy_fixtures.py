@@ -117,7 +117,7 @@ class Bouncer:
             autocommit=True,
             connect_timeout=5,
         ) as conn:
-            conn.execute(command)  # type: ignore[arg-type]  # admin commands are not literals
+            conn.execute(command)
 
 
 def _start_bouncer(postgresql_url: URL, pool_mode: str) -> Iterator[Bouncer]:

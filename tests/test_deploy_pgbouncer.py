@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 from deploy_fixtures import Bouncer
-from sqlalchemy import Integer, String, create_engine, select, text, update
+from sqlalchemy import Integer, String, Table, create_engine, insert, inspect, select, text, update
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 from test_reliability import run_threads
 
-from dbsession import ConnectionLostError, DbSessionFactory, ReadOnlyError
+from dbsession import ConnectionLostError, DbSessionFactory, ReadOnlyError, ScopeTimeoutError
 from dbsession.asyncio import AsyncDbSessionFactory
 
 THREADS = 8
@@ -56,6 +56,12 @@ class Right(_Shaped, Shapes):
 
 
 PAIRS: tuple[tuple[type[_Shaped], type[_Shaped]], ...] = ((Left, Right), (Right, Left))
+MODELS: tuple[type[_Shaped], ...] = (Left, Right)
+
+
+def table_of(model: type[_Shaped]) -> Table:
+    table: Table = inspect(model).local_table
+    return table
 
 
 @pytest.fixture
@@ -64,11 +70,14 @@ def direct(postgresql_url: URL) -> Iterator[Engine]:
     engine = create_engine(postgresql_url, poolclass=NullPool)
     Shapes.metadata.drop_all(engine)
     Shapes.metadata.create_all(engine)
-    with Session(engine) as session:
-        for model in (Left, Right):
-            for row in range(1, ROWS + 1):
-                session.add(model(id=row, kind=model.__tablename__, **dict.fromkeys(COLUMNS, 0)))
-        session.commit()
+    with engine.begin() as conn:
+        for model in MODELS:
+            table = table_of(model)
+            rows = [
+                {"id": row, "kind": table.name, **dict.fromkeys(COLUMNS, 0)}
+                for row in range(1, ROWS + 1)
+            ]
+            conn.execute(insert(table), rows)
     yield engine
     Shapes.metadata.drop_all(engine)
     engine.dispose()
@@ -81,11 +90,11 @@ def _unit(session: Session, thread: int, i: int, wrong: list[str]) -> None:
     row = i % ROWS + 1
     column = COLUMNS[thread]
     found = session.get(model, row)
-    if found is None or found.id != row or found.kind != model.__tablename__:
+    if found is None or found.id != row or found.kind != table_of(model).name:
         wrong.append(f"get({model.__name__}, {row}) gave {found and (found.kind, found.id)}")
         return
     setattr(found, column, getattr(found, column) + 1)
-    table = other.__table__
+    table = table_of(other)
     result: Any = session.execute(
         update(table).where(table.c.id == row).values({column: table.c[column] + 1})
     )
@@ -95,7 +104,7 @@ def _unit(session: Session, thread: int, i: int, wrong: list[str]) -> None:
 
 def _assert_counts(engine: Engine, done: Counter[tuple[int, int]]) -> None:
     """Each cell holds exactly the committed units of its thread on its row, both tables."""
-    for model in (Left, Right):
+    for model in MODELS:
         with Session(engine) as session:
             for found in session.scalars(select(model)):
                 for thread, column in enumerate(COLUMNS):
@@ -239,3 +248,14 @@ def test_kill_and_resume_in_pgbouncer_pre_ping_recovers_and_a_unit_in_flight_fai
     assert _c0(direct) == 2  # the unit in flight did not commit
     with pooled.session_scope() as session:
         assert session.scalar(text("SELECT c0 FROM pool_left WHERE id = 1")) == 2
+
+
+def test_scope_timeout_through_transaction_pooling_stays_in_its_transaction(
+    pooled: DbSessionFactory,
+) -> None:
+    with pytest.raises(ScopeTimeoutError):
+        with pooled.session_scope(timeout=0.5) as session:
+            session.execute(text("SELECT pg_sleep(5)"))
+    for _ in range(3):  # SET LOCAL ended with its transaction: no server session keeps it
+        with pooled.session_scope() as session:
+            session.execute(text("SELECT pg_sleep(0.7)"))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from deploy_fixtures import Replica, TcpProxy
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from test_deploy_timeouts import BOUND, QUICK, within
