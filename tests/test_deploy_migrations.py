@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import fcntl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import migrate_to_base
 from deploy_fixtures import Bouncer
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
-from test_migrations import INI, TABLES, tables
+from test_migrations import INI, TABLES, tables, upgrade_at_once
 
 from dbsession import MigrationLockTimeoutError, migrations
 from dbsession.migrations import _PG_LOCK_KEY
@@ -21,19 +20,11 @@ from dbsession.migrations import _PG_LOCK_KEY
 ROUNDS = 2
 
 
-def _clean(url: URL) -> None:
-    migrations.downgrade("base", url=url, migrations=INI)
-    engine = create_engine(url, poolclass=NullPool)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
-
-
 @pytest.fixture
 def pg_database(postgresql_url: URL) -> Iterator[URL]:
     """The test PostgreSQL database, migrated down to base afterwards."""
     yield postgresql_url
-    _clean(postgresql_url)
+    migrate_to_base(postgresql_url)
 
 
 def _advisory_locks(engine: Engine) -> int:
@@ -59,28 +50,14 @@ def test_four_concurrent_upgrades_through_any_pooler_migrate_once_and_leak_no_lo
             "pgbouncer" if route == "transaction" else "pgbouncer_session"
         )
         target = bouncer.url(pg_database)
-    url = target.render_as_string(hide_password=False)
     direct = create_engine(pg_database, poolclass=NullPool)
     try:
         for _ in range(ROUNDS):
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "dbsession", "--url", url, "--migrations", str(INI)]
-                    + ["upgrade"],
-                    cwd=tmp_path,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-                for _ in range(4)
-            ]
-            outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-            assert [proc.returncode for proc in procs] == [0, 0, 0, 0], outputs
-            assert sum("Running upgrade" in out for out in outputs) == 1, outputs
+            upgrade_at_once(target, tmp_path)
             assert migrations.current(url=pg_database) == migrations.head(migrations=INI)
             assert TABLES <= tables(pg_database)
             assert _advisory_locks(direct) == 0  # released with its transaction
-            _clean(pg_database)
+            migrate_to_base(pg_database)
     finally:
         direct.dispose()
 
