@@ -107,10 +107,17 @@ def install_ping_timeout(engine: Engine, timeouts: Timeouts) -> None:
 
 
 async def _ping_async(connection: Any, limit: float) -> None:
+    """psycopg's async ping, as SQLAlchemy does it (an empty statement outside any
+    transaction), given at most ``limit`` seconds; past that the connection is closed."""
     import psycopg
 
+    autocommit = connection.autocommit
     try:
+        if not autocommit:
+            await connection.set_autocommit(True)
         await asyncio.wait_for(connection.execute(";"), limit)
+        if not autocommit:
+            await connection.set_autocommit(False)
     except (asyncio.TimeoutError, psycopg.Error):
         await connection.close()  # the pool sees a closed connection: a disconnect
         raise psycopg.OperationalError("the server did not answer the pre-ping") from None
