@@ -19,7 +19,7 @@ from ._binding import Binding, normalize_isolation_level
 from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
 from ._context import Frame, innermost
 from ._errors import AlreadyInitializedError
-from ._replica import use_replica
+from ._replica import refuse_for_savepoint, use_replica
 from ._retry import RetryPolicy
 from ._scope import savepoint_frame
 
@@ -261,6 +261,7 @@ class LazyFactory(Generic[B]):
         level = normalize_isolation_level(isolation_level)
         outer = innermost(self) if nested else None
         if outer is not None:
+            refuse_for_savepoint(timeout=timeout, replica=replica)
             return join(savepoint_frame(outer, readonly=readonly, isolation_level=level))
         on_replica = use_replica(
             self, self._settings, readonly=readonly, replica=replica, isolation_level=level

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from ._config import Settings, Timeouts, mask_url, sync_twin
-from ._errors import ConfigurationError, UnsupportedIsolationLevelError
+from ._errors import ConfigurationError, ScopeError, UnsupportedIsolationLevelError
 from ._timeouts import driver_timeouts
 
 _PROBE_INTERVAL = 1.0
@@ -103,6 +103,17 @@ def use_replica(
     if settings.max_replica_lag is None:
         return True
     return _probe(owner, settings).lag() <= settings.max_replica_lag
+
+
+def refuse_for_savepoint(*, timeout: float | None, replica: bool | None) -> None:
+    """A savepoint joins the outer transaction, on its server and with its budget: raise
+    ScopeError if it is asked for a time budget or a server of its own."""
+    if timeout is not None or replica is not None:
+        raise ScopeError(
+            "session_scope(nested=True) with timeout= or replica=: a savepoint shares the "
+            "outer transaction, its server and its time budget. Give them to the outer "
+            "scope, or open an independent scope."
+        )
 
 
 def _probe(owner: Any, settings: Settings) -> _LagProbe:

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from dbsession import ConfigurationError, DbSessionFactory, Timeouts
+from dbsession import ConfigurationError, DbSessionFactory, ScopeError, Timeouts
 
 
 def _driver_connection(factory: DbSessionFactory) -> Any:
@@ -78,5 +78,19 @@ def test_a_scope_timeout_must_be_positive(tmp_path: Any) -> None:
         with pytest.raises(ConfigurationError, match="timeout"):
             with factory.session_scope(timeout=-1):
                 pass
+    finally:
+        factory.dispose()
+
+
+@pytest.mark.parametrize("option", [{"timeout": 1}, {"replica": False}])
+def test_a_savepoint_cannot_have_its_own_budget_or_server(
+    tmp_path: Any, option: dict[str, Any]
+) -> None:
+    factory = DbSessionFactory(f"sqlite:///{tmp_path}/t.db")
+    try:
+        with factory.session_scope():
+            with pytest.raises(ScopeError, match="outer scope"):
+                with factory.session_scope(nested=True, **option):
+                    pass
     finally:
         factory.dispose()
