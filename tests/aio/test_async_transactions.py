@@ -85,13 +85,13 @@ def test_nested_scope_outside_any_scope_is_a_normal_scope(
     assert names(other_connection) == ["alone"]
 
 
-def test_savepoint_cannot_change_the_outer_transaction(
+def test_joined_scope_shares_the_outer_transaction_and_cannot_change_its_level(
     async_factory: AsyncDbSessionFactory, run: Run[Any]
 ) -> None:
     async def body() -> None:
-        async with async_factory.session_scope():
-            with pytest.raises(ScopeError):
-                async_factory.session_scope(readonly=True)
+        async with async_factory.session_scope() as outer:
+            async with async_factory.session_scope(readonly=True) as reader:
+                assert reader is outer
             with pytest.raises(ScopeError):
                 async_factory.session_scope(isolation_level="SERIALIZABLE")
 
