@@ -10,10 +10,12 @@ anything this package raises on its own account::
     │   ├── MissingDriverError      the driver package is not installed
     │   ├── SQLitePathError         SQLite file folder missing or not writable
     │   ├── AlreadyInitializedError global_init() again with other settings
+    │   ├── NotInitializedError     the process default was disposed and not set up again
     │   ├── MigrationsNotFoundError no Alembic migrations folder to run
     │   └── UnsupportedIsolationLevelError  isolation level the backend does not have
-    ├── DatabaseUnreachableError    the server did not accept a connection
-    │   └── ConnectionLostError     an open connection broke (also a SQLAlchemy OperationalError)
+    ├── DatabaseUnreachableError    the server did not accept a connection (also an
+    │   │                           sqlalchemy.exc.OperationalError)
+    │   └── ConnectionLostError     an open connection broke under a transaction
     │       └── CommitOutcomeUnknownError  it broke during COMMIT: committed or not, unknown
     ├── ScopeTimeoutError           a statement or lock wait overran session_scope(timeout=)
     │                               (also a SQLAlchemy OperationalError)
@@ -22,8 +24,11 @@ anything this package raises on its own account::
     │   ├── UnknownRevisionError    no such revision in the migrations folder
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
-    │   └── NoActiveScopeError      current_session()/on_commit() outside any scope
-    ├── ReadOnlyError               a write inside session_scope(readonly=True)
+    │   ├── NoActiveScopeError      current_session()/on_commit() outside any scope
+    │   └── TransactionAbortedError the outer transaction was lost inside a savepoint;
+    │                               the unit of work refuses to commit
+    ├── ReadOnlyError               a write inside session_scope(readonly=True) (also a
+    │                               sqlalchemy.exc.DBAPIError)
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
@@ -32,13 +37,18 @@ stays reachable as its ``__cause__``. Errors of SQLAlchemy and the drivers
 that dbsession has nothing to add to (an ``IntegrityError`` from a flush, say)
 pass through unchanged. No message ever contains a password: URLs are always
 rendered masked.
+
+Where dbsession replaces a SQLAlchemy error with its own, the new one is still an
+instance of the SQLAlchemy class it replaces, so ``except OperationalError`` written
+against plain SQLAlchemy keeps working: ``DatabaseUnreachableError`` is an
+``sqlalchemy.exc.OperationalError``, ``ReadOnlyError`` an ``sqlalchemy.exc.DBAPIError``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import exc as sa_exc
 
 
 class DbSessionError(Exception):
@@ -69,17 +79,25 @@ class AlreadyInitializedError(ConfigurationError):
     """The factory is already initialised with a different URL or options."""
 
 
-class DatabaseUnreachableError(DbSessionError):
-    """A connection to the database server could not be opened."""
+class _TranslatedDBAPIError(sa_exc.DBAPIError):
+    """A driver error that dbsession re-words: the message is dbsession's own line, the
+    driver's exception stays reachable as ``orig`` (and as ``__cause__`` where chained)."""
 
-
-class _ReplacesOperationalError(OperationalError):
-    """A dbsession error that replaces a SQLAlchemy ``OperationalError`` (or another
-    DBAPIError) and stays catchable as ``OperationalError``: the driver's exception is
-    ``orig`` and the ``__cause__``; ``str()`` is dbsession's one-line message."""
-
-    def __init__(self, message: str, *, statement: str | None, params: Any, orig: Any) -> None:
-        super().__init__(statement, params, orig, connection_invalidated=True)
+    def __init__(
+        self,
+        message: str,
+        *,
+        orig: BaseException | None = None,
+        statement: str | None = None,
+        params: Any = None,
+        connection_invalidated: bool = False,
+    ) -> None:
+        super().__init__(
+            statement,
+            params,
+            orig,  # type: ignore[arg-type]  # None: dbsession's own refusal, no driver error
+            connection_invalidated=connection_invalidated,
+        )
         self.message = message
         self.args = (message,)
 
@@ -87,14 +105,14 @@ class _ReplacesOperationalError(OperationalError):
         return self.message
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (type(self), self.message))
+        return type(self), (self.message,)
 
 
-def _rebuild(cls: type[_ReplacesOperationalError], message: str) -> Exception:
-    return cls(message, statement=None, params=None, orig=None)
+class DatabaseUnreachableError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
+    """A connection to the database server could not be opened."""
 
 
-class ConnectionLostError(DatabaseUnreachableError, _ReplacesOperationalError):
+class ConnectionLostError(DatabaseUnreachableError):
     """An open connection broke mid-transaction (a killed server session, a pooler that
     dropped it, a peer silent past the timeouts); the transaction did not commit."""
 
@@ -104,10 +122,10 @@ class CommitOutcomeUnknownError(ConnectionLostError):
     committed. ``run_in_transaction`` retries it only for ``RetryPolicy(idempotent=True)``."""
 
 
-class ScopeTimeoutError(DbSessionError, _ReplacesOperationalError):
+class ScopeTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
     """A statement or lock wait overran ``session_scope(timeout=...)``; the scope rolled back.
 
-    Also a SQLAlchemy ``OperationalError`` (the error it replaces); ``timeout`` is the budget.
+    Also a SQLAlchemy ``OperationalError`` (the error it replaces); the driver's is ``orig``.
     """
 
 
@@ -123,12 +141,24 @@ class NoActiveScopeError(ScopeError):
     """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``."""
 
 
-class ReadOnlyError(DbSessionError):
+class ReadOnlyError(DbSessionError, _TranslatedDBAPIError):
     """A statement tried to write inside a read-only transaction.
 
     The driver's exception (PostgreSQL 25006, MySQL/MariaDB 1792, SQLite
-    SQLITE_READONLY) is the ``__cause__``.
+    SQLITE_READONLY) is ``orig`` and the ``__cause__``; a write refused by dbsession
+    itself (inside a read-only scope joined to a writing one) has no ``orig``.
     """
+
+
+class TransactionAbortedError(ScopeError):
+    """The transaction of a unit of work was lost inside one of its savepoints (a deadlock
+    or a killed connection rolls back the whole transaction on some backends), so the
+    unit of work refuses to commit what is left of it. The cause is ``__cause__``;
+    ``run_in_transaction`` retries the whole unit when that cause is transient."""
+
+
+class NotInitializedError(ConfigurationError):
+    """The process default factory was disposed; call ``global_init()`` before using it again."""
 
 
 class RetryExhaustedError(DbSessionError):

@@ -106,6 +106,7 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
                 statement=context.statement,
                 params=context.parameters,
                 orig=original,
+                connection_invalidated=True,
             )
         return ConnectionLostError(
             f"The connection to {describe} was lost {why}; the transaction was not "
@@ -114,4 +115,5 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
             statement=context.statement,
             params=context.parameters,
             orig=original,
+            connection_invalidated=True,
         )

@@ -110,9 +110,9 @@ def refuse_for_savepoint(*, timeout: float | None, replica: bool | None) -> None
     ScopeError if it is asked for a time budget or a server of its own."""
     if timeout is not None or replica is not None:
         raise ScopeError(
-            "session_scope(nested=True) with timeout= or replica=: a savepoint shares the "
-            "outer transaction, its server and its time budget. Give them to the outer "
-            "scope, or open an independent scope."
+            "session_scope(timeout=/replica=) inside another scope: it joins that scope as "
+            "a SAVEPOINT, sharing its transaction, server and time budget. Give them to the "
+            "outer scope, or pass independent=True for a separate transaction."
         )
 
 

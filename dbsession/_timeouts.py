@@ -224,7 +224,7 @@ def install_scope_timeouts(engine: Engine) -> None:
         original = context.original_exception
         if budget is None or not _is_timeout(original, name):
             return None
-        error = ScopeTimeoutError(
+        return ScopeTimeoutError(
             f"session_scope(timeout={budget!r}) ran out of time ({name}: "
             f"{first_line(original, engine.url)}); the scope is rolled back. Allow more "
             "time with a larger timeout=, or make the statement (or the lock holder) faster.",
@@ -232,8 +232,6 @@ def install_scope_timeouts(engine: Engine) -> None:
             params=context.parameters,
             orig=original,
         )
-        error.connection_invalidated = False
-        return error
 
 
 def _progress_handler(connection: Connection, handler: Any) -> None:

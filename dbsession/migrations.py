@@ -36,7 +36,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from ._classify import error_code
-from ._config import resolve_url, scrub
+from ._config import make_settings, resolve_url, scrub
+from ._engine import make_engine
 from ._errors import (
     ConfigurationError,
     MigrationError,
@@ -45,7 +46,6 @@ from ._errors import (
     SchemaNotAtHeadError,
     UnknownRevisionError,
 )
-from ._factory import DbSessionFactory
 
 MIGRATIONS_ENV = "DBSESSION_MIGRATIONS"
 METADATA_ENV = "DBSESSION_METADATA"
@@ -116,12 +116,8 @@ def downgrade(
 
 def current(*, url: str | URL | None = None) -> str | None:
     """Return the database's current revision, or None for an unmigrated database."""
-    factory = DbSessionFactory(_resolve(url), poolclass=NullPool)
-    try:
-        with factory.engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
-    finally:
-        factory.dispose()
+    with _connect(_resolve(url)) as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 def head(*, migrations: Migrations = None) -> str:
@@ -198,18 +194,24 @@ def run_env() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    factory = DbSessionFactory(url, poolclass=NullPool)
+    with _connect(url) as connection, migration_lock(connection):
+        # On PostgreSQL the lock's transaction is open: Alembic runs every migration in
+        # it (transactional DDL), and its commit releases the lock.
+        context.configure(connection=connection, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+
+
+@contextmanager
+def _connect(url: str | URL) -> Iterator[Connection]:
+    """A connection of an engine with dbsession's opinions and no pool, disposed after."""
+    engine = make_engine(make_settings(url, engine_options={"poolclass": NullPool}))
     try:
-        with factory.engine.connect() as connection:
-            with migration_lock(connection):
-                # On PostgreSQL the lock's transaction is open: Alembic runs every
-                # migration in it (transactional DDL), and its commit releases the lock.
-                context.configure(connection=connection, **options)
-                with context.begin_transaction():
-                    context.run_migrations()
-                connection.commit()
+        with engine.connect() as connection:
+            yield connection
     finally:
-        factory.dispose()
+        engine.dispose()
 
 
 @contextmanager

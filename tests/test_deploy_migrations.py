@@ -14,7 +14,8 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 from test_migrations import INI, TABLES, tables, upgrade_at_once
 
-from dbsession import MigrationLockTimeoutError, migrations
+from dbsession import migrations
+from dbsession.errors import MigrationLockTimeoutError
 from dbsession.migrations import _PG_LOCK_KEY
 
 ROUNDS = 2

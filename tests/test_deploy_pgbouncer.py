@@ -19,13 +19,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 from test_reliability import run_threads
 
-from dbsession import ConnectionLostError, DbSessionFactory, ReadOnlyError, ScopeTimeoutError
+from dbsession import DbSessionFactory, ReadOnlyError, RetryPolicy
 from dbsession.asyncio import AsyncDbSessionFactory
+from dbsession.errors import ConnectionLostError, ScopeTimeoutError
 
 THREADS = 8
 UNITS = 200
 ROWS = 4
 COLUMNS = [f"c{n}" for n in range(THREADS)]
+RETRY = RetryPolicy(attempts=20)
 
 
 class Shapes(DeclarativeBase):
@@ -128,7 +130,7 @@ def test_8_threads_x_200_units_through_transaction_pooling_never_touch_a_wrong_r
     def worker(thread: int) -> None:
         for i in range(UNITS):
             try:
-                factory.run_in_transaction(_unit, thread, i, wrong, attempts=20)
+                factory.transactional(retry=RETRY)(_unit)(thread, i, wrong)
             except Exception as error:
                 errors.append(error)
                 continue
@@ -160,7 +162,7 @@ def test_8_tasks_x_200_units_async_through_transaction_pooling_never_touch_a_wro
         async def worker(thread: int) -> None:
             for i in range(UNITS):
                 try:
-                    await factory.run_in_transaction(_async_unit, thread, i, wrong, attempts=20)
+                    await factory.transactional(retry=RETRY)(_async_unit)(thread, i, wrong)
                 except Exception as error:
                     errors.append(error)
                     continue
@@ -211,7 +213,9 @@ def test_serializable_conflicts_are_retried_through_transaction_pooling(
 
     def worker(number: int) -> None:
         for _ in range(15):
-            pooled.run_in_transaction(increment, attempts=100, isolation_level="SERIALIZABLE")
+            pooled.transactional(retry=RetryPolicy(attempts=100), isolation_level="SERIALIZABLE")(
+                increment
+            )()
 
     run_threads(worker, 4)
     assert _c0(direct) == 60

@@ -16,8 +16,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from test_deploy_timeouts import BOUND, QUICK, within
 
-from dbsession import DatabaseUnreachableError, DbSessionFactory, UnsupportedIsolationLevelError
+from dbsession import DatabaseUnreachableError, DbSessionFactory
 from dbsession.asyncio import AsyncDbSessionFactory
+from dbsession.errors import UnsupportedIsolationLevelError
 
 pytestmark = pytest.mark.backends("postgresql")
 
@@ -172,7 +173,7 @@ def test_recovery_conflicts_on_the_replica_are_retried(
             session.execute(text("SELECT pg_sleep(20)"))
         return rows
 
-    assert within(BOUND, lambda: routed.run_in_transaction(read, readonly=True)) == 0
+    assert within(BOUND, lambda: routed.transactional(readonly=True)(read)()) == 0
     assert len(attempts) == 2
 
 
@@ -184,9 +185,7 @@ def test_async_read_only_scopes_route_the_same_way(
         seen = []
         try:
             for replica_choice in (None, False):
-                async with made.async_session_scope(
-                    readonly=True, replica=replica_choice
-                ) as session:
+                async with made.session_scope(readonly=True, replica=replica_choice) as session:
                     seen.append(bool((await session.execute(text(IN_RECOVERY))).scalar()))
         finally:
             await made.dispose()

@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from dbsession import ConfigurationError, DbSessionFactory, ScopeError, Timeouts
+from dbsession import ConfigurationError, DbSessionFactory, Timeouts
+from dbsession.errors import ScopeError
 
 
 def _driver_connection(factory: DbSessionFactory) -> Any:
@@ -89,8 +90,8 @@ def test_a_savepoint_cannot_have_its_own_budget_or_server(
     factory = DbSessionFactory(f"sqlite:///{tmp_path}/t.db")
     try:
         with factory.session_scope():
-            with pytest.raises(ScopeError, match="outer scope"):
-                with factory.session_scope(nested=True, **option):
+            with pytest.raises(ScopeError, match="independent=True"):
+                with factory.session_scope(**option):
                     pass
     finally:
         factory.dispose()

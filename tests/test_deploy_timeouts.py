@@ -20,17 +20,11 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from dbsession import (
-    CommitOutcomeUnknownError,
-    ConnectionLostError,
-    DatabaseUnreachableError,
-    DbSessionFactory,
-    ScopeTimeoutError,
-    Timeouts,
-)
+from dbsession import DatabaseUnreachableError, DbSessionFactory, RetryPolicy, Timeouts
 from dbsession._pooler import is_lost_connection
-from dbsession._retry import RetryPolicy, run_with_retries
+from dbsession._retry import run_with_retries
 from dbsession.asyncio import AsyncDbSessionFactory
+from dbsession.errors import CommitOutcomeUnknownError, ConnectionLostError, ScopeTimeoutError
 
 T = TypeVar("T")
 BOUND = 40.0  # seconds: every wait below must end well before this
@@ -95,7 +89,7 @@ def test_a_silent_server_fails_async_scopes_too(backend_url: URL, silent_server:
             timeouts=QUICK,
         )
         try:
-            async with factory.async_session_scope() as session:
+            async with factory.session_scope() as session:
                 await session.execute(text("SELECT 1"))
         finally:
             await factory.dispose()
@@ -134,7 +128,7 @@ def test_async_pre_ping_of_a_silent_peer_is_bounded_too(proxied: tuple[TcpProxy,
     proxy, url = proxied
 
     async def query(factory: AsyncDbSessionFactory) -> Any:
-        async with factory.async_session_scope() as session:
+        async with factory.session_scope() as session:
             return (await session.execute(text("SELECT 1"))).scalar()
 
     async def main() -> list[Any]:
@@ -188,7 +182,7 @@ def test_a_lock_wait_past_the_scope_timeout_raises_the_named_error_not_a_retry(
         def contend(session: Session) -> None:
             session.execute(text("UPDATE supplier SET name = 'waiter' WHERE id = 1"))
 
-        def run() -> None:
+        def run() -> None:  # run_in_transaction's loop, on scopes with a time budget
             policy = RetryPolicy(attempts=3)
             scope = lambda: factory.session_scope(timeout=1)  # noqa: E731
             run_with_retries(
@@ -207,7 +201,7 @@ def test_async_scope_timeout(backend_url: URL) -> None:
     async def main() -> None:
         factory = AsyncDbSessionFactory(backend_url)
         try:
-            async with factory.async_session_scope(timeout=1) as session:
+            async with factory.session_scope(timeout=1) as session:
                 await session.execute(text("SELECT pg_sleep(10)"))
         finally:
             await factory.dispose()
@@ -243,8 +237,7 @@ def test_a_connection_lost_during_commit_is_outcome_unknown_and_retried_only_if_
         session.execute(text("INSERT INTO supplier (name) VALUES ('s')"))
 
     def retried(policy: RetryPolicy) -> None:
-        scope = through.session_scope
-        run_with_retries(scope, unit, policy=policy, dialect_name=url.get_backend_name())
+        through.transactional(retry=policy)(unit)()
 
     try:
         _cut_on_first_commit(through, proxy)

@@ -88,9 +88,9 @@ def async_session_dependency(
 
     async def get_async_session() -> AsyncIterator[AsyncSession]:
         """Yield one async unit of work: committed when the endpoint returns, else rolled back."""
-        from ..asyncio import AsyncDbSessionFactory  # the async extra, only when used
+        from ..asyncio import async_default_factory  # the async extra, only when used
 
-        async with (factory or AsyncDbSessionFactory).async_session_scope() as session:
+        async with (factory or async_default_factory()).session_scope() as session:
             yield session
 
     return get_async_session
