@@ -27,6 +27,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from . import observability
 from ._classify import is_read_only_violation
 from ._config import Settings, mask_url, scrub
 from ._errors import (
@@ -48,6 +50,7 @@ from ._errors import (
     SQLitePathError,
     UnknownDialectError,
 )
+from ._pool import pool_class_for
 
 logger = logging.getLogger("dbsession")
 
@@ -56,6 +59,7 @@ SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"
 #: Execution option read by the MySQL and SQLite ``begin`` hooks: the transaction is read-only.
 READONLY_OPTION = "dbsession_readonly"
 _QUERY_ONLY_FLAG = "dbsession_query_only"
+_STATEMENT_STARTED = "dbsession_statement_started"
 
 _INSTALL_HINTS = {
     "psycopg": "pip install 'dbsession[postgres]'",
@@ -97,9 +101,14 @@ def build_engine(
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
+    if "poolclass" not in options and "pool" not in options:
+        tracked = pool_class_for(url, asyncio=create is not create_engine)
+        if tracked is not None:
+            options["poolclass"] = tracked
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     _install_fork_guard(engine)
+    _install_statement_timing(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
         _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
@@ -177,6 +186,21 @@ def _install_fork_guard(engine: Engine) -> None:
             raise exc.DisconnectionError(
                 "connection was opened by another process; reconnecting in this one"
             )
+
+
+def _install_statement_timing(engine: Engine) -> None:
+    """Time statements for the unit of work observed in this context (observability)."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def started(conn: Connection, *args: Any) -> None:
+        if observability.current() is not None:
+            conn.info[_STATEMENT_STARTED] = time.perf_counter()
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def finished(conn: Connection, *args: Any) -> None:
+        began = conn.info.pop(_STATEMENT_STARTED, None)
+        if began is not None:
+            observability.add_db_time(time.perf_counter() - began)
 
 
 def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:
