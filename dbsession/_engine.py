@@ -27,7 +27,6 @@ import logging
 import os
 import sqlite3
 import tempfile
-import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -59,7 +58,6 @@ SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"
 #: Execution option read by the MySQL and SQLite ``begin`` hooks: the transaction is read-only.
 READONLY_OPTION = "dbsession_readonly"
 _QUERY_ONLY_FLAG = "dbsession_query_only"
-_STATEMENT_STARTED = "dbsession_statement_started"
 
 _INSTALL_HINTS = {
     "psycopg": "pip install 'dbsession[postgres]'",
@@ -108,7 +106,7 @@ def build_engine(
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     _install_fork_guard(engine)
-    _install_statement_timing(engine)
+    observability.watch(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
         _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
@@ -186,21 +184,6 @@ def _install_fork_guard(engine: Engine) -> None:
             raise exc.DisconnectionError(
                 "connection was opened by another process; reconnecting in this one"
             )
-
-
-def _install_statement_timing(engine: Engine) -> None:
-    """Time statements for the unit of work observed in this context (observability)."""
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def started(conn: Connection, *args: Any) -> None:
-        if observability.current() is not None:
-            conn.info[_STATEMENT_STARTED] = time.perf_counter()
-
-    @event.listens_for(engine, "after_cursor_execute")
-    def finished(conn: Connection, *args: Any) -> None:
-        began = conn.info.pop(_STATEMENT_STARTED, None)
-        if began is not None:
-            observability.add_db_time(time.perf_counter() - began)
 
 
 def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:

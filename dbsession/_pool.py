@@ -27,7 +27,7 @@ _made: dict[type[Pool], type[Pool]] = {}
 class _HolderTracking:
     """Mixed into a QueuePool class: timed checkouts, holders by call site."""
 
-    _dbsession_holders: dict[int, str]
+    _dbsession_holders: dict[int, observability.Observation | None]
 
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
@@ -37,9 +37,8 @@ class _HolderTracking:
             raise self._exhausted(error) from None
         finally:
             observability.add_pool_wait(time.perf_counter() - started, self._dbsession_backend)
-        current = observability.current()
         holders = self.__dict__.setdefault("_dbsession_holders", {})
-        holders[id(record)] = current.site if current is not None else _OUTSIDE
+        holders[id(record)] = observability.current()  # its call site is worked out if needed
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
@@ -47,7 +46,10 @@ class _HolderTracking:
         super()._do_return_conn(record)  # type: ignore[misc]
 
     def _exhausted(self, error: exc.TimeoutError) -> PoolExhaustedError:
-        holders = Counter(self.__dict__.get("_dbsession_holders", {}).values())
+        holders = Counter(
+            _OUTSIDE if holder is None else holder.site
+            for holder in list(self.__dict__.get("_dbsession_holders", {}).values())
+        )
         held = "; ".join(f"{site} ({count})" for site, count in holders.most_common(10))
         pool: Any = self
         return PoolExhaustedError(

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from ._context import call_site
 
@@ -85,6 +89,7 @@ def configure(
     _config.tracer = _config.instruments = None
     if opentelemetry:
         _config.tracer, _config.instruments = _make_otel(tracer_provider, meter_provider)
+    _update_listeners()
 
 
 def _make_otel(tracer_provider: Any, meter_provider: Any) -> tuple[Any, dict[str, Any]]:
@@ -112,6 +117,56 @@ def _make_otel(tracer_provider: Any, meter_provider: Any) -> tuple[Any, dict[str
         ),
     }
     return tracer, instruments
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_timed: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def watch(engine: Engine) -> None:
+    """Time the statements of ``engine`` whenever something is observed (called for every
+    engine dbsession builds; the listeners are attached only while observing)."""
+    _engines.add(engine)
+    _update_listeners()
+
+
+_listeners_lock = threading.Lock()
+
+
+def _update_listeners() -> None:
+    wanted = enabled()
+    with _listeners_lock:
+        _update_engines(wanted)
+
+
+def _update_engines(wanted: bool) -> None:
+    for engine in list(_engines):
+        if wanted and engine not in _timed:
+            event.listen(engine, "before_cursor_execute", _statement_started, retval=True)
+            event.listen(engine, "after_cursor_execute", _statement_finished)
+            _timed.add(engine)
+        elif not wanted and engine in _timed:
+            event.remove(engine, "before_cursor_execute", _statement_started)
+            event.remove(engine, "after_cursor_execute", _statement_finished)
+            _timed.discard(engine)
+
+
+def _statement_started(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    if context is not None and _current.get() is not None:
+        context._dbsession_started = time.perf_counter()
+    return statement, parameters
+
+
+def _statement_finished(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    began = getattr(context, "_dbsession_started", None)
+    if began is not None:
+        observation = _current.get()
+        if observation is not None:
+            observation.db_time += time.perf_counter() - began
 
 
 def enabled() -> bool:
@@ -260,13 +315,6 @@ def _end_span(
 def current() -> Observation | None:
     """The unit of work observed in this context, if any."""
     return _current.get()
-
-
-def add_db_time(seconds: float) -> None:
-    """Count ``seconds`` of statement execution against the unit of work running here."""
-    observation = _current.get()
-    if observation is not None:
-        observation.db_time += seconds
 
 
 def add_pool_wait(seconds: float, backend: str) -> None:
