@@ -38,6 +38,7 @@ from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from . import observability
 from ._classify import is_read_only_violation
 from ._config import Settings, first_line, mask_url, scrub
 from ._errors import (
@@ -48,6 +49,7 @@ from ._errors import (
     SQLitePathError,
     UnknownDialectError,
 )
+from ._pool import pool_class_for
 from ._pooler import install_connection_loss, prepared_statement_args
 from ._timeouts import (
     TIMEOUT_OPTION,
@@ -112,9 +114,14 @@ def build_engine(
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
+    if "poolclass" not in options and "pool" not in options:
+        tracked = pool_class_for(url, asyncio=create is not create_engine)
+        if tracked is not None:
+            options["poolclass"] = tracked
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     _install_fork_guard(engine)
+    observability.watch(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
         _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)

@@ -27,6 +27,8 @@ anything this package raises on its own account::
     │   ├── NoActiveScopeError      current_session()/on_commit() outside any scope
     │   └── TransactionAbortedError the outer transaction was lost inside a savepoint;
     │                               the unit of work refuses to commit
+    ├── PoolExhaustedError          no pooled connection free in time; names the holders
+    │                               (also a sqlalchemy.exc.TimeoutError)
     ├── ReadOnlyError               a write inside session_scope(readonly=True) (also a
     │                               sqlalchemy.exc.DBAPIError)
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
@@ -155,6 +157,12 @@ class TransactionAbortedError(ScopeError):
     or a killed connection rolls back the whole transaction on some backends), so the
     unit of work refuses to commit what is left of it. The cause is ``__cause__``;
     ``run_in_transaction`` retries the whole unit when that cause is transient."""
+
+
+class PoolExhaustedError(DbSessionError, sa_exc.TimeoutError):
+    """No pooled connection became free in time; the message names how many are checked
+    out and the call sites of the units of work holding them. Also an
+    ``sqlalchemy.exc.TimeoutError``."""
 
 
 class NotInitializedError(ConfigurationError):

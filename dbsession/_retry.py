@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from . import observability
 from ._classify import transient_reason
 from ._errors import (
     CommitOutcomeUnknownError,
@@ -94,7 +95,7 @@ def run_with_retries(
     name = getattr(fn, "__qualname__", repr(fn))
     for attempt in range(1, policy.attempts + 1):
         try:
-            with open_scope() as session:
+            with observability.attempt(attempt), open_scope() as session:
                 return fn(session)
         except Exception as error:
             wait = wait_before_retry(error, attempt, policy, dialect_name, name)
@@ -119,8 +120,9 @@ async def run_with_retries_async(
     name = getattr(fn, "__qualname__", repr(fn))
     for attempt in range(1, policy.attempts + 1):
         try:
-            async with open_scope() as session:
-                return await fn(session)
+            with observability.attempt(attempt):
+                async with open_scope() as session:
+                    return await fn(session)
         except Exception as error:
             wait = wait_before_retry(error, attempt, policy, dialect_name, name)
             if wait is None:
@@ -150,6 +152,7 @@ def wait_before_retry(
             last_error=error,
         ) from error
     wait = policy.delay(attempt)
+    observability.retried(reason, dialect_name)
     logger.info(
         "dbsession: %s: %s on attempt %d of %d; retrying in %.3fs",
         name,

@@ -15,6 +15,7 @@ from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
 from ._errors import MissingDriverError as MissingDriverError
 from ._errors import NoActiveScopeError as NoActiveScopeError
 from ._errors import NotInitializedError as NotInitializedError
+from ._errors import PoolExhaustedError as PoolExhaustedError
 from ._errors import ReadOnlyError as ReadOnlyError
 from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
@@ -40,6 +41,7 @@ __all__ = [
     "MissingDriverError",
     "NoActiveScopeError",
     "NotInitializedError",
+    "PoolExhaustedError",
     "ReadOnlyError",
     "RetryExhaustedError",
     "SQLitePathError",

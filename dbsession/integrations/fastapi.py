@@ -24,10 +24,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from .. import observability
 from .._factory import DbSessionFactory, session_scope
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ __all__ = [
 
 def session_dependency(
     factory: DbSessionFactory | None = None,
-) -> Callable[[], Iterator[Session]]:
+) -> Callable[[Request], Iterator[Session]]:
     """Return a FastAPI dependency that yields a session inside ``factory.session_scope()``.
 
     Without ``factory`` it uses the process default (``DbSessionFactory.global_init()``,
@@ -57,9 +58,10 @@ def session_dependency(
         session_scope if factory is None else factory.session_scope
     )
 
-    def get_session() -> Iterator[Session]:
+    def get_session(request: Request) -> Iterator[Session]:
         """Yield one unit of work: committed when the endpoint returns, rolled back if it raises."""
         with open_scope() as session:
+            observability.name_current(request.scope.get("endpoint"))
             yield session
 
     return get_session
@@ -75,7 +77,7 @@ DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 def async_session_dependency(
     factory: AsyncDbSessionFactory | None = None,
-) -> Callable[[], AsyncIterator[AsyncSession]]:
+) -> Callable[[Request], AsyncIterator[AsyncSession]]:
     """Return a FastAPI dependency that yields an AsyncSession inside one async unit of work.
 
     Without ``factory`` it uses the process default ``AsyncDbSessionFactory``, looked
@@ -86,11 +88,12 @@ def async_session_dependency(
     drivers are; DatabaseUnreachableError when no connection can be had.
     """
 
-    async def get_async_session() -> AsyncIterator[AsyncSession]:
+    async def get_async_session(request: Request) -> AsyncIterator[AsyncSession]:
         """Yield one async unit of work: committed when the endpoint returns, else rolled back."""
         from ..asyncio import async_default_factory  # the async extra, only when used
 
         async with (factory or async_default_factory()).session_scope() as session:
+            observability.name_current(request.scope.get("endpoint"))
             yield session
 
     return get_async_session
