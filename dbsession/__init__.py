@@ -23,6 +23,7 @@ from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
 from ._errors import SQLitePathError as SQLitePathError
+from ._errors import SQLiteWriteLockTimeoutError as SQLiteWriteLockTimeoutError
 from ._errors import UnknownDialectError as UnknownDialectError
 from ._errors import UnknownRevisionError as UnknownRevisionError
 from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevelError
@@ -48,6 +49,7 @@ __all__ = [
     "ReadOnlyError",
     "RetryExhaustedError",
     "SQLitePathError",
+    "SQLiteWriteLockTimeoutError",
     "ScopeError",
     "UnknownDialectError",
     "UnsupportedIsolationLevelError",

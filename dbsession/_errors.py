@@ -18,6 +18,8 @@ anything this package raises on its own account::
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
     │   └── NoActiveScopeError      current_session()/on_commit() outside any scope
+    ├── SQLiteWriteLockTimeoutError the SQLite write gate did not move for the busy timeout
+    │                               (also an SQLAlchemy OperationalError; retried as SQLITE_BUSY)
     ├── ReadOnlyError               a write inside session_scope(readonly=True)
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
@@ -30,6 +32,10 @@ rendered masked.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
 
 
 class DbSessionError(Exception):
@@ -74,6 +80,31 @@ class ScopeError(DbSessionError):
 
 class NoActiveScopeError(ScopeError):
     """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``."""
+
+
+class _OperationalLine(OperationalError):
+    """An SQLAlchemy ``OperationalError`` (statement ``BEGIN IMMEDIATE``, the driver's
+    error as ``orig``) whose ``str()`` is one line of ours."""
+
+    def __init__(self, message: str, orig: BaseException) -> None:
+        OperationalError.__init__(self, "BEGIN IMMEDIATE", None, orig)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.orig)
+
+
+class SQLiteWriteLockTimeoutError(DbSessionError, _OperationalLine):
+    """An SQLite writer waited for the database's write gate while one and the same
+    transaction of this process held it for the whole busy timeout.
+
+    It is also SQLAlchemy's ``OperationalError``; its ``orig`` is an ``SQLITE_BUSY``
+    ``sqlite3.OperationalError``, so ``except OperationalError`` and
+    ``run_in_transaction`` treat it as SQLite's own "database is locked".
+    """
 
 
 class ReadOnlyError(DbSessionError):
