@@ -249,8 +249,13 @@ def install_write_gate(engine: Engine, database: str, stall: float) -> Callable[
     def do_rollback(dbapi_connection: Any) -> None:
         try:
             rollback(dbapi_connection)
-        finally:
+        except Exception:
             _release(_info_of(dbapi_connection))
+            raise
+        # A cancelled ROLLBACK (BaseException) may still be running in aiosqlite's
+        # thread: the gate stays until SQLAlchemy invalidates the connection, whose
+        # hook below rolls back again, waiting for it.
+        _release(_info_of(dbapi_connection))
 
     # After the driver's COMMIT/ROLLBACK, not in the commit/rollback events, which
     # run before it: the next writer must find SQLite's lock free.
@@ -264,9 +269,11 @@ def install_write_gate(engine: Engine, database: str, stall: float) -> Callable[
         # The connection leaves the pool's care: end its transaction before the gate
         # moves (a closed SQLite connection with a statement still referenced stays
         # open and keeps its lock).
-        if _HELD in record.info and dbapi_connection is not None:
-            end_transaction(dbapi_connection)
-        _release(record.info)
+        try:
+            if _HELD in record.info and dbapi_connection is not None:
+                end_transaction(dbapi_connection)
+        finally:
+            _release(record.info)  # whatever happened: a gate never released is a deadlock
 
     @event.listens_for(engine, "checkin")
     @event.listens_for(engine, "close")
