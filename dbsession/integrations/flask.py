@@ -8,7 +8,8 @@
         ...
 
 The decorated view gets a real SQLAlchemy Session from ``session_scope()`` as its
-first argument (URL variables follow as keyword arguments). When the view returns,
+first argument (``@unit_of_work(readonly=True)``: from ``session_scope(readonly=True)``,
+for views that only read) (URL variables follow as keyword arguments). When the view returns,
 the unit of work is committed, before Flask builds and sends the response; when it
 raises (``abort(409)`` after writes included, and exceptions that an error handler
 turns into a response), it is rolled back and the exception goes on to Flask. A
@@ -38,18 +39,23 @@ R = TypeVar("R")
 
 
 def unit_of_work(
-    factory: DbSessionFactory | None = None,
+    factory: DbSessionFactory | None = None, *, readonly: bool = False
 ) -> Callable[[Callable[Concatenate[Session, P], R]], Callable[P, R]]:
     """Decorate a sync view so that it runs as one unit of work and receives its session.
 
     Without ``factory`` it uses the process default factory, looked up on each
-    request. Raises TypeError when applied to an ``async def`` view (the scope would
-    commit before the coroutine ran). Opening the scope raises
+    request. ``readonly=True`` (for GET views) runs it in ``session_scope(readonly=True)``:
+    it never takes a write lock (on SQLite it does not queue behind writers), and a
+    write in it raises ReadOnlyError. Raises TypeError when applied to an ``async def``
+    view (the scope would commit before the coroutine ran). Opening the scope raises
     DatabaseUnreachableError when no connection can be had.
     """
-    open_scope: Callable[[], AbstractContextManager[Session]] = (
+    scope: Callable[..., AbstractContextManager[Session]] = (
         session_scope if factory is None else factory.session_scope
     )
+
+    def open_scope() -> AbstractContextManager[Session]:
+        return scope(readonly=readonly)
 
     def decorate(view: Callable[Concatenate[Session, P], R]) -> Callable[P, R]:
         if inspect.iscoroutinefunction(view):
