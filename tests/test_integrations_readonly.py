@@ -1,5 +1,5 @@
-"""Read-only requests: ``@unit_of_work(readonly=True)`` (Flask), ``session_dependency(readonly=True)``
-and ``async_session_dependency(readonly=True)`` (FastAPI) take no write lock.
+"""Read-only requests take no write lock: ``@unit_of_work(readonly=True)`` (Flask),
+``session_dependency(readonly=True)`` and ``async_session_dependency(readonly=True)`` (FastAPI).
 
 Each tiny app answers GET /count with the committed number of suppliers, and GET /write
 tries to write. The test holds a writing scope open (on SQLite it holds the database's
