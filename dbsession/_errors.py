@@ -18,7 +18,7 @@ anything this package raises on its own account::
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
     │   └── NoActiveScopeError      current_session()/on_commit() outside any scope
-    ├── SQLiteWriteLockTimeoutError the SQLite write gate did not move for the busy timeout
+    ├── SQLiteWriteLockTimeoutError the SQLite write gate did not move for 2x the busy timeout
     │                               (also an SQLAlchemy OperationalError; retried as SQLITE_BUSY)
     ├── ReadOnlyError               a write inside session_scope(readonly=True)
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
@@ -99,7 +99,7 @@ class _OperationalLine(OperationalError):
 
 class SQLiteWriteLockTimeoutError(DbSessionError, _OperationalLine):
     """An SQLite writer waited for the database's write gate while one and the same
-    transaction of this process held it for the whole busy timeout.
+    transaction of this process held it for twice the busy timeout.
 
     It is also SQLAlchemy's ``OperationalError``; its ``orig`` is an ``SQLITE_BUSY``
     ``sqlite3.OperationalError``, so ``except OperationalError`` and

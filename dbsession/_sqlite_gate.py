@@ -15,7 +15,8 @@ A thread waits for the gate blocking; an asyncio task waits without blocking its
 event loop. A writer waits as long as the gate keeps changing hands: it fails with
 :class:`~dbsession.SQLiteWriteLockTimeoutError` (an SQLAlchemy ``OperationalError``
 that ``run_in_transaction`` retries like ``SQLITE_BUSY``) only when the gate was held
-by one and the same transaction for the whole of the database's busy timeout. A
+by one and the same transaction for twice the database's busy timeout (its holder may
+first wait up to the busy timeout in SQLite for another process). A
 writing transaction opened inside another on the same database (not nested as a
 SAVEPOINT) waits for itself, and so fails after the busy timeout, as it does in
 SQLite itself.
@@ -153,9 +154,9 @@ class WriteGate:
         if seen is not None:
             raise SQLiteWriteLockTimeoutError(
                 f"database is locked: the write lock of the SQLite database {self.key!r} was "
-                f"held by one transaction of this process for {stall:g} s (the busy timeout) "
-                "while this writer waited. Keep writing transactions short, or raise "
-                "sqlite_busy_timeout.",
+                f"held by one transaction of this process for {stall:g} s (twice the busy "
+                "timeout) while this writer waited. Keep writing transactions short, or "
+                "raise sqlite_busy_timeout.",
                 busy_error(self.key, stall),
             )
         return False
@@ -227,17 +228,22 @@ def busy_error(key: str, stall: float) -> sqlite3.OperationalError:
 _HELD = "dbsession_write_gate"
 
 
-def install_write_gate(engine: Engine, database: str, stall: float) -> Callable[[Connection], None]:
+def install_write_gate(
+    engine: Engine, database: str, busy_timeout: float
+) -> Callable[[Connection], None]:
     """Make ``engine``'s writing transactions on ``database`` queue on its gate.
 
-    Returns the ``begin`` step of a writing transaction: take the gate (waiting up to
-    ``stall`` seconds for it to move, without blocking the event loop on an async
-    engine), then send ``BEGIN IMMEDIATE`` on the raw driver connection. The gate is
+    Returns the ``begin`` step of a writing transaction: take the gate (without
+    blocking the event loop on an async engine), then send ``BEGIN IMMEDIATE`` on the
+    raw driver connection. A writer gives up when the gate has not moved for twice
+    ``busy_timeout``: its holder may wait up to the busy timeout in SQLite for another
+    process before its transaction even begins, then gets as long again for its work. The gate is
     released once the transaction has ended: after the driver's commit succeeded,
     after any rollback (the pool's reset on return included), and when the
     connection is invalidated, closed, detached or checked in still holding it.
     """
     gate = gate_for(gate_key(database))
+    stall = 2 * busy_timeout
     dialect = engine.dialect
     is_async = bool(dialect.is_async)
     commit, rollback = dialect.do_commit, dialect.do_rollback
