@@ -10,6 +10,7 @@ processes is retried), on a factory of its own.
 
 from __future__ import annotations
 
+import logging
 import random
 import subprocess
 import sys
@@ -37,6 +38,33 @@ def cpu_hog(processes: int) -> Iterator[None]:
             hog.kill()
         for hog in hogs:
             hog.wait()
+
+
+class RetryCount(logging.Handler):
+    """Counts the retries ``run_in_transaction`` logs on the ``dbsession`` logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.retries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage():
+            self.retries += 1
+
+
+@contextmanager
+def counting_retries() -> Iterator[RetryCount]:
+    """Count the retries of ``run_in_transaction`` in this process during the block."""
+    counter = RetryCount()
+    logger = logging.getLogger("dbsession")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(counter)
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
 
 
 def create_counters(factory: DbSessionFactory) -> None:
@@ -88,10 +116,13 @@ def thread_writers(
     return len(committed), errors
 
 
-def process_writers(url: str, threads: int, units: int, seed: int) -> tuple[int, list[str]]:
-    """In a worker process: ``thread_writers`` on a factory of its own, disposed after."""
+def process_writers(url: str, threads: int, units: int, seed: int) -> tuple[int, list[str], int]:
+    """In a worker process: ``thread_writers`` on a factory of its own, disposed after;
+    (committed, errors, retries of SQLITE_BUSY)."""
     factory = DbSessionFactory(url)
     try:
-        return thread_writers(factory, threads, units, seed)
+        with counting_retries() as counter:
+            committed, errors = thread_writers(factory, threads, units, seed)
+        return committed, errors, counter.retries
     finally:
         factory.dispose()

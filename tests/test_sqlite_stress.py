@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlite_load import (
     COUNTERS,
     bump,
+    counting_retries,
     cpu_hog,
     create_counters,
     process_writers,
@@ -91,7 +92,8 @@ def test_writers_of_threads_tasks_and_processes_under_cpu_load_lose_nothing(
     async_url = url.replace("sqlite:", "sqlite+aiosqlite:")
     spawn = multiprocessing.get_context("spawn")
     try:
-        with cpu_hog(2 * (os.cpu_count() or 1)), spawn.Pool(PROCESSES) as pool:
+        hog = cpu_hog(2 * (os.cpu_count() or 1))
+        with hog, spawn.Pool(PROCESSES) as pool, counting_retries() as counter:
             others = [
                 pool.apply_async(process_writers, (url, PROCESS_THREADS, PROCESS_UNITS, 100 + n))
                 for n in range(PROCESSES)
@@ -102,12 +104,15 @@ def test_writers_of_threads_tasks_and_processes_under_cpu_load_lose_nothing(
             ]
             for runner in runners:
                 runner.join()
+            retries = {"this process": counter.retries}
             for n, other in enumerate(others):
-                results[f"process {n}"] = other.get(timeout=600)
+                committed, errors, retries[f"process {n}"] = other.get(timeout=600)
+                results[f"process {n}"] = committed, errors
         committed = sum(count for count, _ in results.values())
         errors = [error for _, found in results.values() for error in found]
         expected = THREADS * THREAD_UNITS + TASKS * TASK_UNITS
         expected += PROCESSES * PROCESS_THREADS * PROCESS_UNITS
+        print(f"\ncommitted {committed}, errors {len(errors)}, SQLITE_BUSY retries {retries}")
         assert errors == []
         assert committed == expected
         assert total(factory) == committed  # not one update lost
