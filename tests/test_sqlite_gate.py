@@ -226,3 +226,23 @@ def test_threads_of_one_process_never_wait_in_sqlite(tmp_path: Path) -> None:
             assert session.scalar(text("SELECT COUNT(*) FROM t")) == 8 * 40
     finally:
         factory.dispose()
+
+
+def test_in_memory_database_an_open_reader_blocks_a_writers_commit() -> None:
+    # The documented difference of sqlite:// (memdb: no WAL): a reader's open read
+    # transaction keeps a writer from committing, which fails after the busy timeout.
+    factory = DbSessionFactory("sqlite://", sqlite_busy_timeout=0.1)
+    try:
+        with factory.session_scope() as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+        with factory.session_scope(readonly=True) as reader:
+            assert reader.scalar(text("SELECT COUNT(*) FROM t")) == 0
+            with pytest.raises(OperationalError, match="database is locked"):
+                with factory.session_scope() as writer:
+                    writer.execute(text("INSERT INTO t VALUES (1)"))
+        with factory.session_scope() as writer:  # with the reader gone it commits
+            writer.execute(text("INSERT INTO t VALUES (2)"))
+        with factory.session_scope(readonly=True) as reader:
+            assert list(reader.scalars(text("SELECT n FROM t"))) == [2]
+    finally:
+        factory.dispose()
