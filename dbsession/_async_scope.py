@@ -1,88 +1,139 @@
 """The async unit of work: one AsyncSession, committed on success, rolled back on any
 exception (task cancellation and timeouts included), always closed.
 
-The rollback itself is the sync side's policy (``rollback_quietly``), run through
-``AsyncSession.run_sync``. Cleanup runs to completion even when the task is cancelled
-(again) meanwhile, so the connection is back in the pool before the exception leaves
-the scope.
+Every decision is the sync side's (``_scope``), run through ``AsyncSession.run_sync``.
+Cleanup runs to completion even when the task is cancelled (again) meanwhile, so the
+connection is back in the pool before the exception leaves the scope, and the hooks
+of a committed transaction run whatever arrives while the session closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._context import Frame, entered, run_hooks
-from ._scope import end_transaction, rollback_quietly
+from ._context import Frame, entering_frame, pop, push, run_hooks
+from ._scope import (
+    close_savepoint,
+    end_transaction,
+    open_savepoint,
+    refuse_doomed,
+    rollback_quietly,
+    savepoint_frame,
+)
 
 logger = logging.getLogger("dbsession")
 
 
-@asynccontextmanager
-async def async_unit_of_work(
-    make_session: Callable[[], AsyncSession],
-    *,
-    owner: object = None,
-    readonly: bool = False,
-    isolation_level: str | None = None,
-) -> AsyncIterator[AsyncSession]:
-    """Yield a new session; commit when the block ends, roll back on any exception, always close.
+class AsyncUnitOfWork:
+    """``async with AsyncUnitOfWork(maker, ...) as session``: the twin of ``UnitOfWork``.
 
     Any ``BaseException`` (``asyncio.CancelledError`` from a cancelled task or an
     ``asyncio.timeout``, ``KeyboardInterrupt``, ``GeneratorExit``) rolls back too, and
-    the original exception is re-raised unchanged. If the commit fails, the transaction
-    is rolled back and the commit's error raised. A cancellation that arrives during
-    the rollback or close is held until they finish, then raised. A ``readonly`` scope
-    ends like the sync one (``end_transaction``). The scope is on the stack of active
-    scopes while open (``on_commit``, ``current_async_session``); after a successful
-    end its ``on_commit`` hooks run, once the session is closed.
+    is re-raised unchanged once the session is closed. A cancellation that arrives
+    during the rollback or close is held until they finish, then raised.
     """
-    session = make_session()
-    frame = Frame(session, owner, readonly, isolation_level)
+
+    __slots__ = ("_make_session", "_owner", "_readonly", "_isolation_level", "_frame")
+
+    def __init__(
+        self,
+        make_session: Callable[[], AsyncSession],
+        *,
+        owner: object = None,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> None:
+        self._make_session = make_session
+        self._owner = owner
+        self._readonly = readonly
+        self._isolation_level = isolation_level
+
+    async def __aenter__(self) -> AsyncSession:
+        session = self._make_session()
+        frame = Frame(session, self._owner, self._readonly, self._isolation_level)
+        frame.entered_by = entering_frame(1)
+        self._frame = frame
+        push(frame)
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        frame = self._frame
+        session: AsyncSession = frame.session  # type: ignore[assignment]
+        committed = False
+        try:
+            if exc is None:
+                refuse_doomed(frame)
+                await session.run_sync(end_transaction, frame.readonly)
+                committed = True
+            else:
+                await run_to_completion(session.run_sync(rollback_quietly))
+        except BaseException:
+            await run_to_completion(session.run_sync(rollback_quietly))
+            raise
+        finally:
+            pop(frame)
+            try:
+                await run_to_completion(_close_quietly(session))
+            finally:
+                if committed:
+                    run_hooks(frame.hooks)
+
+
+class AsyncSavepoint:
+    """``async with AsyncSavepoint(outer, ...) as session``: the twin of ``Savepoint``."""
+
+    __slots__ = ("_frame", "_transaction")
+
+    def __init__(self, outer: Frame, *, readonly: bool, isolation_level: str | None) -> None:
+        self._frame = savepoint_frame(outer, readonly=readonly, isolation_level=isolation_level)
+
+    async def __aenter__(self) -> AsyncSession:
+        frame = self._frame
+        frame.entered_by = entering_frame(1)
+        session: AsyncSession = frame.session  # type: ignore[assignment]
+        self._transaction = await session.run_sync(open_savepoint, frame)
+        push(frame)
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session: AsyncSession = self._frame.session  # type: ignore[assignment]
+        try:
+            await run_to_completion(
+                session.run_sync(close_savepoint, self._frame, self._transaction, exc)
+            )
+        finally:
+            pop(self._frame)
+
+
+async def _close_quietly(session: AsyncSession) -> None:
     try:
-        with entered(frame):
-            yield session
-            await session.run_sync(end_transaction, readonly)
-    except BaseException:
-        await run_to_completion(_roll_back_and_close(session))
-        raise
-    await run_to_completion(session.close())
-    run_hooks(frame.hooks)
-
-
-@asynccontextmanager
-async def async_savepoint(frame: Frame) -> AsyncIterator[AsyncSession]:
-    """Yield the session of ``frame`` (made by ``savepoint_frame``) inside a SAVEPOINT.
-
-    An exception rolls back to the savepoint only (and the hooks registered since) and
-    is re-raised; on success the savepoint is released and its hooks wait for the
-    outer commit.
-    """
-    session = cast(AsyncSession, frame.session)
-    with entered(frame):
-        async with session.begin_nested():
-            yield session
-    frame.hand_up()
-
-
-async def _roll_back_and_close(session: AsyncSession) -> None:
-    try:
-        await session.run_sync(rollback_quietly)
-    finally:
         await session.close()
+    except Exception:
+        logger.warning("dbsession: closing the session failed", exc_info=True)
 
 
-async def run_to_completion(cleanup: Coroutine[Any, Any, None]) -> None:
+async def run_to_completion(cleanup: Coroutine[Any, Any, Any]) -> Any:
     """Await ``cleanup`` in a task of its own that cancelling this task cannot interrupt.
 
     If this task is cancelled while waiting, wait on until ``cleanup`` is done and then
     raise that CancelledError: the cancellation is delayed, never lost. Otherwise
-    ``cleanup``'s own exception, if any, is raised.
+    ``cleanup``'s own result is returned, or its exception raised.
     """
     task = asyncio.ensure_future(cleanup)
     cancelled: asyncio.CancelledError | None = None
@@ -92,8 +143,7 @@ async def run_to_completion(cleanup: Coroutine[Any, Any, None]) -> None:
         except asyncio.CancelledError as error:
             cancelled = error
     if cancelled is None:
-        task.result()
-        return
+        return task.result()
     if not task.cancelled() and task.exception() is not None:
         logger.warning(
             "dbsession: cleanup failed while the task was cancelled", exc_info=task.exception()

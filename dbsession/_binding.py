@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -47,9 +48,17 @@ class Binding(Generic[E, M]):
         maker_type: Callable[..., M],
         *,
         expire_on_commit: bool,
+        session_options: dict[str, Any],
     ) -> None:
         self.engine = engine
         self.expire_on_commit = expire_on_commit
+        # close_resets_only=False: a session is dead after its scope; a use after the
+        # block raises instead of quietly beginning a transaction nobody commits.
+        self._session_options = {
+            "expire_on_commit": expire_on_commit,
+            "close_resets_only": False,
+            **session_options,
+        }
         self._sync_engine = sync_engine
         self._maker_type = maker_type
         self._makers: dict[tuple[bool, str | None], M] = {}
@@ -78,7 +87,7 @@ class Binding(Generic[E, M]):
                 )
                 engine: Any = self.engine
                 bind = engine.execution_options(**options) if options else engine
-                made = self._maker_type(bind=bind, expire_on_commit=self.expire_on_commit)
+                made = self._maker_type(bind=bind, **self._session_options)
                 self._makers[key] = made
             return made
 
@@ -91,10 +100,11 @@ class Binding(Generic[E, M]):
         open. Read-only and isolation level requests are not applied: the transaction
         is already open.
         """
-        expire = self.expire_on_commit
-        clone = Binding(self.engine, self._sync_engine, self._maker_type, expire_on_commit=expire)
+        clone = copy.copy(self)
+        clone._makers = {}
+        clone._lock = threading.Lock()
         clone._joined = self._maker_type(
-            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=expire
+            bind=connection, join_transaction_mode="create_savepoint", **self._session_options
         )
         return clone
 

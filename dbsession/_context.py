@@ -1,21 +1,33 @@
-"""The stack of active scopes of the running thread or asyncio task, and after-commit hooks.
+"""The stack of active scopes, who owns each, and after-commit hooks.
 
-Pure Python with no I/O, so the sync scopes and an async side drive it alike:
-``entered(frame)`` while a scope is open; on success a savepoint's hooks are
-``handed_up`` to its parent, and an outermost scope runs ``run_hooks(frame.hooks)``
-after its commit; on failure the frame's hooks are simply dropped.
+Pure Python with no I/O, so the sync scopes and the async ones drive it alike.
 
-The stack lives in a ``ContextVar``: each thread has its own, and each asyncio
-task starts from a copy of its creator's, so scopes never leak between them.
+**Ownership.** A scope belongs to the code running inside its ``with`` block: the
+thread or asyncio task that opened it, and only while the Python frame that entered
+it is still running below the caller. The stack itself lives in a ``ContextVar``,
+which is *copied* into child tasks, ``copy_context().run``, ``asyncio.to_thread`` and
+thread pools, and which a generator suspended inside a scope leaves set for its
+consumer. So a frame found on the stack is trusted only when it is
+
+- still open (its scope has not ended, wherever it ended), and
+- entered by a Python frame that is on the current call stack (which is false in
+  another thread, in another task, and for the consumer of a suspended generator),
+
+or when it was explicitly *lent* to the code that sees it (a web integration that
+opens the scope in a dependency and runs the handler elsewhere). Anything else is
+invisible: ``current_session()`` raises NoActiveScopeError and a new scope is a new
+unit of work. Dead frames are pruned from the stack the next time it is pushed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import sys
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TypeVar
 
 from sqlalchemy.orm import Session
@@ -27,12 +39,17 @@ logger = logging.getLogger("dbsession")
 Hook = Callable[[], object]
 S = TypeVar("S")
 
+_CONTEXTLIB_FILES = frozenset({contextlib.__file__})
+
 
 @dataclass(eq=False)
 class Frame:
     """One active scope: its session, the factory that opened it, and its pending hooks.
 
-    ``parent`` is set for a savepoint (``nested=True`` joined to an outer scope).
+    ``parent`` is set for a savepoint joined to an outer scope. ``entered_by`` is the
+    Python frame that entered the scope; ``open`` turns False when it ends, in whatever
+    context that happens. ``doomed`` holds the error that lost the transaction inside
+    a savepoint: the outermost scope then refuses to commit.
     """
 
     session: object
@@ -41,6 +58,18 @@ class Frame:
     isolation_level: str | None = None
     parent: Frame | None = None
     hooks: list[Hook] = field(default_factory=list)
+    entered_by: FrameType | None = None
+    open: bool = True
+    lent: bool = False
+    doomed: BaseException | None = None
+
+    @property
+    def root(self) -> Frame:
+        """The outermost scope of this unit of work (itself, if it is not a savepoint)."""
+        frame = self
+        while frame.parent is not None:
+            frame = frame.parent
+        return frame
 
     def hand_up(self) -> None:
         """A savepoint was released: its hooks now wait for the parent's commit."""
@@ -48,27 +77,60 @@ class Frame:
             self.parent.hooks.extend(self.hooks)
         self.hooks.clear()
 
+    def visible(self) -> bool:
+        """True if the running code may use this scope (see the module docstring)."""
+        if not self.open:
+            return False
+        if self.lent:
+            return True
+        target = self.entered_by
+        python_frame: FrameType | None = sys._getframe(1)
+        while python_frame is not None:
+            if python_frame is target:
+                return True
+            python_frame = python_frame.f_back
+        return False
+
 
 _stack: ContextVar[tuple[Frame, ...]] = ContextVar("dbsession_scopes", default=())
 
 
-@contextmanager
-def entered(frame: Frame) -> Iterator[Frame]:
-    """Make ``frame`` the innermost active scope for the duration of the block."""
-    _stack.set((*_stack.get(), frame))
-    try:
-        yield frame
-    finally:
-        # By identity, not by token: generators may close their scopes out of order.
-        _stack.set(tuple(f for f in _stack.get() if f is not frame))
+def entering_frame(depth: int) -> FrameType | None:
+    """The Python frame ``depth`` levels above the caller that runs the ``with`` statement,
+    skipping contextlib's own frames (``ExitStack.enter_context``, ``@contextmanager``)."""
+    python_frame: FrameType | None = sys._getframe(depth + 1)
+    while python_frame is not None and python_frame.f_code.co_filename in _CONTEXTLIB_FILES:
+        python_frame = python_frame.f_back
+    return python_frame
+
+
+def push(frame: Frame) -> None:
+    """Make ``frame`` the innermost scope of this context, dropping frames that have ended."""
+    _stack.set((*(f for f in _stack.get() if f.open), frame))
+
+
+def pop(frame: Frame) -> None:
+    """End ``frame``: it is never visible again, here or in any context that copied it."""
+    frame.open = False
+    frame.entered_by = None
+    stack = _stack.get()
+    if frame in stack:
+        _stack.set(tuple(f for f in stack if f is not frame and f.open))
 
 
 def innermost(owner: object | None = None) -> Frame | None:
-    """The innermost active scope (of ``owner`` if given), or None."""
+    """The innermost scope visible to the running code (of ``owner`` if given), or None."""
     for frame in reversed(_stack.get()):
-        if owner is None or frame.owner is owner:
+        if (owner is None or frame.owner is owner) and frame.visible():
             return frame
     return None
+
+
+def lend(frame: Frame) -> None:
+    """Make ``frame`` visible to whatever code sees this context until its scope ends
+    (for integrations that open a scope in one context and run the handler in another)."""
+    frame.lent = True
+    push(frame)
 
 
 def _require_frame(what: str) -> Frame:
@@ -78,25 +140,27 @@ def _require_frame(what: str) -> Frame:
             f"{what} was called outside any session_scope(). Call it inside a "
             "'with session_scope() as session:' block ('async with "
             "async_session_scope()' in async code, or a function run by "
-            "run_in_transaction), in the same thread or asyncio task."
+            "run_in_transaction), in the same thread or asyncio task; a child task, "
+            "thread or generator does not share its parent's scope."
         )
     return frame
 
 
 def current_session() -> Session:
-    """Return the session of the innermost active scope of this thread or asyncio task.
+    """Return the session of the innermost scope open in this thread or asyncio task.
 
-    Inside ``session_scope(nested=True)`` that is the outer scope's session (the
-    savepoint shares it). Raises NoActiveScopeError outside any scope, and inside an
-    async scope (use ``dbsession.asyncio.current_async_session()`` there).
+    Inside a scope joined to an outer one that is the outer scope's session (the
+    savepoint shares it). Raises NoActiveScopeError outside any scope (a child task,
+    thread or a generator's consumer is outside), and inside an async scope (use
+    ``dbsession.asyncio.async_current_session()`` there).
     """
     return session_of_scope(
-        Session, "current_session()", "dbsession.asyncio.current_async_session()"
+        Session, "current_session()", "dbsession.asyncio.async_current_session()"
     )
 
 
 def session_of_scope(kind: type[S], what: str, instead: str) -> S:
-    """The innermost active scope's session if it is a ``kind``; else NoActiveScopeError
+    """The innermost visible scope's session if it is a ``kind``; else NoActiveScopeError
     naming ``what`` was called and what to call ``instead``."""
     session = _require_frame(what).session
     if not isinstance(session, kind):
@@ -110,13 +174,14 @@ def session_of_scope(kind: type[S], what: str, instead: str) -> S:
 def on_commit(hook: Hook) -> None:
     """Run ``hook()`` after the outermost transaction of the innermost scope commits.
 
-    The hook is dropped if that transaction rolls back, or if the savepoint
-    (``nested=True``) that registered it rolls back. Hooks run in registration
-    order, once, after the session is closed. A read-only scope that ends without
-    an error counts as committed. A hook that raises is logged (logger
-    ``dbsession``, level ERROR, with the traceback) and the remaining hooks still
-    run; the exception does not propagate, because the transaction is already
-    committed. Raises NoActiveScopeError outside any scope.
+    The hook is dropped if that transaction rolls back, or if the joined scope
+    (savepoint) that registered it rolls back. Hooks run in registration order,
+    once, after the session is closed, even if the task is cancelled or interrupted
+    while the session closes. A read-only scope that ends without an error counts as
+    committed. A hook that raises is logged (logger ``dbsession``, level ERROR, with
+    the traceback) and the remaining hooks still run; the exception does not
+    propagate, because the transaction is already committed. Raises
+    NoActiveScopeError outside any scope of this thread or task.
     """
     _require_frame("on_commit()").hooks.append(hook)
 

@@ -10,17 +10,22 @@ anything this package raises on its own account::
     │   ├── MissingDriverError      the driver package is not installed
     │   ├── SQLitePathError         SQLite file folder missing or not writable
     │   ├── AlreadyInitializedError global_init() again with other settings
+    │   ├── NotInitializedError     the process default was disposed and not set up again
     │   ├── MigrationsNotFoundError no Alembic migrations folder to run
     │   └── UnsupportedIsolationLevelError  isolation level the backend does not have
-    ├── DatabaseUnreachableError    the server did not accept a connection
+    ├── DatabaseUnreachableError    the server did not accept a connection (also an
+    │                               sqlalchemy.exc.OperationalError)
     ├── MigrationError              an Alembic command failed
     │   ├── UnknownRevisionError    no such revision in the migrations folder
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
-    │   └── NoActiveScopeError      current_session()/on_commit() outside any scope
+    │   ├── NoActiveScopeError      current_session()/on_commit() outside any scope
+    │   └── TransactionAbortedError the outer transaction was lost inside a savepoint;
+    │                               the unit of work refuses to commit
     ├── SQLiteWriteLockTimeoutError the SQLite write gate did not move for 2x the busy timeout
     │                               (also an SQLAlchemy OperationalError; retried as SQLITE_BUSY)
-    ├── ReadOnlyError               a write inside session_scope(readonly=True)
+    ├── ReadOnlyError               a write inside session_scope(readonly=True) (also a
+    │                               sqlalchemy.exc.DBAPIError)
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
@@ -29,13 +34,18 @@ stays reachable as its ``__cause__``. Errors of SQLAlchemy and the drivers
 that dbsession has nothing to add to (an ``IntegrityError`` from a flush, say)
 pass through unchanged. No message ever contains a password: URLs are always
 rendered masked.
+
+Where dbsession replaces a SQLAlchemy error with its own, the new one is still an
+instance of the SQLAlchemy class it replaces, so ``except OperationalError`` written
+against plain SQLAlchemy keeps working: ``DatabaseUnreachableError`` is an
+``sqlalchemy.exc.OperationalError``, ``ReadOnlyError`` an ``sqlalchemy.exc.DBAPIError``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import exc as sa_exc
 
 
 class DbSessionError(Exception):
@@ -66,7 +76,36 @@ class AlreadyInitializedError(ConfigurationError):
     """The factory is already initialised with a different URL or options."""
 
 
-class DatabaseUnreachableError(DbSessionError):
+class _TranslatedDBAPIError(sa_exc.DBAPIError):
+    """A driver error that dbsession re-words: the message is dbsession's own line, the
+    driver's exception stays reachable as ``orig`` (and as ``__cause__`` where chained)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        orig: BaseException | None = None,
+        statement: str | None = None,
+        params: Any = None,
+        connection_invalidated: bool = False,
+    ) -> None:
+        super().__init__(
+            statement,
+            params,
+            orig,  # type: ignore[arg-type]  # None: dbsession's own refusal, no driver error
+            connection_invalidated=connection_invalidated,
+        )
+        self.message = message
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message,)
+
+
+class DatabaseUnreachableError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
     """A connection to the database server could not be opened."""
 
 
@@ -82,37 +121,35 @@ class NoActiveScopeError(ScopeError):
     """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``."""
 
 
-class _OperationalLine(OperationalError):
-    """An SQLAlchemy ``OperationalError`` (statement ``BEGIN IMMEDIATE``, the driver's
-    error as ``orig``) whose ``str()`` is one line of ours."""
-
-    def __init__(self, message: str, orig: BaseException) -> None:
-        OperationalError.__init__(self, "BEGIN IMMEDIATE", None, orig)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self) -> Any:
-        return type(self), (self.message, self.orig)
-
-
-class SQLiteWriteLockTimeoutError(DbSessionError, _OperationalLine):
+class SQLiteWriteLockTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
     """An SQLite writer waited for the database's write gate while one and the same
     transaction of this process held it for twice the busy timeout.
 
-    It is also SQLAlchemy's ``OperationalError``; its ``orig`` is an ``SQLITE_BUSY``
-    ``sqlite3.OperationalError``, so ``except OperationalError`` and
-    ``run_in_transaction`` treat it as SQLite's own "database is locked".
+    It is also SQLAlchemy's ``OperationalError`` (statement ``BEGIN IMMEDIATE``); its
+    ``orig`` is an ``SQLITE_BUSY`` ``sqlite3.OperationalError``, so ``except
+    OperationalError`` and ``run_in_transaction`` treat it as SQLite's own
+    "database is locked".
     """
 
 
-class ReadOnlyError(DbSessionError):
+class ReadOnlyError(DbSessionError, _TranslatedDBAPIError):
     """A statement tried to write inside a read-only transaction.
 
     The driver's exception (PostgreSQL 25006, MySQL/MariaDB 1792, SQLite
-    SQLITE_READONLY) is the ``__cause__``.
+    SQLITE_READONLY) is ``orig`` and the ``__cause__``; a write refused by dbsession
+    itself (inside a read-only scope joined to a writing one) has no ``orig``.
     """
+
+
+class TransactionAbortedError(ScopeError):
+    """The transaction of a unit of work was lost inside one of its savepoints (a deadlock
+    or a killed connection rolls back the whole transaction on some backends), so the
+    unit of work refuses to commit what is left of it. The cause is ``__cause__``;
+    ``run_in_transaction`` retries the whole unit when that cause is transient."""
+
+
+class NotInitializedError(ConfigurationError):
+    """The process default factory was disposed; call ``global_init()`` before using it again."""
 
 
 class RetryExhaustedError(DbSessionError):

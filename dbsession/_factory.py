@@ -1,12 +1,13 @@
-"""DbSessionFactory: one engine and sessionmaker per connection string, built lazily and once."""
+"""DbSessionFactory: one engine and sessionmaker per connection string, built lazily and
+once; and the module functions that use the process default factory."""
 
 from __future__ import annotations
 
 import logging
-import threading
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from sqlalchemy import MetaData
 from sqlalchemy.engine import Engine
@@ -16,37 +17,43 @@ from ._base import Base
 from ._binding import Binding
 from ._config import Settings, mask_url
 from ._engine import make_engine
-from ._lifecycle import DefaultOrSelf, LazyFactory
-from ._retry import (
-    DEFAULT_ATTEMPTS,
-    DEFAULT_BASE_DELAY,
-    DEFAULT_MAX_DELAY,
-    RetryPolicy,
-    TransactionalDecorator,
-    retry_decorator,
-    run_with_retries,
-)
-from ._scope import savepoint, unit_of_work
+from ._lifecycle import LazyFactory, Registry, decorate
+from ._retry import RetryPolicy, run_with_retries
+from ._scope import Savepoint, ScopeSession, UnitOfWork
 
 logger = logging.getLogger("dbsession")
 
-T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 SyncBinding = Binding[Engine, sessionmaker[Session]]
+Unit = Callable[Concatenate[Session, P], R]
 
 
 class DbSessionFactory(LazyFactory[SyncBinding]):
     """Owns one engine and its sessionmakers for one database URL.
 
-    The process default is configured with :meth:`global_init` (or lazily, on first
-    use, from ``DATABASE_URL`` or the embedded SQLite file) and used through the class
-    itself: ``DbSessionFactory.session_scope()``. Further databases get instances:
-    ``reports = DbSessionFactory(url)``, which have the same methods.
+    ``reports = DbSessionFactory(url)`` makes a factory for a database;
+    ``DbSessionFactory.global_init(url)`` configures the process default, which the
+    module functions (``dbsession.session_scope()`` ...) use. The engine is built on
+    first use, exactly once, whoever races for it.
 
     Raises ConfigurationError subclasses when the URL or options cannot work.
     """
 
-    _default: ClassVar[DbSessionFactory | None] = None
-    _default_lock: ClassVar[threading.Lock] = threading.Lock()
+    _registry = Registry["DbSessionFactory"]("DbSessionFactory")
+
+    @classmethod
+    def global_dispose(cls, *, allow_lazy: bool = False) -> None:
+        """Dispose the process default factory (if any) and forget it.
+
+        Afterwards the module functions raise NotInitializedError until
+        ``global_init()`` is called again, so late work never lands in a database
+        made up from the environment. ``allow_lazy=True`` (for tests) lets the next
+        use initialise the default lazily from ``DATABASE_URL`` again.
+        """
+        factory = cls._registry.take(allow_lazy=allow_lazy)
+        if factory is not None:
+            factory.dispose()
 
     @property
     def engine(self) -> Engine:
@@ -60,144 +67,211 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
 
     def _make(self, settings: Settings) -> SyncBinding:
         engine = make_engine(settings)
-        return Binding(engine, engine, sessionmaker, expire_on_commit=settings.expire_on_commit)
+        return Binding(
+            engine,
+            engine,
+            sessionmaker,
+            expire_on_commit=settings.expire_on_commit,
+            session_options={"class_": ScopeSession},
+        )
 
-    def _session_scope(
-        self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+    def session_scope(
+        self,
+        *,
+        independent: bool = False,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        nested: bool | None = None,
     ) -> AbstractContextManager[Session]:
-        """Open a unit of work: a fresh Session committed on success and rolled back on any error.
+        """Open a unit of work: a Session committed on success and rolled back on any error.
 
-        ``with DbSessionFactory.session_scope() as session: ...``. The exception that
-        ended the block is re-raised unchanged after the rollback; the session is
-        always closed, and ``on_commit`` hooks run after a successful commit.
+        ``with factory.session_scope() as session: ...``. The exception that ended the
+        block is re-raised unchanged after the rollback; the session is always closed
+        (and unusable afterwards), and ``on_commit`` hooks run after a successful commit.
 
-        - ``nested=True``: inside an active scope of this factory (same thread or
-          asyncio task, at the time of the call), join its session as a SAVEPOINT;
-          an exception rolls back to the savepoint only. Elsewhere, a normal scope.
-        - ``readonly=True``: a read-only transaction, ended by a rollback, on the
-          replica if there is one; a write raises ReadOnlyError.
-        - ``isolation_level``: e.g. ``"SERIALIZABLE"`` or ``"read_committed"`` for
-          this scope's transaction only.
+        Inside an open scope of this factory, in the same thread or asyncio task, the
+        new scope joins it as a SAVEPOINT: an exception rolls back to the savepoint
+        only and is re-raised; the outer scope commits everything at its end.
+
+        - ``independent=True``: a separate transaction on its own connection even inside
+          another scope (an audit row that must survive the outer rollback). It can
+          deadlock against the outer scope if both touch the same rows.
+        - ``readonly=True``: a read-only transaction, ended by a rollback, on the replica
+          if there is one; a write raises ReadOnlyError. Joined to a writing scope, it
+          sees that scope's uncommitted writes and refuses writes of its own.
+        - ``isolation_level``: e.g. ``"SERIALIZABLE"`` or ``"read_committed"`` for this
+          scope's transaction only.
+        - ``nested``: deprecated; scopes join by default (``nested=False`` is
+          ``independent=True``).
 
         Raises UnsupportedIsolationLevelError for a level the backend does not have,
-        ScopeError when a savepoint is asked to change read-only-ness or isolation,
-        DatabaseUnreachableError when no connection can be opened.
+        ScopeError when a joined scope is asked for another isolation level,
+        DatabaseUnreachableError when no connection can be opened, and
+        TransactionAbortedError when the transaction was lost inside a joined scope.
         """
         return self._open_scope(
-            unit_of_work,
-            savepoint,
-            nested=nested,
+            UnitOfWork,
+            Savepoint,
+            independent=_independent(independent, nested),
             readonly=readonly,
             isolation_level=isolation_level,
         )
 
-    def _run_in_transaction(
-        self,
-        fn: Callable[..., T],
-        *args: Any,
-        attempts: int = DEFAULT_ATTEMPTS,
-        base_delay: float = DEFAULT_BASE_DELAY,
-        max_delay: float = DEFAULT_MAX_DELAY,
-        readonly: bool = False,
-        isolation_level: str | None = None,
-    ) -> T:
-        """Run ``fn(session, *args)`` in a fresh scope; retry it whole on a transient failure.
+    def run_in_transaction(
+        self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Run ``fn(session, *args, **kwargs)`` in a scope; retry it whole on a transient failure.
 
         Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
-        or lock wait timeout (MySQL/MariaDB 1213, 1205), SQLITE_BUSY. Such a failure
-        rolls the attempt back and, after a jittered exponential backoff (see
-        RetryPolicy), runs ``fn`` again, up to ``attempts`` times in all. Returns
-        ``fn``'s result. Other errors propagate unchanged and are never retried;
-        ``on_commit`` hooks run once, after the successful attempt. Each retry is
-        logged at INFO. Raises RetryExhaustedError (chaining the last error) when
-        every attempt failed, ConfigurationError for a bad attempts or delay.
-        """
-        policy = RetryPolicy(attempts, base_delay, max_delay)
-        run, scope = run_with_retries, self._session_scope
-        return cast(T, self._with_retries(run, scope, fn, args, policy, readonly, isolation_level))
+        or lock wait timeout (MySQL/MariaDB 1213, 1205), SQLITE_BUSY, anywhere in the
+        error's chain. Such a failure rolls the attempt back and, after a jittered
+        exponential backoff, runs ``fn`` again (default ``RetryPolicy()``: 5 attempts).
+        Returns ``fn``'s result; other errors propagate unchanged, never retried;
+        ``on_commit`` hooks run once, after the successful attempt. Inside a scope of
+        this factory it joins that scope and does not retry (the outer unit must).
 
-    def _transactional(
+        The keywords ``retry`` (a RetryPolicy), ``readonly`` and ``isolation_level`` are
+        dbsession's, not passed to ``fn``; ``transactional(...)`` takes them with full
+        typing. Raises RetryExhaustedError (chaining the last error) when every attempt
+        failed, UnsupportedIsolationLevelError for a bad level.
+        """
+        options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
+        return self._run(lambda session: fn(session, *args, **kwargs), **options)  # type: ignore[arg-type]
+
+    def _run(
         self,
+        unit: Callable[[Session], R],
         *,
-        attempts: int = DEFAULT_ATTEMPTS,
-        base_delay: float = DEFAULT_BASE_DELAY,
-        max_delay: float = DEFAULT_MAX_DELAY,
+        retry: RetryPolicy | None = None,
         readonly: bool = False,
         isolation_level: str | None = None,
-    ) -> TransactionalDecorator:
-        """Decorator: ``@transactional()`` on ``def f(session, ...)`` makes ``f(...)`` run
-        through run_in_transaction with these options (the factory is looked up at each call).
+    ) -> R:
+        return run_with_retries(
+            lambda: self.session_scope(readonly=readonly, isolation_level=isolation_level),
+            unit,
+            policy=self._retry_policy(retry),
+            dialect_name=self._settings.url.get_backend_name(),
+        )
 
-        Raises what run_in_transaction raises, when the decorated function is called.
-        """
-        RetryPolicy(attempts, base_delay, max_delay)  # bad options fail at decoration
-        target = self
+    @overload
+    def transactional(self, fn: Unit[P, R], /) -> Callable[P, R]: ...
+    @overload
+    def transactional(
+        self,
+        /,
+        *,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> Callable[[Unit[P, R]], Callable[P, R]]: ...
+    def transactional(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> Any:
+        """Decorator: ``fn(session, *args, **kwargs)`` becomes ``fn(*args, **kwargs)``, each
+        call run by ``run_in_transaction`` with these options. Use it bare
+        (``@factory.transactional``) or with options (``@factory.transactional(retry=
+        RetryPolicy(attempts=10))``), on functions and on methods (``self`` first, then
+        the session). Raises TypeError for a ``retry`` that is not a RetryPolicy and
+        UnsupportedIsolationLevelError for a bad level, at decoration."""
+        options = {"retry": retry, "readonly": readonly, "isolation_level": isolation_level}
+        return decorate(fn, self._run, options)
 
-        def run(fn: Callable[[Session], Any]) -> Any:
-            factory = target if target is not None else DbSessionFactory.default()
-            return factory._run_in_transaction(
-                fn,
-                attempts=attempts,
-                base_delay=base_delay,
-                max_delay=max_delay,
-                readonly=readonly,
-                isolation_level=isolation_level,
-            )
-
-        return retry_decorator(run)
-
-    def _create_session(self) -> Session:
+    def create_session(self) -> Session:
         """Return a new Session that the caller commits, rolls back and closes itself."""
         return self._build().maker()()
 
-    def _get_engine(self) -> Engine:
-        """Return the engine, building it on first use."""
-        return self._build().engine
-
-    def _create_all(self, metadata: MetaData | None = None) -> None:
+    def create_all(self, metadata: MetaData | None = None) -> None:
         """Create the missing tables of ``metadata`` (default: ``dbsession.Base.metadata``).
 
         A quick-start convenience; an app with migrations runs Alembic instead.
         """
         (metadata or Base.metadata).create_all(self._build().engine)
 
-    def _dispose(self) -> None:
-        """Close the pool's connections; the next use builds a new engine.
-
-        On the class, ``DbSessionFactory.dispose()`` also forgets the process default,
-        so ``global_init()`` may be called again with another URL.
-        """
+    def dispose(self) -> None:
+        """Close the pool's connections; the next use builds a new engine."""
         for binding in self._detach():
             binding.engine.dispose()
             logger.debug("dbsession: engine disposed for %s", mask_url(binding.engine.url))
 
-    session_scope = DefaultOrSelf(_session_scope)
-    run_in_transaction = DefaultOrSelf(_run_in_transaction)
-    transactional = DefaultOrSelf(_transactional, late=True)
-    create_session = DefaultOrSelf(_create_session)
-    get_engine = DefaultOrSelf(_get_engine)
-    create_all = DefaultOrSelf(_create_all)
-    dispose = DefaultOrSelf(_dispose, no_default=lambda: None)
+
+_OPTIONS = ("retry", "readonly", "isolation_level")
+
+
+def _independent(independent: bool, nested: bool | None) -> bool:
+    """Map the deprecated ``nested=`` onto ``independent=`` (with a warning)."""
+    if nested is None:
+        return independent
+    warnings.warn(
+        "session_scope(nested=...) is deprecated: a scope opened inside another one joins "
+        "it as a SAVEPOINT by default; pass independent=True for a separate transaction.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return independent or not nested
+
+
+def default_factory() -> DbSessionFactory:
+    """The process default factory: the one ``global_init()`` made, else one made now from
+    ``DATABASE_URL`` (or the embedded SQLite file). Raises NotInitializedError after
+    ``DbSessionFactory.global_dispose()``, ConfigurationError for a bad DATABASE_URL."""
+    return DbSessionFactory._registry.get(DbSessionFactory.global_init)
 
 
 def session_scope(
-    *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
+    *,
+    independent: bool = False,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    nested: bool | None = None,
 ) -> AbstractContextManager[Session]:
-    """Open a unit of work on the process default factory; see DbSessionFactory.session_scope."""
-    return DbSessionFactory.default()._session_scope(
-        nested=nested, readonly=readonly, isolation_level=isolation_level
+    """Open a unit of work on the process default factory (see DbSessionFactory.session_scope).
+
+    Raises what DbSessionFactory.session_scope raises, and NotInitializedError after
+    ``DbSessionFactory.global_dispose()``.
+    """
+    return default_factory().session_scope(
+        independent=_independent(independent, nested),
+        readonly=readonly,
+        isolation_level=isolation_level,
     )
 
 
-#: ``run_in_transaction(fn, *args, attempts=5, ...)`` on the process default, looked up at
-#: each call; see DbSessionFactory.run_in_transaction.
-run_in_transaction = DbSessionFactory.run_in_transaction
+def run_in_transaction(fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run ``fn(session, *args, **kwargs)`` in a unit of work on the process default factory,
+    retried whole on transient failures (see DbSessionFactory.run_in_transaction)."""
+    return default_factory().run_in_transaction(fn, *args, **kwargs)
 
-#: ``@transactional(attempts=5, ...)`` on the process default, looked up at each call of the
-#: decorated function; see DbSessionFactory.transactional.
-transactional = DbSessionFactory.transactional
+
+@overload
+def transactional(fn: Unit[P, R], /) -> Callable[P, R]: ...
+@overload
+def transactional(
+    *,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+) -> Callable[[Unit[P, R]], Callable[P, R]]: ...
+def transactional(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+) -> Any:
+    """``@transactional`` / ``@transactional(retry=..., readonly=..., isolation_level=...)``
+    on the process default factory, looked up at each call of the decorated function
+    (see DbSessionFactory.transactional)."""
+    options = {"retry": retry, "readonly": readonly, "isolation_level": isolation_level}
+    return decorate(fn, lambda unit, **kw: default_factory()._run(unit, **kw), options)
 
 
 def create_session() -> Session:
     """Return a new Session of the process default factory that the caller manages."""
-    return DbSessionFactory.default()._create_session()
+    return default_factory().create_session()

@@ -16,9 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
-
-from sqlalchemy.orm import Session
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._classify import transient_reason
 from ._errors import ConfigurationError, RetryExhaustedError
@@ -34,19 +32,15 @@ DEFAULT_BASE_DELAY = 0.02
 DEFAULT_MAX_DELAY = 1.0
 
 
-class TransactionalDecorator(Protocol):
-    """What ``transactional()`` returns: ``fn(session, *a, **kw)`` becomes ``fn(*a, **kw)``."""
-
-    def __call__(self, fn: Callable[Concatenate[Session, P], R], /) -> Callable[P, R]: ...
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
-    """How often to try, and how long to wait between tries.
+    """How often ``run_in_transaction`` tries a unit of work, and how long it waits between
+    tries: ``retry=RetryPolicy(attempts=10, max_delay=2.0)``.
 
-    The wait after the n-th failure is drawn uniformly from ``[cap / 2, cap]`` with
-    ``cap = min(max_delay, base_delay * 2 ** (n - 1))`` seconds. Raises
-    ConfigurationError for ``attempts < 1`` or negative delays.
+    ``attempts`` counts every try (1 means no retry). The wait after the n-th failure
+    is drawn uniformly from ``[cap / 2, cap]`` with ``cap = min(max_delay, base_delay *
+    2 ** (n - 1))`` seconds. Raises ConfigurationError for ``attempts < 1`` or
+    negative delays.
     """
 
     attempts: int = DEFAULT_ATTEMPTS
@@ -71,18 +65,23 @@ class RetryPolicy:
 
 
 def run_with_retries(
-    open_scope: Callable[[], AbstractContextManager[Session]],
-    fn: Callable[[Session], R],
+    open_scope: Callable[[], AbstractContextManager[S]],
+    fn: Callable[[S], R],
     *,
-    policy: RetryPolicy,
+    policy: RetryPolicy | None,
     dialect_name: str,
 ) -> R:
     """Run ``fn(session)`` in ``open_scope()``; on a transient error, roll back and run again.
 
     Returns what the successful attempt returned. Other errors propagate at once,
     unchanged. Raises RetryExhaustedError, chaining the last error, when every
-    attempt failed transiently.
+    attempt failed transiently. With ``policy=None`` (a scope joined to an outer one,
+    whose own retry loop must run the whole unit again) there is one attempt and no
+    wrapping.
     """
+    if policy is None:
+        with open_scope() as session:
+            return fn(session)
     name = getattr(fn, "__qualname__", repr(fn))
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -100,11 +99,14 @@ async def run_with_retries_async(
     open_scope: Callable[[], AbstractAsyncContextManager[S]],
     fn: Callable[[S], Awaitable[R]],
     *,
-    policy: RetryPolicy,
+    policy: RetryPolicy | None,
     dialect_name: str,
 ) -> R:
     """The async twin of run_with_retries: ``await fn(session)``, and ``asyncio.sleep``
     between attempts (other tasks run meanwhile). Raises what run_with_retries raises."""
+    if policy is None:
+        async with open_scope() as session:
+            return await fn(session)
     name = getattr(fn, "__qualname__", repr(fn))
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -127,7 +129,7 @@ def wait_before_retry(
     wait before the next attempt (the retry is logged at INFO). Raises
     RetryExhaustedError, chaining ``error``, when that was the last attempt.
     """
-    reason = transient_reason(error, dialect_name)
+    reason = _transient_in_chain(error, dialect_name)
     if reason is None:
         return None
     if attempt >= policy.attempts:
@@ -150,21 +152,50 @@ def wait_before_retry(
     return wait
 
 
-def retry_decorator(run: Callable[[Callable[[Session], Any]], Any]) -> TransactionalDecorator:
-    """Turn ``run(fn)`` (a configured run_in_transaction) into a decorator.
+def _transient_in_chain(error: BaseException, dialect_name: str) -> str | None:
+    """The transient reason of ``error`` or of any exception in its ``__cause__`` /
+    ``__context__`` chain (a deadlock that lost a savepoint surfaces as the failed
+    savepoint rollback, or as TransactionAbortedError at commit)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        reason = transient_reason(current, dialect_name)
+        if reason is not None:
+            return reason
+        current = current.__cause__ or current.__context__
+    return None
 
-    The decorated ``fn(session, *args, **kwargs)`` is called as ``fn(*args, **kwargs)``.
+
+class UnitOfWorkFunction(Generic[R]):
+    """``fn(session, *args, **kwargs)`` called as ``fn(*args, **kwargs)``, each call run
+    by ``run`` (a configured run_in_transaction, or a scope) with the session it opens.
+
+    Works on plain functions and on methods (``fn(self, session, ...)`` is called as
+    ``obj.fn(...)``): it binds like a function when looked up on an instance.
     """
 
-    def decorate(fn: Callable[Concatenate[Session, P], R]) -> Callable[P, R]:
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            @functools.wraps(fn)
-            def attempt(session: Session) -> R:
-                return fn(session, *args, **kwargs)
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        run: Callable[[Callable[[Any], Any]], R],
+        instance: object = None,
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._run = run
+        self._instance = instance
 
-            return cast(R, run(attempt))
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        fn, instance = self._fn, self._instance
+        if instance is None:
+            return self._run(lambda session: fn(session, *args, **kwargs))
+        return self._run(lambda session: fn(instance, session, *args, **kwargs))
 
-        return wrapper
+    def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
+        if instance is None:
+            return self
+        return UnitOfWorkFunction(self._fn, self._run, instance)
 
-    return decorate
+    def __repr__(self) -> str:
+        return f"<unit of work {self._fn.__qualname__}>"

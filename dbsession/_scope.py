@@ -1,97 +1,282 @@
 """The unit of work: one session, committed on success, rolled back on any exception.
 
-A scope is pushed on the stack of active scopes (``_context``) while it is open,
-so ``current_session()`` and ``on_commit()`` find it; a savepoint scope joins
-an outer one's session and transaction.
+``UnitOfWork`` is an outermost scope: a fresh session and transaction. ``Savepoint``
+is a scope opened inside a visible scope of the same factory: it joins the outer
+session inside a SAVEPOINT, so an exception rolls back its own work only. Both are
+pushed on the stack of active scopes (``_context``) while open, so
+``current_session()`` and ``on_commit()`` find them. The async twins in
+``_async_scope`` reuse every decision made here (``savepoint_frame``,
+``end_transaction``, ``rollback_quietly``, ``lost_transaction``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import cast
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
-from ._context import Frame, entered, run_hooks
-from ._errors import ScopeError
+from ._classify import transient_reason
+from ._context import Frame, entering_frame, pop, push, run_hooks
+from ._errors import ReadOnlyError, ScopeError, TransactionAbortedError
 
 logger = logging.getLogger("dbsession")
 
+#: ``session.info`` key: how many read-only scopes joined to a writing one are open.
+GUARD_KEY = "dbsession_readonly_guard"
+_READING_WORDS = frozenset({"SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES", "TABLE", "DESCRIBE"})
 
-@contextmanager
-def unit_of_work(
-    make_session: Callable[[], Session],
-    *,
-    owner: object = None,
-    readonly: bool = False,
-    isolation_level: str | None = None,
-) -> Iterator[Session]:
-    """Yield a new session; commit when the block ends, roll back on any exception, always close.
+
+class ScopeSession(Session):
+    """The Session class of dbsession's sessionmakers: a plain SQLAlchemy Session that
+    refuses writes while a read-only scope joined to a writing one is open."""
+
+
+@event.listens_for(ScopeSession, "before_flush")
+def _refuse_guarded_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    if not session.info.get(GUARD_KEY):
+        return
+    if session.new or session.deleted or any(session.is_modified(o) for o in session.dirty):
+        raise _guard_error("a flush of changed ORM objects")
+
+
+@event.listens_for(ScopeSession, "do_orm_execute")
+def _refuse_guarded_dml(state: ORMExecuteState) -> None:
+    if state.session.info.get(GUARD_KEY) and _writes(state.statement):
+        raise _guard_error(f"the statement {str(state.statement).split(None, 1)[0]!r}")
+
+
+def _writes(statement: Any) -> bool:
+    if getattr(statement, "is_dml", False):
+        return True
+    if getattr(statement, "is_select", False):
+        return False
+    words = str(statement).split(None, 1)
+    return bool(words) and words[0].upper() not in _READING_WORDS
+
+
+def _guard_error(what: str) -> ReadOnlyError:
+    return ReadOnlyError(
+        f"A write ({what}) was refused inside session_scope(readonly=True), which joined "
+        "the writing scope around it and so cannot be made read-only by the database. "
+        "Do the write outside the read-only block."
+    )
+
+
+class UnitOfWork:
+    """``with UnitOfWork(maker, ...) as session``: a new session; commit when the block
+    ends, roll back on any exception, always close.
 
     Any ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``)
-    rolls back too, and the original exception is re-raised unchanged. If the
-    commit itself fails, the transaction is rolled back and the commit's error raised.
-    A ``readonly`` scope flushes (so pending ORM changes raise ReadOnlyError instead
-    of vanishing) and ends with a rollback.
-    After a successful end, the scope's ``on_commit`` hooks run, once the session is closed.
+    rolls back too, and is re-raised unchanged. If the commit itself fails, the
+    transaction is rolled back and the commit's error raised. A scope whose
+    transaction was lost in a savepoint raises TransactionAbortedError instead of
+    committing. After a commit, the ``on_commit`` hooks run once the session is
+    closed, even if an interrupt arrives while it closes.
     """
-    session = make_session()
-    frame = Frame(session, owner, readonly, isolation_level)
-    try:
-        with entered(frame):
-            yield session
-            end_transaction(session, readonly)
-    except BaseException:
-        rollback_quietly(session)
-        raise
-    finally:
-        session.close()
-    run_hooks(frame.hooks)
+
+    __slots__ = ("_make_session", "_owner", "_readonly", "_isolation_level", "_frame")
+
+    def __init__(
+        self,
+        make_session: Callable[[], Session],
+        *,
+        owner: object = None,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> None:
+        self._make_session = make_session
+        self._owner = owner
+        self._readonly = readonly
+        self._isolation_level = isolation_level
+
+    def __enter__(self) -> Session:
+        session = self._make_session()
+        frame = Frame(session, self._owner, self._readonly, self._isolation_level)
+        frame.entered_by = entering_frame(1)
+        self._frame = frame
+        push(frame)
+        return session
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        frame = self._frame
+        session: Session = frame.session  # type: ignore[assignment]
+        committed = False
+        try:
+            if exc is None:
+                refuse_doomed(frame)
+                end_transaction(session, frame.readonly)
+                committed = True
+            else:
+                rollback_quietly(session)
+        except BaseException:
+            rollback_quietly(session)
+            raise
+        finally:
+            pop(frame)
+            try:
+                close_quietly(session)
+            finally:
+                if committed:
+                    run_hooks(frame.hooks)
 
 
 def savepoint_frame(outer: Frame, *, readonly: bool, isolation_level: str | None) -> Frame:
-    """The frame of a savepoint joined to ``outer`` (shared by the sync and async scopes).
+    """The frame of a scope joined to ``outer`` (shared by the sync and async scopes).
 
-    Raises ScopeError if asked to be read-only or to use an isolation level the
-    outer transaction does not already have.
+    A read-only scope inside a writing one is guarded (writes raise ReadOnlyError); a
+    writing scope inside a read-only one stays read-only. Raises ScopeError when asked
+    for an isolation level the outer transaction does not already have.
     """
-    if readonly and not outer.readonly:
-        raise ScopeError(
-            "session_scope(nested=True, readonly=True) inside a writing scope: a savepoint "
-            "shares the outer transaction and cannot make it read-only. Open an "
-            "independent scope with session_scope(readonly=True) instead."
-        )
     if isolation_level is not None and isolation_level != outer.isolation_level:
         raise ScopeError(
-            f"session_scope(nested=True, isolation_level={isolation_level!r}) inside a scope "
-            f"with isolation level {outer.isolation_level or 'the default'}: a savepoint "
+            f"session_scope(isolation_level={isolation_level!r}) inside a scope with "
+            f"isolation level {outer.isolation_level or 'the default'}: a joined scope "
             "shares the outer transaction and cannot change its isolation level. Give the "
-            "level to the outer scope, or open an independent scope."
+            "level to the outer scope, or open session_scope(independent=True)."
         )
-    return Frame(outer.session, outer.owner, outer.readonly, outer.isolation_level, parent=outer)
+    return Frame(
+        outer.session,
+        outer.owner,
+        readonly or outer.readonly,
+        outer.isolation_level,
+        parent=outer,
+    )
 
 
-@contextmanager
-def savepoint(frame: Frame) -> Iterator[Session]:
-    """Yield the session of ``frame`` (made by ``savepoint_frame``) inside a SAVEPOINT.
+def guards(frame: Frame) -> bool:
+    """True if ``frame`` is a read-only scope joined to a writing one (dbsession refuses
+    its writes, because the database cannot)."""
+    return frame.readonly and frame.parent is not None and not frame.parent.readonly
 
-    An exception rolls back to the savepoint only (and the hooks registered since)
-    and is re-raised; on success the savepoint is released and its hooks wait for
-    the outer commit.
-    """
-    session = cast(Session, frame.session)
-    with entered(frame), session.begin_nested():
-        yield session
-    frame.hand_up()
+
+class Savepoint:
+    """``with Savepoint(outer, ...) as session``: the outer scope's session inside a
+    SAVEPOINT. An exception rolls back to the savepoint only (and drops the hooks
+    registered since) and is re-raised; on success the savepoint is released and its
+    hooks wait for the outer commit. An error that lost the whole transaction (a
+    deadlock, a killed connection, a savepoint that cannot be rolled back) dooms the
+    outer unit of work: it will refuse to commit."""
+
+    __slots__ = ("_frame", "_transaction")
+
+    def __init__(self, outer: Frame, *, readonly: bool, isolation_level: str | None) -> None:
+        self._frame = savepoint_frame(outer, readonly=readonly, isolation_level=isolation_level)
+
+    def __enter__(self) -> Session:
+        frame = self._frame
+        frame.entered_by = entering_frame(1)
+        session: Session = frame.session  # type: ignore[assignment]
+        self._transaction = open_savepoint(session, frame)
+        push(frame)
+        return session
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            close_savepoint(self._frame.session, self._frame, self._transaction, exc)  # type: ignore[arg-type]
+        finally:
+            pop(self._frame)
+
+
+def open_savepoint(session: Session, frame: Frame) -> SessionTransaction:
+    """Begin the SAVEPOINT of ``frame``; a guarded (read-only in writing) scope first
+    flushes the outer scope's pending changes, which are not its own writes."""
+    guarded = guards(frame)
+    if guarded:
+        session.flush()
+    transaction = session.begin_nested()
+    if guarded:
+        session.info[GUARD_KEY] = session.info.get(GUARD_KEY, 0) + 1
+    return transaction
+
+
+def close_savepoint(
+    session: Session, frame: Frame, transaction: SessionTransaction, exc: BaseException | None
+) -> None:
+    """Release the SAVEPOINT of ``frame`` after a clean exit (its hooks go up to the
+    parent), or roll it back after ``exc``; raise whatever the release raised."""
+    try:
+        if exc is None:
+            try:
+                session.flush()
+                transaction.commit()
+            except BaseException as error:
+                roll_back_savepoint(frame, error, transaction.rollback)
+                raise
+            frame.hand_up()
+        else:
+            roll_back_savepoint(frame, exc, transaction.rollback)
+    finally:
+        if guards(frame):
+            session.info[GUARD_KEY] -= 1
+
+
+def roll_back_savepoint(frame: Frame, error: BaseException, rollback: Callable[[], Any]) -> None:
+    """Roll a savepoint back after ``error``; doom the unit of work if its transaction is lost."""
+    try:
+        rollback()
+    except Exception:
+        logger.warning("dbsession: rolling back a savepoint failed", exc_info=True)
+        doom(frame, error)
+        return
+    if lost_transaction(error, frame.session):
+        doom(frame, error)
+
+
+def lost_transaction(error: BaseException, session: object) -> bool:
+    """True if ``error`` inside a savepoint may have ended the whole transaction: a
+    disconnect, or a transient error (MariaDB rolls back the whole transaction of a
+    deadlock victim; a serialization failure asks for the whole unit to run again)."""
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    bind = session.get_bind() if isinstance(session, Session) else None
+    dialect = bind.dialect.name if bind is not None else ""
+    return transient_reason(error, dialect) is not None
+
+
+def doom(frame: Frame, error: BaseException) -> None:
+    """Mark the unit of work of ``frame`` as lost: its outermost scope will not commit."""
+    root = frame.root
+    if root.doomed is None:
+        root.doomed = error
+
+
+def refuse_doomed(frame: Frame) -> None:
+    """Raise TransactionAbortedError (chaining the cause) if the unit of work was lost."""
+    if frame.doomed is not None:
+        raise TransactionAbortedError(
+            "The unit of work cannot commit: its transaction was lost inside a joined "
+            f"scope ({type(frame.doomed).__name__}: "
+            f"{str(frame.doomed).splitlines()[0] if str(frame.doomed) else ''}), so "
+            "committing now would save only part of it. It was rolled back; run the "
+            "whole unit again (run_in_transaction does this for transient errors)."
+        ) from frame.doomed
 
 
 def end_transaction(session: Session, readonly: bool) -> None:
     """End a scope's transaction that raised nothing: commit it, or for a read-only one
-    flush (so pending ORM changes raise ReadOnlyError instead of vanishing) and roll back."""
+    flush (so pending ORM changes raise ReadOnlyError instead of vanishing) and roll back,
+    keeping the loaded objects readable as a commit does (unless expire_on_commit)."""
     if readonly:
         session.flush()
+        if not session.expire_on_commit:
+            session.expunge_all()
         session.rollback()
     else:
         session.commit()
@@ -103,3 +288,12 @@ def rollback_quietly(session: Session) -> None:
         session.rollback()
     except Exception:
         logger.warning("dbsession: rollback failed after an error in the scope", exc_info=True)
+
+
+def close_quietly(session: Session) -> None:
+    """Close the session; a failure to return the connection is logged, not raised (the
+    transaction has already ended, and the pool discards a broken connection)."""
+    try:
+        session.close()
+    except Exception:
+        logger.warning("dbsession: closing the session failed", exc_info=True)

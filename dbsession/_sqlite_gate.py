@@ -157,7 +157,8 @@ class WriteGate:
                 f"held by one transaction of this process for {stall:g} s (twice the busy "
                 "timeout) while this writer waited. Keep writing transactions short, or "
                 "raise sqlite_busy_timeout.",
-                busy_error(self.key, stall),
+                orig=busy_error(self.key, stall),
+                statement="BEGIN IMMEDIATE",
             )
         return False
 

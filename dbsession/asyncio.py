@@ -1,5 +1,12 @@
 """The async twins of dbsession's factory and unit of work, for asyncio applications.
 
+Names follow one rule: a module function is the sync name with an ``async_`` prefix
+(``async_session_scope``, ``async_run_in_transaction``, ``async_transactional``,
+``async_create_session``, ``async_current_session``, ``async_default_factory``), so it
+can be imported beside its twin; a method of ``AsyncDbSessionFactory`` has the same
+name as on ``DbSessionFactory`` (``factory.session_scope()``), since the class already
+says it is async. ``dbsession.on_commit`` serves both sides.
+
 ``async with async_session_scope() as session:`` gives a real SQLAlchemy
 ``AsyncSession``; leaving the block commits, any exception (a cancelled task or an
 ``asyncio.timeout`` included) rolls back, and the connection is back in the pool
@@ -16,10 +23,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-import threading
+import warnings
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar, overload
 
 from sqlalchemy import MetaData
 from sqlalchemy.engine import Engine
@@ -30,46 +37,42 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._async_scope import async_savepoint, async_unit_of_work
+from ._async_scope import AsyncSavepoint, AsyncUnitOfWork
 from ._base import Base
 from ._binding import Binding
 from ._config import Settings, mask_url
 from ._context import session_of_scope
 from ._engine import build_engine
 from ._errors import MissingDriverError
-from ._lifecycle import DefaultOrSelf, LazyFactory
-from ._retry import (
-    DEFAULT_ATTEMPTS,
-    DEFAULT_BASE_DELAY,
-    DEFAULT_MAX_DELAY,
-    RetryPolicy,
-    run_with_retries_async,
-)
+from ._lifecycle import LazyFactory, Registry, decorate
+from ._retry import RetryPolicy, run_with_retries_async
+from ._scope import ScopeSession
 
 __all__ = [
     "AsyncDbSessionFactory",
+    "async_create_session",
+    "async_current_session",
+    "async_default_factory",
     "async_run_in_transaction",
     "async_session_scope",
-    "create_async_session",
-    "current_async_session",
+    "async_transactional",
 ]
 
 logger = logging.getLogger("dbsession")
 
+P = ParamSpec("P")
 T = TypeVar("T")
-
-
 AsyncBinding = Binding[AsyncEngine, async_sessionmaker[AsyncSession]]
+AsyncUnit = Callable[Concatenate[AsyncSession, P], Awaitable[T]]
 
 
 class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
-    """Owns one AsyncEngine and its async_sessionmaker for one database URL.
+    """Owns one AsyncEngine and its async_sessionmakers for one database URL.
 
-    The async twin of :class:`dbsession.DbSessionFactory`: the process default is
-    configured with :meth:`global_init` (or lazily from ``DATABASE_URL`` or the
-    embedded SQLite file) and used through the class,
-    ``AsyncDbSessionFactory.async_session_scope()``; further databases get instances
-    with the same methods. The engine is built on first use, exactly once even when
+    The async twin of :class:`dbsession.DbSessionFactory`, with the same method names:
+    ``async with factory.session_scope() as session``. The process default is
+    configured with :meth:`global_init` and used by ``async_session_scope()`` and the
+    other module functions. The engine is built on first use, exactly once even when
     many tasks (or threads) race for it.
 
     Raises ConfigurationError subclasses when the URL or options cannot work,
@@ -78,82 +81,123 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
     """
 
     _asyncio: ClassVar[bool] = True
-    _default: ClassVar[AsyncDbSessionFactory | None] = None
-    _default_lock: ClassVar[threading.Lock] = threading.Lock()
+    _registry = Registry["AsyncDbSessionFactory"]("AsyncDbSessionFactory")
+
+    @classmethod
+    async def global_dispose(cls, *, allow_lazy: bool = False) -> None:
+        """Dispose the process default async factory (if any) and forget it; see
+        ``DbSessionFactory.global_dispose``. Call it from the event loop the connections
+        were opened in (the app's shutdown hook)."""
+        factory = cls._registry.take(allow_lazy=allow_lazy)
+        if factory is not None:
+            await factory.dispose()
 
     @property
     def engine(self) -> AsyncEngine:
         """The AsyncEngine, built on first access."""
         return self._build().engine
 
-    def _make(self, settings: Settings) -> AsyncBinding:
-        _require_greenlet()
-        engine = build_engine(settings, create_async_engine, _sync_engine)
-        expire = settings.expire_on_commit
-        return Binding(engine, engine.sync_engine, async_sessionmaker, expire_on_commit=expire)
-
     @property
     def replica_engine(self) -> AsyncEngine | None:
         """The replica's AsyncEngine (built on first access), or None without a replica_url."""
         return None if self._settings.replica_url is None else self._build(replica=True).engine
 
-    def _async_session_scope(
-        self, *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
-    ) -> AbstractAsyncContextManager[AsyncSession]:
-        """Open a unit of work: a fresh AsyncSession committed on success, rolled back on error.
+    def _make(self, settings: Settings) -> AsyncBinding:
+        _require_greenlet()
+        engine = build_engine(settings, create_async_engine, _sync_engine)
+        return Binding(
+            engine,
+            engine.sync_engine,
+            async_sessionmaker,
+            expire_on_commit=settings.expire_on_commit,
+            session_options={"sync_session_class": ScopeSession},
+        )
 
-        ``async with AsyncDbSessionFactory.async_session_scope() as session: ...``. Any
-        exception, ``asyncio.CancelledError`` and timeouts included, rolls back and is
-        re-raised unchanged once the session is closed and its connection back in the
-        pool; ``on_commit`` hooks run after a successful commit. ``nested``,
+    def session_scope(
+        self,
+        *,
+        independent: bool = False,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> AbstractAsyncContextManager[AsyncSession]:
+        """Open a unit of work: an AsyncSession committed on success, rolled back on error.
+
+        ``async with factory.session_scope() as session: ...``. Any exception,
+        ``asyncio.CancelledError`` and timeouts included, rolls back and is re-raised
+        unchanged once the session is closed and its connection back in the pool;
+        ``on_commit`` hooks run after a successful commit. Inside an open scope of this
+        factory in the same task it joins that scope as a SAVEPOINT; ``independent``,
         ``readonly`` and ``isolation_level`` mean what they mean for
-        ``DbSessionFactory.session_scope``: a SAVEPOINT joined to this task's innermost
-        scope of this factory; a read-only transaction (on the replica if there is one)
-        where a write raises ReadOnlyError; this transaction's isolation level.
-        It raises what ``session_scope`` raises.
+        ``DbSessionFactory.session_scope``, and it raises what that raises.
         """
         return self._open_scope(
-            async_unit_of_work,
-            async_savepoint,
-            nested=nested,
+            AsyncUnitOfWork,
+            AsyncSavepoint,
+            independent=independent,
             readonly=readonly,
             isolation_level=isolation_level,
         )
 
-    async def _run_in_transaction(
+    async def run_in_transaction(
+        self, fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``await fn(session, *args, **kwargs)`` in a scope; retry it whole on a
+        transient failure.
+
+        The async twin of ``DbSessionFactory.run_in_transaction``: the same transient
+        errors, the same reserved keywords (``retry``, ``readonly``,
+        ``isolation_level``), the same backoff (awaited with ``asyncio.sleep``, so
+        other tasks run meanwhile). Raises what it raises; cancellation propagates.
+        """
+        options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
+        return await self._run(lambda session: fn(session, *args, **kwargs), **options)  # type: ignore[arg-type]
+
+    async def _run(
         self,
-        fn: Callable[..., Awaitable[T]],
-        *args: Any,
-        attempts: int = DEFAULT_ATTEMPTS,
-        base_delay: float = DEFAULT_BASE_DELAY,
-        max_delay: float = DEFAULT_MAX_DELAY,
+        unit: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        retry: RetryPolicy | None = None,
         readonly: bool = False,
         isolation_level: str | None = None,
     ) -> T:
-        """Run ``await fn(session, *args)`` in a fresh scope; retry it whole on a transient failure.
+        return await run_with_retries_async(
+            lambda: self.session_scope(readonly=readonly, isolation_level=isolation_level),
+            unit,
+            policy=self._retry_policy(retry),
+            dialect_name=self._settings.url.get_backend_name(),
+        )
 
-        The async twin of ``DbSessionFactory.run_in_transaction``: the same transient
-        errors (see ``dbsession.run_in_transaction``), the same jittered backoff
-        (awaited with ``asyncio.sleep``, so other tasks run meanwhile), ``on_commit``
-        hooks once after the successful attempt. Returns ``fn``'s result. Raises
-        RetryExhaustedError (chaining the last error) when every attempt failed,
-        ConfigurationError for a bad attempts or delay; other errors, cancellation
-        included, propagate unchanged.
-        """
-        policy = RetryPolicy(attempts, base_delay, max_delay)
-        run, scope = run_with_retries_async, self._async_session_scope
-        result = self._with_retries(run, scope, fn, args, policy, readonly, isolation_level)
-        return cast(T, await result)
+    @overload
+    def transactional(self, fn: AsyncUnit[P, T], /) -> Callable[P, Awaitable[T]]: ...
+    @overload
+    def transactional(
+        self,
+        /,
+        *,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> Callable[[AsyncUnit[P, T]], Callable[P, Awaitable[T]]]: ...
+    def transactional(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> Any:
+        """The async twin of ``DbSessionFactory.transactional``: ``async def fn(session,
+        ...)`` becomes ``await fn(...)``, run by ``run_in_transaction``; bare or with
+        options, on functions and methods."""
+        options = {"retry": retry, "readonly": readonly, "isolation_level": isolation_level}
+        return decorate(fn, self._run, options)
 
-    def _create_session(self) -> AsyncSession:
+    def create_session(self) -> AsyncSession:
         """Return a new AsyncSession that the caller commits, rolls back and closes itself."""
         return self._build().maker()()
 
-    def _get_engine(self) -> AsyncEngine:
-        """Return the AsyncEngine, building it on first use."""
-        return self._build().engine
-
-    async def _create_all(self, metadata: MetaData | None = None) -> None:
+    async def create_all(self, metadata: MetaData | None = None) -> None:
         """Create the missing tables of ``metadata`` (default: ``dbsession.Base.metadata``).
 
         A quick-start convenience; an app with migrations runs Alembic instead.
@@ -161,27 +205,15 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         async with self._build().engine.begin() as connection:
             await connection.run_sync((metadata or Base.metadata).create_all)
 
-    async def _dispose(self) -> None:
-        """Close the pool's connections; the next use builds a new engine.
-
-        On the class, ``await AsyncDbSessionFactory.dispose()`` also forgets the process
-        default, so ``global_init()`` may be called again with another URL. Call it from
-        the event loop the connections were opened in (the app's shutdown hook).
-        """
+    async def dispose(self) -> None:
+        """Close the pool's connections; the next use builds a new engine. Call it from
+        the event loop the connections were opened in."""
         for binding in self._detach():
             await binding.engine.dispose()
             logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
 
-    async_session_scope = DefaultOrSelf(_async_session_scope)
-    run_in_transaction = DefaultOrSelf(_run_in_transaction)
-    create_session = DefaultOrSelf(_create_session)
-    get_engine = DefaultOrSelf(_get_engine)
-    create_all = DefaultOrSelf(_create_all)
-    dispose = DefaultOrSelf(_dispose, no_default=lambda: _nothing())
 
-
-async def _nothing() -> None:
-    """What ``await AsyncDbSessionFactory.dispose()`` does when there is no default."""
+_OPTIONS = ("retry", "readonly", "isolation_level")
 
 
 def _sync_engine(engine: AsyncEngine) -> Engine:
@@ -198,33 +230,81 @@ def _require_greenlet() -> None:
         ) from None
 
 
-def async_session_scope(
-    *, nested: bool = False, readonly: bool = False, isolation_level: str | None = None
-) -> AbstractAsyncContextManager[AsyncSession]:
-    """Open a unit of work on the process default async factory.
+def async_default_factory() -> AsyncDbSessionFactory:
+    """The process default async factory (see ``dbsession.default_factory``). Raises
+    NotInitializedError after ``AsyncDbSessionFactory.global_dispose()``."""
+    return AsyncDbSessionFactory._registry.get(AsyncDbSessionFactory.global_init)
 
-    See AsyncDbSessionFactory.async_session_scope.
-    """
-    return AsyncDbSessionFactory.default()._async_session_scope(
-        nested=nested, readonly=readonly, isolation_level=isolation_level
+
+def async_session_scope(
+    *, independent: bool = False, readonly: bool = False, isolation_level: str | None = None
+) -> AbstractAsyncContextManager[AsyncSession]:
+    """Open a unit of work on the process default async factory; see
+    ``AsyncDbSessionFactory.session_scope``."""
+    return async_default_factory().session_scope(
+        independent=independent, readonly=readonly, isolation_level=isolation_level
     )
 
 
-#: ``await async_run_in_transaction(fn, *args, attempts=5, ...)`` on the process default
-#: async factory, looked up at each call; see AsyncDbSessionFactory.run_in_transaction.
-async_run_in_transaction = AsyncDbSessionFactory.run_in_transaction
+async def async_run_in_transaction(
+    fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """``await fn(session, *args, **kwargs)`` in a unit of work on the process default async
+    factory, retried whole on transient failures; see
+    ``AsyncDbSessionFactory.run_in_transaction``."""
+    return await async_default_factory().run_in_transaction(fn, *args, **kwargs)
 
 
-def current_async_session() -> AsyncSession:
-    """Return the AsyncSession of the innermost active scope of this asyncio task.
+@overload
+def async_transactional(fn: AsyncUnit[P, T], /) -> Callable[P, Awaitable[T]]: ...
+@overload
+def async_transactional(
+    *,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+) -> Callable[[AsyncUnit[P, T]], Callable[P, Awaitable[T]]]: ...
+def async_transactional(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+) -> Any:
+    """``@async_transactional`` / ``@async_transactional(...)`` on the process default async
+    factory, looked up at each call; see ``AsyncDbSessionFactory.transactional``."""
+    options = {"retry": retry, "readonly": readonly, "isolation_level": isolation_level}
+    return decorate(fn, lambda unit, **kw: async_default_factory()._run(unit, **kw), options)
 
-    The async twin of ``dbsession.current_session()`` (use ``dbsession.on_commit``
-    in either kind of scope). Raises NoActiveScopeError outside any scope, and
-    inside a sync scope.
+
+def async_current_session() -> AsyncSession:
+    """Return the AsyncSession of the innermost scope open in this asyncio task.
+
+    The async twin of ``dbsession.current_session()`` (use ``dbsession.on_commit`` in
+    either kind of scope). Raises NoActiveScopeError outside any scope (a child task is
+    outside its parent's), and inside a sync scope.
     """
-    return session_of_scope(AsyncSession, "current_async_session()", "dbsession.current_session()")
+    return session_of_scope(AsyncSession, "async_current_session()", "dbsession.current_session()")
 
 
-def create_async_session() -> AsyncSession:
+def async_create_session() -> AsyncSession:
     """Return a new AsyncSession of the process default async factory; the caller manages it."""
-    return AsyncDbSessionFactory.default()._create_session()
+    return async_default_factory().create_session()
+
+
+_RENAMED = {
+    "current_async_session": "async_current_session",
+    "create_async_session": "async_create_session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        warnings.warn(
+            f"dbsession.asyncio.{name} is deprecated; use {_RENAMED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,8 @@ from sqlalchemy import MetaData, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.pool import NullPool
 
-from ._config import resolve_url, scrub
+from ._config import make_settings, resolve_url, scrub
+from ._engine import make_engine
 from ._errors import (
     ConfigurationError,
     MigrationError,
@@ -39,7 +40,6 @@ from ._errors import (
     SchemaNotAtHeadError,
     UnknownRevisionError,
 )
-from ._factory import DbSessionFactory
 
 MIGRATIONS_ENV = "DBSESSION_MIGRATIONS"
 METADATA_ENV = "DBSESSION_METADATA"
@@ -109,12 +109,8 @@ def downgrade(
 
 def current(*, url: str | URL | None = None) -> str | None:
     """Return the database's current revision, or None for an unmigrated database."""
-    factory = DbSessionFactory(_resolve(url), poolclass=NullPool)
-    try:
-        with factory.engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
-    finally:
-        factory.dispose()
+    with _connect(_resolve(url)) as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 def head(*, migrations: Migrations = None) -> str:
@@ -191,15 +187,22 @@ def run_env() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    factory = DbSessionFactory(url, poolclass=NullPool)
+    with _connect(url) as connection, migration_lock(connection):
+        context.configure(connection=connection, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+
+
+@contextmanager
+def _connect(url: str | URL) -> Iterator[Connection]:
+    """A connection of an engine with dbsession's opinions and no pool, disposed after."""
+    engine = make_engine(make_settings(url, engine_options={"poolclass": NullPool}))
     try:
-        with factory.engine.connect() as connection, migration_lock(connection):
-            context.configure(connection=connection, **options)
-            with context.begin_transaction():
-                context.run_migrations()
-            connection.commit()
+        with engine.connect() as connection:
+            yield connection
     finally:
-        factory.dispose()
+        engine.dispose()
 
 
 @contextmanager

@@ -140,4 +140,4 @@ def _clean_process_default(
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     yield
-    DbSessionFactory.dispose()
+    DbSessionFactory.global_dispose(allow_lazy=True)

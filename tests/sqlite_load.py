@@ -21,9 +21,11 @@ from contextlib import contextmanager
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from dbsession import DbSessionFactory
+from dbsession import DbSessionFactory, RetryPolicy
 
 COUNTERS = 8
+#: retries of SQLITE_BUSY from other processes: the default attempts, waits of at most 0.2 s
+RETRY = RetryPolicy(max_delay=0.2)
 BUSY = "while True: pass"
 
 
@@ -103,11 +105,13 @@ def thread_writers(
     committed: list[int] = []
     errors: list[str] = []
 
+    unit = factory.transactional(retry=RETRY)(bump)
+
     def work(number: int) -> None:
         rng = random.Random(seed * 1000 + number)
         for _ in range(units):
             try:
-                factory.run_in_transaction(bump, rng.randrange(COUNTERS), max_delay=0.2)
+                unit(rng.randrange(COUNTERS))
                 committed.append(1)
             except Exception as error:
                 errors.append(f"{type(error).__name__}: {str(error).splitlines()[0]}")

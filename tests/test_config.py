@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from dbsession import DbSessionFactory, InvalidURLError, mask_url
+from dbsession import DbSessionFactory, mask_url
+from dbsession.errors import InvalidURLError
 
 
 def test_explicit_url_wins_over_database_url(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -123,7 +123,7 @@ def test_engine_creation_is_logged_with_the_masked_url(
 ) -> None:
     caplog.set_level(logging.INFO, logger="dbsession")
     factory = DbSessionFactory("postgresql://app:hunter2@127.0.0.1:1/app")
-    factory.get_engine()
+    factory.engine.dispose()
     created = [r.getMessage() for r in caplog.records if r.name == "dbsession"]
     assert any("postgresql+psycopg://app:***@127.0.0.1:1/app" in m for m in created)
     assert "hunter2" not in caplog.text

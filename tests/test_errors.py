@@ -13,16 +13,18 @@ from sqlalchemy import text
 
 import dbsession
 from dbsession import (
-    AlreadyInitializedError,
     ConfigurationError,
     DatabaseUnreachableError,
     DbSessionError,
     DbSessionFactory,
-    InvalidURLError,
-    MissingDriverError,
     NoActiveScopeError,
     ReadOnlyError,
     RetryExhaustedError,
+)
+from dbsession.errors import (
+    AlreadyInitializedError,
+    InvalidURLError,
+    MissingDriverError,
     ScopeError,
     SQLitePathError,
     UnknownDialectError,
@@ -42,7 +44,7 @@ def connect(url: str) -> None:
 
 
 def open_sqlite(path: Path) -> None:
-    DbSessionFactory(f"sqlite:///{path}").get_engine()
+    DbSessionFactory(f"sqlite:///{path}").engine.dispose()
 
 
 def test_every_error_is_a_dbsession_error() -> None:
@@ -67,17 +69,17 @@ def test_every_error_is_a_dbsession_error() -> None:
 
 def test_unknown_dialect_names_it_and_the_supported_ones() -> None:
     with pytest.raises(UnknownDialectError, match="'oracle9x'.*Use one of: sqlite, postgresql"):
-        DbSessionFactory("oracle9x://u@h/db").get_engine()
+        DbSessionFactory("oracle9x://u@h/db").engine.dispose()
 
 
 def test_unknown_driver_is_an_unknown_dialect() -> None:
     with pytest.raises(UnknownDialectError, match="'postgresql\\+nosuchdriver'"):
-        DbSessionFactory("postgresql+nosuchdriver://u@h/db").get_engine()
+        DbSessionFactory("postgresql+nosuchdriver://u@h/db").engine.dispose()
 
 
 def test_missing_driver_says_what_to_install() -> None:
     with pytest.raises(MissingDriverError, match="pip install mysqlclient.*dbsession\\[mysql\\]"):
-        DbSessionFactory("mysql+mysqldb://u@h/db").get_engine()
+        DbSessionFactory("mysql+mysqldb://u@h/db").engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -112,16 +114,16 @@ def test_sqlite_folder_that_is_not_writable(tmp_path: Path) -> None:
 
 def test_invalid_engine_option_is_named() -> None:
     with pytest.raises(ConfigurationError, match="pool_sise"):
-        DbSessionFactory("sqlite://", pool_sise=5).get_engine()
+        DbSessionFactory("sqlite://", pool_sise=5).engine.dispose()
 
 
 def _error_paths() -> list[Callable[[], object]]:
     pg = f"postgresql://postgres:{MARKER}@127.0.0.1:1/test?sslpassword={MARKER}"
     return [
         lambda: DbSessionFactory(f"postgresql://u:{MARKER}@host:notaport/db"),
-        lambda: DbSessionFactory(f"oracle9x://u:{MARKER}@h/db").get_engine(),
-        lambda: DbSessionFactory(f"mysql+mysqldb://u:{MARKER}@h/db").get_engine(),
-        lambda: DbSessionFactory(f"postgresql://u:{MARKER}@h/db", pool_sise=1).get_engine(),
+        lambda: DbSessionFactory(f"oracle9x://u:{MARKER}@h/db").engine,
+        lambda: DbSessionFactory(f"mysql+mysqldb://u:{MARKER}@h/db").engine,
+        lambda: DbSessionFactory(f"postgresql://u:{MARKER}@h/db", pool_sise=1).engine,
         lambda: connect(pg),
         lambda: connect(f"mysql://root:{MARKER}@127.0.0.1:1/test"),
         lambda: (

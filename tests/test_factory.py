@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
-from dbsession import AlreadyInitializedError, DbSessionFactory, create_session, session_scope
+from dbsession import DbSessionFactory, create_session, default_factory, session_scope
+from dbsession.errors import AlreadyInitializedError
 from dbsession.example.models import Supplier
 
 
@@ -45,34 +46,34 @@ def test_global_init_with_other_options_is_an_error(tmp_path: Path) -> None:
 
 def test_dispose_allows_switching_the_default(tmp_path: Path) -> None:
     DbSessionFactory.global_init(sqlite_url(tmp_path, "one"))
-    DbSessionFactory.dispose()
+    DbSessionFactory.global_dispose(allow_lazy=True)
     switched = DbSessionFactory.global_init(sqlite_url(tmp_path, "two"))
     assert switched.url.database is not None
     assert switched.url.database.endswith("two.sqlite3")
 
 
-@pytest.mark.parametrize("first_use", ["session_scope", "create_session", "get_engine"])
+@pytest.mark.parametrize("first_use", ["session_scope", "create_session", "default_factory"])
 def test_first_use_initialises_the_default_lazily(
     first_use: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", sqlite_url(tmp_path, "lazy"))
-    assert DbSessionFactory._default is None
+    assert DbSessionFactory._registry.current is None
     if first_use == "session_scope":
         with session_scope() as session:
             assert session.scalar(text("SELECT 1")) == 1
     elif first_use == "create_session":
         create_session().close()
     else:
-        DbSessionFactory.get_engine()
-    default = DbSessionFactory.default()
+        default_factory().engine.dispose()
+    default = default_factory()
     assert default.settings.source == "DATABASE_URL"
     assert str(default.url).endswith("lazy.sqlite3")
 
 
 def test_class_and_module_functions_use_the_process_default(tmp_path: Path) -> None:
     default = DbSessionFactory.global_init(sqlite_url(tmp_path))
-    assert DbSessionFactory.get_engine() is default.engine
-    with DbSessionFactory.session_scope() as session:
+    assert default_factory().engine is default.engine
+    with session_scope() as session:
         assert session.get_bind().engine.url == default.engine.url
 
 
@@ -89,7 +90,7 @@ def test_32_threads_racing_the_first_call_build_exactly_one_engine(
         with session_scope() as session:
             session.execute(text("SELECT 1"))
         with lock:
-            engines.append(DbSessionFactory.get_engine())
+            engines.append(default_factory().engine)
 
     caplog.set_level(logging.INFO, logger="dbsession")
     threads = [threading.Thread(target=first_call) for _ in range(32)]
@@ -116,7 +117,7 @@ def test_instances_are_independent_databases(tmp_path: Path) -> None:
         with main.session_scope() as session:
             assert session.query(Supplier).count() == 1
         assert main.engine is not reports.engine
-        assert DbSessionFactory._default is None
+        assert DbSessionFactory._registry.current is None
     finally:
         main.dispose()
         reports.dispose()
@@ -153,7 +154,7 @@ def test_repr_shows_the_masked_url() -> None:
 
 def test_create_all_creates_the_base_tables(tmp_path: Path) -> None:
     factory = DbSessionFactory.global_init(sqlite_url(tmp_path))
-    DbSessionFactory.create_all()
+    default_factory().create_all()
     with factory.engine.connect() as conn:
         tables = set(conn.scalars(text("SELECT name FROM sqlite_master WHERE type='table'")))
     assert {"customer", "supplier", "orders"} <= tables
@@ -163,5 +164,5 @@ def test_global_init_after_lazy_use_with_the_same_url_is_a_no_op(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", sqlite_url(tmp_path))
-    lazy = DbSessionFactory.default()
+    lazy = default_factory()
     assert DbSessionFactory.global_init(sqlite_url(tmp_path)) is lazy

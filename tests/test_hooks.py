@@ -58,7 +58,7 @@ def test_hooks_of_a_released_savepoint_wait_for_the_outer_commit(
     ran: list[str] = []
     with factory.session_scope():
         on_commit(lambda: ran.append("outer"))
-        with factory.session_scope(nested=True):
+        with factory.session_scope():
             on_commit(lambda: ran.append("nested"))
         assert ran == []
     assert ran == ["outer", "nested"]
@@ -69,7 +69,7 @@ def test_hooks_of_a_rolled_back_savepoint_are_dropped(factory: DbSessionFactory)
     with factory.session_scope():
         on_commit(lambda: ran.append("outer"))
         with pytest.raises(Boom):
-            with factory.session_scope(nested=True):
+            with factory.session_scope():
                 on_commit(lambda: ran.append("nested"))
                 raise Boom
     assert ran == ["outer"]
@@ -81,7 +81,7 @@ def test_hooks_of_a_released_savepoint_are_dropped_with_the_outer_rollback(
     ran: list[str] = []
     with pytest.raises(Boom):
         with factory.session_scope():
-            with factory.session_scope(nested=True):
+            with factory.session_scope():
                 on_commit(lambda: ran.append("nested"))
             raise Boom
     assert ran == []
@@ -92,7 +92,7 @@ def test_independent_inner_scope_runs_its_hooks_at_its_own_commit(
 ) -> None:
     ran: list[str] = []
     with factory.session_scope():
-        with factory.session_scope():
+        with factory.session_scope(independent=True):
             on_commit(lambda: ran.append("inner"))
         assert ran == ["inner"]
         on_commit(lambda: ran.append("outer"))

@@ -2,15 +2,17 @@
 ``session_dependency(readonly=True)`` and ``async_session_dependency(readonly=True)`` (FastAPI).
 
 Each tiny app answers GET /count with the committed number of suppliers, and GET /write
-tries to write. The test holds a writing scope open (on SQLite it holds the database's
-write gate and SQLite's write lock) while it asks: a read-only request still answers at
-once with the committed state; a writing one would wait for the lock and fail after the
-busy timeout. A write in a read-only request is an error response and leaves nothing.
+tries to write. A writing scope in another thread holds the write lock (on SQLite the
+database's write gate and SQLite's lock) while the test asks: a read-only request
+still answers at once with the committed state; a writing one would wait for the lock
+and fail after the busy timeout. A write in a read-only request is an error response
+and leaves nothing.
 No ``from __future__ import annotations``: FastAPI reads the views' annotations.
 """
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any
 
 import pytest
@@ -114,6 +116,29 @@ def flask_get(factory: DbSessionFactory) -> Iterator[Get]:
     yield get
 
 
+@contextmanager
+def writer_holding_the_lock(factory: DbSessionFactory) -> Iterator[None]:
+    """During the block, a writing scope in another thread has flushed a row and holds
+    the write lock (SQLite: the gate and BEGIN IMMEDIATE); it commits when the block ends."""
+    holding, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with factory.session_scope() as writer:
+            writer.add(Supplier(name="pending"))
+            writer.flush()
+            holding.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        assert holding.wait(60)
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 @pytest.fixture(params=list(APPS))
 def get(request: pytest.FixtureRequest, factory: DbSessionFactory) -> Iterator[Get]:
     """GET from a tiny app whose views are read-only units of work on ``factory``'s database."""
@@ -133,9 +158,7 @@ def test_read_only_request_answers_while_a_writer_holds_the_lock(
 ) -> None:
     with factory.session_scope() as session:
         session.add(Supplier(name="committed"))
-    with factory.session_scope() as writer:
-        writer.add(Supplier(name="pending"))
-        writer.flush()  # the write lock is held (SQLite: gate and BEGIN IMMEDIATE) from here
+    with writer_holding_the_lock(factory):
         assert get("/count") == (200, 1)
         assert get("/count") == (200, 1)
     assert get("/count") == (200, 2)

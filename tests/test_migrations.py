@@ -16,15 +16,9 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
-from dbsession import (
-    Base,
-    DbSessionFactory,
-    MigrationsNotFoundError,
-    SchemaNotAtHeadError,
-    UnknownRevisionError,
-    migrations,
-)
+from dbsession import Base, DbSessionFactory, SchemaNotAtHeadError, migrations
 from dbsession.cli import main as cli
+from dbsession.errors import MigrationsNotFoundError, UnknownRevisionError
 
 ROOT = Path(__file__).resolve().parents[1]
 INI = ROOT / "alembic.ini"
@@ -105,7 +99,7 @@ def test_global_init_can_require_a_migrated_schema(
     monkeypatch.chdir(ROOT)
     with pytest.raises(SchemaNotAtHeadError):
         DbSessionFactory.global_init(db_url, require_migrated=True)
-    DbSessionFactory.dispose()
+    DbSessionFactory.global_dispose(allow_lazy=True)
     migrations.upgrade(url=db_url, migrations=INI)
     assert DbSessionFactory.global_init(db_url, require_migrated=True).url == db_url
 

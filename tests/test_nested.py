@@ -1,4 +1,4 @@
-"""session_scope(nested=True) as a SAVEPOINT, independent inner scopes, current_session()."""
+"""session_scope() as a SAVEPOINT, independent inner scopes, current_session()."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session
 from dbsession import (
     DbSessionFactory,
     NoActiveScopeError,
-    ScopeError,
+    ReadOnlyError,
     current_session,
     session_scope,
 )
+from dbsession.errors import ScopeError
 from dbsession.example.models import Supplier
 
 
@@ -33,7 +34,7 @@ def names(engine: Engine) -> set[str]:
 
 def test_nested_scope_joins_the_outer_session(factory: DbSessionFactory) -> None:
     with factory.session_scope() as outer:
-        with factory.session_scope(nested=True) as inner:
+        with factory.session_scope() as inner:
             assert inner is outer
             assert current_session() is outer
 
@@ -44,7 +45,7 @@ def test_failed_nested_scope_rolls_back_to_its_savepoint_only(
     with factory.session_scope() as session:
         session.add(Supplier(name="before"))
         with pytest.raises(Boom):
-            with factory.session_scope(nested=True) as nested:
+            with factory.session_scope() as nested:
                 nested.add(Supplier(name="inside"))
                 nested.flush()
                 raise Boom
@@ -57,7 +58,7 @@ def test_outer_commit_includes_the_nested_work(
 ) -> None:
     with factory.session_scope() as session:
         session.add(Supplier(name="outer"))
-        with factory.session_scope(nested=True) as nested:
+        with factory.session_scope() as nested:
             nested.add(Supplier(name="nested"))
     assert names(other_connection) == {"outer", "nested"}
 
@@ -67,7 +68,7 @@ def test_outer_rollback_discards_the_released_savepoint(
 ) -> None:
     with pytest.raises(Boom):
         with factory.session_scope():
-            with factory.session_scope(nested=True) as nested:
+            with factory.session_scope() as nested:
                 nested.add(Supplier(name="nested"))
             raise Boom
     assert names(other_connection) == set()
@@ -76,30 +77,54 @@ def test_outer_rollback_discards_the_released_savepoint(
 def test_nested_outside_any_scope_is_a_normal_scope(
     factory: DbSessionFactory, other_connection: Engine
 ) -> None:
-    with factory.session_scope(nested=True) as session:
+    with factory.session_scope() as session:
         session.add(Supplier(name="alone"))
     assert names(other_connection) == {"alone"}
     with pytest.raises(Boom):
-        with factory.session_scope(nested=True) as session:
+        with factory.session_scope() as session:
             session.add(Supplier(name="rolled back"))
             session.flush()
             raise Boom
     assert names(other_connection) == {"alone"}
 
 
-def test_plain_scope_inside_another_is_independent(
+def test_independent_scope_inside_another_is_a_separate_transaction(
     factory: DbSessionFactory, other_connection: Engine
 ) -> None:
     # The outer scope has not touched the database yet, so SQLite's single writer is free.
     with pytest.raises(Boom):
         with factory.session_scope() as outer:
-            with factory.session_scope() as inner:
+            with factory.session_scope(independent=True) as inner:
                 assert inner is not outer
                 assert current_session() is inner
                 inner.add(Supplier(name="independent"))
             assert current_session() is outer
             raise Boom
     assert names(other_connection) == {"independent"}
+
+
+def test_a_plain_scope_inside_a_writing_scope_joins_instead_of_deadlocking(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    with factory.session_scope() as outer:
+        outer.add(Supplier(name="outer"))
+        outer.flush()  # holds the row / SQLite's write lock
+        with factory.session_scope() as inner:
+            assert inner is outer
+            inner.add(Supplier(name="inner"))
+    assert names(other_connection) == {"outer", "inner"}
+
+
+def test_deprecated_nested_flag_still_works_with_a_warning(factory: DbSessionFactory) -> None:
+    with factory.session_scope() as outer:
+        with pytest.warns(DeprecationWarning, match="independent=True"):
+            scope = factory.session_scope(nested=True)
+        with scope as inner:
+            assert inner is outer
+        with pytest.warns(DeprecationWarning):
+            separate = factory.session_scope(nested=False)
+    with separate as session:
+        assert session is not outer
 
 
 def test_sqlite_independent_writer_inside_a_writing_scope_waits_then_fails(
@@ -112,9 +137,9 @@ def test_sqlite_independent_writer_inside_a_writing_scope_waits_then_fails(
             outer.add(Supplier(name="outer"))
             outer.flush()  # BEGIN IMMEDIATE: this scope holds the only write lock
             with pytest.raises(OperationalError, match="database is locked"):
-                with factory.session_scope() as inner:
+                with factory.session_scope(independent=True) as inner:
                     inner.add(Supplier(name="inner"))
-            with factory.session_scope(nested=True) as nested:
+            with factory.session_scope() as nested:
                 nested.add(Supplier(name="nested"))
         with factory.session_scope(readonly=True) as session:
             assert set(session.scalars(text("SELECT name FROM supplier"))) == {"outer", "nested"}
@@ -128,27 +153,40 @@ def test_nested_joins_only_scopes_of_the_same_factory(
     other = DbSessionFactory(f"sqlite:///{tmp_path}/other.sqlite3")
     try:
         with factory.session_scope() as outer:
-            with other.session_scope(nested=True) as session:
+            with other.session_scope() as session:
                 assert session is not outer
                 assert session.get_bind().engine.url == other.url
     finally:
         other.dispose()
 
 
-def test_nested_scope_cannot_make_a_writing_transaction_read_only(
-    factory: DbSessionFactory,
+def test_read_only_scope_joined_to_a_writing_one_sees_its_writes_and_refuses_its_own(
+    factory: DbSessionFactory, other_connection: Engine
 ) -> None:
-    with factory.session_scope():
-        with pytest.raises(ScopeError, match="cannot make it read-only"):
-            factory.session_scope(nested=True, readonly=True)
+    with factory.session_scope() as outer:
+        outer.add(Supplier(name="uncommitted"))
+        with factory.session_scope(readonly=True) as reader:
+            assert reader is outer
+            assert set(reader.scalars(select(Supplier.name))) == {"uncommitted"}
+        with pytest.raises(ReadOnlyError):
+            with factory.session_scope(readonly=True) as reader:
+                reader.add(Supplier(name="written in a read-only scope"))
+        with pytest.raises(ReadOnlyError):
+            with factory.session_scope(readonly=True) as reader:
+                reader.execute(update(Supplier).values(name="renamed"))
+        with pytest.raises(ReadOnlyError):
+            with factory.session_scope(readonly=True) as reader:
+                reader.execute(text("DELETE FROM supplier"))
+        outer.add(Supplier(name="after"))  # the writing scope writes again
+    assert names(other_connection) == {"uncommitted", "after"}
 
 
 def test_nested_scope_cannot_change_the_isolation_level(factory: DbSessionFactory) -> None:
     with factory.session_scope():
         with pytest.raises(ScopeError, match="cannot change its isolation level"):
-            factory.session_scope(nested=True, isolation_level="SERIALIZABLE")
+            factory.session_scope(isolation_level="SERIALIZABLE")
     with factory.session_scope(isolation_level="SERIALIZABLE") as outer:
-        with factory.session_scope(nested=True, isolation_level="serializable") as nested:
+        with factory.session_scope(isolation_level="serializable") as nested:
             assert nested is outer
 
 
@@ -202,5 +240,5 @@ def test_current_session_is_per_asyncio_task(factory: DbSessionFactory) -> None:
 def test_module_level_nested_scope_uses_the_default(tmp_path: Path) -> None:
     DbSessionFactory.global_init(f"sqlite:///{tmp_path}/default.sqlite3").create_all()
     with session_scope() as outer:
-        with session_scope(nested=True) as nested:
+        with session_scope() as nested:
             assert nested is outer

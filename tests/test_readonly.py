@@ -10,14 +10,8 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
 
-from dbsession import (
-    AlreadyInitializedError,
-    Base,
-    DbSessionFactory,
-    ReadOnlyError,
-    UnsupportedIsolationLevelError,
-    session_scope,
-)
+from dbsession import Base, DbSessionFactory, ReadOnlyError, session_scope
+from dbsession.errors import AlreadyInitializedError, UnsupportedIsolationLevelError
 from dbsession.example.models import Supplier
 
 

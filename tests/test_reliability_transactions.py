@@ -21,7 +21,7 @@ from test_reliability import (
 )
 from test_retry import BASE, CAP, retries
 
-from dbsession import DbSessionFactory, on_commit
+from dbsession import DbSessionFactory, RetryPolicy, on_commit
 
 THREADS = 8
 TRANSFERS_PER_THREAD = 40
@@ -49,17 +49,15 @@ def test_serializable_transfers_from_8_threads_are_retried_and_balance_exactly(
         for i in range(TRANSFERS_PER_THREAD):
             name, source, target, amount, fail_at = random_transfer(rng, number, i)
             try:
-                ledger.run_in_transaction(
-                    unlocked_transfer,
+                ledger.transactional(
+                    retry=RetryPolicy(attempts=100, base_delay=BASE, max_delay=CAP),
+                    isolation_level="SERIALIZABLE",
+                )(unlocked_transfer)(
                     name,
                     source,
                     target,
                     amount,
                     fail_at,
-                    attempts=100,
-                    isolation_level="SERIALIZABLE",
-                    base_delay=BASE,
-                    max_delay=CAP,
                 )
             except Injected:
                 failed.add(name)

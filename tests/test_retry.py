@@ -20,6 +20,8 @@ from dbsession import (
     DbSessionFactory,
     ReadOnlyError,
     RetryExhaustedError,
+    RetryPolicy,
+    default_factory,
     on_commit,
     run_in_transaction,
     transactional,
@@ -27,6 +29,8 @@ from dbsession import (
 from dbsession.example.models import Supplier
 
 BASE, CAP = 0.001, 0.05  # fast backoff for tests
+THREE = RetryPolicy(attempts=3, base_delay=BASE, max_delay=CAP)
+FIVE = RetryPolicy(attempts=5, base_delay=BASE, max_delay=CAP)
 
 
 class Boom(Exception):
@@ -85,13 +89,10 @@ def test_4_threads_x_100_serializable_increments_all_land(
     def worker() -> None:
         try:
             for _ in range(100):
-                factory.run_in_transaction(
-                    one_increment,
-                    attempts=200,
+                factory.transactional(
+                    retry=RetryPolicy(attempts=200, base_delay=BASE, max_delay=CAP),
                     isolation_level="SERIALIZABLE",
-                    base_delay=BASE,
-                    max_delay=CAP,
-                )
+                )(one_increment)()
         except BaseException as error:  # reported below, not lost in the thread
             failures.append(error)
 
@@ -133,9 +134,7 @@ def test_deadlock_between_two_threads_is_retried_and_both_complete(
 
     def worker(first: int, second: int) -> None:
         try:
-            factory.run_in_transaction(
-                cross, first, second, attempts=5, base_delay=BASE, max_delay=CAP
-            )
+            factory.transactional(retry=FIVE)(cross)(first, second)
         except BaseException as error:
             failures.append(error)
         finally:
@@ -200,7 +199,7 @@ def test_sqlite_busy_is_retried_until_the_lock_is_released(
     try:
         with released_on_first_retry(holder.rollback):
             assert (
-                made.run_in_transaction(add, attempts=3, base_delay=BASE, max_delay=CAP) == "done"
+                made.transactional(retry=THREE)(add)() == "done"
             )
         logged = retries(caplog)
         assert len(logged) == 1 and "SQLITE_BUSY" in logged[0]
@@ -225,7 +224,7 @@ def test_mariadb_lock_wait_timeout_is_retried(
     with other_connection.connect() as holder:
         holder.execute(text("UPDATE counter SET value = 10 WHERE id = 1"))  # row locked
         with released_on_first_retry(holder.commit):
-            factory.run_in_transaction(bump, attempts=3, base_delay=BASE, max_delay=CAP)
+            factory.transactional(retry=THREE)(bump)()
     logged = retries(caplog)
     assert len(logged) == 1 and "1205 lock wait timeout" in logged[0]
     assert value(other_connection) == 11
@@ -245,7 +244,7 @@ def test_retry_exhausted_is_a_named_error_chaining_the_last_one(tmp_path: Path) 
 
     try:
         with pytest.raises(RetryExhaustedError, match="on each of 3 attempts") as caught:
-            made.run_in_transaction(never_reached, attempts=3, base_delay=BASE, max_delay=CAP)
+            made.transactional(retry=THREE)(never_reached)()
         assert caught.value.attempts == 3
         assert isinstance(caught.value.__cause__, OperationalError)
         assert caught.value.last_error is caught.value.__cause__
@@ -269,7 +268,7 @@ def test_other_errors_are_never_retried(
         raise error
 
     with pytest.raises(type(error)) as caught:
-        factory.run_in_transaction(failing, attempts=5)
+        factory.transactional(retry=RetryPolicy(attempts=5))(failing)()
     assert caught.value is error
     assert calls == 1
     with other_connection.connect() as conn:
@@ -287,10 +286,10 @@ def test_database_errors_that_are_not_transient_are_not_retried(
         session.add_all([Supplier(name="dup"), Supplier(name="dup")])
 
     with pytest.raises(IntegrityError):
-        factory.run_in_transaction(duplicate, attempts=5)
+        factory.transactional(retry=RetryPolicy(attempts=5))(duplicate)()
     assert calls == 1
     with pytest.raises(ReadOnlyError):
-        factory.run_in_transaction(duplicate, attempts=5, readonly=True)
+        factory.transactional(retry=RetryPolicy(attempts=5), readonly=True)(duplicate)()
     assert calls == 2
 
 
@@ -309,7 +308,7 @@ def test_run_in_transaction_returns_the_result_and_commits(
 def test_transactional_decorator_on_an_instance(
     factory: DbSessionFactory, other_connection: Engine
 ) -> None:
-    @factory.transactional(attempts=3)
+    @factory.transactional(retry=RetryPolicy(attempts=3))
     def add(session: Session, name: str, *, suffix: str = "") -> int:
         supplier = Supplier(name=name + suffix)
         session.add(supplier)
@@ -327,14 +326,14 @@ def test_decorators_on_the_default_look_it_up_at_each_call(tmp_path: Path) -> No
     def count(session: Session) -> int:
         return int(session.scalar(text("SELECT COUNT(*) FROM supplier")) or 0)
 
-    @DbSessionFactory.transactional(readonly=True)
+    @transactional(readonly=True)
     def names(session: Session) -> list[str]:
         return list(session.scalars(text("SELECT name FROM supplier")))
 
-    assert DbSessionFactory._default is None  # decorating did not initialise anything
+    assert DbSessionFactory._registry.current is None  # decorating initialised nothing
     DbSessionFactory.global_init(f"sqlite:///{tmp_path}/d.sqlite3").create_all()
     run_in_transaction(lambda session: session.add(Supplier(name="one")))
-    DbSessionFactory.run_in_transaction(lambda session: session.add(Supplier(name="two")))
+    default_factory().run_in_transaction(lambda session: session.add(Supplier(name="two")))
     assert count() == 2
     assert sorted(names()) == ["one", "two"]
 
@@ -343,9 +342,5 @@ def test_decorators_on_the_default_look_it_up_at_each_call(tmp_path: Path) -> No
 def test_bad_retry_options_are_configuration_errors(
     backend_url: URL, options: dict[str, float]
 ) -> None:
-    made = DbSessionFactory(backend_url)
     with pytest.raises(ConfigurationError):
-        made.transactional(**options)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError):
-        made.run_in_transaction(lambda session: None, **options)  # type: ignore[arg-type]
-    made.dispose()
+        RetryPolicy(**options)  # type: ignore[arg-type]

@@ -147,8 +147,12 @@ def test_expire_on_commit_can_be_turned_back_on(backend_url: object) -> None:
 
 
 def test_each_scope_gets_a_fresh_session(factory: DbSessionFactory) -> None:
-    with factory.session_scope() as first, factory.session_scope() as second:
+    with factory.session_scope() as first:
+        pass
+    with factory.session_scope() as second:
         assert first is not second
+    with factory.session_scope() as outer, factory.session_scope(independent=True) as inner:
+        assert outer is not inner
 
 
 def test_foreign_keys_are_enforced(factory: DbSessionFactory) -> None:

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 from sqlite_load import run_threads
 
-from dbsession import DbSessionFactory, RetryExhaustedError, SQLiteWriteLockTimeoutError
+from dbsession import DbSessionFactory, RetryPolicy
 from dbsession._classify import transient_reason
 from dbsession._sqlite_gate import WriteGate, gate_for, gate_key
+from dbsession.errors import RetryExhaustedError, SQLiteWriteLockTimeoutError
 
 
 def test_waiters_get_the_gate_in_the_order_they_came() -> None:
@@ -115,6 +117,10 @@ def test_one_gate_per_file_whatever_the_path_spelling(tmp_path: Path) -> None:
     assert gate_for(os.path.realpath(real)) is gate_for(gate_key(str(link)))
 
 
+def insert(session: Session, n: int) -> None:
+    session.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+
+
 def test_a_writer_behind_a_stuck_transaction_gets_the_named_error(tmp_path: Path) -> None:
     factory = DbSessionFactory(f"sqlite:///{tmp_path}/stuck.sqlite3", sqlite_busy_timeout=0.05)
     other = DbSessionFactory(f"sqlite:///{tmp_path}/stuck.sqlite3", sqlite_busy_timeout=0.05)
@@ -124,11 +130,9 @@ def test_a_writer_behind_a_stuck_transaction_gets_the_named_error(tmp_path: Path
         with factory.session_scope() as holder:
             holder.execute(text("INSERT INTO t VALUES (1)"))
             with pytest.raises(RetryExhaustedError) as raised:
-                other.run_in_transaction(
-                    lambda s: s.execute(text("INSERT INTO t VALUES (2)")), attempts=2, base_delay=0
-                )
+                other.transactional(retry=RetryPolicy(attempts=2, base_delay=0))(insert)(2)
             assert isinstance(raised.value.last_error, SQLiteWriteLockTimeoutError)
-        other.run_in_transaction(lambda s: s.execute(text("INSERT INTO t VALUES (3)")))
+        other.run_in_transaction(insert, 3)
         with other.session_scope(readonly=True) as session:
             assert list(session.scalars(text("SELECT n FROM t ORDER BY n"))) == [1, 3]
     finally:
@@ -177,7 +181,7 @@ def test_sync_and_async_engines_on_one_file_queue_on_one_gate(tmp_path: Path) ->
     order: list[str] = []
 
     async def async_writer() -> None:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             await session.execute(text("INSERT INTO t VALUES (2)"))
             order.append("async")
         await async_factory.dispose()
@@ -238,7 +242,7 @@ def test_in_memory_database_an_open_reader_blocks_a_writers_commit() -> None:
         with factory.session_scope(readonly=True) as reader:
             assert reader.scalar(text("SELECT COUNT(*) FROM t")) == 0
             with pytest.raises(OperationalError, match="database is locked"):
-                with factory.session_scope() as writer:
+                with factory.session_scope(independent=True) as writer:
                     writer.execute(text("INSERT INTO t VALUES (1)"))
         with factory.session_scope() as writer:  # with the reader gone it commits
             writer.execute(text("INSERT INTO t VALUES (2)"))

@@ -26,6 +26,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlite_load import (
     COUNTERS,
+    RETRY,
     bump,
     counting_retries,
     cpu_hog,
@@ -54,9 +55,10 @@ def async_writers(url: str, tasks: int, units: int, seed: int) -> tuple[int, lis
 
     async def task(factory: AsyncDbSessionFactory, number: int) -> None:
         rng = random.Random(seed * 1000 + number)
+        unit = factory.transactional(retry=RETRY)(async_bump)
         for _ in range(units):
             try:
-                await factory.run_in_transaction(async_bump, rng.randrange(COUNTERS), max_delay=0.2)
+                await unit(rng.randrange(COUNTERS))
                 committed.append(1)
             except Exception as error:
                 errors.append(f"{type(error).__name__}: {str(error).splitlines()[0]}")

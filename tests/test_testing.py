@@ -39,7 +39,7 @@ def add_item(name):
 
 
 def add_item_on_the_class(name):
-    with DbSessionFactory.session_scope() as session:
+    with session_scope() as session:
         session.add(Item(name=name))
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
-from dbsession import DbSessionFactory
+from dbsession import default_factory
 from dbsession.example.models import Customer
 
 if TYPE_CHECKING:
@@ -72,15 +72,15 @@ def fastapi_api(app: FastAPI, engine: Callable[[], Engine]) -> Iterator[Api]:
 def fastapi_sync_api(url: URL) -> Iterator[Api]:
     from examples.fastapi_app.app import create_app
 
-    yield from fastapi_api(create_app(url), DbSessionFactory.get_engine)
+    yield from fastapi_api(create_app(url), lambda: default_factory().engine)
 
 
 def fastapi_async_api(url: URL) -> Iterator[Api]:
-    from dbsession.asyncio import AsyncDbSessionFactory
+    from dbsession.asyncio import async_default_factory
     from examples.fastapi_app.async_app import create_app
 
     def engine() -> Engine:
-        return AsyncDbSessionFactory.get_engine().sync_engine
+        return async_default_factory().engine.sync_engine
 
     # No driver in the URL: the migrations pick the sync one, the app the async one.
     yield from fastapi_api(create_app(url.set(drivername=url.get_backend_name())), engine)
@@ -95,7 +95,7 @@ def flask_api(url: URL) -> Iterator[Api]:
         response = app.test_client().open(path, method=method, json=body)
         return response.status_code, response.get_json()
 
-    api = Api(call, DbSessionFactory.get_engine)
+    api = Api(call, lambda: default_factory().engine)
     yield api
     assert api.checked_out() == 0
 

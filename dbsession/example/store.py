@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dbsession import DbSessionFactory, mask_url, migrations
+from dbsession import DbSessionFactory, default_factory, mask_url, migrations
 
 from .models import Customer, Order, Supplier
 
@@ -87,7 +87,7 @@ def run(factory: DbSessionFactory) -> str:
 
 def main() -> int:
     """Entry point of ``python -m dbsession.example``: migrate to head, then run the store."""
-    factory = DbSessionFactory.default()
+    factory = default_factory()
     migrations.upgrade(url=factory.url, migrations=_alembic_ini())
     print(run(factory))
     print(f"schema: Alembic revision {migrations.current(url=factory.url)} (head)")

@@ -107,10 +107,10 @@ def async_session_dependency(
 
     async def get_async_session() -> AsyncIterator[AsyncSession]:
         """Yield one async unit of work: committed when the endpoint returns, else rolled back."""
-        from ..asyncio import AsyncDbSessionFactory  # the async extra, only when used
+        from ..asyncio import async_default_factory  # the async extra, only when used
 
-        owner = factory or AsyncDbSessionFactory
-        async with owner.async_session_scope(readonly=readonly) as session:
+        owner = factory or async_default_factory()
+        async with owner.session_scope(readonly=readonly) as session:
             yield session
 
     return get_async_session

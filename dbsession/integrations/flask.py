@@ -8,8 +8,7 @@
         ...
 
 The decorated view gets a real SQLAlchemy Session from ``session_scope()`` as its
-first argument (``@unit_of_work(readonly=True)``: from ``session_scope(readonly=True)``,
-for views that only read) (URL variables follow as keyword arguments). When the view returns,
+first argument (URL variables follow as keyword arguments). When the view returns,
 the unit of work is committed, before Flask builds and sends the response; when it
 raises (``abort(409)`` after writes included, and exceptions that an error handler
 turns into a response), it is rolled back and the exception goes on to Flask. A
@@ -22,53 +21,59 @@ and it runs after the response status is fixed. See docs/web.md.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 from sqlalchemy.orm import Session
 
-from .._factory import DbSessionFactory, session_scope
+from .._factory import DbSessionFactory, default_factory
+from .._retry import UnitOfWorkFunction
 
 __all__ = ["unit_of_work"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+View = Callable[Concatenate[Session, P], R]
 
 
+@overload
+def unit_of_work(view: View[P, R], /) -> Callable[P, R]: ...
+@overload
 def unit_of_work(
-    factory: DbSessionFactory | None = None, *, readonly: bool = False
-) -> Callable[[Callable[Concatenate[Session, P], R]], Callable[P, R]]:
+    factory: DbSessionFactory | None = None, /, *, readonly: bool = False
+) -> Callable[[View[P, R]], Callable[P, R]]: ...
+def unit_of_work(
+    target: Callable[..., Any] | DbSessionFactory | None = None, /, *, readonly: bool = False
+) -> Any:
     """Decorate a sync view so that it runs as one unit of work and receives its session.
 
-    Without ``factory`` it uses the process default factory, looked up on each
-    request. ``readonly=True`` (for GET views) runs it in ``session_scope(readonly=True)``:
-    it never takes a write lock (on SQLite it does not queue behind writers), and a
-    write in it raises ReadOnlyError. Raises TypeError when applied to an ``async def``
-    view (the scope would commit before the coroutine ran). Opening the scope raises
+    ``@unit_of_work``, ``@unit_of_work()``, ``@unit_of_work(factory)`` or
+    ``@unit_of_work(readonly=True)`` (a read-only scope: GET views that only read
+    never take a write lock). Without a factory it uses the process default factory,
+    looked up on each request. Works on ``MethodView`` methods (``self`` first, then
+    the session). Raises TypeError when applied to an ``async def`` view (the scope
+    would commit before the coroutine ran). Opening the scope raises
     DatabaseUnreachableError when no connection can be had.
     """
-    scope: Callable[..., AbstractContextManager[Session]] = (
-        session_scope if factory is None else factory.session_scope
-    )
+    factory = target if isinstance(target, DbSessionFactory) else None
 
     def open_scope() -> AbstractContextManager[Session]:
-        return scope(readonly=readonly)
+        return (factory or default_factory()).session_scope(readonly=readonly)
 
-    def decorate(view: Callable[Concatenate[Session, P], R]) -> Callable[P, R]:
+    def run(unit: Callable[[Session], R]) -> R:
+        with open_scope() as session:
+            return unit(session)
+
+    def decorate(view: Callable[..., Any]) -> Any:
         if inspect.iscoroutinefunction(view):
             raise TypeError(
-                f"@unit_of_work() cannot wrap the async view {view.__qualname__}: make it a "
+                f"@unit_of_work cannot wrap the async view {view.__qualname__}: make it a "
                 "plain def view, or open a scope inside it."
             )
+        return UnitOfWorkFunction(view, run)
 
-        @functools.wraps(view)
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            with open_scope() as session:
-                return view(session, *args, **kwargs)
-
-        return run
-
-    return decorate
+    if target is None or factory is not None:
+        return decorate
+    return decorate(cast(Callable[..., Any], target))

@@ -96,7 +96,7 @@ def create_app(url: str | URL | None = None) -> FastAPI:
         await run_in_threadpool(store_api.migrate, url)
         DbSessionFactory.global_init(url)
         yield
-        DbSessionFactory.dispose()
+        DbSessionFactory.global_dispose()
 
     app = FastAPI(title="dbsession store (FastAPI, sync)", lifespan=lifespan)
     app.include_router(router)

@@ -84,7 +84,7 @@ def create_app(url: str | URL | None = None) -> FastAPI:
         await run_in_threadpool(store_api.migrate, url)
         AsyncDbSessionFactory.global_init(url)
         yield
-        await AsyncDbSessionFactory.dispose()
+        await AsyncDbSessionFactory.global_dispose()
 
     app = FastAPI(title="dbsession store (FastAPI, async)", lifespan=lifespan)
     app.include_router(router)

@@ -51,7 +51,7 @@ def run() -> Iterator[Run[Any]]:
 
     yield run_on_loop
     try:
-        loop.run_until_complete(AsyncDbSessionFactory.dispose())
+        loop.run_until_complete(AsyncDbSessionFactory.global_dispose(allow_lazy=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()

@@ -18,13 +18,14 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from dbsession import (
-    AlreadyInitializedError,
-    ConfigurationError,
-    DatabaseUnreachableError,
-    MissingDriverError,
+from dbsession import ConfigurationError, DatabaseUnreachableError
+from dbsession.asyncio import (
+    AsyncDbSessionFactory,
+    async_create_session,
+    async_default_factory,
+    async_session_scope,
 )
-from dbsession.asyncio import AsyncDbSessionFactory, async_session_scope, create_async_session
+from dbsession.errors import AlreadyInitializedError, MissingDriverError
 from dbsession.example.models import Customer, Order, Supplier
 
 from .conftest import Run
@@ -87,7 +88,7 @@ def test_many_threads_racing_the_first_use_build_exactly_one_engine(
 
     def first_use(_: int) -> int:
         barrier.wait()
-        return id(AsyncDbSessionFactory.get_engine())
+        return id(async_default_factory().engine)
 
     with caplog.at_level(logging.INFO, logger="dbsession"), ThreadPoolExecutor(8) as pool:
         engines = list(pool.map(first_use, range(8)))
@@ -102,19 +103,19 @@ def test_global_init_with_another_url_is_refused_until_disposed(
     async def body() -> None:
         first = AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'a.db'}")
         assert AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'a.db'}") is first
-        with pytest.raises(AlreadyInitializedError, match="AsyncDbSessionFactory.dispose"):
+        with pytest.raises(AlreadyInitializedError, match="AsyncDbSessionFactory.global_dispose"):
             AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'b.db'}")
-        await AsyncDbSessionFactory.dispose()
-        await AsyncDbSessionFactory.dispose()  # nothing to dispose: fine
+        await AsyncDbSessionFactory.global_dispose(allow_lazy=True)
+        await AsyncDbSessionFactory.global_dispose(allow_lazy=True)  # nothing to dispose: fine
         second = AsyncDbSessionFactory.global_init(f"sqlite:///{tmp_path / 'b.db'}")
         assert second is not first
 
     run(body())
 
 
-def test_create_async_session_is_managed_by_the_caller(run: Run[Any]) -> None:
+def test_async_create_session_is_managed_by_the_caller(run: Run[Any]) -> None:
     async def body() -> None:
-        async with create_async_session() as session:
+        async with async_create_session() as session:
             assert (await session.execute(text("SELECT 2"))).scalar() == 2
 
     run(body())
@@ -146,7 +147,7 @@ def test_unreachable_server_names_host_and_port(url: str, run: Run[Any]) -> None
 
     async def body() -> None:
         try:
-            async with factory.async_session_scope() as session:
+            async with factory.session_scope() as session:
                 await session.execute(text("SELECT 1"))
         finally:
             await factory.dispose()
@@ -196,7 +197,7 @@ def test_sqlite_foreign_key_violation_is_refused(
     sqlite_async: AsyncDbSessionFactory, run: Run[Any]
 ) -> None:
     async def body() -> None:
-        async with sqlite_async.async_session_scope() as session:
+        async with sqlite_async.session_scope() as session:
             session.add(Order(customer_id=999, supplier_id=999, amount=1))
 
     with pytest.raises(IntegrityError, match="FOREIGN KEY"):
@@ -209,7 +210,7 @@ def test_sqlite_write_scope_takes_the_write_lock_at_begin(
     other = sqlite3.connect(tmp_path / "app.sqlite3", timeout=0, isolation_level=None)
 
     async def body() -> None:
-        async with sqlite_async.async_session_scope() as session:
+        async with sqlite_async.session_scope() as session:
             await session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE, before any write
             with pytest.raises(sqlite3.OperationalError, match="locked"):
                 other.execute("BEGIN IMMEDIATE")
@@ -226,14 +227,14 @@ def test_sqlite_savepoint_rolls_back_only_the_nested_part(
     sqlite_async: AsyncDbSessionFactory, run: Run[Any]
 ) -> None:
     async def body() -> list[str]:
-        async with sqlite_async.async_session_scope() as session:
+        async with sqlite_async.session_scope() as session:
             session.add(Supplier(name="outer"))
             with pytest.raises(RuntimeError):
                 async with session.begin_nested():
                     session.add(Supplier(name="inner"))
                     await session.flush()
                     raise RuntimeError
-        async with sqlite_async.async_session_scope() as session:
+        async with sqlite_async.session_scope() as session:
             return list(await session.scalars(select(Supplier.name)))
 
     assert run(body()) == ["outer"]
@@ -244,7 +245,7 @@ def test_in_memory_sqlite_is_one_database_for_all_connections(run: Run[Any]) -> 
 
     async def body() -> list[str]:
         await factory.create_all()
-        async with factory.async_session_scope() as first:
+        async with factory.session_scope() as first:
             first.add(Customer(name="Ada", email="ada@example.com"))
         connections = [await factory.engine.connect() for _ in range(3)]  # three at once
         try:
@@ -266,7 +267,7 @@ def test_public_async_names_are_documented() -> None:
 
     for name in dbsession.asyncio.__all__:
         assert getattr(dbsession.asyncio, name).__doc__, f"{name} has no docstring"
-    for method in ("async_session_scope", "create_session", "get_engine", "create_all", "dispose"):
+    for method in ("session_scope", "create_session", "transactional", "create_all", "dispose"):
         assert getattr(AsyncDbSessionFactory, method).__doc__, f"{method} has no docstring"
 
 
@@ -280,7 +281,7 @@ def test_global_init_can_require_a_migrated_schema(
     url = f"sqlite:///{tmp_path / 'migrated.sqlite3'}"
     with pytest.raises(SchemaNotAtHeadError):
         AsyncDbSessionFactory.global_init(url, require_migrated=True)
-    run(AsyncDbSessionFactory.dispose())
+    run(AsyncDbSessionFactory.global_dispose(allow_lazy=True))
     migrations.upgrade(url=url, migrations=root / "alembic.ini")
     made = AsyncDbSessionFactory.global_init(url, require_migrated=True)
     assert made.url.drivername == "sqlite+aiosqlite"

@@ -49,7 +49,7 @@ def test_concurrent_async_transfers_with_failures_and_cancellations_keep_the_boo
     async def one_transfer(
         name: str, source: int, target: int, amount: int, fail_at: Any, held: asyncio.Event
     ) -> None:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             on_commit(lambda: hooked.append(name))
             raise_at = None if fail_at == "cancelled" else fail_at
             await session.run_sync(transfer, name, source, target, amount, raise_at)
@@ -101,14 +101,14 @@ def test_connection_killed_mid_async_scope_raises_commits_nothing_and_the_next_s
 ) -> None:
     async def body() -> OperationalError:
         with pytest.raises(OperationalError) as caught:
-            async with async_factory.async_session_scope() as session:
+            async with async_factory.session_scope() as session:
                 session.add(Supplier(name="lost"))
                 await session.flush()
                 kill(other_connection, [await session.run_sync(server_pid)])
                 if then == "next statement":
                     await session.execute(text("SELECT 1"))
         assert checked_out(async_factory) == 0
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name="next"))
         return caught.value
 

@@ -39,7 +39,7 @@ def test_scope_commits_when_the_block_ends(
     async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
 ) -> None:
     async def body() -> None:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name="ACME"))
 
     run(body())
@@ -53,7 +53,7 @@ def test_error_rolls_back_everything_and_is_reraised_unchanged(
     error = LookupError("boom")
 
     async def body() -> None:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name="flushed"))
             await session.flush()
             session.add(Supplier(name="pending"))
@@ -70,7 +70,7 @@ def test_fifty_concurrent_units_of_work_persist_exactly_the_ones_that_did_not_ra
     async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
 ) -> None:
     async def unit_of_work(number: int) -> None:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name=f"supplier-{number:02}"))
             await session.flush()
             await asyncio.sleep(0)  # let the other tasks interleave mid-transaction
@@ -102,7 +102,7 @@ def test_cancelled_scope_leaves_nothing_and_returns_its_connection(
         in_flight = asyncio.Event()
 
         async def unit_of_work() -> None:
-            async with async_factory.async_session_scope() as session:
+            async with async_factory.session_scope() as session:
                 session.add(Supplier(name="never"))
                 await session.flush()
                 in_flight.set()
@@ -121,7 +121,7 @@ def test_cancelled_scope_leaves_nothing_and_returns_its_connection(
             await task
         assert checked_out(async_factory) == 0
         # The database is usable at once: no lock or transaction was left behind.
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name="after"))
 
     run(body())
@@ -138,7 +138,7 @@ def test_timeout_rolls_back_and_raises_timeout_error(
     async def body() -> None:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):  # type: ignore[attr-defined,unused-ignore]
-                async with async_factory.async_session_scope() as session:
+                async with async_factory.session_scope() as session:
                     session.add(Supplier(name="too slow"))
                     await session.flush()
                     await session.execute(text(SLOW_QUERY[backend]))
@@ -154,10 +154,10 @@ def test_failing_commit_rolls_back_and_raises_the_commit_error(
     from sqlalchemy.exc import IntegrityError
 
     async def body() -> None:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name="twin"))
         with pytest.raises(IntegrityError):
-            async with async_factory.async_session_scope() as session:
+            async with async_factory.session_scope() as session:
                 session.add(Supplier(name="first of the batch"))
                 session.add(Supplier(name="twin"))  # unique name: fails at commit's flush
         assert checked_out(async_factory) == 0
@@ -170,9 +170,9 @@ def test_sessions_count_rows_like_plain_sqlalchemy(
     async_factory: AsyncDbSessionFactory, run: Run[Any]
 ) -> None:
     async def body() -> int:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add_all([Supplier(name="a"), Supplier(name="b")])
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             count: int = await session.scalar(select(func.count()).select_from(Supplier)) or 0
             return count
 

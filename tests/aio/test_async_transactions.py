@@ -1,4 +1,4 @@
-"""The async twins of the transactions features: nested scopes, current_async_session,
+"""The async twins of the transactions features: nested scopes, async_current_session,
 on_commit, read-only scopes and the replica, isolation levels, run_in_transaction."""
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from test_readonly import statements
 from test_retry import (
+    FIVE as FAST,
+)
+from test_retry import (
+    THREE,
     counters,  # noqa: F401  (a fixture: table counter, rows 1 and 2)
     released_on_first_retry,
     retries,
@@ -26,17 +30,18 @@ from dbsession import (
     NoActiveScopeError,
     ReadOnlyError,
     RetryExhaustedError,
-    ScopeError,
-    UnsupportedIsolationLevelError,
+    RetryPolicy,
     current_session,
     on_commit,
 )
 from dbsession.asyncio import (
     AsyncDbSessionFactory,
+    async_current_session,
+    async_default_factory,
     async_run_in_transaction,
     async_session_scope,
-    current_async_session,
 )
+from dbsession.errors import ScopeError, UnsupportedIsolationLevelError
 from dbsession.example.models import Supplier
 
 from .conftest import Run, bare
@@ -46,22 +51,22 @@ from .test_async_scope import supplier_names as names
 BASE, CAP = 0.001, 0.05  # fast backoff for tests
 
 
-# --- nested scopes, current_async_session, on_commit ------------------------------------
+# --- nested scopes, async_current_session, on_commit ------------------------------------
 
 
 def test_nested_scope_is_a_savepoint_rolled_back_alone(
     async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
 ) -> None:
     async def body() -> None:
-        async with async_factory.async_session_scope() as outer:
+        async with async_factory.session_scope() as outer:
             outer.add(Supplier(name="outer"))
             with pytest.raises(LookupError):
-                async with async_factory.async_session_scope(nested=True) as inner:
+                async with async_factory.session_scope() as inner:
                     assert inner is outer
                     inner.add(Supplier(name="rolled back"))
                     await inner.flush()
                     raise LookupError
-            async with async_factory.async_session_scope(nested=True) as inner:
+            async with async_factory.session_scope() as inner:
                 inner.add(Supplier(name="kept"))
 
     run(body())
@@ -73,43 +78,43 @@ def test_nested_scope_outside_any_scope_is_a_normal_scope(
     async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
 ) -> None:
     async def body() -> None:
-        async with async_factory.async_session_scope(nested=True) as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name="alone"))
 
     run(body())
     assert names(other_connection) == ["alone"]
 
 
-def test_savepoint_cannot_change_the_outer_transaction(
+def test_joined_scope_shares_the_outer_transaction_and_cannot_change_its_level(
     async_factory: AsyncDbSessionFactory, run: Run[Any]
 ) -> None:
     async def body() -> None:
-        async with async_factory.async_session_scope():
+        async with async_factory.session_scope() as outer:
+            async with async_factory.session_scope(readonly=True) as reader:
+                assert reader is outer
             with pytest.raises(ScopeError):
-                async_factory.async_session_scope(nested=True, readonly=True)
-            with pytest.raises(ScopeError):
-                async_factory.async_session_scope(nested=True, isolation_level="SERIALIZABLE")
+                async_factory.session_scope(isolation_level="SERIALIZABLE")
 
     run(body())
 
 
-def test_current_async_session_is_the_innermost_scopes_per_task(
+def test_async_current_session_is_the_innermost_scopes_per_task(
     async_factory: AsyncDbSessionFactory, run: Run[Any]
 ) -> None:
     async def in_task(number: int) -> bool:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             await asyncio.sleep(0)  # the other tasks open their scopes meanwhile
-            return current_async_session() is session
+            return async_current_session() is session
 
     async def body() -> None:
         with pytest.raises(NoActiveScopeError, match="outside any"):
-            current_async_session()
-        async with async_factory.async_session_scope() as session:
-            assert current_async_session() is session
-            with pytest.raises(NoActiveScopeError, match="current_async_session"):
+            async_current_session()
+        async with async_factory.session_scope() as session:
+            assert async_current_session() is session
+            with pytest.raises(NoActiveScopeError, match="async_current_session"):
                 current_session()
             assert await asyncio.gather(*(in_task(n) for n in range(5))) == [True] * 5
-            assert current_async_session() is session
+            assert async_current_session() is session
 
     run(body())
 
@@ -120,18 +125,18 @@ def test_on_commit_runs_after_the_commit_and_is_dropped_on_rollback(
     ran: list[str] = []
 
     async def body() -> None:
-        async with async_factory.async_session_scope() as session:
+        async with async_factory.session_scope() as session:
             session.add(Supplier(name="committed"))
             on_commit(lambda: ran.append(f"outer saw {names(other_connection)}"))
             with pytest.raises(LookupError):
-                async with async_factory.async_session_scope(nested=True):
+                async with async_factory.session_scope():
                     on_commit(lambda: ran.append("savepoint rolled back"))
                     raise LookupError
-            async with async_factory.async_session_scope(nested=True):
+            async with async_factory.session_scope():
                 on_commit(lambda: ran.append("savepoint released"))
             assert ran == []
         with pytest.raises(LookupError):
-            async with async_factory.async_session_scope():
+            async with async_factory.session_scope():
                 on_commit(lambda: ran.append("rolled back"))
                 raise LookupError
 
@@ -147,14 +152,14 @@ def test_write_in_a_read_only_scope_is_a_read_only_error(
 ) -> None:
     async def body() -> None:
         with pytest.raises(ReadOnlyError):
-            async with async_factory.async_session_scope(readonly=True) as session:
+            async with async_factory.session_scope(readonly=True) as session:
                 session.add(Supplier(name="refused"))
         with pytest.raises(ReadOnlyError):
-            async with async_factory.async_session_scope(readonly=True) as session:
+            async with async_factory.session_scope(readonly=True) as session:
                 await session.execute(text("INSERT INTO supplier (name) VALUES ('refused')"))
-        async with async_factory.async_session_scope() as session:  # writable again
+        async with async_factory.session_scope() as session:  # writable again
             session.add(Supplier(name="written"))
-        async with async_factory.async_session_scope(readonly=True) as session:
+        async with async_factory.session_scope(readonly=True) as session:
             assert await session.scalar(select(Supplier.name)) == "written"
 
     run(body())
@@ -173,9 +178,9 @@ def test_replica_serves_read_only_scopes_and_the_primary_the_rest(
             assert routed.replica_engine is not routed.engine
             on_primary = statements(routed.engine.sync_engine)
             on_replica = statements(routed.replica_engine.sync_engine)
-            async with routed.async_session_scope() as session:
+            async with routed.session_scope() as session:
                 session.add(Supplier(name="via primary"))
-            async with routed.async_session_scope(readonly=True) as session:
+            async with routed.session_scope(readonly=True) as session:
                 found = await session.scalar(text("SELECT name FROM supplier /* replica */"))
                 assert found == "via primary"
             assert any("INSERT" in s for s in on_primary)
@@ -196,11 +201,11 @@ def test_isolation_level_applies_to_the_scope(
         return str(await connection.get_isolation_level())
 
     async def body() -> None:
-        async with async_factory.async_session_scope(isolation_level="serializable") as session:
+        async with async_factory.session_scope(isolation_level="serializable") as session:
             assert await level(session) == "SERIALIZABLE"
             session.add(Supplier(name="serial"))
         with pytest.raises(UnsupportedIsolationLevelError, match="CHAOS"):
-            async_factory.async_session_scope(isolation_level="CHAOS")
+            async_factory.session_scope(isolation_level="CHAOS")
 
     run(body())
 
@@ -230,14 +235,11 @@ def test_serializable_increments_from_many_tasks_all_land(
     async def worker(task: int) -> None:
         for step in range(15):
             number = task * 100 + step
-            done = await async_factory.run_in_transaction(
-                increment,
-                number,
-                attempts=200,
+            serializable = async_factory.transactional(
+                retry=RetryPolicy(attempts=200, base_delay=BASE, max_delay=CAP),
                 isolation_level="SERIALIZABLE",
-                base_delay=BASE,
-                max_delay=CAP,
             )
+            done = await serializable(increment)(number)
             assert done == number
 
     async def body() -> None:
@@ -280,7 +282,7 @@ def test_deadlock_between_two_tasks_is_retried_and_both_complete(
 
         await asyncio.gather(
             *(
-                async_factory.run_in_transaction(cross, a, b, base_delay=BASE, max_delay=CAP)
+                async_factory.transactional(retry=FAST)(cross)(a, b)
                 for a, b in [(1, 2), (2, 1)]
             )
         )
@@ -308,7 +310,7 @@ def test_sqlite_busy_is_retried_until_the_lock_is_released(
 
     async def body() -> str:
         try:
-            return await made.run_in_transaction(add, attempts=3, base_delay=BASE, max_delay=CAP)
+            return await made.transactional(retry=THREE)(add)()
         finally:
             await made.dispose()
 
@@ -333,7 +335,7 @@ def test_retry_exhausted_and_other_errors_are_not_retried(
 
     async def body() -> None:
         with pytest.raises(IntegrityError):
-            await async_factory.run_in_transaction(duplicate, attempts=5)
+            await async_factory.transactional(retry=RetryPolicy(attempts=5))(duplicate)()
         assert calls == 1
 
     run(body())
@@ -345,9 +347,7 @@ def test_retry_exhausted_and_other_errors_are_not_retried(
     async def exhausted() -> None:
         try:
             with pytest.raises(RetryExhaustedError, match="on each of 3 attempts") as caught:
-                await locked.run_in_transaction(
-                    duplicate, attempts=3, base_delay=BASE, max_delay=CAP
-                )
+                await locked.transactional(retry=THREE)(duplicate)()
             assert caught.value.attempts == 3
         finally:
             await locked.dispose()
@@ -369,7 +369,7 @@ def test_module_functions_use_the_default_async_factory(
         return name
 
     async def body() -> list[str]:
-        await AsyncDbSessionFactory.create_all()
+        await async_default_factory().create_all()
         assert await async_run_in_transaction(add, "one") == "one"
         async with async_session_scope(readonly=True) as session:
             return list(await session.scalars(select(Supplier.name)))

@@ -51,7 +51,7 @@ def test_cancelling_writers_at_random_moments_leaves_no_lock(
     errors: list[BaseException] = []
 
     async def unit(name: str, row: int) -> None:
-        async with factory.async_session_scope() as session:
+        async with factory.session_scope() as session:
             await session.execute(text("INSERT INTO ledger (name) VALUES (:n)"), {"n": name})
             n = await session.execute(text("SELECT n FROM counter WHERE id = :id"), {"id": row})
             await session.execute(
@@ -82,7 +82,7 @@ def test_cancelling_writers_at_random_moments_leaves_no_lock(
             for row in range(4):
                 await connection.execute(text(f"INSERT INTO counter VALUES ({row}, 0)"))
         await asyncio.gather(*(worker(n) for n in range(TASKS)))
-        async with factory.async_session_scope(readonly=True) as session:
+        async with factory.session_scope(readonly=True) as session:
             count = (await session.execute(text("SELECT SUM(n) FROM counter"))).scalar_one()
             names = set((await session.execute(text("SELECT name FROM ledger"))).scalars())
         return count, names

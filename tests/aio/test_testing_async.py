@@ -30,7 +30,7 @@ async def add_item(name):
 
 
 async def add_item_on_the_class(name):
-    async with AsyncDbSessionFactory.async_session_scope() as session:
+    async with async_session_scope() as session:
         session.add(Item(name=name))
 
 

@@ -1,0 +1,47 @@
+"""Every exception dbsession raises, rooted in ``DbSessionError`` (the tree is in the
+docstring of ``dbsession._errors``). The ones callers usually catch separately are also
+importable from ``dbsession`` itself."""
+
+from ._errors import AlreadyInitializedError as AlreadyInitializedError
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
+from ._errors import DbSessionError as DbSessionError
+from ._errors import InvalidURLError as InvalidURLError
+from ._errors import MigrationError as MigrationError
+from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
+from ._errors import MissingDriverError as MissingDriverError
+from ._errors import NoActiveScopeError as NoActiveScopeError
+from ._errors import NotInitializedError as NotInitializedError
+from ._errors import ReadOnlyError as ReadOnlyError
+from ._errors import RetryExhaustedError as RetryExhaustedError
+from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
+from ._errors import ScopeError as ScopeError
+from ._errors import SQLitePathError as SQLitePathError
+from ._errors import SQLiteWriteLockTimeoutError as SQLiteWriteLockTimeoutError
+from ._errors import TransactionAbortedError as TransactionAbortedError
+from ._errors import UnknownDialectError as UnknownDialectError
+from ._errors import UnknownRevisionError as UnknownRevisionError
+from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevelError
+
+__all__ = [
+    "AlreadyInitializedError",
+    "ConfigurationError",
+    "DatabaseUnreachableError",
+    "DbSessionError",
+    "InvalidURLError",
+    "MigrationError",
+    "MigrationsNotFoundError",
+    "MissingDriverError",
+    "NoActiveScopeError",
+    "NotInitializedError",
+    "ReadOnlyError",
+    "RetryExhaustedError",
+    "SQLitePathError",
+    "SQLiteWriteLockTimeoutError",
+    "SchemaNotAtHeadError",
+    "ScopeError",
+    "TransactionAbortedError",
+    "UnknownDialectError",
+    "UnknownRevisionError",
+    "UnsupportedIsolationLevelError",
+]
