@@ -162,10 +162,6 @@ class WriteGate:
             )
         return False
 
-    def handoffs(self) -> int:
-        """How many times the gate has been released so far (its progress)."""
-        return self._handoffs
-
     def acquire(self, stall: float) -> None:
         """Block this thread until it holds the gate (see the class for what it raises)."""
         waiter = self._enter_or_queue(lambda: _Waiter(threading.Event()))
