@@ -13,7 +13,7 @@ processes writing the same file.
 
 A thread waits for the gate blocking; an asyncio task waits without blocking its
 event loop. A writer waits as long as the gate keeps changing hands: it fails with
-:class:`~dbsession.SQLiteWriteLockTimeoutError` (an SQLAlchemy ``OperationalError``
+:class:`~dbsession.errors.SQLiteWriteLockTimeoutError` (an SQLAlchemy ``OperationalError``
 that ``run_in_transaction`` retries like ``SQLITE_BUSY``) only when the gate was held
 by one and the same transaction for twice the database's busy timeout (its holder may
 first wait up to the busy timeout in SQLite for another process). A
