@@ -37,7 +37,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sqlite_load import COUNTERS, bump, cpu_hog, create_counters, total  # noqa: E402
+from sqlite_load import COUNTERS, bump, cpu_hog, create_counters, run_threads, total  # noqa: E402
 
 from dbsession import DbSessionFactory  # noqa: E402
 from dbsession._sqlite_gate import WriteGate  # noqa: E402
@@ -89,12 +89,8 @@ def measure(
             latencies.extend(mine)
             errors.extend(failed)
 
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
     start = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    run_threads(threads, work)
     return time.perf_counter() - start, latencies, len(latencies), len(errors)
 
 

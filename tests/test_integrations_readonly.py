@@ -16,10 +16,9 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any
 
 import pytest
-from conftest import require_extra
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from test_integrations import APPS, suppliers
+from test_integrations import APPS, app_client, suppliers
 
 from dbsession import DbSessionFactory
 from dbsession.example.models import Supplier
@@ -142,15 +141,8 @@ def writer_holding_the_lock(factory: DbSessionFactory) -> Iterator[None]:
 @pytest.fixture(params=list(APPS))
 def get(request: pytest.FixtureRequest, factory: DbSessionFactory) -> Iterator[Get]:
     """GET from a tiny app whose views are read-only units of work on ``factory``'s database."""
-    name: str = request.param
-    for module, extra in APPS[name].items():
-        require_extra(module, extra)
-    make: dict[str, Callable[[DbSessionFactory], Iterator[Get]]] = {
-        "fastapi": fastapi_get,
-        "fastapi-async": fastapi_async_get,
-        "flask": flask_get,
-    }
-    yield from make[name](factory)
+    apps = {"fastapi": fastapi_get, "fastapi-async": fastapi_async_get, "flask": flask_get}
+    yield from app_client(request, factory, apps)
 
 
 def test_read_only_request_answers_while_a_writer_holds_the_lock(
