@@ -6,8 +6,9 @@
 - PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
   (psycopg 3, PyMySQL); see ``_config``.
 - SQLite: ``PRAGMA foreign_keys=ON``, WAL for files, a busy timeout, and
-  SQLAlchemy (not pysqlite) emits ``BEGIN``, so SAVEPOINT works and write
-  sessions can ask for ``BEGIN IMMEDIATE``. In-memory databases use the
+  dbsession (not pysqlite) emits ``BEGIN`` on the raw connection, so SAVEPOINT
+  works and write sessions can ask for ``BEGIN IMMEDIATE``, which first takes the
+  database's in-process write gate (``_sqlite_gate``; docs/sqlite.md). In-memory databases use the
   ``memdb`` VFS so several threads (several connections) see one database.
   A statement interrupted by task cancellation is stopped and its transaction
   ended at once (aiosqlite runs it in a thread of its own).
@@ -51,6 +52,7 @@ from ._errors import (
 )
 from ._pool import pool_class_for
 from ._pooler import install_connection_loss, prepared_statement_args
+from ._sqlite_gate import execute_raw, install_write_gate
 from ._timeouts import (
     TIMEOUT_OPTION,
     check_timeout,
@@ -124,7 +126,9 @@ def build_engine(
     observability.watch(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
-        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
+        _install_sqlite_opinions(
+            engine, url.database or "", settings.sqlite_busy_timeout, wal=keeper is None
+        )
         if keeper is not None:
             weakref.finalize(engine, keeper.close)
     else:
@@ -330,7 +334,11 @@ def _check_sqlite_path(path: Path) -> None:
         ) from None
 
 
-def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
+def _install_sqlite_opinions(
+    engine: Engine, database: str, busy_timeout: float, *, wal: bool
+) -> None:
+    begin_writer = install_write_gate(engine, database, busy_timeout)
+
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take BEGIN away from pysqlite so SQLAlchemy's own begin hook below emits it.
@@ -364,7 +372,11 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
     @event.listens_for(engine, "begin")
     def begin(connection: Connection) -> None:
         options = connection.get_execution_options()
-        connection.exec_driver_sql(options.get(SQLITE_BEGIN_OPTION, "BEGIN"))
+        statement = options.get(SQLITE_BEGIN_OPTION, "BEGIN")
+        if statement == "BEGIN IMMEDIATE":
+            begin_writer(connection)  # the process's writers queue on the gate, not in SQLite
+        else:
+            execute_raw(connection, statement)
         if options.get(READONLY_OPTION):
             connection.exec_driver_sql("PRAGMA query_only=ON")
             connection.info[_QUERY_ONLY_FLAG] = True

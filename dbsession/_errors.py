@@ -29,6 +29,8 @@ anything this package raises on its own account::
     │                               the unit of work refuses to commit
     ├── PoolExhaustedError          no pooled connection free in time; names the holders
     │                               (also a sqlalchemy.exc.TimeoutError)
+    ├── SQLiteWriteLockTimeoutError the SQLite write gate did not move for 2x the busy timeout
+    │                               (also an SQLAlchemy OperationalError; retried as SQLITE_BUSY)
     ├── ReadOnlyError               a write inside session_scope(readonly=True) (also a
     │                               sqlalchemy.exc.DBAPIError)
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
@@ -141,6 +143,17 @@ class ScopeError(DbSessionError):
 
 class NoActiveScopeError(ScopeError):
     """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``."""
+
+
+class SQLiteWriteLockTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
+    """An SQLite writer waited for the database's write gate while one and the same
+    transaction of this process held it for twice the busy timeout.
+
+    It is also SQLAlchemy's ``OperationalError`` (statement ``BEGIN IMMEDIATE``); its
+    ``orig`` is an ``SQLITE_BUSY`` ``sqlite3.OperationalError``, so ``except
+    OperationalError`` and ``run_in_transaction`` treat it as SQLite's own
+    "database is locked".
+    """
 
 
 class ReadOnlyError(DbSessionError, _TranslatedDBAPIError):

@@ -22,6 +22,7 @@ from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
 from ._errors import ScopeTimeoutError as ScopeTimeoutError
 from ._errors import SQLitePathError as SQLitePathError
+from ._errors import SQLiteWriteLockTimeoutError as SQLiteWriteLockTimeoutError
 from ._errors import TransactionAbortedError as TransactionAbortedError
 from ._errors import UnknownDialectError as UnknownDialectError
 from ._errors import UnknownRevisionError as UnknownRevisionError
@@ -45,6 +46,7 @@ __all__ = [
     "ReadOnlyError",
     "RetryExhaustedError",
     "SQLitePathError",
+    "SQLiteWriteLockTimeoutError",
     "SchemaNotAtHeadError",
     "ScopeError",
     "ScopeTimeoutError",
