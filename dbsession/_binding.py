@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from ._engine import isolation_levels, scope_options
+from ._engine import isolation_levels, read_only_engine, scope_options
 from ._errors import UnsupportedIsolationLevelError
 
 E = TypeVar("E")
@@ -35,7 +36,8 @@ class Binding(Generic[E, M]):
 
     ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind,
     made by ``maker_type`` (``sessionmaker`` or ``async_sessionmaker``) on
-    ``engine.execution_options(**options)``, a view sharing the pool; see
+    ``engine.execution_options(**options)``, a view sharing the pool (read-only scopes
+    on SQLite: a view of the read-only twin engine, ``_engine.read_only_engine``); see
     ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
     dialect and events live (the engine itself on the sync side).
     """
@@ -56,6 +58,7 @@ class Binding(Generic[E, M]):
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._joined: M | None = None
+        self._joined_template: M | None = None
 
     def maker(self, *, readonly: bool = False, isolation_level: str | None = None) -> M:
         """The sessionmaker for this kind of scope; ``isolation_level`` already normalized.
@@ -76,7 +79,7 @@ class Binding(Generic[E, M]):
                 options = scope_options(
                     self._sync_engine, readonly=readonly, isolation_level=isolation_level
                 )
-                engine: Any = self.engine
+                engine: Any = (readonly and read_only_engine(self._sync_engine)) or self.engine
                 bind = engine.execution_options(**options) if options else engine
                 made = self._maker_type(bind=bind, expire_on_commit=self.expire_on_commit)
                 self._makers[key] = made
@@ -93,9 +96,17 @@ class Binding(Generic[E, M]):
         """
         expire = self.expire_on_commit
         clone = Binding(self.engine, self._sync_engine, self._maker_type, expire_on_commit=expire)
-        clone._joined = self._maker_type(
-            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=expire
-        )
+        with self._lock:
+            if self._joined_template is None:
+                self._joined_template = self._maker_type(
+                    join_transaction_mode="create_savepoint", expire_on_commit=expire
+                )
+            template: Any = self._joined_template
+        # A sessionmaker makes a Session subclass of its own (with SQLAlchemy's class-level
+        # event set-up) when built: one per test was measurable. A shallow copy shares it.
+        joined = copy.copy(template)
+        joined.kw = {**template.kw, "bind": connection}
+        clone._joined = joined
         return clone
 
     def _check_level(self, level: str) -> None:

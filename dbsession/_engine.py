@@ -1,8 +1,12 @@
 """Building one engine per backend with dbsession's opinions applied.
 
-- every backend: ``pool_pre_ping=True``; a fork guard so a child process never
-  reuses its parent's pooled connections; connect failures raised as
-  DatabaseUnreachableError naming host and port.
+- every backend: a fork guard so a child process never reuses its parent's pooled
+  connections; connect failures raised as DatabaseUnreachableError naming host and port;
+  a pool of ``DEFAULT_POOL_SIZE`` kept connections (``DEFAULT_MAX_OVERFLOW`` more at a peak).
+- PostgreSQL and MySQL/MariaDB: a pooled connection is checked before use without a
+  round trip (:func:`_install_liveness_check`): pinged only when its socket has something
+  to say (the server closed it, or sent an error) or it sat idle over ``PING_AFTER_IDLE``
+  seconds. SQLite has nothing to ping (no network).
 - PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
   (psycopg 3, PyMySQL); see ``_config``.
 - SQLite: ``PRAGMA foreign_keys=ON``, WAL for files, a busy timeout, and
@@ -12,9 +16,10 @@
   A statement interrupted by task cancellation is stopped and its transaction
   ended at once (aiosqlite runs it in a thread of its own).
 - read-only transactions (:func:`scope_options`): PostgreSQL through SQLAlchemy's
-  ``postgresql_readonly``; MySQL/MariaDB ``START TRANSACTION READ ONLY`` and SQLite
-  ``PRAGMA query_only`` from begin hooks here; the backend's refusal of a write
-  raised as ReadOnlyError.
+  ``postgresql_readonly``; MySQL/MariaDB ``START TRANSACTION READ ONLY`` from a begin
+  hook here; SQLite on a read-only twin engine (:func:`read_only_engine`), its own pool
+  of connections set ``PRAGMA query_only`` once at connect. The backend's refusal of a
+  write is raised as ReadOnlyError.
 
 ``build_engine`` applies all of this to ``create_engine`` and, for
 ``dbsession.asyncio``, to ``create_async_engine(...).sync_engine``.
@@ -25,17 +30,20 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import select
 import sqlite3
 import tempfile
+import threading
+import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_only
 
 from ._classify import is_read_only_violation
@@ -92,25 +100,74 @@ def build_engine(
     when the URL or options cannot work.
     """
     url = settings.url
-    options: dict[str, Any] = {"pool_pre_ping": True, **settings.engine_options}
     keeper: sqlite3.Connection | None = None
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
+    built = _build(settings, url, create, sync_engine_of, wal=keeper is None)
+    engine = sync_engine_of(built)
+    if keeper is not None:
+        weakref.finalize(engine, keeper.close)
+    if is_sqlite:
+        _READ_ONLY_TWINS[engine] = _TwinMaker(
+            lambda: _build(settings, url, create, sync_engine_of, wal=keeper is None, query_only=True)
+        )
+    logger.info("dbsession: engine created for %s", settings.describe())
+    return built
+
+
+def _build(
+    settings: Settings,
+    url: URL,
+    create: Callable[..., E],
+    sync_engine_of: Callable[[E], Engine],
+    *,
+    wal: bool,
+    query_only: bool = False,
+) -> E:
+    """One engine on ``url`` (already prepared) with every opinion installed."""
+    is_sqlite = url.get_backend_name() == "sqlite"
+    options = {**_default_options(url, settings.engine_options), **settings.engine_options}
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     _install_fork_guard(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
-        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
-        if keeper is not None:
-            weakref.finalize(engine, keeper.close)
+        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=wal)
+        if query_only:
+            _install_query_only(engine)
     else:
         _install_connect_errors(engine, url)
+        if "pool_pre_ping" not in options:
+            _install_liveness_check(engine)
     if engine.dialect.name in ("mysql", "mariadb"):
         _install_mysql_read_only(engine)
-    logger.info("dbsession: engine created for %s", settings.describe())
     return built
+
+
+#: Connections a pool keeps open, and how many more it opens at a peak (closed on return).
+#: SQLAlchemy's defaults are 5 and 10: with 6 to 15 threads busy at once, the overflow
+#: connections are closed on every return and reopened on the next checkout (measured:
+#: 19-20 connections opened for 8 threads instead of 8, and 1.22x slower). 10 kept and
+#: 5 more keeps SQLAlchemy's ceiling of 15 per process while up to 10 busy threads never
+#: reconnect; a pool only grows to the peak it saw. See benchmarks/RESULTS.md, "Pool".
+DEFAULT_POOL_SIZE = 10
+DEFAULT_MAX_OVERFLOW = 5
+
+
+def _default_options(url: URL, given: Mapping[str, Any]) -> dict[str, Any]:
+    """dbsession's engine options, before the user's: the pool size when the pool is a
+    QueuePool (not for a ``poolclass`` or ``pool`` of the user's, nor a SQLite
+    ``mode=memory`` URL's SingletonThreadPool)."""
+    if "poolclass" in given or "pool" in given:
+        return {}
+    try:
+        pool_class = url.get_dialect().get_pool_class(url)
+    except Exception:  # an unknown dialect: _create names the problem
+        return {}
+    if not issubclass(pool_class, QueuePool):
+        return {}
+    return {"pool_size": DEFAULT_POOL_SIZE, "max_overflow": DEFAULT_MAX_OVERFLOW}
 
 
 def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
@@ -179,17 +236,130 @@ def _install_fork_guard(engine: Engine) -> None:
             )
 
 
+#: A pooled server connection idle longer than this many seconds is pinged before use.
+PING_AFTER_IDLE = 30.0
+_IDLE_SINCE = "dbsession_idle_since"
+
+
+def _install_liveness_check(engine: Engine) -> None:
+    """Replace a dead pooled connection before use, without a round trip per checkout.
+
+    SQLAlchemy's ``pool_pre_ping`` sends ``SELECT 1`` on every checkout: one full round
+    trip per unit of work. A server that ends a session (a kill, a restart, an idle
+    timeout) closes its socket, which the checkout sees for the cost of one ``poll()``.
+    So a connection is pinged (``dialect.do_ping``) only when its socket is readable
+    while idle (closed, or an error message waiting), or it has been idle for more than
+    ``PING_AFTER_IDLE`` seconds (a peer lost without a word, say behind a NAT that
+    forgot it); a failed ping raises DisconnectionError, on which the pool opens a new
+    connection in its place. After any disconnect seen during a statement, SQLAlchemy
+    itself invalidates every connection of the pool opened before it. A driver whose
+    socket cannot be found is pinged on every checkout, like ``pool_pre_ping``.
+    ``pool_pre_ping=True`` (ping always) or ``False`` (check nothing) in the engine
+    options replaces this check.
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def idle_from(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def check(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None:  # just opened
+            return
+        if time.monotonic() - since < PING_AFTER_IDLE and _quiet(dbapi_connection):
+            return
+        try:
+            alive = dialect.do_ping(dbapi_connection)
+        except Exception:
+            alive = False
+        if not alive:
+            raise exc.DisconnectionError("the pooled connection was closed by the server")
+
+
+def _quiet(dbapi_connection: Any) -> bool:
+    """True if the idle connection's socket has nothing to read: the server has not
+    closed it nor sent anything. False when that cannot be known."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    try:
+        pgconn = getattr(driver, "pgconn", None)  # psycopg, sync and async
+        if pgconn is not None:
+            fd = pgconn.socket
+        else:
+            sock = driver._sock  # PyMySQL
+            fd = sock.fileno() if sock is not None else -1
+    except Exception:
+        return False
+    if not isinstance(fd, int) or fd < 0:
+        return False
+    if _poll is not None:
+        poller = _poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
+    return not select.select([fd], [], [fd], 0)[0]  # pragma: no cover (no poll(): Windows)
+
+
+_poll = getattr(select, "poll", None)
+
+
+class _TwinMaker:
+    """Builds, once and on first use, a SQLite engine's read-only twin (see read_only_engine)."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build: Callable[[], Any] | None = build
+        self._lock = threading.Lock()
+        self.twin: Any = None
+
+    def get(self, engine: Engine) -> Any:
+        with self._lock:
+            if self.twin is None and self._build is not None:
+                self.twin = self._build()
+                self._build = None  # built once; a disposed engine's twin is only emptied
+                sync_twin: Engine = getattr(self.twin, "sync_engine", self.twin)
+                event.listen(engine, "engine_disposed", lambda _: sync_twin.dispose())
+            return self.twin
+
+
+_READ_ONLY_TWINS: weakref.WeakKeyDictionary[Engine, _TwinMaker] = weakref.WeakKeyDictionary()
+
+
+def read_only_engine(sync_engine: Engine) -> Any:
+    """The engine read-only scopes of this SQLite engine run on, or None (another backend).
+
+    It is a second engine (``AsyncEngine`` for an async one) on the same database with
+    the same opinions and a pool of its own, whose connections are set ``PRAGMA
+    query_only=ON`` once, when opened. A read-only scope there costs a plain deferred
+    ``BEGIN`` and nothing else (WAL readers never wait), where switching a shared
+    connection to query_only and back cost two more statements per scope. Built on first
+    use, disposed with ``sync_engine``.
+    """
+    maker = _READ_ONLY_TWINS.get(sync_engine)
+    return None if maker is None else maker.get(sync_engine)
+
+
+def _install_query_only(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def query_only(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA query_only=ON")
+        finally:
+            cursor.close()
+
+
 def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:
     """The execution options of the engine a scope of this kind runs on.
 
     SQLite writing scopes take the write lock at ``BEGIN IMMEDIATE``; read-only ones
-    use a plain ``BEGIN`` (WAL readers never wait) plus ``PRAGMA query_only``.
+    use a plain ``BEGIN`` (WAL readers never wait) on the read-only twin engine
+    (:func:`read_only_engine`), whose connections are ``query_only`` already.
     """
     options: dict[str, Any] = {}
     name = engine.dialect.name
     if name == "sqlite":
         options[SQLITE_BEGIN_OPTION] = "BEGIN" if readonly else "BEGIN IMMEDIATE"
-    if readonly:
+    elif readonly:
         options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
@@ -337,9 +507,3 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
         if options.get(READONLY_OPTION):
             connection.exec_driver_sql("PRAGMA query_only=ON")
             connection.info[_QUERY_ONLY_FLAG] = True
-
-    @event.listens_for(engine, "checkin")
-    def writable_again(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        # A pooled connection never stays query_only after its read-only scope.
-        if record.info.pop(_QUERY_ONLY_FLAG, False) and dbapi_connection is not None:
-            dbapi_connection.execute("PRAGMA query_only=OFF")
