@@ -109,8 +109,9 @@ def build_engine(
     if keeper is not None:
         weakref.finalize(engine, keeper.close)
     if is_sqlite:
+        wal = keeper is None
         _READ_ONLY_TWINS[engine] = _TwinMaker(
-            lambda: _build(settings, url, create, sync_engine_of, wal=keeper is None, query_only=True)
+            lambda: _build(settings, url, create, sync_engine_of, wal=wal, query_only=True)
         )
     logger.info("dbsession: engine created for %s", settings.describe())
     return built
@@ -162,7 +163,8 @@ def _default_options(url: URL, given: Mapping[str, Any]) -> dict[str, Any]:
     if "poolclass" in given or "pool" in given:
         return {}
     try:
-        pool_class = url.get_dialect().get_pool_class(url)
+        dialect: Any = url.get_dialect()
+        pool_class = dialect.get_pool_class(url)
     except Exception:  # an unknown dialect: _create names the problem
         return {}
     if not issubclass(pool_class, QueuePool):

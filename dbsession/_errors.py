@@ -19,6 +19,7 @@ anything this package raises on its own account::
     ├── ScopeError                  a scope used in a way that cannot work
     │   └── NoActiveScopeError      current_session()/on_commit() outside any scope
     ├── ReadOnlyError               a write inside session_scope(readonly=True)
+    ├── BulkInsertError             bulk_insert() got a row it (or the database) refuses
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
@@ -82,6 +83,12 @@ class ReadOnlyError(DbSessionError):
     The driver's exception (PostgreSQL 25006, MySQL/MariaDB 1792, SQLite
     SQLITE_READONLY) is the ``__cause__``.
     """
+
+
+class BulkInsertError(DbSessionError):
+    """``bulk_insert()`` was given a row naming unknown or other columns than the first,
+    or the database refused a row; none of the call's rows is kept. The driver's error,
+    if any, is the ``__cause__``."""
 
 
 class RetryExhaustedError(DbSessionError):
