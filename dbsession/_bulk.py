@@ -143,8 +143,8 @@ def _values(
         given.extend(
             default.arg if default.is_scalar else default.arg(None) for _, default in defaults
         )
-        yield tuple(
-            value if process is None or value is None else process(value)
+        yield tuple(  # None too: JSON stores it as JSON null, as SQLAlchemy does
+            value if process is None else process(value)
             for value, process in zip(given, processors, strict=True)
         )
 

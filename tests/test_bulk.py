@@ -92,6 +92,12 @@ def test_rows_read_back_as_executemany_stores_them(
         session.execute(insert(REFERENCE), rows)
     got = stored(items, ITEM)
     assert got == stored(items, REFERENCE)
+    with items.connect() as conn:  # NULL where executemany stores NULL (JSON: JSON null)
+        nulls = [
+            conn.scalar(select(func.count()).select_from(t).where(t.c.doc.is_(None)))
+            for t in (ITEM, REFERENCE)
+        ]
+    assert nulls[0] == nulls[1]
     expected = [(*row.values(), "plain") for row in rows]
     assert [(*row[:3], row[3], *row[4:]) for row in got] == expected
 
