@@ -511,6 +511,17 @@ def bench_bulk(backend: Backend, rows: int, rounds: int) -> None:
     factory.dispose()
 
 
+def run_threads(target: Callable[[int], None], threads: int) -> float:
+    """Run ``target(0)`` ... ``target(threads - 1)`` in threads at once; wall seconds."""
+    workers = [threading.Thread(target=target, args=(n,)) for n in range(threads)]
+    start = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - start
+
+
 # --- concurrent writers --------------------------------------------------------------------
 
 
@@ -543,13 +554,7 @@ def bench_writers(backend: Backend, threads: int, per_thread: int) -> None:
                 except OperationalError as error:
                     errors.append(error)
 
-        workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
-        start = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        elapsed = time.perf_counter() - start
+        elapsed = run_threads(writer, threads)
         total = threads * per_thread
         results.append(
             (
@@ -1025,13 +1030,7 @@ def bench_lost_updates(backend: Backend, threads: int, per_thread: int, hot: int
                 except Exception as error:  # counted: lock errors, exhausted retries
                     errors.append(type(error).__name__)
 
-        workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-        began = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        elapsed = time.perf_counter() - began
+        elapsed = run_threads(work, threads)
         with factory.session_scope(readonly=True) as session:
             total = session.scalar(select(func.sum(Counter.value))) or 0
         retries = len(attempts) - len(done) if attempts else 0
