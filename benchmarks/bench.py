@@ -794,10 +794,11 @@ INSTR_VARIANTS = {
 }
 
 
-def instr_worker(variant: str, kind: str, count: int) -> None:
-    """Run ``count`` units after a warm-up, for callgrind to count (SQLite in memory)."""
+def instr_worker(variant: str, kind: str, count: int, url: str = "sqlite://") -> None:
+    """Run ``count`` units after a warm-up, for callgrind to count (SQLite in memory, or
+    the server at ``url``: only this client process's instructions are counted)."""
     if variant.startswith("dbsession"):
-        factory = DbSessionFactory("sqlite://")
+        factory = DbSessionFactory(url)
         seed(factory.engine)
         scope: Scope = (
             (lambda: factory.session_scope(readonly=True))
@@ -805,7 +806,7 @@ def instr_worker(variant: str, kind: str, count: int) -> None:
             else factory.session_scope
         )
     else:
-        engine = create_engine("sqlite://")
+        engine = create_engine(url)
         if variant == "bare-tx":  # the honest transaction pysqlite leaves out, at driver cost
 
             @event.listens_for(engine, "connect")
@@ -837,7 +838,9 @@ def callgrind_instructions(args: list[str], env: dict[str, str]) -> int:
     raise RuntimeError(f"no callgrind count in: {out.stderr[-500:]}")
 
 
-def bench_instructions(low: int, high: int, compare_with: str | None) -> None:
+def bench_instructions(
+    low: int, high: int, compare_with: str | None, backend: Backend | None = None
+) -> None:
     """Instructions per unit: (count(high) - count(low)) / (high - low), so the start-up
     (imports, engine, seeding, 50 warm-up units) cancels out. ``compare_with``: another
     checkout of dbsession (say main's) measured the same way, for today-vs-then."""
@@ -845,9 +848,13 @@ def bench_instructions(low: int, high: int, compare_with: str | None) -> None:
     if compare_with:
         sources[" (compared checkout)"] = compare_with
     jobs = []
+    url = "sqlite://" if backend is None else backend.url.render_as_string(hide_password=False)
+    label = "SQLite in memory" if backend is None else backend.label
     for kind in UNITS:
         for name, variant in INSTR_VARIANTS.items():
             if variant == "dbsession-ro" and kind != "get":
+                continue
+            if backend is not None and variant not in ("bare", "dbsession"):
                 continue
             for suffix, source in sources.items():
                 if suffix and not variant.startswith("dbsession"):
@@ -858,7 +865,7 @@ def bench_instructions(low: int, high: int, compare_with: str | None) -> None:
         kind, name, variant, source = job
         env = {**os.environ, "PYTHONPATH": source}
         base = [sys.executable, os.path.abspath(__file__), "--instr-worker", variant, kind]
-        counts = [callgrind_instructions([*base, str(n)], env) for n in (low, high)]
+        counts = [callgrind_instructions([*base, str(n), url], env) for n in (low, high)]
         return kind, name, (counts[1] - counts[0]) / (high - low)
 
     from concurrent.futures import ThreadPoolExecutor
@@ -866,7 +873,7 @@ def bench_instructions(low: int, high: int, compare_with: str | None) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(measure, jobs))
     print(
-        f"\n### Instructions per unit of work on SQLite in memory (callgrind, "
+        f"\n### Instructions per unit of work on {label} (callgrind, "
         f"({high} - {low}) units); ratio vs sqlalchemy (defaults)\n"
     )
     print("| unit | variant | instructions | ratio |")
@@ -1110,7 +1117,7 @@ def bench_plugin(backend: Backend, count: int, rounds: int) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--instr-worker"]:
-        instr_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        instr_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -1122,7 +1129,8 @@ def main() -> None:
         "--only",
         default="defaults,instr,bulkpath,pool,lost,plugin,uow,async,bulk,writers,startup",
         help="comma-separated sections: defaults (vs SQLAlchemy's defaults and other "
-        "wrappers), instr (callgrind instruction counts, SQLite memory), bulkpath "
+        "wrappers), instr (callgrind instruction counts, SQLite memory), instr-servers "
+        "(the same, client side, on the servers; not in the default run), bulkpath "
         "(bulk_insert), pool, lost (lost updates), plugin, uow, async, bulk, writers, startup",
     )
     parser.add_argument("--uow", type=int, default=300, help="units of work per round")
@@ -1154,6 +1162,9 @@ def main() -> None:
     with backends(args.backends.split(",")) as backend_list:
         for backend in backend_list:
             classic = backend.label != "mariadb"  # sections with a raw-driver baseline
+            if "instr-servers" in sections and backend.dialect != "sqlite":
+                low, high = (int(n) for n in args.instr_units.split(","))
+                bench_instructions(low, high, args.instr_compare, backend)
             if "defaults" in sections:
                 bench_defaults(backend, args.uow, args.rounds)
             if "plugin" in sections:
