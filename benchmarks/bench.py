@@ -648,10 +648,21 @@ def unit_body(kind: str, session: Session, i: int) -> None:
 
 
 def seed(engine: Any) -> None:
+    """The rows ``unit_body`` reads: ids 1 to SEED (whatever ran on the table before)."""
     BenchBase.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
-        if not session.scalar(select(Row.id).limit(1)):
-            session.add_all(Row(name=f"seed{i}", value=0) for i in range(SEED))
+        have = set(session.scalars(select(Row.id).where(Row.id <= SEED)))
+        session.add_all(
+            Row(id=i, name=f"seed{i}", value=0) for i in range(1, SEED + 1) if i not in have
+        )
+        session.flush()
+        if engine.dialect.name == "postgresql":  # explicit ids do not move the sequence
+            session.execute(
+                text(
+                    "SELECT setval(pg_get_serial_sequence('bench_row', 'id'), "
+                    "(SELECT max(id) FROM bench_row))"
+                )
+            )
 
 
 Scope = Callable[[], AbstractContextManager[Session]]
@@ -927,6 +938,9 @@ def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> None:
             for n, v, r in ratios(medians, baseline)
         ],
     )
+    with factory.session_scope() as session:  # the seeded rows, for the sections after
+        session.execute(text("DELETE FROM bench_row"))
+    seed(factory.engine)
     factory.dispose()
 
 
