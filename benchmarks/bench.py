@@ -805,93 +805,127 @@ INSTR_VARIANTS = {
 }
 
 
-def instr_worker(variant: str, kind: str, count: int, url: str = "sqlite://") -> None:
-    """Run ``count`` units after a warm-up, for callgrind to count (SQLite in memory, or
-    the server at ``url``: only this client process's instructions are counted)."""
+CALLGRIND_C = """
+#include <valgrind/callgrind.h>
+void cg_zero(void) { CALLGRIND_ZERO_STATS; }
+void cg_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+"""
+
+
+def instr_scope(variant: str, url: str) -> Scope:
+    """The scope of one instruction-count variant, on a seeded database."""
     if variant.startswith("dbsession"):
         factory = DbSessionFactory(url)
         seed(factory.engine)
-        scope: Scope = (
-            (lambda: factory.session_scope(readonly=True))
-            if variant == "dbsession-ro"
-            else factory.session_scope
-        )
-    else:
-        engine = create_engine(url)
-        if variant == "bare-tx":  # the honest transaction pysqlite leaves out, at driver cost
+        if variant == "dbsession-ro":
+            return lambda: factory.session_scope(readonly=True)
+        return factory.session_scope
+    engine = create_engine(url)
+    if variant == "bare-tx":  # the honest transaction pysqlite leaves out, at driver cost
 
-            @event.listens_for(engine, "connect")
-            def manual(dbapi_connection: Any, record: Any) -> None:
-                dbapi_connection.isolation_level = None
+        @event.listens_for(engine, "connect")
+        def manual(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None
 
-            @event.listens_for(engine, "begin")
-            def begin(connection: Any) -> None:
-                connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
+        @event.listens_for(engine, "begin")
+        def begin(connection: Any) -> None:
+            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
 
-        seed(engine)
-        scope = sessionmaker(engine).begin
-    for i in range(50 + count):
-        with scope() as session:
-            unit_body(kind, session, i)
+    seed(engine)
+    return sessionmaker(engine).begin
 
 
-def callgrind_instructions(args: list[str], env: dict[str, str]) -> int:
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    for line in out.stderr.splitlines():
-        if "Collected :" in line:
-            return int(line.rsplit(":", 1)[1])
-    raise RuntimeError(f"no callgrind count in: {out.stderr[-500:]}")
+def instr_worker(library: str, url: str, count: int, jobs: list[str]) -> None:
+    """Under callgrind: for each ``kind:variant`` job, warm up, zero the counters, run
+    ``count`` units and dump the counts labelled with the job (one process, start-up
+    paid once)."""
+    import ctypes
+
+    marks = ctypes.CDLL(library)
+    for job in jobs:
+        kind, variant = job.split(":")
+        scope = instr_scope(variant, url)
+        for i in range(30):
+            with scope() as session:
+                unit_body(kind, session, i)
+        marks.cg_zero()
+        for i in range(count):
+            with scope() as session:
+                unit_body(kind, session, i)
+        marks.cg_dump(job.encode())
 
 
 def bench_instructions(
-    low: int, high: int, compare_with: str | None, backend: Backend | None = None
+    count: int, compare_with: str | None, backend: Backend | None = None
 ) -> None:
-    """Instructions per unit: (count(high) - count(low)) / (high - low), so the start-up
-    (imports, engine, seeding, 50 warm-up units) cancels out. ``compare_with``: another
-    checkout of dbsession (say main's) measured the same way, for today-vs-then."""
-    sources = {"": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    if compare_with:
-        sources[" (compared checkout)"] = compare_with
-    jobs = []
+    """Instructions per unit of work, counted by callgrind around ``count`` units of each
+    variant after a warm-up (only this client process: the server's work is not
+    counted). ``compare_with``: another checkout of dbsession (say main's), counted the
+    same way in a process of its own, for now-vs-then."""
+    folder = tempfile.mkdtemp(prefix="dbsession-callgrind-")
+    library = os.path.join(folder, "marks.so")
+    source = os.path.join(folder, "marks.c")
+    with open(source, "w") as file:
+        file.write(CALLGRIND_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", library, source], check=True)
     url = "sqlite://" if backend is None else backend.url.render_as_string(hide_password=False)
     label = "SQLite in memory" if backend is None else backend.label
-    for kind in UNITS:
-        for name, variant in INSTR_VARIANTS.items():
-            if variant == "dbsession-ro" and kind != "get":
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {"": (here, list(INSTR_VARIANTS.values()))}
+    if compare_with:
+        runs[" (compared checkout)"] = (compare_with, ["dbsession", "dbsession-ro"])
+    counts: dict[tuple[str, str], float] = {}
+    for suffix, (path, variants) in runs.items():
+        jobs = [
+            f"{kind}:{variant}"
+            for kind in UNITS
+            for variant in variants
+            if (variant != "dbsession-ro" or kind == "get")
+            and (backend is None or variant in ("bare", "dbsession"))
+        ]
+        out = os.path.join(folder, f"run{len(counts)}.out")
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                os.path.abspath(__file__),
+                "--instr-worker",
+                library,
+                url,
+                str(count),
+                *jobs,
+            ],
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": path},
+            check=True,
+        )
+        for dump in sorted(os.listdir(folder)):
+            if not dump.startswith(os.path.basename(out) + "."):
                 continue
-            if backend is not None and variant not in ("bare", "dbsession"):
-                continue
-            for suffix, source in sources.items():
-                if suffix and not variant.startswith("dbsession"):
-                    continue
-                jobs.append((kind, name + suffix, variant, source))
-
-    def measure(job: tuple[str, str, str, str]) -> tuple[str, str, float]:
-        kind, name, variant, source = job
-        env = {**os.environ, "PYTHONPATH": source}
-        base = [sys.executable, os.path.abspath(__file__), "--instr-worker", variant, kind]
-        counts = [callgrind_instructions([*base, str(n), url], env) for n in (low, high)]
-        return kind, name, (counts[1] - counts[0]) / (high - low)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(measure, jobs))
+            text_ = open(os.path.join(folder, dump)).read()
+            job = next((j for j in jobs if f"Client Request: {j}\n" in text_), None)
+            total = next(
+                (line.split()[1] for line in text_.splitlines() if line.startswith("summary:")),
+                None,
+            )
+            if job and total:
+                kind, variant = job.split(":")
+                counts[(kind, variant + suffix)] = int(total) / count
+            os.remove(os.path.join(folder, dump))
+    names = {v: n for n, v in INSTR_VARIANTS.items()}
     print(
-        f"\n### Instructions per unit of work on {label} (callgrind, "
-        f"({high} - {low}) units); ratio vs sqlalchemy (defaults)\n"
+        f"\n### Instructions per unit of work on {label} (callgrind, {count} units after "
+        "a warm-up); ratio vs sqlalchemy (defaults)\n"
     )
     print("| unit | variant | instructions | ratio |")
     print("|---|---|---:|---:|")
-    base = {kind: value for kind, name, value in results if name == "sqlalchemy (defaults)"}
-    for kind, name, value in results:
-        print(f"| {kind} | {name} | {value:,.0f} | {value / base[kind]:.3f}x |")
+    for (kind, variant), value in counts.items():
+        base = counts[(kind, "bare")]
+        plain = variant.split(" (")[0]
+        name = names[plain] + variant[len(plain) :]
+        print(f"| {kind} | {name} | {value:,.0f} | {value / base:.3f}x |")
     sys.stdout.flush()
 
 
@@ -1131,7 +1165,7 @@ def bench_plugin(backend: Backend, count: int, rounds: int) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--instr-worker"]:
-        instr_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6])
+        instr_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -1155,7 +1189,7 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=100, help="units per writer thread")
     parser.add_argument("--hot-rows", type=int, default=4, help="rows of the lost-update table")
     parser.add_argument(
-        "--instr-units", default="100,400", help="low,high units counted by callgrind"
+        "--instr-units", type=int, default=200, help="units per variant counted by callgrind"
     )
     parser.add_argument(
         "--instr-compare",
@@ -1171,14 +1205,12 @@ def main() -> None:
         f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs"
     )
     if "instr" in sections:
-        low, high = (int(n) for n in args.instr_units.split(","))
-        bench_instructions(low, high, args.instr_compare)
+        bench_instructions(args.instr_units, args.instr_compare)
     with backends(args.backends.split(",")) as backend_list:
         for backend in backend_list:
             classic = backend.label != "mariadb"  # sections with a raw-driver baseline
             if "instr-servers" in sections and backend.dialect != "sqlite":
-                low, high = (int(n) for n in args.instr_units.split(","))
-                bench_instructions(low, high, args.instr_compare, backend)
+                bench_instructions(args.instr_units, args.instr_compare, backend)
             if "defaults" in sections:
                 bench_defaults(backend, args.uow, args.rounds)
             if "plugin" in sections:
