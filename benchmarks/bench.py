@@ -982,47 +982,45 @@ def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> None:
 
 
 def bench_pool(backend: Backend, threads: int, per_thread: int, rounds: int) -> None:
-    """``threads`` threads doing get units at once: connections opened, and units per second,
-    with SQLAlchemy's pool (5 + 10 overflow) and dbsession's (10 + 5)."""
+    """Bursts of ``threads`` threads doing get units at once, with a quiet moment between
+    bursts (as between a web app's peaks), on one factory per pool: units per second, and
+    connections opened over all the bursts, with SQLAlchemy's pool (5 + 10 overflow)
+    and dbsession's (10 + 5). Overflow connections are closed when they come back to a
+    full pool, so each burst above the pool size reopens them."""
     pools = {
         "5 + 10 overflow (SQLAlchemy's default)": {"pool_size": 5, "max_overflow": 10},
         "10 + 5 overflow (dbsession's default)": {},
     }
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name in pools}
+    factories = {name: DbSessionFactory(backend.url, **options) for name, options in pools.items()}
+    opened: dict[str, list[int]] = {name: [] for name in pools}
+    rates: dict[str, list[float]] = {name: [] for name in pools}
+    for name, factory in factories.items():
+        seed(factory.engine)
+        event.listen(factory.engine, "connect", lambda *_, seen=opened[name]: seen.append(1))
     for _ in range(rounds):
-        for name, options in random.sample(list(pools.items()), len(pools)):
-            factory = DbSessionFactory(backend.url, **options)
-            seed(factory.engine)
-            opened: list[int] = []
-            event.listen(factory.engine, "connect", lambda *_, seen=opened: seen.append(1))
-            start = threading.Barrier(threads + 1)
+        for name in random.sample(list(pools), len(pools)):
+            factory = factories[name]
+            start = threading.Barrier(threads)
 
-            def work(factory: DbSessionFactory = factory, start: Any = start) -> None:
+            def work(number: int, factory: DbSessionFactory = factory, start: Any = start) -> None:
                 start.wait()
                 for i in range(per_thread):
                     with factory.session_scope() as session:
                         unit_body("get", session, i)
 
-            workers = [threading.Thread(target=work) for _ in range(threads)]
-            for worker in workers:
-                worker.start()
-            start.wait()
-            began = time.perf_counter()
-            for worker in workers:
-                worker.join()
-            elapsed = time.perf_counter() - began
-            results[name].append((threads * per_thread / elapsed, len(opened)))
-            factory.dispose()
+            rates[name].append(threads * per_thread / run_threads(work, threads))
     print(
-        f"\n### Pool: {threads} threads x {per_thread} get units on {backend.label}, "
-        f"{rounds} rounds (median)\n"
+        f"\n### Pool: {rounds} bursts of {threads} threads x {per_thread} get units on "
+        f"{backend.label}, one factory per pool\n"
     )
-    print("| backend | pool | units/s | connections opened |")
+    print("| backend | pool | units/s (median burst) | connections opened, all bursts |")
     print("|---|---|---:|---:|")
-    for name, values in results.items():
-        rate = statistics.median(v[0] for v in values)
-        opened_counts = [v[1] for v in values]
-        print(f"| {backend.label} | {name} | {rate:,.0f} | {opened_counts} |")
+    for name in pools:
+        print(
+            f"| {backend.label} | {name} | {statistics.median(rates[name]):,.0f} "
+            f"| {len(opened[name])} |"
+        )
+        factories[name].dispose()
     sys.stdout.flush()
 
 
@@ -1218,7 +1216,7 @@ def main() -> None:
             if "bulkpath" in sections and backend.label != "sqlite-memory":
                 bench_bulk_insert(backend, args.bulk_rows, args.bulk_rounds)
             if "pool" in sections and backend.label != "sqlite-memory":
-                bench_pool(backend, args.writers, args.writes, args.bulk_rounds)
+                bench_pool(backend, args.writers, args.writes, args.rounds)
             if "lost" in sections and backend.label != "sqlite-memory":
                 bench_lost_updates(backend, args.writers, args.writes // 2, args.hot_rows)
             if "uow" in sections and classic:
