@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from ._engine import isolation_levels, read_only_engine, scope_options
+from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
 
 E = TypeVar("E")
@@ -36,8 +36,8 @@ class Binding(Generic[E, M]):
 
     ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind,
     made by ``maker_type`` (``sessionmaker`` or ``async_sessionmaker``) on
-    ``engine.execution_options(**options)``, a view sharing the pool (read-only scopes
-    on SQLite: a view of the read-only twin engine, ``_engine.read_only_engine``); see
+    ``_engine.scope_engine``: a view of the engine sharing its pool (read-only scopes
+    on SQLite: of the read-only twin engine, ``_engine.read_only_engine``); see
     ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
     dialect and events live (the engine itself on the sync side).
     """
@@ -76,11 +76,12 @@ class Binding(Generic[E, M]):
         with self._lock:
             made = self._makers.get(key)
             if made is None:
-                options = scope_options(
-                    self._sync_engine, readonly=readonly, isolation_level=isolation_level
+                bind = scope_engine(
+                    self.engine,
+                    self._sync_engine,
+                    readonly=readonly,
+                    isolation_level=isolation_level,
                 )
-                engine: Any = (readonly and read_only_engine(self._sync_engine)) or self.engine
-                bind = engine.execution_options(**options) if options else engine
                 made = self._maker_type(bind=bind, expire_on_commit=self.expire_on_commit)
                 self._makers[key] = made
             return made

@@ -141,3 +141,16 @@ def test_the_plugin_joined_sessionmaker_is_made_once(factory: DbSessionFactory) 
     assert first.class_ is second.class_
     assert (first.kw["bind"], second.kw["bind"]) == (one, two)
     assert first.kw["join_transaction_mode"] == "create_savepoint"
+
+
+@SERVERS_ONLY
+def test_the_servers_engines_have_no_connection_event_listeners(
+    factory: DbSessionFactory,
+) -> None:
+    """Any engine-level ConnectionEvents listener makes every statement go through
+    SQLAlchemy's event dispatch; the read-only hook lives on the read-only view only."""
+    with factory.session_scope(readonly=True) as session:
+        session.execute(text("SELECT 1"))
+    with factory.session_scope() as session:
+        session.add(Supplier(name="written"))
+    assert factory.engine._has_events is False
