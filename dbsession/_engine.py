@@ -145,10 +145,10 @@ def _build(
 
 
 #: Connections a pool keeps open, and how many more it opens at a peak (closed on return).
-#: SQLAlchemy's defaults are 5 and 10: with 6 to 15 threads busy at once, the overflow
-#: connections are closed on every return and reopened on the next checkout (measured:
-#: 19-20 connections opened for 8 threads instead of 8, and 1.22x slower). 10 kept and
-#: 5 more keeps SQLAlchemy's ceiling of 15 per process while up to 10 busy threads never
+#: SQLAlchemy's defaults are 5 and 10: an overflow connection is closed when it comes
+#: back to a pool already holding 5 idle ones, and reopened at the next peak (measured:
+#: 19 connections opened over 5 bursts of 8 threads, against 7). 10 kept and 5 more
+#: keeps SQLAlchemy's ceiling of 15 per process while up to 10 busy threads never
 #: reconnect; a pool only grows to the peak it saw. See benchmarks/RESULTS.md, "Pool".
 DEFAULT_POOL_SIZE = 10
 DEFAULT_MAX_OVERFLOW = 5
@@ -317,6 +317,7 @@ class _TwinMaker:
                 self.twin = self._build()
                 self._build = None  # built once; a disposed engine's twin is only emptied
                 sync_twin: Engine = getattr(self.twin, "sync_engine", self.twin)
+                # A ConnectionEvents listener: on SQLite the engine has one already (begin).
                 event.listen(engine, "engine_disposed", lambda _: sync_twin.dispose())
             return self.twin
 
