@@ -5,7 +5,7 @@
   a pool of ``DEFAULT_POOL_SIZE`` kept connections (``DEFAULT_MAX_OVERFLOW`` more at a peak).
 - PostgreSQL and MySQL/MariaDB: a pooled connection is checked before use without a
   round trip (:func:`_install_liveness_check`): pinged only when its socket has something
-  to say (the server closed it, or sent an error) or it sat idle over ``PING_AFTER_IDLE``
+  to say (the server closed it, or sent an error) or it sat idle over ``Timeouts.ping_after_idle``
   seconds. SQLite has nothing to ping (no network).
 - PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
   (psycopg 3, PyMySQL); see ``_config``.
@@ -172,7 +172,7 @@ def _build(
         _install_connect_errors(engine, url, settings.source)
         install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
         if "pool_pre_ping" not in options:
-            _install_liveness_check(engine)
+            _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)
     return built
 
@@ -270,12 +270,10 @@ def _install_fork_guard(engine: Engine) -> None:
             )
 
 
-#: A pooled server connection idle longer than this many seconds is pinged before use.
-PING_AFTER_IDLE = 30.0
 _IDLE_SINCE = "dbsession_idle_since"
 
 
-def _install_liveness_check(engine: Engine) -> None:
+def _install_liveness_check(engine: Engine, ping_after_idle: float) -> None:
     """Replace a dead pooled connection before use, without a round trip per checkout.
 
     SQLAlchemy's ``pool_pre_ping`` sends ``SELECT 1`` on every checkout: one full round
@@ -283,7 +281,7 @@ def _install_liveness_check(engine: Engine) -> None:
     timeout) closes its socket, which the checkout sees for the cost of one ``poll()``.
     So a connection is pinged (``dialect.do_ping``) only when its socket is readable
     while idle (closed, or an error message waiting), or it has been idle for more than
-    ``PING_AFTER_IDLE`` seconds (a peer lost without a word, say behind a NAT that
+    ``ping_after_idle`` seconds (``Timeouts``; a peer lost without a word, say behind a NAT that
     forgot it); a failed ping raises DisconnectionError, on which the pool opens a new
     connection in its place. After any disconnect seen during a statement, SQLAlchemy
     itself invalidates every connection of the pool opened before it. A driver whose
@@ -302,7 +300,7 @@ def _install_liveness_check(engine: Engine) -> None:
         since = record.info.get(_IDLE_SINCE)
         if since is None:  # just opened
             return
-        if time.monotonic() - since < PING_AFTER_IDLE and _quiet(dbapi_connection):
+        if time.monotonic() - since < ping_after_idle and _quiet(dbapi_connection):
             return
         try:
             alive = dialect.do_ping(dbapi_connection)
