@@ -11,6 +11,7 @@ from ._context import current_session as current_session
 from ._context import on_commit as on_commit
 from ._errors import AlreadyInitializedError as AlreadyInitializedError
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DatabaseReadOnlyError as DatabaseReadOnlyError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
@@ -37,6 +38,7 @@ __all__ = [
     "AlreadyInitializedError",
     "Base",
     "ConfigurationError",
+    "DatabaseReadOnlyError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "DbSessionFactory",

@@ -39,10 +39,12 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from ._classify import is_read_only_violation
-from ._config import Settings, mask_url, scrub
+from ._config import Settings, is_secret_parameter, mask_url, scrub, secrets_of
 from ._errors import (
     ConfigurationError,
+    DatabaseReadOnlyError,
     DatabaseUnreachableError,
+    DbSessionError,
     MissingDriverError,
     ReadOnlyError,
     SQLitePathError,
@@ -106,7 +108,7 @@ def build_engine(
         if keeper is not None:
             weakref.finalize(engine, keeper.close)
     else:
-        _install_connect_errors(engine, url)
+        _install_connect_errors(engine, settings)
     if engine.dialect.name in ("mysql", "mariadb"):
         _install_mysql_read_only(engine)
     logger.info("dbsession: engine created for %s", settings.describe())
@@ -133,12 +135,24 @@ def _create(create: Callable[..., E], url: URL, settings: Settings, options: dic
             f"The driver {driver!r} for {url.get_backend_name()} is not installed "
             f"(module {error.name or driver!r} not found). Install it: {hint}."
         ) from None
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigurationError(
-            f"Invalid engine option for {settings.describe()}: "
-            f"{scrub(str(error), url)}. Check the keyword arguments given to "
-            "global_init() or DbSessionFactory()."
+            f"Invalid engine option{_suspects(str(error), url)} for {settings.describe()}: "
+            f"{_first_line(error, url)}. Check the URL's query string and the keyword "
+            "arguments given to global_init() or DbSessionFactory()."
         ) from None
+
+
+def _suspects(message: str, url: URL) -> str:
+    """`` 'name'`` for the URL query options whose name or value the driver's message
+    quotes (secret values are never looked at), else the empty string."""
+    named = [
+        key
+        for key, value in url.query.items()
+        if key in message
+        or (not is_secret_parameter(key) and isinstance(value, str) and repr(value) in message)
+    ]
+    return f" {', '.join(repr(key) for key in named)}" if named else ""
 
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -219,14 +233,35 @@ def _install_read_only_errors(engine: Engine) -> None:
     @event.listens_for(engine, "handle_error")
     def read_only(context: ExceptionContext) -> BaseException | None:
         original = context.original_exception
-        if not is_read_only_violation(original, context.dialect.name):
+        name = context.dialect.name
+        if not is_read_only_violation(original, name):
             return None
-        return ReadOnlyError(
-            f"A write was refused because the transaction is read-only "
-            f"({context.dialect.name}: {_first_line(original, engine.url)}). "
-            "session_scope(readonly=True) never writes: do this work in a writing "
-            "scope, session_scope()."
+        driver_says = f"{name}: {_first_line(original, engine.url)}"
+        if _in_read_only_scope(context.connection):
+            return ReadOnlyError(
+                f"A write was refused because the transaction is read-only ({driver_says}). "
+                "session_scope(readonly=True) never writes: do this work in a writing "
+                "scope, session_scope()."
+            )
+        if name == "sqlite":
+            return SQLitePathError(
+                f"The SQLite database {engine.url.database!r} can only be read by this "
+                f"process ({driver_says}): the file or its folder is not writable, or the "
+                "URL opens it read-only (mode=ro, immutable=1). Fix the permissions or the URL."
+            )
+        return DatabaseReadOnlyError(
+            f"The {name} server refused a write in a writing scope because the database "
+            f"session is read-only ({driver_says}): the URL {mask_url(engine.url)} points at "
+            "a read-only server (a hot standby or replica, MySQL read_only) or a role or "
+            "database with default_transaction_read_only. Point it at the primary."
         )
+
+
+def _in_read_only_scope(connection: Connection | None) -> bool:
+    if connection is None:
+        return False
+    options = connection.get_execution_options()
+    return bool(options.get(READONLY_OPTION) or options.get("postgresql_readonly"))
 
 
 def _install_mysql_read_only(engine: Engine) -> None:
@@ -236,20 +271,64 @@ def _install_mysql_read_only(engine: Engine) -> None:
             connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
-def _install_connect_errors(engine: Engine, url: URL) -> None:
-    @event.listens_for(engine, "handle_error")
-    def unreachable(context: ExceptionContext) -> BaseException | None:
-        if context.connection is not None or context.is_pre_ping:
-            return None
-        if not isinstance(context.sqlalchemy_exception, exc.OperationalError):
-            return None
-        return DatabaseUnreachableError(
-            f"Cannot connect to the {url.get_backend_name()} server at "
-            f"{url.host or 'localhost'}:{url.port or _default_port(url)} "
-            f"(database {url.database!r}, user {url.username!r}): "
-            f"{_first_line(context.original_exception, url)}. Check that the server is running and "
-            f"that the URL {mask_url(url)} (DATABASE_URL or global_init) is right."
+class _Secret(str):
+    """A password whose repr is masked: what pytest, debuggers and error trackers show of
+    the driver's keyword arguments in a traceback's frames. It is still the password."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def _install_connect_errors(engine: Engine, settings: Settings) -> None:
+    """Open every connection through dbsession's own frame: the driver's connect failures
+    are raised from here as named errors, without the driver's frames, locals or chained
+    exceptions (which hold the password), and the password in the connect arguments has
+    a masked repr in the frames that remain."""
+    url = engine.url
+    secrets = set(secrets_of(url))
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+        for key, value in cparams.items():
+            if isinstance(value, str) and (value in secrets or is_secret_parameter(key)):
+                cparams[key] = _Secret(value)
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except Exception as error:
+            failure = _connect_failure(error, dialect, settings, url)
+        raise failure from None  # outside the except block: no driver frames, no context
+
+
+def _connect_failure(
+    error: Exception, dialect: Any, settings: Settings, url: URL
+) -> DbSessionError:
+    """The named error for a driver's refusal to open a connection."""
+    backend = url.get_backend_name()
+    where = f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
+    dbapi = dialect.loaded_dbapi
+    if isinstance(error, UnicodeError):
+        return ConfigurationError(
+            f"The {backend} driver cannot send the user name or password of "
+            f"{settings.describe()}: it has characters the driver's protocol cannot encode "
+            "(PyMySQL and aiomysql send them as latin-1). Use a password of ASCII or "
+            "latin-1 characters."
         )
+    if isinstance(error, dbapi.OperationalError):
+        return DatabaseUnreachableError(
+            f"Cannot connect to the {backend} server at {where} "
+            f"(database {url.database!r}, user {url.username!r}): "
+            f"{_first_line(error, url)}. Check that the server is running and that the "
+            f"URL {settings.describe()} is right."
+        )
+    given = sorted({*url.query, *settings.engine_options.get("connect_args", {})})
+    return ConfigurationError(
+        f"The {backend} driver refused the connection options of {settings.describe()}"
+        f"{_suspects(str(error), url) or ''} ({type(error).__name__}: {_first_line(error, url)})."
+        f" Fix the URL's query string or connect_args (options given: "
+        f"{', '.join(given) or 'none'})."
+    )
 
 
 def _first_line(error: BaseException, url: URL) -> str:
@@ -281,14 +360,12 @@ def _check_sqlite_path(path: Path) -> None:
             f"The folder of the SQLite database {str(path)!r} does not exist: "
             f"create it (mkdir -p {str(folder)!r}) or point the URL at another file."
         )
-    if path.exists():
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise SQLitePathError(
-                f"The SQLite database file {str(path)!r} is not readable and writable "
-                "by this process: fix its permissions or point the URL elsewhere."
-            )
-        return
-    try:
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise SQLitePathError(
+            f"The SQLite database file {str(path)!r} is not readable and writable "
+            "by this process: fix its permissions or point the URL elsewhere."
+        )
+    try:  # also for an existing file: WAL creates -wal and -shm files beside it
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError:

@@ -13,6 +13,7 @@ anything this package raises on its own account::
     │   ├── MigrationsNotFoundError no Alembic migrations folder to run
     │   └── UnsupportedIsolationLevelError  isolation level the backend does not have
     ├── DatabaseUnreachableError    the server did not accept a connection
+    ├── DatabaseReadOnlyError       the server refused a write outside a read-only scope
     ├── MigrationError              an Alembic command failed
     │   ├── UnknownRevisionError    no such revision in the migrations folder
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
@@ -62,6 +63,11 @@ class AlreadyInitializedError(ConfigurationError):
 
 class DatabaseUnreachableError(DbSessionError):
     """A connection to the database server could not be opened."""
+
+
+class DatabaseReadOnlyError(DbSessionError):
+    """The server refused a write in a writing scope: it, the role or the database is
+    read-only (a hot standby, ``default_transaction_read_only``, MySQL ``read_only``)."""
 
 
 class UnsupportedIsolationLevelError(ConfigurationError):
