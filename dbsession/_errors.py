@@ -123,6 +123,6 @@ class SchemaNotAtHeadError(MigrationError):
         self.head = head
         super().__init__(
             f"The database schema is at revision {current or '<base> (empty)'} but the "
-            f"migrations head is {head}. Run 'dbsession upgrade' (or 'alembic upgrade head', "
-            "or dbsession.migrations.upgrade()) before starting the app."
+            f"migrations head is {head}. Run 'dbsession upgrade' (or "
+            "dbsession.migrations.upgrade()) before starting the app."
         )

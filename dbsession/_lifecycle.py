@@ -6,6 +6,7 @@ class (the default) or an instance.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -158,6 +159,7 @@ class LazyFactory(Generic[B]):
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
         require_migrated: bool = False,
+        migrations: str | os.PathLike[str] | None = None,
         **engine_options: Any,
     ) -> F:
         """Configure and build the process-wide default factory, once.
@@ -168,7 +170,9 @@ class LazyFactory(Generic[B]):
         ConfigurationError subclass if the URL or options cannot work. With
         ``require_migrated=True`` it raises SchemaNotAtHeadError, naming the
         current and the head revision, when the schema is behind the migrations
-        (see ``dbsession.migrations.require_head``).
+        (see ``dbsession.migrations.require_head``); ``migrations`` names the
+        migrations folder or ``alembic.ini`` for that check (default: found from the
+        current folder, which systemd or ``gunicorn --chdir`` may have changed).
         """
         settings = cls._settings_for(
             url, replica_url, expire_on_commit, sqlite_busy_timeout, engine_options
@@ -191,7 +195,7 @@ class LazyFactory(Generic[B]):
         if require_migrated:
             from .migrations import require_head  # Alembic is only imported when asked for
 
-            require_head(url=sync_twin(current.url))
+            require_head(url=sync_twin(current.url), migrations=migrations)
         return current
 
     @classmethod
