@@ -27,8 +27,14 @@ from . import migrations
 from ._config import ENV_VAR, mask_url, resolve_url, scrub
 from ._errors import DbSessionError, InvalidURLError, MigrationError
 
-#: Commands that only read: Alembic's chatter ("Context impl ...") is not shown.
+#: Commands that only read: Alembic's progress lines are not shown.
 _READ_ONLY = frozenset({"current", "check", "heads", "history", "show"})
+#: Alembic's lines that say nothing to an operator.
+_CHATTER = ("Context impl ", "Will assume ")
+
+
+def _not_chatter(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_CHATTER)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as python -m and Alembic's prepend_sys_path do
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_chatter)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("dbsession").setLevel(logging.WARNING)
     if args.command in _READ_ONLY:

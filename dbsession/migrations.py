@@ -362,10 +362,11 @@ def _find_migrations(migrations: Migrations) -> Path:
 
 
 def _load_metadata(config: Config) -> MetaData | None:
+    in_ini = f"{METADATA_OPTION} in {config.config_file_name}"
     for source, path in (
         ("--metadata", config.attributes.get(_METADATA_ATTRIBUTE)),
         (METADATA_ENV, os.environ.get(METADATA_ENV)),
-        (f"{METADATA_OPTION} in {config.config_file_name}", config.get_main_option(METADATA_OPTION)),
+        (in_ini, config.get_main_option(METADATA_OPTION)),
     ):
         if path:
             return load_metadata(path, source=source)
