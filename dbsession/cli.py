@@ -98,9 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     add("history", "list the revisions")
     show = add("show", "show one revision (default: head)")
     show.add_argument("revision", nargs="?", default="head")
-    check = add(
-        "check", "fail unless the database is at head and the models match the migrations"
-    )
+    check = add("check", "fail unless the database is at head and the models match the migrations")
     check.add_argument(
         "--revision-only",
         action="store_true",

@@ -105,9 +105,7 @@ def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
         return _prepare(dbsession_url, pytestconfig)
     except DbSessionError as error:
         given = pytestconfig.getoption("dbsession_url")
-        where = (
-            "--dbsession-url" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
-        )
+        where = "--dbsession-url" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
         pytest.fail(
             f"dbsession: the test database {mask_url(dbsession_url)} (from {where}) cannot "
             f"be used: {error}",

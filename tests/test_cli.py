@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INI = ROOT / "alembic.ini"
 SECRET = "CliPw-4b1e"
 
-MODELS = '''
+MODELS = """
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -44,7 +44,7 @@ class Gadget(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(40))
-'''
+"""
 
 
 def dbsession(
@@ -178,7 +178,8 @@ def test_downgrade_names_the_database_masked_before_acting(
     postgresql_url: URL, tmp_path: Path
 ) -> None:
     url = postgresql_url.set(password=SECRET).render_as_string(hide_password=False)
-    assert dbsession("--migrations", str(INI), "upgrade", "--url", url, cwd=tmp_path).returncode == 0
+    upgrade = dbsession("--migrations", str(INI), "upgrade", "--url", url, cwd=tmp_path)
+    assert upgrade.returncode == 0, upgrade.stderr
     result = dbsession("downgrade", "base", "--url", url, "--migrations", str(INI), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     announced, _, ran = result.stderr.partition("Running downgrade")
@@ -237,7 +238,7 @@ def test_stamp_and_show(project: Path) -> None:
     assert f"Rev: {head}" in result.stdout
 
 
-FAILING_MIGRATION = '''
+FAILING_MIGRATION = """
 from alembic import op
 
 revision = "0002"
@@ -246,16 +247,16 @@ down_revision = "0001"
 
 def upgrade():
     op.execute("SELECT * FROM no_such_table_here")
-'''
+"""
 
-FIRST_MIGRATION = '''
+FIRST_MIGRATION = """
 revision = "0001"
 down_revision = None
 
 
 def upgrade():
     pass
-'''
+"""
 
 
 def _failing_migration(project: Path) -> list[str]:
