@@ -28,8 +28,9 @@ import os
 import sqlite3
 import tempfile
 import uuid
+import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +44,7 @@ from ._config import Settings, is_secret_parameter, mask_url, scrub, secrets_of
 from ._errors import (
     ConfigurationError,
     DatabaseReadOnlyError,
+    InvalidURLError,
     DatabaseUnreachableError,
     DbSessionError,
     MissingDriverError,
@@ -97,18 +99,22 @@ def build_engine(
     options: dict[str, Any] = {"pool_pre_ping": True, **settings.engine_options}
     keeper: sqlite3.Connection | None = None
     is_sqlite = url.get_backend_name() == "sqlite"
+    connector = None
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
+    elif "creator" not in options:
+        connector = _Connector(settings, options.pop("connect_args", None) or {})
+        options["creator"] = connector
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
+    if connector is not None:
+        connector.engine = engine
     _install_fork_guard(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
         _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
         if keeper is not None:
             weakref.finalize(engine, keeper.close)
-    else:
-        _install_connect_errors(engine, settings)
     if engine.dialect.name in ("mysql", "mariadb"):
         _install_mysql_read_only(engine)
     logger.info("dbsession: engine created for %s", settings.describe())
@@ -117,7 +123,15 @@ def build_engine(
 
 def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
     try:
-        return create(url, **options)
+        with warnings.catch_warnings():
+            # SQLAlchemy only warns of URL query options the driver ignores: a mistake.
+            warnings.simplefilter("error", exc.SAWarning)
+            return create(url, **options)
+    except exc.SAWarning as warning:
+        raise ConfigurationError(
+            f"The URL {settings.describe()} has an option the driver does not use: "
+            f"{_first_line(warning, url)} Remove it or fix its name."
+        ) from None
     except exc.InvalidRequestError as error:  # a sync driver under create_async_engine
         raise ConfigurationError(
             f"{settings.describe()} cannot be used here: {scrub(str(error), url)} "
@@ -134,6 +148,13 @@ def _create(create: Callable[..., E], url: URL, settings: Settings, options: dic
         raise MissingDriverError(
             f"The driver {driver!r} for {url.get_backend_name()} is not installed "
             f"(module {error.name or driver!r} not found). Install it: {hint}."
+        ) from None
+    except exc.ArgumentError as error:  # e.g. a SQLite URL with a user, password or host
+        raise InvalidURLError(
+            f"The URL {settings.describe()} cannot be used: {_first_line(error, url)}. "
+            "SQLite URLs are sqlite:///relative/file.db or sqlite:////absolute/file.db."
+            if url.get_backend_name() == "sqlite"
+            else f"The URL {settings.describe()} cannot be used: {_first_line(error, url)}."
         ) from None
     except (TypeError, ValueError) as error:
         raise ConfigurationError(
@@ -281,24 +302,42 @@ class _Secret(str):
         return "'***'"
 
 
-def _install_connect_errors(engine: Engine, settings: Settings) -> None:
-    """Open every connection through dbsession's own frame: the driver's connect failures
-    are raised from here as named errors, without the driver's frames, locals or chained
-    exceptions (which hold the password), and the password in the connect arguments has
-    a masked repr in the frames that remain."""
-    url = engine.url
-    secrets = set(secrets_of(url))
+class _Connector:
+    """The pool's creator: every connection is opened through dbsession's own frame, so the
+    driver's connect failures are raised from here as named errors, without the driver's
+    frames, locals or chained exceptions (which hold the password), and the password in
+    the connect arguments has a masked repr in every frame that remains (SQLAlchemy's own
+    creator keeps them, unmasked, in its closure)."""
 
-    @event.listens_for(engine, "do_connect")
-    def connect(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
-        for key, value in cparams.items():
-            if isinstance(value, str) and (value in secrets or is_secret_parameter(key)):
-                cparams[key] = _Secret(value)
+    def __init__(self, settings: Settings, connect_args: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self.connect_args = dict(connect_args)
+        self.engine: Engine | None = None  # set once built; the pool connects only later
+
+    def __call__(self, connection_record: Any = None) -> Any:
+        assert self.engine is not None
+        dialect = self.engine.dialect
+        cargs, cparams = _masked_connect_args(self.engine.url, dialect, self.connect_args)
         try:
             return dialect.connect(*cargs, **cparams)
         except Exception as error:
-            failure = _connect_failure(error, dialect, settings, url)
+            failure = _connect_failure(error, dialect, self.settings, self.engine.url)
         raise failure from None  # outside the except block: no driver frames, no context
+
+
+def _masked_connect_args(
+    url: URL, dialect: Any, connect_args: Mapping[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """The dialect's connect arguments for ``url`` plus ``connect_args`` (which win, as in
+    SQLAlchemy), the password and secret options wrapped so their repr is masked."""
+    cargs, cparams = dialect.create_connect_args(url)
+    secrets = set(secrets_of(url))
+    return list(cargs), {
+        key: _Secret(value)
+        if isinstance(value, str) and (value in secrets or is_secret_parameter(key))
+        else value
+        for key, value in {**cparams, **connect_args}.items()
+    }
 
 
 def _connect_failure(
