@@ -44,9 +44,9 @@ from ._config import Settings, is_secret_parameter, mask_url, scrub, secrets_of
 from ._errors import (
     ConfigurationError,
     DatabaseReadOnlyError,
-    InvalidURLError,
     DatabaseUnreachableError,
     DbSessionError,
+    InvalidURLError,
     MissingDriverError,
     ReadOnlyError,
     SQLitePathError,

@@ -70,8 +70,9 @@ def all_log_records() -> Iterator[Records]:
 def texts_of(error: BaseException, *, frames: bool = False) -> list[str]:
     """Message, repr and the formatted traceback of ``error`` and of every exception chained
     to it (a context suppressed by ``from None`` is not shown by Python, pytest or error
-    trackers, so it is not followed); with ``frames``, also the arguments and locals of every frame of its traceback
-    (what pytest's --tb=long -l and error trackers show), the catching frame left out."""
+    trackers, so it is not followed); with ``frames``, also the arguments and locals of
+    every frame of its traceback (what pytest's --tb=long -l and error trackers show), the
+    catching frame left out."""
     texts = ["".join(traceback.format_exception(error))]
     seen: BaseException | None = error
     while seen is not None:
