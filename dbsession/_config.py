@@ -39,7 +39,7 @@ _ASYNC_ONLY_DRIVERS = frozenset({"aiosqlite", "asyncpg", "aiomysql", "asyncmy"})
 _SCHEME_ALIASES = {"postgres": "postgresql"}
 # Query parameters whose values are secrets: these exact names, and names with these
 # endings (sslpassword, api_key, access_token), never a substring (foreign_keys is not).
-_SECRET_NAME = r"(?:pass|pwd|key|apikey|[^=&?]*(?:password|passwd|secret|token|_pwd|_pass|_key))"
+_SECRET_NAME = r"(?:pass|pwd|key|apikey|[^=&]*(?:password|passwd|secret|token|_pwd|_pass|_key))"
 _SECRET_QUERY_KEY = re.compile(rf"{_SECRET_NAME}\Z", re.IGNORECASE)
 _MASK = "***"
 
@@ -274,6 +274,12 @@ def _parse(raw: URLLike, source: str) -> URL:
     else:
         parsed = raw
     _refuse_misplaced_secret(parsed, where)
+    if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.username or parsed.password):
+        raise InvalidURLError(
+            f"The SQLite URL in {where} names a user or host, which SQLite has none of: "
+            f"{mask_url(parsed)!r}. Use sqlite:///relative/file.db, "
+            "sqlite:////absolute/file.db or sqlite:// (in memory)."
+        )
     if parsed.get_backend_name() == "sqlite" and (parsed.database or "").startswith("~"):
         parsed = parsed.set(database=str(Path(parsed.database or "").expanduser()))
     return parsed
@@ -283,8 +289,11 @@ def _refuse_misplaced_secret(url: URL, where: str) -> None:
     """Refuse a URL where an unencoded ``@`` in the password (or ``/`` in the user name)
     moved part of the password into the host or database name, where it would be shown."""
     host = url.host or ""
-    database = (url.database or "") if url.get_backend_name() != "sqlite" else ""
-    if "@" in host or "@" in database:
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite":
+        # "sqlite:///user:password@/path" puts the credentials in the file's path.
+        database = database if ":" in database.partition("@")[0] else ""
+    if "@" in host or "@" in database or any("@" in key for key in url.query):
         raise InvalidURLError(
             f"The database URL in {where} has an '@' (or '/') in its user name or password "
             f"that is not percent-encoded, so part of the password would be read as the "
