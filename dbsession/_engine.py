@@ -102,7 +102,7 @@ def build_engine(
     connector = None
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
-    elif "creator" not in options:
+    if "creator" not in options:
         connector = _Connector(settings, options.pop("connect_args", None) or {})
         options["creator"] = connector
     built = _create(create, url, settings, options)
@@ -347,6 +347,11 @@ def _connect_failure(
     backend = url.get_backend_name()
     where = f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
     dbapi = dialect.loaded_dbapi
+    if backend == "sqlite" and isinstance(error, dbapi.Error):
+        return SQLitePathError(
+            f"Cannot open the SQLite database {url.database!r}: {_first_line(error, url)}. "
+            "Check the path, its permissions and the URL's options (mode=, vfs=)."
+        )
     if isinstance(error, UnicodeError):
         return ConfigurationError(
             f"The {backend} driver cannot send the user name or password of "

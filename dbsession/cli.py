@@ -139,20 +139,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(args: argparse.Namespace, error: Exception) -> str:
-    if isinstance(error, DbSessionError):
-        return _masked(args, str(error))
+    if isinstance(error, DbSessionError):  # masked already; the URL's secrets removed anyway
+        return _masked(args, str(error), mask=False)
     first = (str(error).strip().splitlines() or [""])[0]
     return _masked(
         args, f"{type(error).__name__}: {first} (run with --traceback for the full story)"
     )
 
 
-def _masked(args: argparse.Namespace, text: str) -> str:
-    """``text`` without the secrets of the URL in use (if it can be resolved at all)."""
+def _masked(args: argparse.Namespace, text: str, *, mask: bool = True) -> str:
+    """``text`` with URLs masked line by line, and without the secrets of the URL in use
+    (if it can be resolved at all)."""
+    if mask:
+        text = "\n".join(mask_url(line) for line in text.split("\n"))
     try:
-        return scrub(mask_url(text), resolve_url(args.url)[0])
+        return scrub(text, resolve_url(args.url)[0])
     except DbSessionError:
-        return mask_url(text)
+        return text
 
 
 def _dispatch(args: argparse.Namespace) -> None:
