@@ -292,7 +292,7 @@ def _refuse_misplaced_secret(url: URL, where: str) -> None:
     database = url.database or ""
     if url.get_backend_name() == "sqlite":
         # "sqlite:///user:password@/path" puts the credentials in the file's path.
-        database = database if ":" in database.partition("@")[0] else ""
+        database = database if ":" in database[: database.rfind("@") + 1] else ""
     if "@" in host or "@" in database or any("@" in key for key in url.query):
         raise InvalidURLError(
             f"The database URL in {where} has an '@' (or '/') in its user name or password "
