@@ -23,8 +23,10 @@ anything this package raises on its own account::
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
-25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY); the driver's exception
-stays reachable as its ``__cause__``. Errors of SQLAlchemy and the drivers
+25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY) inside a read-only scope;
+in a writing scope the same error is a ``DatabaseReadOnlyError`` (a read-only
+server, role or database) or, for SQLite, a ``SQLitePathError``. The driver's
+exception stays reachable as the ``__cause__``. Errors of SQLAlchemy and the drivers
 that dbsession has nothing to add to (an ``IntegrityError`` from a flush, say)
 pass through unchanged. No message ever contains a password: URLs are always
 rendered masked.

@@ -15,6 +15,7 @@ import dbsession
 from dbsession import (
     AlreadyInitializedError,
     ConfigurationError,
+    DatabaseReadOnlyError,
     DatabaseUnreachableError,
     DbSessionError,
     DbSessionFactory,
@@ -54,6 +55,7 @@ def test_every_error_is_a_dbsession_error() -> None:
         SQLitePathError,
         AlreadyInitializedError,
         DatabaseUnreachableError,
+        DatabaseReadOnlyError,
         UnsupportedIsolationLevelError,
         ScopeError,
         NoActiveScopeError,
