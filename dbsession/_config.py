@@ -292,8 +292,11 @@ def _refuse_misplaced_secret(url: URL, where: str) -> None:
     database = url.database or ""
     if url.get_backend_name() == "sqlite":
         # "sqlite:///user:password@/path" puts the credentials in the file's path.
-        database = database if ":" in database[: database.rfind("@") + 1] else ""
-    if "@" in host or "@" in database or any("@" in key for key in url.query):
+        misread = ":" in database[: database.rfind("@") + 1]
+    else:  # "mysql://us/er:pw@db/app": host "us", database "er:pw@db/app"
+        misread = "@" in database or ":" in database
+    misread = misread or any("@" in key or not key for key in url.query)
+    if "@" in host or misread:
         raise InvalidURLError(
             f"The database URL in {where} has an '@' (or '/') in its user name or password "
             f"that is not percent-encoded, so part of the password would be read as the "

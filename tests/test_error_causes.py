@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,10 @@ def test_an_async_driver_url_on_the_sync_side(tmp_path: Path) -> None:
     assert migrations.current(url=url) == migrations.head(migrations=INI)
     assert cli(["--url", url, "--migrations", str(INI), "downgrade", "base"]) == 0
     assert migrations.current(url=url) is None
+    alembic = [sys.executable, "-m", "alembic", "-c", str(INI), "-x", f"url={url}", "upgrade"]
+    result = subprocess.run([*alembic, "head"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert migrations.current(url=url) == migrations.head(migrations=INI)
 
 
 def test_the_plugin_migrates_an_async_driver_url(pytester: pytest.Pytester, tmp_path: Path) -> None:
