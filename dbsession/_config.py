@@ -24,6 +24,7 @@ from ._errors import ConfigurationError, InvalidURLError
 ENV_VAR = "DATABASE_URL"
 DEFAULT_SQLITE_FILE = "dbsession.sqlite3"
 DEFAULT_SQLITE_BUSY_TIMEOUT = 5.0
+_MAX_BUSY_TIMEOUT = (2**31 - 1) // 1000
 
 # A bare "postgresql://" would mean psycopg2 to SQLAlchemy; we ship psycopg 3.
 _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
@@ -138,10 +139,11 @@ def _busy_timeout(value: object) -> float:
             f"sqlite_busy_timeout must be a number of seconds, got {type(value).__name__} "
             f"{value!r}: pass e.g. sqlite_busy_timeout=5.0."
         )
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value) or not 0 <= value <= _MAX_BUSY_TIMEOUT:
         raise ConfigurationError(
-            f"sqlite_busy_timeout must be a finite number of seconds, zero or more, "
-            f"got {value!r}: pass e.g. sqlite_busy_timeout=5.0."
+            f"sqlite_busy_timeout must be a number of seconds from 0 to {_MAX_BUSY_TIMEOUT} "
+            f"(SQLite counts milliseconds in 32 bits), got {value!r}: pass e.g. "
+            "sqlite_busy_timeout=5.0."
         )
     return float(value)
 
@@ -276,13 +278,21 @@ def _parse(raw: URLLike, source: str) -> URL:
     _refuse_misplaced_secret(parsed, where)
     if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.username or parsed.password):
         raise InvalidURLError(
-            f"The SQLite URL in {where} names a user or host, which SQLite has none of: "
-            f"{mask_url(parsed)!r}. Use sqlite:///relative/file.db, "
+            f"The SQLite URL in {where} names a user, password or host, which SQLite has "
+            "none of (not shown: part of a password may be in its path). Use "
+            "sqlite:///relative/file.db, "
             "sqlite:////absolute/file.db or sqlite:// (in memory)."
         )
     if parsed.get_backend_name() == "sqlite" and (parsed.database or "").startswith("~"):
         parsed = parsed.set(database=str(Path(parsed.database or "").expanduser()))
     return parsed
+
+
+def _misread_option(key: str, value: str | tuple[str, ...]) -> bool:
+    """A query option that is really a piece of the user, password or path: a name that is
+    empty or holds ``/ : @ ?``, or a value holding a second ``?``."""
+    values = [value] if isinstance(value, str) else list(value)
+    return not key or any(c in key for c in "/:@?") or any("?" in v for v in values)
 
 
 def _refuse_misplaced_secret(url: URL, where: str) -> None:
@@ -295,12 +305,12 @@ def _refuse_misplaced_secret(url: URL, where: str) -> None:
         misread = ":" in database[: database.rfind("@") + 1]
     else:  # "mysql://us/er:pw@db/app": host "us", database "er:pw@db/app"
         misread = "@" in database or ":" in database
-    misread = misread or any("@" in key or not key for key in url.query)
+    misread = misread or any(_misread_option(key, value) for key, value in url.query.items())
     if "@" in host or misread:
         raise InvalidURLError(
-            f"The database URL in {where} has an '@' (or '/') in its user name or password "
-            f"that is not percent-encoded, so part of the password would be read as the "
-            f"host or database name (in a {url.drivername}:// URL). "
+            f"The database URL in {where} has an '@', '/' or '?' in its user name, password "
+            f"or path that is not percent-encoded, so part of the password would be read as "
+            f"the host, database name or an option (in a {url.drivername}:// URL). "
             "Percent-encode the user name and password (urllib.parse.quote(password, "
             "safe='')), e.g. '@' as %40 and '/' as %2F."
         )

@@ -134,6 +134,7 @@ def test_the_plugin_migrates_an_async_driver_url(pytester: pytest.Pytester, tmp_
         ({"sqlite_busy_timeout": math.nan}, "sqlite_busy_timeout"),
         ({"sqlite_busy_timeout": math.inf}, "sqlite_busy_timeout"),
         ({"sqlite_busy_timeout": -1}, "sqlite_busy_timeout"),
+        ({"sqlite_busy_timeout": 1e300}, "sqlite_busy_timeout"),
         ({"sqlite_busy_timeout": "5"}, "sqlite_busy_timeout"),
         ({"expire_on_commit": "no"}, "expire_on_commit"),
         ({"connect_args": "x"}, "connect_args"),
