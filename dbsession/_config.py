@@ -276,7 +276,8 @@ def _parse(raw: URLLike, source: str) -> URL:
     else:
         parsed = raw
     _refuse_misplaced_secret(parsed, where)
-    if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.username or parsed.password):
+    has_credentials = parsed.host or parsed.username or parsed.password
+    if parsed.get_backend_name() == "sqlite" and has_credentials:
         raise InvalidURLError(
             f"The SQLite URL in {where} names a user, password or host, which SQLite has "
             "none of (not shown: part of a password may be in its path). Use "

@@ -52,7 +52,9 @@ def _read_only_session(url: URL) -> DbSessionFactory:
             )
         )
     if backend == "postgresql":
-        return DbSessionFactory(url.update_query_dict({"options": "-c default_transaction_read_only=on"}))
+        return DbSessionFactory(
+            url.update_query_dict({"options": "-c default_transaction_read_only=on"})
+        )
     return DbSessionFactory(url, connect_args={"init_command": "SET SESSION TRANSACTION READ ONLY"})
 
 
