@@ -37,8 +37,8 @@ import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from ._config import async_twin, resolve_url, sync_twin
-from ._errors import MigrationsNotFoundError
+from ._config import async_twin, mask_url, resolve_url, sync_twin
+from ._errors import DbSessionError, MigrationsNotFoundError
 from ._factory import DbSessionFactory
 from ._lifecycle import LazyFactory
 
@@ -96,13 +96,31 @@ def dbsession_url(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest
 
 @pytest.fixture(scope="session")
 def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
-    """The database under test with its schema prepared once per run (--dbsession-schema)."""
+    """The database under test with its schema prepared once per run (--dbsession-schema).
+
+    A database that cannot be used fails every test that needs it with one line naming
+    the setting it came from (no traceback, no password)."""
+    __tracebackhide__ = True
+    try:
+        return _prepare(dbsession_url, pytestconfig)
+    except DbSessionError as error:
+        given = pytestconfig.getoption("dbsession_url")
+        where = "--dbsession-url" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
+        pytest.fail(
+            f"dbsession: the test database {mask_url(dbsession_url)} (from {where}) cannot "
+            f"be used: {error}",
+            pytrace=False,
+        )
+
+
+def _prepare(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
     schema = _setting(pytestconfig, "dbsession_schema") or "auto"
     if schema not in SCHEMA_CHOICES:
         raise pytest.UsageError(
             f"--dbsession-schema={schema!r} is not one of {', '.join(SCHEMA_CHOICES)}."
         )
     if schema == "none":
+        _check_reachable(dbsession_url)
         return dbsession_url
     from . import migrations  # Alembic is only imported when a database is prepared
 
@@ -127,6 +145,14 @@ def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
     return dbsession_url
 
 
+def _check_reachable(url: URL) -> None:
+    factory = DbSessionFactory(sync_twin(url))
+    try:
+        factory.engine.connect().close()
+    finally:
+        factory.dispose()
+
+
 def _migrations_location(config: pytest.Config) -> Path | None:
     """The explicit setting, else alembic.ini or migrations/ in the rootdir (None: look in cwd)."""
     explicit = _setting(config, "dbsession_migrations")
@@ -143,6 +169,7 @@ def _migrations_location(config: pytest.Config) -> Path | None:
 @pytest.fixture(scope="session")
 def dbsession_factory(dbsession_database: URL) -> Iterator[DbSessionFactory]:
     """A DbSessionFactory on the prepared test database, disposed at the end of the run."""
+    __tracebackhide__ = True
     factory = DbSessionFactory(sync_twin(dbsession_database))
     yield factory
     factory.dispose()
@@ -151,6 +178,7 @@ def dbsession_factory(dbsession_database: URL) -> Iterator[DbSessionFactory]:
 @pytest.fixture
 def db_session(dbsession_factory: DbSessionFactory) -> Iterator[Session]:
     """A Session in a transaction rolled back after the test; app session_scope()s join it."""
+    __tracebackhide__ = True
     yield from _rolled_back_session(dbsession_factory, _as_is)
 
 
@@ -165,6 +193,7 @@ def _rolled_back_session(factory: LazyFactory[Any], run: Callable[[Any], Any]) -
     One body for both sides: ``run`` is the identity on the sync side and runs the
     coroutine to completion on the plugin's event loop on the async side.
     """
+    __tracebackhide__ = True
     connection = run(factory._build().engine.connect())
     try:
         run(connection.begin())
