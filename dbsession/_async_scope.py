@@ -25,6 +25,8 @@ from ._scope import (
     refuse_doomed,
     rollback_quietly,
     savepoint_frame,
+    was_committed,
+    watch_commit,
 )
 
 logger = logging.getLogger("dbsession")
@@ -74,7 +76,9 @@ class AsyncUnitOfWork:
         try:
             if exc is None:
                 refuse_doomed(frame)
-                await session.run_sync(end_transaction, frame.readonly)
+                watch_commit(session.sync_session)
+                # Run to completion: a cancellation never leaves a commit half-known.
+                await run_to_completion(session.run_sync(end_transaction, frame.readonly))
                 committed = True
             else:
                 await run_to_completion(session.run_sync(rollback_quietly))
@@ -86,7 +90,7 @@ class AsyncUnitOfWork:
             try:
                 await run_to_completion(_close_quietly(session))
             finally:
-                if committed:
+                if was_committed(session.sync_session) or committed:
                     run_hooks(frame.hooks)
 
 

@@ -11,7 +11,9 @@ pushed on the stack of active scopes (``_context``) while open, so
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -28,6 +30,8 @@ logger = logging.getLogger("dbsession")
 
 #: ``session.info`` key: how many read-only scopes joined to a writing one are open.
 GUARD_KEY = "dbsession_readonly_guard"
+#: ``session.info`` key: set by the database commit of the unit of work (``watch_commit``).
+COMMITTED_KEY = "dbsession_committed"
 _READING_WORDS = frozenset({"SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES", "TABLE", "DESCRIBE"})
 
 
@@ -114,6 +118,7 @@ class UnitOfWork:
         try:
             if exc is None:
                 refuse_doomed(frame)
+                watch_commit(session)
                 end_transaction(session, frame.readonly)
                 committed = True
             else:
@@ -126,7 +131,7 @@ class UnitOfWork:
             try:
                 close_quietly(session)
             finally:
-                if committed:
+                if was_committed(session) or committed:
                     run_hooks(frame.hooks)
 
 
@@ -280,6 +285,24 @@ def end_transaction(session: Session, readonly: bool) -> None:
         session.rollback()
     else:
         session.commit()
+
+
+def watch_commit(session: Session) -> None:
+    """Record the next commit of ``session`` (the unit of work's own: its savepoints have
+    ended) in ``session.info``, from SQLAlchemy's ``after_commit`` event.
+
+    The recorder is a C function, so no interrupt can fall between the commit and the
+    record: the hooks of a committed transaction run even when an interrupt or a task
+    cancellation arrives while the commit returns its connection or the session closes.
+    """
+    event.listen(
+        session, "after_commit", functools.partial(operator.setitem, session.info, COMMITTED_KEY)
+    )
+
+
+def was_committed(session: Session) -> bool:
+    """True (once) if ``watch_commit`` saw ``session`` commit."""
+    return session.info.pop(COMMITTED_KEY, None) is not None
 
 
 def rollback_quietly(session: Session) -> None:

@@ -262,7 +262,7 @@ def test_an_interrupt_at_any_line_of_the_scope_code_leaves_no_scope_and_no_half_
             found not in ({"a", "b", "c"}, set())
             or state["checked out"]
             or state.get("visible")
-            or (hooks and found != {"a", "b", "c"})
+            or (hooks != [1]) != (found != {"a", "b", "c"})  # hooks run iff committed
         ):
             failures.append((target, state))
     assert failures == [], f"{len(failures)} of {points} injection points: {failures}"
