@@ -12,6 +12,13 @@ becomes an error response (FastAPI's exception handlers, else 500), never a succ
 ``pip install 'dbsession[async]'`` only when a request uses it; importing this
 module never imports ``dbsession.asyncio`` or an async driver.
 
+The handler runs in another context copy than the dependency (and a sync handler in a
+worker thread), so the dependency *lends* its scope to the request: inside the handler,
+``current_session()`` (``async_current_session()``), ``on_commit()`` and nested
+``session_scope()`` calls see the request's unit of work. The sync dependency is an
+``async def`` that opens and ends the sync scope in the thread pool, so the database
+I/O never blocks the event loop and the lent scope lives in the request's context.
+
 That ordering comes from ``Depends(..., scope="function")`` (FastAPI >= 0.121).
 With FastAPI's default scope (``"request"``) the exit code of a dependency with
 ``yield`` runs after the response was sent, so a client could get ``201`` for a
@@ -20,14 +27,17 @@ commit that then failed. See docs/web.md.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from .._context import Frame, innermost, lend
+from .._errors import ScopeError
 from .._factory import DbSessionFactory, session_scope
 
 if TYPE_CHECKING:
@@ -45,7 +55,7 @@ __all__ = [
 
 def session_dependency(
     factory: DbSessionFactory | None = None,
-) -> Callable[[], Iterator[Session]]:
+) -> Callable[[], AsyncIterator[Session]]:
     """Return a FastAPI dependency that yields a session inside ``factory.session_scope()``.
 
     Without ``factory`` it uses the process default (``DbSessionFactory.global_init()``,
@@ -57,12 +67,29 @@ def session_dependency(
         session_scope if factory is None else factory.session_scope
     )
 
-    def get_session() -> Iterator[Session]:
+    async def get_session() -> AsyncIterator[Session]:
         """Yield one unit of work: committed when the endpoint returns, rolled back if it raises."""
-        with open_scope() as session:
+        scope = open_scope()
+        session, frame = await run_in_threadpool(_enter, scope)
+        lend(frame)
+        try:
             yield session
+        except BaseException as error:
+            await run_in_threadpool(scope.__exit__, type(error), error, error.__traceback__)
+            raise
+        await run_in_threadpool(scope.__exit__, None, None, None)
 
     return get_session
+
+
+def _enter(scope: AbstractContextManager[Session]) -> tuple[Session, Frame]:
+    """Enter ``scope`` (in a worker thread) and return its session and its frame."""
+    session = scope.__enter__()
+    frame = innermost()
+    if frame is None or frame.session is not session:  # pragma: no cover - a dbsession bug
+        scope.__exit__(None, None, None)
+        raise ScopeError("dbsession: the request's scope is not visible where it was opened.")
+    return session, frame
 
 
 #: The dependency on the process default factory.
@@ -91,6 +118,9 @@ def async_session_dependency(
         from ..asyncio import async_default_factory  # the async extra, only when used
 
         async with (factory or async_default_factory()).session_scope() as session:
+            frame = innermost()
+            if frame is not None and frame.session is session:
+                lend(frame)  # the handler runs outside this generator's frame
             yield session
 
     return get_async_session
