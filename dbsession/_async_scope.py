@@ -26,7 +26,6 @@ from ._scope import (
     rollback_quietly,
     savepoint_frame,
     was_committed,
-    watch_commit,
 )
 
 logger = logging.getLogger("dbsession")
@@ -72,26 +71,28 @@ class AsyncUnitOfWork:
     ) -> None:
         frame = self._frame
         session: AsyncSession = frame.session  # type: ignore[assignment]
-        committed = False
         try:
             if exc is None:
                 refuse_doomed(frame)
-                watch_commit(session.sync_session)
                 # Run to completion: a cancellation never leaves a commit half-known.
                 await run_to_completion(session.run_sync(end_transaction, frame.readonly))
-                committed = True
             else:
                 await run_to_completion(session.run_sync(rollback_quietly))
         except BaseException:
             await run_to_completion(session.run_sync(rollback_quietly))
             raise
         finally:
-            pop(frame)
             try:
-                await run_to_completion(_close_quietly(session))
+                pop(frame)
             finally:
-                if was_committed(session.sync_session) or committed:
-                    run_hooks(frame.hooks)
+                try:
+                    await run_to_completion(_close_quietly(session))
+                finally:
+                    try:
+                        if was_committed(session.sync_session):
+                            run_hooks(frame.hooks)
+                    finally:
+                        pop(frame)  # again, if an interrupt cut the first one short
 
 
 class AsyncSavepoint:

@@ -114,25 +114,28 @@ class UnitOfWork:
     ) -> None:
         frame = self._frame
         session: Session = frame.session  # type: ignore[assignment]
-        committed = False
         try:
             if exc is None:
                 refuse_doomed(frame)
-                watch_commit(session)
                 end_transaction(session, frame.readonly)
-                committed = True
             else:
                 rollback_quietly(session)
         except BaseException:
             rollback_quietly(session)
             raise
         finally:
-            pop(frame)
+            # Each step in a finally of its own: an interrupt in one still runs the next.
             try:
-                close_quietly(session)
+                pop(frame)
             finally:
-                if was_committed(session) or committed:
-                    run_hooks(frame.hooks)
+                try:
+                    close_quietly(session)
+                finally:
+                    try:
+                        if was_committed(session):
+                            run_hooks(frame.hooks)
+                    finally:
+                        pop(frame)  # again, if an interrupt cut the first one short
 
 
 def savepoint_frame(outer: Frame, *, readonly: bool, isolation_level: str | None) -> Frame:
@@ -194,7 +197,10 @@ class Savepoint:
         try:
             close_savepoint(self._frame.session, self._frame, self._transaction, exc)  # type: ignore[arg-type]
         finally:
-            pop(self._frame)
+            try:
+                pop(self._frame)
+            finally:
+                pop(self._frame)  # again, if an interrupt cut the first one short
 
 
 def open_savepoint(session: Session, frame: Frame) -> SessionTransaction:
@@ -278,11 +284,13 @@ def end_transaction(session: Session, readonly: bool) -> None:
     """End a scope's transaction that raised nothing: commit it, or for a read-only one
     flush (so pending ORM changes raise ReadOnlyError instead of vanishing) and roll back,
     keeping the loaded objects readable as a commit does (unless expire_on_commit)."""
+    watch_commit(session)
     if readonly:
         session.flush()
         if not session.expire_on_commit:
             session.expunge_all()
         session.rollback()
+        session.info[COMMITTED_KEY] = True  # a read-only scope that ended well counts as one
     else:
         session.commit()
 
@@ -301,7 +309,8 @@ def watch_commit(session: Session) -> None:
 
 
 def was_committed(session: Session) -> bool:
-    """True (once) if ``watch_commit`` saw ``session`` commit."""
+    """True (once) if ``watch_commit`` saw ``session`` commit (or ``end_transaction`` end
+    a read-only scope without an error)."""
     return session.info.pop(COMMITTED_KEY, None) is not None
 
 
