@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from server_helpers import kill, server_pid
-from sqlalchemy import create_engine, text
+from server_helpers import checked_out, kill, server_pid
+from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -62,7 +62,7 @@ def contender(url: URL, *, heavy: bool) -> Iterator[Callable[[], None]]:
             with engine.connect() as conn, conn.begin() as transaction:
                 if heavy:
                     conn.execute(
-                        Customer.__table__.insert(),
+                        insert(Customer),
                         [{"name": f"c{i}", "email": f"c{i}@example.com"} for i in range(30)],
                     )
                 conn.execute(text(LOCK), {"name": "y"})
@@ -203,7 +203,7 @@ def check_the_outer_scope_refuses(
     assert raised.value.__cause__ is nested
     assert unit.hooks == []
     assert names(other_connection) & {"before", "inside", "after"} == set()
-    assert factory.engine.pool.checkedout() == 0
+    assert checked_out(factory.engine) == 0
     with factory.session_scope() as session:  # the next unit of work is not affected
         session.add(Supplier(name="next"))
     assert "next" in names(other_connection)
@@ -213,7 +213,7 @@ def check_run_in_transaction_retries_the_whole_unit(
     factory: DbSessionFactory, fault: Fault, other_connection: Engine
 ) -> None:
     unit = Unit(factory, fault)
-    assert factory.run_in_transaction(unit, isolation_level=isolation(factory)) == 2
+    assert factory.transactional(isolation_level=isolation(factory))(unit)() == 2
     assert [len(caught) for caught in unit.caught] == [1, 0]
     assert unit.hooks == [2]
     assert names(other_connection) == {"x", "y", "before", "inside", "after"} or (
@@ -284,4 +284,4 @@ def test_run_in_transaction_does_not_retry_a_unit_whose_connection_was_killed(
         factory.run_in_transaction(unit)
     assert len(unit.caught) == 1  # a disconnect is not transient: one attempt
     assert names(other_connection) == {"x", "y"}
-    assert factory.engine.pool.checkedout() == 0
+    assert checked_out(factory.engine) == 0

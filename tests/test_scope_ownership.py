@@ -15,13 +15,14 @@ import gc
 import linecache
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
+from server_helpers import checked_out
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidRequestError
@@ -55,7 +56,7 @@ def test_a_generator_yielding_inside_a_scope_does_not_lend_it_to_its_consumer(
 ) -> None:
     sessions: list[Session] = []
 
-    def rows() -> Iterator[int]:
+    def rows() -> Generator[int, None, None]:
         with factory.session_scope() as session:
             sessions.append(session)
             yield 1
@@ -71,7 +72,7 @@ def test_a_generator_yielding_inside_a_scope_does_not_lend_it_to_its_consumer(
     next(iterator)
     iterator.close()  # early stop: the generator's scope rolls back, the consumer's stands
     assert names(other_connection) == {"consumer"}
-    assert factory.engine.pool.checkedout() == 0
+    assert checked_out(factory.engine) == 0
     assert_no_visible_scope()
 
 
@@ -80,7 +81,7 @@ def test_a_generator_finished_on_another_pool_thread_leaves_nothing_behind(
 ) -> None:
     first, second = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
 
-    def reader(readonly: bool) -> Iterator[int]:
+    def reader(readonly: bool) -> Generator[int, None, None]:
         with factory.session_scope(readonly=readonly) as session:
             yield len(session.scalars(select(Supplier)).all())
             yield 0
@@ -99,7 +100,7 @@ def test_a_generator_finished_on_another_pool_thread_leaves_nothing_behind(
             second.submit(iterator.close).result()  # finished on the second one
             name = f"later-{readonly}"
             assert first.submit(later_job, name).result() == name
-            assert factory.engine.pool.checkedout() == 0
+            assert checked_out(factory.engine) == 0
         assert names(other_connection) == {"later-False", "later-True"}
     finally:
         first.shutdown()
@@ -130,7 +131,7 @@ def test_a_copied_context_run_after_the_scope_does_not_see_it(
     with factory.session_scope() as later:  # SQLite: no lock left behind
         later.add(Supplier(name="later"))
     assert names(other_connection) == {"parent", "child", "later"}
-    assert factory.engine.pool.checkedout() == 0
+    assert checked_out(factory.engine) == 0
 
 
 def test_a_thread_running_a_copied_context_never_joins_the_scope(
@@ -182,7 +183,7 @@ def test_starlette_run_in_threadpool_never_joins_and_outlives_the_scope(
     expected = {"parent", "after"} | ({"inside"} if "inside" in hooks else set())
     assert names(other_connection) == expected
     assert hooks[-1] == "after"
-    assert factory.engine.pool.checkedout() == 0
+    assert checked_out(factory.engine) == 0
 
 
 # --- an interrupt at every line of the scope code ---------------------------------------
@@ -268,12 +269,12 @@ def test_an_interrupt_at_any_line_of_the_scope_code_leaves_no_scope_and_no_half_
         hooks.clear()
         injector, left_open = interrupted(unit, target)
         assert injector.fired
-        if factory.engine.pool.checkedout():
+        if checked_out(factory.engine):
             gc.collect()  # a session abandoned mid-way returns its connection when collected
         found = names(other_connection)
         state = {
             "rows": sorted(found),
-            "checked out": factory.engine.pool.checkedout(),
+            "checked out": checked_out(factory.engine),
             "hooks": list(hooks),
             "left open": left_open,
         }
@@ -305,7 +306,7 @@ def test_using_the_session_after_its_scope_raises_instead_of_opening_a_transacti
         session.execute(select(Supplier))
     with pytest.raises(InvalidRequestError, match="closed"):
         session.add(Supplier(name="late"))
-    assert factory.engine.pool.checkedout() == 0
+    assert checked_out(factory.engine) == 0
     with factory.session_scope() as other:  # SQLite: no write lock held by the dead session
         other.add(Supplier(name="next"))
 
@@ -348,5 +349,5 @@ def test_hooks_run_when_an_interrupt_arrives_while_the_session_closes(
     assert names(other_connection) == {"committed"}
     assert hooks == ["sent"]
     gc.collect()
-    assert factory.engine.pool.checkedout() == 0
+    assert checked_out(factory.engine) == 0
     assert_no_visible_scope()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -99,7 +99,7 @@ def test_to_thread_and_a_copied_context_never_join_the_scope(
 def test_an_async_generator_yielding_inside_a_scope_does_not_lend_it_to_its_consumer(
     async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
 ) -> None:
-    async def rows(sessions: list[AsyncSession]) -> AsyncIterator[int]:
+    async def rows(sessions: list[AsyncSession]) -> AsyncGenerator[int, None]:
         async with async_factory.session_scope() as session:
             sessions.append(session)
             yield 1
