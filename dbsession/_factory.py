@@ -117,7 +117,9 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             isolation_level=isolation_level,
         )
 
-    def run_in_transaction(self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def run_in_transaction(
+        self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
         """Run ``fn(session, *args, **kwargs)`` in a scope; retry it whole on a transient failure.
 
         Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock

@@ -246,7 +246,9 @@ def async_session_scope(
     )
 
 
-async def async_run_in_transaction(fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+async def async_run_in_transaction(
+    fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
     """``await fn(session, *args, **kwargs)`` in a unit of work on the process default async
     factory, retried whole on transient failures; see
     ``AsyncDbSessionFactory.run_in_transaction``."""
