@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import pytest
-from conftest import require_extra
+from helpers import require_extra
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import statements
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
 
 from dbsession import Base, DbSessionFactory, ReadOnlyError, session_scope
 from dbsession.errors import AlreadyInitializedError, UnsupportedIsolationLevelError
 from dbsession.example.models import Supplier
-
-
-def statements(engine: Engine) -> list[str]:
-    """Record every statement the engine (and its option views) executes from now on."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    return seen
 
 
 @pytest.fixture
