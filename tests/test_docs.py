@@ -1,0 +1,167 @@
+"""The docs cannot rot: every ```python block of README.md and docs/*.md is executed.
+
+Each page runs in a fresh interpreter (so a page's models never meet another page's),
+in an empty temporary folder, against a temporary SQLite file (``DATABASE_URL``), with
+warnings as errors (a deprecated name in the docs fails). Its blocks run in order in
+one namespace, as if pasted one after the other into ``python``; a block with a
+top-level ``await`` runs on the page's event loop, as in ``python -m asyncio``.
+
+A block may be preceded by a marker comment on the line right before its fence:
+
+- ``<!-- file: path -->``: the block (of any language) is the content of that file; it
+  is written into the folder instead of being run. When a page writes ``test_*.py``
+  files, pytest runs them in the folder at the end and must pass.
+- ``<!-- not-run: reason -->``: illustrative only (a fragment of a bigger file); the
+  reason is required, and such blocks are counted so they stay few.
+
+``python tests/test_docs.py PAGE`` runs one page by hand.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import os
+import re
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+MARKER = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->")
+# Extra environment for a page: the migrations page runs from "the project folder".
+PAGE_ENV = {"migrations.md": {"DBSESSION_MIGRATIONS": str(ROOT / "alembic.ini")}}
+MAX_NOT_RUN = 12  # across all pages: illustrative fragments stay the exception
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block of a page: its language, code, first line number and marker."""
+
+    language: str
+    code: str
+    line: int
+    marker: str | None  # None (run it), "not-run" or "file"
+    argument: str  # the reason, or the file's path
+
+
+def blocks(text: str) -> list[Block]:
+    """The fenced blocks of a Markdown page, with the marker comment just before each."""
+    found = []
+    for match in FENCE.finditer(text):
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+        marker = MARKER.fullmatch(before)
+        found.append(
+            Block(
+                language=match.group(1),
+                code=match.group(2),
+                line=text.count("\n", 0, match.start()) + 2,
+                marker=marker.group(1) if marker else None,
+                argument=marker.group(2) if marker else "",
+            )
+        )
+    return found
+
+
+def run_page(page: Path) -> None:
+    """Run the page's blocks here (in the current folder and interpreter); raise on failure."""
+    main = types.ModuleType("__main__")  # what the blocks see, as if typed into python
+    sys.modules["__main__"] = main
+    loop = asyncio.new_event_loop()
+    tests: list[str] = []
+    sys.path.insert(0, os.getcwd())
+    try:
+        run_blocks(page, main.__dict__, loop, tests)
+    finally:
+        from dbsession import DbSessionFactory
+
+        DbSessionFactory.global_dispose()
+        if "dbsession.asyncio" in sys.modules:
+            from dbsession.asyncio import AsyncDbSessionFactory
+
+            loop.run_until_complete(AsyncDbSessionFactory.global_dispose())
+        loop.close()
+    if tests:
+        print(f"--- pytest {' '.join(tests)}", flush=True)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+        subprocess.run(command, check=True)
+
+
+def run_blocks(
+    page: Path, namespace: dict[str, Any], loop: asyncio.AbstractEventLoop, tests: list[str]
+) -> None:
+    """Write the page's file blocks and run its python blocks, in order."""
+    for block in blocks(page.read_text()):
+        where = f"{page.name}:{block.line}"
+        if block.marker == "file":
+            path = Path(block.argument)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block.code)
+            if path.name.startswith("test_") and path.suffix == ".py":
+                tests.append(str(path))
+        elif block.marker is None and block.language == "python":
+            print(f"--- running {where}", flush=True)
+            flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # and none of this file's __future__ flags
+            code = compile(block.code, where, "exec", flags=flags, dont_inherit=True)
+            if code.co_flags & inspect.CO_COROUTINE:
+                loop.run_until_complete(eval(code, namespace))
+            else:
+                exec(code, namespace)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_every_python_block_of_the_page_runs(page: Path, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'docs.sqlite3'}",
+        "PYTHONPATH": str(ROOT),
+        **PAGE_ENV.get(page.name, {}),
+    }
+    env.pop("DBSESSION_TEST_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-W", "error", __file__, str(page)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{page.name}:\n{result.stdout}\n{result.stderr}"
+
+
+def test_blocks_not_run_say_why_and_stay_few() -> None:
+    not_run = [
+        (page.name, block)
+        for page in PAGES
+        for block in blocks(page.read_text())
+        if block.marker == "not-run"
+    ]
+    assert all(block.argument for _, block in not_run), "a not-run marker needs a reason"
+    assert len(not_run) <= MAX_NOT_RUN, [f"{name}:{block.line}" for name, block in not_run]
+
+
+def test_the_extractor_sees_markers_and_plain_blocks() -> None:
+    page = (
+        "text\n```python\nx = 1\n```\n<!-- not-run: a fragment -->\n```python\ny(\n```\n"
+        "<!-- file: pkg/mod.py -->\n```python\nz = 3\n```\n```bash\nls\n```\n"
+    )
+    found = blocks(page)
+    assert [(b.language, b.marker, b.argument, b.code) for b in found] == [
+        ("python", None, "", "x = 1\n"),
+        ("python", "not-run", "a fragment", "y(\n"),
+        ("python", "file", "pkg/mod.py", "z = 3\n"),
+        ("bash", None, "", "ls\n"),
+    ]
+    assert found[0].line == 3
+
+
+if __name__ == "__main__":
+    run_page(Path(sys.argv[1]))
