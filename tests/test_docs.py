@@ -39,6 +39,8 @@ FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 MARKER = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->")
 # Extra environment for a page: the migrations page runs from "the project folder".
 PAGE_ENV = {"migrations.md": {"DBSESSION_MIGRATIONS": str(ROOT / "alembic.ini")}}
+TABLE_START = "<!-- errors table: generated from dbsession.errors by tests/test_docs.py -->"
+TABLE_END = "<!-- end of the generated errors table -->"
 MAX_NOT_RUN = 12  # across all pages: illustrative fragments stay the exception
 
 
@@ -117,6 +119,34 @@ def run_blocks(
                 exec(code, namespace)
 
 
+def errors_table() -> str:
+    """The table of docs/errors.md, made from ``dbsession.errors``: each exception, what it
+    is a kind of (dbsession's parent; SQLAlchemy's class where it replaces one), whether
+    ``dbsession`` re-exports it, and its docstring's first paragraph."""
+    from sqlalchemy import exc as sa_exc
+
+    import dbsession
+    from dbsession import errors
+
+    rows = ["| error | is a | also in `dbsession` | what it means |", "|---|---|---|---|"]
+    for name in errors.__all__:
+        error = getattr(errors, name)
+        ours = [b for b in error.__mro__[1:] if b.__module__.startswith("dbsession")]
+        parents = [f"`{b.__name__}`" for b in ours if not b.__name__.startswith("_")][:1]
+        parents += [
+            f"`sqlalchemy.exc.{b.__name__}`"
+            for b in (sa_exc.OperationalError, sa_exc.DBAPIError)
+            if issubclass(error, b)
+        ][:1]
+        doc = inspect.getdoc(error) or ""
+        meaning = " ".join(doc.split("\n\n")[0].split()).replace("``", "`")
+        exported = "yes" if name in dbsession.__all__ else ""
+        rows.append(
+            f"| `{name}` | {', '.join(parents) or '`Exception`'} | {exported} | {meaning} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
 def test_every_python_block_of_the_page_runs(page: Path, tmp_path: Path) -> None:
     env = {
@@ -148,6 +178,14 @@ def test_blocks_not_run_say_why_and_stay_few() -> None:
     assert len(not_run) <= MAX_NOT_RUN, [f"{name}:{block.line}" for name, block in not_run]
 
 
+def test_the_error_table_is_generated_from_dbsession_errors() -> None:
+    page = (ROOT / "docs" / "errors.md").read_text()
+    start, end = page.index(TABLE_START) + len(TABLE_START) + 1, page.index(TABLE_END)
+    assert page[start:end] == errors_table(), (
+        "docs/errors.md is out of date: python tests/test_docs.py --errors-table"
+    )
+
+
 def test_the_extractor_sees_markers_and_plain_blocks() -> None:
     page = (
         "text\n```python\nx = 1\n```\n<!-- not-run: a fragment -->\n```python\ny(\n```\n"
@@ -164,4 +202,7 @@ def test_the_extractor_sees_markers_and_plain_blocks() -> None:
 
 
 if __name__ == "__main__":
-    run_page(Path(sys.argv[1]))
+    if sys.argv[1] == "--errors-table":
+        print(errors_table(), end="")
+    else:
+        run_page(Path(sys.argv[1]))
