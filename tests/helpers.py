@@ -10,10 +10,12 @@ import importlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -331,3 +333,39 @@ def toy_table_dropped_after(engine: Engine) -> Iterator[Engine]:
     yield engine
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS toy_item"))
+
+
+# --- Docs: the fenced blocks of a Markdown page -------------------------------------------
+
+
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
+MARKER = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block of a page: its language, code, first line number and marker."""
+
+    language: str
+    code: str
+    line: int
+    marker: str | None  # None (run it), "not-run" or "file"
+    argument: str  # the reason, or the file's path
+
+
+def blocks(text: str) -> list[Block]:
+    """The fenced blocks of a Markdown page, with the marker comment just before each."""
+    found = []
+    for match in FENCE.finditer(text):
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+        marker = MARKER.fullmatch(before)
+        found.append(
+            Block(
+                language=match.group(1),
+                code=match.group(2),
+                line=text.count("\n", 0, match.start()) + 2,
+                marker=marker.group(1) if marker else None,
+                argument=marker.group(2) if marker else "",
+            )
+        )
+    return found

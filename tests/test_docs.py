@@ -23,54 +23,25 @@ import ast
 import asyncio
 import inspect
 import os
-import re
 import subprocess
 import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
-MARKER = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->")
+# docs/template.md is a shell session in a copy of the repository: tests/test_template.py.
+PAGES = sorted(
+    [ROOT / "README.md", *(p for p in (ROOT / "docs").glob("*.md") if p.name != "template.md")]
+)
 # Extra environment for a page: the migrations page runs from "the project folder".
 PAGE_ENV = {"migrations.md": {"DBSESSION_MIGRATIONS": str(ROOT / "alembic.ini")}}
 TABLE_START = "<!-- errors table: generated from dbsession.errors by tests/test_docs.py -->"
 TABLE_END = "<!-- end of the generated errors table -->"
 MAX_NOT_RUN = 12  # across all pages: illustrative fragments stay the exception
-
-
-@dataclass(frozen=True)
-class Block:
-    """One fenced block of a page: its language, code, first line number and marker."""
-
-    language: str
-    code: str
-    line: int
-    marker: str | None  # None (run it), "not-run" or "file"
-    argument: str  # the reason, or the file's path
-
-
-def blocks(text: str) -> list[Block]:
-    """The fenced blocks of a Markdown page, with the marker comment just before each."""
-    found = []
-    for match in FENCE.finditer(text):
-        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
-        marker = MARKER.fullmatch(before)
-        found.append(
-            Block(
-                language=match.group(1),
-                code=match.group(2),
-                line=text.count("\n", 0, match.start()) + 2,
-                marker=marker.group(1) if marker else None,
-                argument=marker.group(2) if marker else "",
-            )
-        )
-    return found
 
 
 def run_page(page: Path) -> None:
