@@ -1,4 +1,4 @@
-"""The store API on Flask: each view is one unit of work through ``@unit_of_work()``.
+"""The store API on Flask: each view is one unit of work through ``@unit_of_work``.
 
 The session comes from ``dbsession.integrations.flask``: committed when the view
 returns, before Flask sends the response; rolled back when it raises, ``abort()``
@@ -41,14 +41,14 @@ def field(name: str) -> Any:
 
 
 @store.post("/customers")
-@unit_of_work()
+@unit_of_work
 def create_customer(session: Session) -> Reply:
     """Add a customer (409 if the email is taken)."""
     return store_api.create_customer(session, field("name"), field("email")), 201
 
 
 @store.get("/customers/<int:customer_id>")
-@unit_of_work()
+@unit_of_work
 def get_customer(session: Session, customer_id: int) -> dict[str, Any]:
     """Read one customer (404 if there is none)."""
     try:
@@ -58,7 +58,7 @@ def get_customer(session: Session, customer_id: int) -> dict[str, Any]:
 
 
 @store.post("/orders")
-@unit_of_work()
+@unit_of_work
 def place_order(session: Session) -> Reply:
     """Place an order; over the credit limit it answers 402 and nothing of it is kept."""
     try:
@@ -75,7 +75,7 @@ def place_order(session: Session) -> Reply:
 
 
 @store.get("/orders")
-@unit_of_work()
+@unit_of_work
 def list_orders(session: Session) -> list[dict[str, Any]]:
     """Every order, oldest first."""
     return store_api.list_orders(session)
