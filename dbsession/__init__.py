@@ -15,6 +15,7 @@ from typing import Any
 from . import errors as _public_errors
 from ._base import NAMING_CONVENTION as NAMING_CONVENTION
 from ._base import Base as Base
+from ._config import Timeouts as Timeouts
 from ._config import mask_url as mask_url
 from ._context import current_session as current_session
 from ._context import on_commit as on_commit
@@ -46,6 +47,7 @@ __all__ = [
     "RetryExhaustedError",
     "RetryPolicy",
     "SchemaNotAtHeadError",
+    "Timeouts",
     "TransactionAbortedError",
     "create_session",
     "current_session",

@@ -61,19 +61,26 @@ class Binding(Generic[E, M]):
         }
         self._sync_engine = sync_engine
         self._maker_type = maker_type
-        self._makers: dict[tuple[bool, str | None], M] = {}
+        self._makers: dict[tuple[bool, str | None, float | None], M] = {}
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._joined: M | None = None
 
-    def maker(self, *, readonly: bool = False, isolation_level: str | None = None) -> M:
-        """The sessionmaker for this kind of scope; ``isolation_level`` already normalized.
+    def maker(
+        self,
+        *,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        timeout: float | None = None,
+    ) -> M:
+        """The sessionmaker for this kind of scope; ``isolation_level`` already normalized,
+        ``timeout`` the scope's time budget in seconds (see ``_timeouts``).
 
         Raises UnsupportedIsolationLevelError if the backend has no such level.
         """
         if self._joined is not None:
             return self._joined
-        key = (readonly, isolation_level)
+        key = (readonly, isolation_level, timeout)
         made = self._makers.get(key)
         if made is not None:
             return made
@@ -83,7 +90,10 @@ class Binding(Generic[E, M]):
             made = self._makers.get(key)
             if made is None:
                 options = scope_options(
-                    self._sync_engine, readonly=readonly, isolation_level=isolation_level
+                    self._sync_engine,
+                    readonly=readonly,
+                    isolation_level=isolation_level,
+                    timeout=timeout,
                 )
                 engine: Any = self.engine
                 bind = engine.execution_options(**options) if options else engine

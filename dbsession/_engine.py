@@ -6,8 +6,9 @@
 - PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
   (psycopg 3, PyMySQL); see ``_config``.
 - SQLite: ``PRAGMA foreign_keys=ON``, WAL for files, a busy timeout, and
-  SQLAlchemy (not pysqlite) emits ``BEGIN``, so SAVEPOINT works and write
-  sessions can ask for ``BEGIN IMMEDIATE``. In-memory databases use the
+  dbsession (not pysqlite) emits ``BEGIN`` on the raw connection, so SAVEPOINT
+  works and write sessions can ask for ``BEGIN IMMEDIATE``, which first takes the
+  database's in-process write gate (``_sqlite_gate``; docs/sqlite.md). In-memory databases use the
   ``memdb`` VFS so several threads (several connections) see one database.
   A statement interrupted by task cancellation is stopped and its transaction
   ended at once (aiosqlite runs it in a thread of its own).
@@ -38,8 +39,9 @@ from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from . import observability
 from ._classify import is_read_only_violation
-from ._config import Settings, mask_url, scrub
+from ._config import Settings, first_line, mask_url, scrub
 from ._errors import (
     ConfigurationError,
     DatabaseUnreachableError,
@@ -47,6 +49,16 @@ from ._errors import (
     ReadOnlyError,
     SQLitePathError,
     UnknownDialectError,
+)
+from ._pool import pool_class_for
+from ._pooler import install_connection_loss, prepared_statement_args
+from ._sqlite_gate import execute_raw, install_write_gate
+from ._timeouts import (
+    TIMEOUT_OPTION,
+    check_timeout,
+    driver_timeouts,
+    install_ping_timeout,
+    install_scope_timeouts,
 )
 
 logger = logging.getLogger("dbsession")
@@ -93,20 +105,37 @@ def build_engine(
     """
     url = settings.url
     options: dict[str, Any] = {"pool_pre_ping": True, **settings.engine_options}
+    connect_args = {
+        **driver_timeouts(url, settings.timeouts),
+        **prepared_statement_args(url, settings.pooler),
+        **options.get("connect_args", {}),
+    }
+    if connect_args:
+        options["connect_args"] = connect_args
     keeper: sqlite3.Connection | None = None
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
+    if "poolclass" not in options and "pool" not in options:
+        tracked = pool_class_for(url, asyncio=create is not create_engine)
+        if tracked is not None:
+            options["poolclass"] = tracked
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     _install_fork_guard(engine)
+    observability.watch(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
-        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
+        _install_sqlite_opinions(
+            engine, url.database or "", settings.sqlite_busy_timeout, wal=keeper is None
+        )
         if keeper is not None:
             weakref.finalize(engine, keeper.close)
     else:
-        _install_connect_errors(engine, url)
+        _install_connect_errors(engine, url, settings.source)
+        install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
+        install_ping_timeout(engine, settings.timeouts)
+    install_scope_timeouts(engine)
     if engine.dialect.name in ("mysql", "mariadb"):
         _install_mysql_read_only(engine)
     logger.info("dbsession: engine created for %s", settings.describe())
@@ -179,8 +208,12 @@ def _install_fork_guard(engine: Engine) -> None:
             )
 
 
-def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:
+def scope_options(
+    engine: Engine, *, readonly: bool, isolation_level: str | None, timeout: float | None = None
+) -> dict[str, Any]:
     """The execution options of the engine a scope of this kind runs on.
+
+    ``timeout``: the scope's time budget in seconds, applied by ``_timeouts``.
 
     SQLite writing scopes take the write lock at ``BEGIN IMMEDIATE``; read-only ones
     use a plain ``BEGIN`` (WAL readers never wait) plus ``PRAGMA query_only``.
@@ -193,6 +226,8 @@ def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None
         options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
+    if timeout is not None:
+        options[TIMEOUT_OPTION] = check_timeout(timeout)
     return options
 
 
@@ -223,7 +258,7 @@ def _install_read_only_errors(engine: Engine) -> None:
             return None
         return ReadOnlyError(
             f"A write was refused because the transaction is read-only "
-            f"({context.dialect.name}: {_first_line(original, engine.url)}). "
+            f"({context.dialect.name}: {first_line(original, engine.url)}). "
             "session_scope(readonly=True) never writes: do this work in a writing "
             "scope, session_scope()."
         )
@@ -236,25 +271,25 @@ def _install_mysql_read_only(engine: Engine) -> None:
             connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
-def _install_connect_errors(engine: Engine, url: URL) -> None:
+def _install_connect_errors(engine: Engine, url: URL, source: str) -> None:
     @event.listens_for(engine, "handle_error")
     def unreachable(context: ExceptionContext) -> BaseException | None:
         if context.connection is not None or context.is_pre_ping:
             return None
         if not isinstance(context.sqlalchemy_exception, exc.OperationalError):
             return None
+        setting = "replica_url=" if source == "replica_url" else "DATABASE_URL or global_init"
+        server = "replica" if source == "replica_url" else "server"
         return DatabaseUnreachableError(
-            f"Cannot connect to the {url.get_backend_name()} server at "
-            f"{url.host or 'localhost'}:{url.port or _default_port(url)} "
+            f"Cannot connect to the {url.get_backend_name()} {server} at {_where(url)} "
             f"(database {url.database!r}, user {url.username!r}): "
-            f"{_first_line(context.original_exception, url)}. Check that the server is running and "
-            f"that the URL {mask_url(url)} (DATABASE_URL or global_init) is right."
+            f"{first_line(context.original_exception, url)}. Check that the {server} is "
+            f"running and that the URL {mask_url(url)} ({setting}) is right."
         )
 
 
-def _first_line(error: BaseException, url: URL) -> str:
-    """The driver's message, first line only, with the URL's secrets removed."""
-    return scrub((str(error).strip().splitlines() or [""])[0], url)
+def _where(url: URL) -> str:
+    return f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
 
 
 def _default_port(url: URL) -> int:
@@ -299,7 +334,11 @@ def _check_sqlite_path(path: Path) -> None:
         ) from None
 
 
-def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
+def _install_sqlite_opinions(
+    engine: Engine, database: str, busy_timeout: float, *, wal: bool
+) -> None:
+    begin_writer = install_write_gate(engine, database, busy_timeout)
+
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take BEGIN away from pysqlite so SQLAlchemy's own begin hook below emits it.
@@ -333,7 +372,11 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
     @event.listens_for(engine, "begin")
     def begin(connection: Connection) -> None:
         options = connection.get_execution_options()
-        connection.exec_driver_sql(options.get(SQLITE_BEGIN_OPTION, "BEGIN"))
+        statement = options.get(SQLITE_BEGIN_OPTION, "BEGIN")
+        if statement == "BEGIN IMMEDIATE":
+            begin_writer(connection)  # the process's writers queue on the gate, not in SQLite
+        else:
+            execute_raw(connection, statement)
         if options.get(READONLY_OPTION):
             connection.exec_driver_sql("PRAGMA query_only=ON")
             connection.info[_QUERY_ONLY_FLAG] = True
