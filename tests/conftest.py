@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 from deploy_fixtures import pgbouncer, pgbouncer_session, replica, silent_server  # noqa: F401
-from helpers import ACCOUNTS, OPENING_BALANCE, Account, LedgerBase
+from helpers import ACCOUNTS, OPENING_BALANCE, Account, LedgerBase, migrate_to_base
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 import dbsession.example.models  # noqa: F401  (registers the example tables)
-from dbsession import Base, DbSessionFactory, migrations
+from dbsession import Base, DbSessionFactory
 
 SERVERS = {
     "postgresql": (
@@ -110,15 +110,6 @@ def db_url(backend_url: URL) -> Iterator[URL]:
     """The backend's database, migrated down to base and version table dropped afterwards."""
     yield backend_url
     migrate_to_base(backend_url)
-
-
-def migrate_to_base(url: URL) -> None:
-    """Downgrade the database to base and drop Alembic's version table."""
-    migrations.downgrade("base", url=url, migrations=ALEMBIC_INI)
-    engine = create_engine(url, poolclass=NullPool)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
 
 
 @pytest.fixture

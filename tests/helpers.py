@@ -11,21 +11,28 @@ import logging
 import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
-from sqlalchemy import ForeignKey, MetaData, String, event, text
+from sqlalchemy import ForeignKey, MetaData, String, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import NullPool
 
-from dbsession import NAMING_CONVENTION, RetryPolicy
+from dbsession import NAMING_CONVENTION, DbSessionFactory, RetryPolicy, Timeouts, migrations
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
 
 if TYPE_CHECKING:
     from dbsession.asyncio import AsyncDbSessionFactory
@@ -369,3 +376,96 @@ def blocks(text: str) -> list[Block]:
             )
         )
     return found
+
+
+# --- Web apps of the integration tests ----------------------------------------------------
+
+
+# app: the modules it needs, each with the extra that installs it
+APPS = {
+    "fastapi": {"fastapi": "fastapi"},
+    "fastapi-async": {"fastapi": "fastapi", "aiosqlite": "async", "aiomysql": "async"},
+    "flask": {"flask": "flask"},
+}
+
+
+def app_client(
+    request: pytest.FixtureRequest,
+    factory: DbSessionFactory,
+    apps: Mapping[str, Callable[[DbSessionFactory], Iterator[T]]],
+) -> Iterator[T]:
+    """The client ``apps[request.param](factory)`` yields, once the app's extras are there."""
+    name: str = request.param
+    for module, extra in APPS[name].items():
+        require_extra(module, extra)
+    yield from apps[name](factory)
+
+
+# --- Migrations of the example ------------------------------------------------------------
+
+
+INI = ROOT / "alembic.ini"
+TABLES = {"customer", "supplier", "orders"}
+
+
+def tables(url: URL) -> set[str]:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def upgrade_at_once(url: URL, cwd: Path, count: int = 4) -> None:
+    """Run ``dbsession upgrade`` in ``count`` processes at once: all succeed, one migrates."""
+    shown = url.render_as_string(hide_password=False)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dbsession", "--url", shown, "--migrations", str(INI)]
+            + ["upgrade"],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * count, outputs
+    assert sum("Running upgrade" in out for out in outputs) == 1, outputs
+
+
+def migrate_to_base(url: URL) -> None:
+    """Downgrade the database to base and drop Alembic's version table."""
+    migrations.downgrade("base", url=url, migrations=INI)
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    engine.dispose()
+
+
+# --- Bounded waits -----------------------------------------------------------------------
+
+
+BOUND = 40.0  # seconds: every wait below must end well before this
+QUICK = Timeouts(connect=2, read=2, ping=1)
+
+
+def within(bound: float, call: Callable[[], T]) -> T:
+    """``call()`` in a thread; fail if it has not returned (or raised) after ``bound`` s."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as error:
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(bound)
+    assert outcome, f"still waiting after {bound} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
