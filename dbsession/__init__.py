@@ -15,6 +15,7 @@ from typing import Any
 from . import errors as _public_errors
 from ._base import NAMING_CONVENTION as NAMING_CONVENTION
 from ._base import Base as Base
+from ._bulk import bulk_insert as bulk_insert
 from ._config import Timeouts as Timeouts
 from ._config import mask_url as mask_url
 from ._context import current_session as current_session
@@ -51,6 +52,7 @@ __all__ = [
     "TransactionAbortedError",
     "create_session",
     "current_session",
+    "bulk_insert",
     "default_factory",
     "mask_url",
     "on_commit",

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from ._engine import isolation_levels, scope_options
+from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
 
 E = TypeVar("E")
@@ -36,7 +36,8 @@ class Binding(Generic[E, M]):
 
     ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind,
     made by ``maker_type`` (``sessionmaker`` or ``async_sessionmaker``) on
-    ``engine.execution_options(**options)``, a view sharing the pool; see
+    ``_engine.scope_engine``: a view of the engine sharing its pool (read-only scopes
+    on SQLite: of the read-only twin engine, ``_engine.read_only_engine``); see
     ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
     dialect and events live (the engine itself on the sync side).
     """
@@ -65,6 +66,7 @@ class Binding(Generic[E, M]):
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._joined: M | None = None
+        self._joined_template: M | None = None
 
     def maker(
         self,
@@ -89,14 +91,13 @@ class Binding(Generic[E, M]):
         with self._lock:
             made = self._makers.get(key)
             if made is None:
-                options = scope_options(
+                bind = scope_engine(
+                    self.engine,
                     self._sync_engine,
                     readonly=readonly,
                     isolation_level=isolation_level,
                     timeout=timeout,
                 )
-                engine: Any = self.engine
-                bind = engine.execution_options(**options) if options else engine
                 made = self._maker_type(bind=bind, **self._session_options)
                 self._makers[key] = made
             return made
@@ -113,9 +114,17 @@ class Binding(Generic[E, M]):
         clone = copy.copy(self)
         clone._makers = {}
         clone._lock = threading.Lock()
-        clone._joined = self._maker_type(
-            bind=connection, join_transaction_mode="create_savepoint", **self._session_options
-        )
+        with self._lock:
+            if self._joined_template is None:
+                self._joined_template = self._maker_type(
+                    join_transaction_mode="create_savepoint", **self._session_options
+                )
+            template: Any = self._joined_template
+        # A sessionmaker makes a Session subclass of its own (with SQLAlchemy's class-level
+        # event set-up) when built: one per test was measurable. A shallow copy shares it.
+        joined = copy.copy(template)
+        joined.kw = {**template.kw, "bind": connection}
+        clone._joined = joined
         return clone
 
     def _check_level(self, level: str) -> None:

@@ -53,8 +53,17 @@ class Timeouts:
     dead_peer: float | None = 30.0
     read: float | None = 300.0
     ping: float | None = 5.0
+    #: A pooled server connection idle longer than this is pinged (bounded by ``ping``)
+    #: before use; one used more recently is pinged only if its socket has something to
+    #: say (closed, or an error waiting). 0 pings on every checkout, as pool_pre_ping.
+    ping_after_idle: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.ping_after_idle >= 0:
+            raise ConfigurationError(
+                "Timeouts(ping_after_idle=...) must be zero (ping on every checkout) or a "
+                f"positive number of seconds, got {self.ping_after_idle!r}."
+            )
         for name in ("connect", "dead_peer", "read", "ping"):
             value = getattr(self, name)
             if value is not None and not value > 0:

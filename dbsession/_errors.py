@@ -33,6 +33,7 @@ anything this package raises on its own account::
     │                               (also an SQLAlchemy OperationalError; retried as SQLITE_BUSY)
     ├── ReadOnlyError               a write inside session_scope(readonly=True) (also a
     │                               sqlalchemy.exc.DBAPIError)
+    ├── BulkInsertError             bulk_insert() got a row it (or the database) refuses
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
@@ -180,6 +181,10 @@ class PoolExhaustedError(DbSessionError, sa_exc.TimeoutError):
 
 class NotInitializedError(ConfigurationError):
     """The process default factory was disposed; call ``global_init()`` before using it again."""
+class BulkInsertError(DbSessionError):
+    """``bulk_insert()`` was given a row naming unknown or other columns than the first,
+    or the database refused a row; none of the call's rows is kept. The driver's error,
+    if any, is the ``__cause__``."""
 
 
 class RetryExhaustedError(DbSessionError):

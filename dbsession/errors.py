@@ -3,6 +3,7 @@ docstring of ``dbsession._errors``). The ones callers usually catch separately a
 importable from ``dbsession`` itself."""
 
 from ._errors import AlreadyInitializedError as AlreadyInitializedError
+from ._errors import BulkInsertError as BulkInsertError
 from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConnectionLostError as ConnectionLostError
@@ -31,6 +32,7 @@ from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevel
 __all__ = [
     "AlreadyInitializedError",
     "CommitOutcomeUnknownError",
+    "BulkInsertError",
     "ConfigurationError",
     "ConnectionLostError",
     "DatabaseUnreachableError",

@@ -6,6 +6,7 @@ models they and the tests use live here.
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import logging
 import os
@@ -18,18 +19,37 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
-from sqlalchemy import ForeignKey, MetaData, String, create_engine, event, inspect, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    Date,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from dbsession import NAMING_CONVENTION, DbSessionFactory, RetryPolicy, Timeouts, migrations
+from dbsession._engine import read_only_engine
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +116,16 @@ def suppliers(engine: Engine) -> list[str]:
 
 
 def statements(engine: Engine) -> list[str]:
-    """Record every statement the engine (and its option views) executes from now on."""
+    """Record every statement the engine (its option views, and on SQLite its read-only
+    twin, where read-only scopes run) executes from now on."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", record)
+    twin = read_only_engine(engine)
+    for target in (engine, getattr(twin, "sync_engine", twin)) if twin else (engine,):
+        event.listen(target, "before_cursor_execute", record)
     return seen
 
 
@@ -469,3 +492,52 @@ def within(bound: float, call: Callable[[], T]) -> T:
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+# --- Bulk insert: tables with awkward values ---------------------------------------------
+
+
+metadata = MetaData()
+
+
+def item_table(name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("name", String(200), nullable=False),
+        Column("note", Text),
+        Column("day", Date),
+        Column("amount", Numeric(12, 2)),
+        Column("doc", JSON),
+        Column("blob", LargeBinary),
+        Column("label", String(20), default="plain"),
+    )
+
+
+ITEM = item_table("bulk_item")
+REFERENCE = item_table("bulk_item_reference")
+
+AWKWARD = [
+    *("tab\there", "new\nline", "back\\slash \\N", "crlf\r\n"),
+    *("ünïcødé ✓ 漢字", "", "'quote\""),
+]
+
+
+def awkward_rows(count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"{AWKWARD[i % len(AWKWARD)]} {i}",
+            "note": None if i % 3 == 0 else AWKWARD[(i + 1) % len(AWKWARD)],
+            "day": None if i % 5 == 0 else datetime.date(2024, 1, 1) + datetime.timedelta(days=i),
+            "amount": None if i % 7 == 0 else Decimal(f"{i}.{i % 100:02d}"),
+            "doc": None if i % 4 == 0 else {"i": i, "text": AWKWARD[i % len(AWKWARD)], "l": [1]},
+            "blob": None if i % 6 == 0 else bytes([i % 256, 0, 9, 10, 92, 255]),
+        }
+        for i in range(count)
+    ]
+
+
+def stored(engine: Engine, table: Table) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(row)[1:] for row in conn.execute(select(table).order_by(table.c.id))]
