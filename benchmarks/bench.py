@@ -392,7 +392,7 @@ def bench_async_unit_of_work(backend: Backend, count: int, rounds: int) -> None:
             await (raw.execute("COMMIT") if sqlite else raw.commit())
 
     variants: dict[str, Variant] = {
-        "async_session_scope()": scoped(factory.async_session_scope),
+        "async_session_scope()": scoped(factory.session_scope),
         "async run_in_transaction()": lambda: timed_async(loop, retried, count),
         "sqlalchemy async (matched)": scoped(matched.begin),
         "raw async driver": lambda: timed_async(loop, raw_units, count),

@@ -145,7 +145,7 @@ class UnsupportedIsolationLevelError(ConfigurationError):
 
 
 class ScopeError(DbSessionError):
-    """A scope was asked for something it cannot do (say, a savepoint changing read-only-ness)."""
+    """A scope was asked for what it cannot do (a joined scope changing the isolation level)."""
 
 
 class NoActiveScopeError(ScopeError):

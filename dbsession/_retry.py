@@ -146,8 +146,8 @@ def wait_before_retry(
     if attempt >= policy.attempts:
         raise RetryExhaustedError(
             f"{name} failed with a transient error ({reason}) on each of "
-            f"{attempt} attempts; giving up. Raise attempts=, or reduce contention "
-            "on the rows it touches.",
+            f"{attempt} attempts; giving up. Pass retry=RetryPolicy(attempts=...) with more "
+            "attempts, or reduce contention on the rows it touches.",
             attempts=attempt,
             last_error=error,
         ) from error

@@ -8,22 +8,21 @@ to point them at a server.
 
 from __future__ import annotations
 
-import importlib
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from deploy_fixtures import pgbouncer, pgbouncer_session, replica, silent_server  # noqa: F401
+from helpers import ACCOUNTS, OPENING_BALANCE, Account, LedgerBase, migrate_to_base
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 import dbsession.example.models  # noqa: F401  (registers the example tables)
-from dbsession import Base, DbSessionFactory, migrations
+from dbsession import Base, DbSessionFactory
 
 SERVERS = {
     "postgresql": (
@@ -34,13 +33,6 @@ SERVERS = {
 }
 BACKENDS = ["sqlite", *SERVERS]
 ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
-
-
-def require_extra(module: str, extra: str) -> ModuleType:
-    """Import an optional framework, or skip naming the extra (with CI=true, fail instead)."""
-    if os.environ.get("CI", "").lower() != "true":
-        pytest.importorskip(module, reason=f"needs pip install 'dbsession[{extra}]'")
-    return importlib.import_module(module)
 
 
 def _admin_engine(url: URL) -> Engine:
@@ -120,21 +112,34 @@ def db_url(backend_url: URL) -> Iterator[URL]:
     migrate_to_base(backend_url)
 
 
-def migrate_to_base(url: URL) -> None:
-    """Downgrade the database to base and drop Alembic's version table."""
-    migrations.downgrade("base", url=url, migrations=ALEMBIC_INI)
-    engine = create_engine(url, poolclass=NullPool)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
-
-
 @pytest.fixture
 def other_connection(backend_url: URL) -> Iterator[Engine]:
     """An engine independent of dbsession, to check what really is in the database."""
     engine = create_engine(backend_url, poolclass=NullPool)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def counters(factory: DbSessionFactory) -> Iterator[Engine]:
+    """Table ``counter`` with rows (1, 0) and (2, 0)."""
+    engine = factory.engine
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)"))
+        conn.execute(text("INSERT INTO counter (id, value) VALUES (1, 0), (2, 0)"))
+    yield engine
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE counter"))
+
+
+@pytest.fixture
+def ledger(factory: DbSessionFactory) -> Iterator[DbSessionFactory]:
+    """The factory with the accounts, ledger and item tables; 20 accounts of 1,000 each."""
+    LedgerBase.metadata.create_all(factory.engine)
+    with factory.session_scope() as session:
+        session.add_all(Account(id=n, balance=OPENING_BALANCE) for n in range(ACCOUNTS))
+    yield factory
+    LedgerBase.metadata.drop_all(factory.engine)
 
 
 @pytest.fixture(autouse=True)

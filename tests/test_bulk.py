@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from helpers import ITEM, REFERENCE, awkward_rows, metadata, stored
 from sqlalchemy import (
-    JSON,
-    Column,
-    Date,
-    Integer,
-    LargeBinary,
-    MetaData,
-    Numeric,
-    String,
-    Table,
-    Text,
     func,
     insert,
     select,
@@ -30,57 +20,12 @@ from dbsession._bulk import bulk_insert
 from dbsession._errors import BulkInsertError
 from dbsession.example.models import Supplier
 
-metadata = MetaData()
-
-
-def item_table(name: str) -> Table:
-    return Table(
-        name,
-        metadata,
-        Column("id", Integer, primary_key=True),
-        Column("name", String(200), nullable=False),
-        Column("note", Text),
-        Column("day", Date),
-        Column("amount", Numeric(12, 2)),
-        Column("doc", JSON),
-        Column("blob", LargeBinary),
-        Column("label", String(20), default="plain"),
-    )
-
-
-ITEM = item_table("bulk_item")
-REFERENCE = item_table("bulk_item_reference")
-
-AWKWARD = [
-    *("tab\there", "new\nline", "back\\slash \\N", "crlf\r\n"),
-    *("ünïcødé ✓ 漢字", "", "'quote\""),
-]
-
-
-def awkward_rows(count: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": f"{AWKWARD[i % len(AWKWARD)]} {i}",
-            "note": None if i % 3 == 0 else AWKWARD[(i + 1) % len(AWKWARD)],
-            "day": None if i % 5 == 0 else datetime.date(2024, 1, 1) + datetime.timedelta(days=i),
-            "amount": None if i % 7 == 0 else Decimal(f"{i}.{i % 100:02d}"),
-            "doc": None if i % 4 == 0 else {"i": i, "text": AWKWARD[i % len(AWKWARD)], "l": [1]},
-            "blob": None if i % 6 == 0 else bytes([i % 256, 0, 9, 10, 92, 255]),
-        }
-        for i in range(count)
-    ]
-
 
 @pytest.fixture
 def items(factory: DbSessionFactory) -> Iterator[Engine]:
     metadata.create_all(factory.engine)
     yield factory.engine
     metadata.drop_all(factory.engine)
-
-
-def stored(engine: Engine, table: Table) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
-        return [tuple(row)[1:] for row in conn.execute(select(table).order_by(table.c.id))]
 
 
 def test_rows_read_back_as_executemany_stores_them(

@@ -7,12 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import migrate_to_base
 from deploy_fixtures import Bouncer
+from helpers import INI, TABLES, migrate_to_base, tables, upgrade_at_once
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
-from test_migrations import INI, TABLES, tables, upgrade_at_once
 
 from dbsession import migrations
 from dbsession.errors import MigrationLockTimeoutError

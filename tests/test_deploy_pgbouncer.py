@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 from deploy_fixtures import Bouncer
+from helpers import run_threads
 from sqlalchemy import Integer, String, Table, create_engine, insert, inspect, select, text, update
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
-from test_reliability import run_threads
 
 from dbsession import DbSessionFactory, ReadOnlyError, RetryPolicy
 from dbsession.asyncio import AsyncDbSessionFactory

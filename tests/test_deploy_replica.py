@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 from deploy_fixtures import Replica, TcpProxy
+from helpers import BOUND, QUICK, within
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
-from test_deploy_timeouts import BOUND, QUICK, within
 
 from dbsession import DatabaseUnreachableError, DbSessionFactory
 from dbsession.asyncio import AsyncDbSessionFactory

@@ -8,13 +8,13 @@ instead of hanging the run.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import psycopg
 import pytest
 from deploy_fixtures import TcpProxy
+from helpers import BOUND, QUICK, within
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import OperationalError
@@ -27,8 +27,6 @@ from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.errors import CommitOutcomeUnknownError, ConnectionLostError, ScopeTimeoutError
 
 T = TypeVar("T")
-BOUND = 40.0  # seconds: every wait below must end well before this
-QUICK = Timeouts(connect=2, read=2, ping=1)
 #: Ping every pooled connection before use (the default pings one idle for 30 s, or whose
 #: socket speaks): a peer that went silent a moment ago is caught only by the ping.
 PING_ALWAYS = Timeouts(connect=2, read=2, ping=1, ping_after_idle=0)
@@ -36,26 +34,6 @@ SLEEP = {"postgresql": "SELECT pg_sleep(10)", "mysql": "SELECT SLEEP(10)"}
 SLOW_SQLITE = (
     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
 )
-
-
-def within(bound: float, call: Callable[[], T]) -> T:
-    """``call()`` in a thread; fail if it has not returned (or raised) after ``bound`` s."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as error:
-            outcome.append((False, error))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(bound)
-    assert outcome, f"still waiting after {bound} s"
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
 
 
 def _on(url: URL, port: int) -> URL:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from conftest import require_extra
+from helpers import require_extra
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 

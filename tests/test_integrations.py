@@ -8,31 +8,20 @@ annotations``: FastAPI reads the views' annotations, which name a local ``Depend
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 import pytest
-from conftest import require_extra
+from helpers import APPS, app_client, require_extra, suppliers
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dbsession import DbSessionFactory
 from dbsession.example.models import Supplier
 
-# app: the modules it needs, each with the extra that installs it
-APPS = {
-    "fastapi": {"fastapi": "fastapi"},
-    "fastapi-async": {"fastapi": "fastapi", "aiosqlite": "async", "aiomysql": "async"},
-    "flask": {"flask": "flask"},
-}
 Post = Callable[[str], int]  # path -> status
 T = TypeVar("T")
-
-
-def suppliers(factory: DbSessionFactory) -> list[str]:
-    with factory.session_scope() as session:
-        return sorted(session.scalars(select(Supplier.name)))
 
 
 def fastapi_post(factory: DbSessionFactory) -> Iterator[Post]:
@@ -123,18 +112,6 @@ def flask_post(factory: DbSessionFactory) -> Iterator[Post]:
     yield lambda path: client.post(path).status_code
 
 
-def app_client(
-    request: pytest.FixtureRequest,
-    factory: DbSessionFactory,
-    apps: Mapping[str, Callable[[DbSessionFactory], Iterator[T]]],
-) -> Iterator[T]:
-    """The client ``apps[request.param](factory)`` yields, once the app's extras are there."""
-    name: str = request.param
-    for module, extra in APPS[name].items():
-        require_extra(module, extra)
-    yield from apps[name](factory)
-
-
 @pytest.fixture(params=list(APPS))
 def post(request: pytest.FixtureRequest, factory: DbSessionFactory) -> Iterator[Post]:
     """POST to a tiny app whose views use ``factory``'s database."""
@@ -146,7 +123,7 @@ def test_view_that_returns_is_committed_before_the_response(
     post: Post, factory: DbSessionFactory
 ) -> None:
     assert post("/add/ACME") == 201
-    assert suppliers(factory) == ["ACME"]
+    assert suppliers(factory.engine) == ["ACME"]
 
 
 def test_commit_that_fails_becomes_an_error_response_not_a_success(
@@ -154,7 +131,7 @@ def test_commit_that_fails_becomes_an_error_response_not_a_success(
 ) -> None:
     assert post("/add/ACME") == 201
     assert post("/add/ACME") == 500  # the unique violation surfaces at commit
-    assert suppliers(factory) == ["ACME"]
+    assert suppliers(factory.engine) == ["ACME"]
 
 
 @pytest.mark.parametrize(("name", "status"), [("http", 418), ("crash", 500)])
@@ -162,7 +139,7 @@ def test_view_that_raises_after_writes_is_rolled_back(
     post: Post, factory: DbSessionFactory, name: str, status: int
 ) -> None:
     assert post(f"/add-then-fail/{name}") == status
-    assert suppliers(factory) == []
+    assert suppliers(factory.engine) == []
     with factory.session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Supplier)) == 0
 

@@ -16,9 +16,9 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any
 
 import pytest
+from helpers import APPS, app_client, suppliers
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from test_integrations import APPS, app_client, suppliers
 
 from dbsession import DbSessionFactory
 from dbsession.example.models import Supplier
@@ -161,4 +161,4 @@ def test_write_in_a_read_only_request_fails_and_leaves_nothing(
 ) -> None:
     status, _ = get("/write")
     assert status == 500
-    assert suppliers(factory) == []
+    assert suppliers(factory.engine) == []

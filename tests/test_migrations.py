@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from helpers import INI, TABLES, tables, upgrade_at_once
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
@@ -21,16 +22,6 @@ from dbsession.cli import main as cli
 from dbsession.errors import MigrationsNotFoundError, UnknownRevisionError
 
 ROOT = Path(__file__).resolve().parents[1]
-INI = ROOT / "alembic.ini"
-TABLES = {"customer", "supplier", "orders"}
-
-
-def tables(url: URL) -> set[str]:
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        return set(inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
 
 
 def run(
@@ -110,25 +101,6 @@ def test_offline_mode_prints_the_sql(backend_url: URL, capsys: pytest.CaptureFix
     assert "CREATE TABLE customer" in out
     assert "CONSTRAINT fk_orders_customer_id_customer" in out
     assert migrations.current(url=backend_url) is None  # nothing was run
-
-
-def upgrade_at_once(url: URL, cwd: Path, count: int = 4) -> None:
-    """Run ``dbsession upgrade`` in ``count`` processes at once: all succeed, one migrates."""
-    shown = url.render_as_string(hide_password=False)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "dbsession", "--url", shown, "--migrations", str(INI)]
-            + ["upgrade"],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0] * count, outputs
-    assert sum("Running upgrade" in out for out in outputs) == 1, outputs
 
 
 def test_four_processes_upgrading_at_once_migrate_once(db_url: URL, tmp_path: Path) -> None:

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from server_helpers import server_pid
+from helpers import server_pid, statements
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
-from test_readonly import statements
 
 import dbsession._engine as engine_module
 from dbsession import DbSessionFactory, ReadOnlyError, Timeouts

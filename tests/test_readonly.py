@@ -4,30 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import statements
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
 
 from dbsession import Base, DbSessionFactory, ReadOnlyError, session_scope
-from dbsession._engine import read_only_engine
 from dbsession.errors import AlreadyInitializedError, UnsupportedIsolationLevelError
 from dbsession.example.models import Supplier
-
-
-def statements(engine: Engine) -> list[str]:
-    """Record every statement the engine (its option views, and on SQLite its read-only
-    twin, where read-only scopes run) executes from now on."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
-
-    twin = read_only_engine(engine)
-    for target in (engine, getattr(twin, "sync_engine", twin)) if twin else (engine,):
-        event.listen(target, "before_cursor_execute", record)
-    return seen
 
 
 @pytest.fixture

@@ -10,148 +10,38 @@ import gc
 import random
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import (
+    ACCOUNTS,
+    FAILURE_POINTS,
+    OPENING_BALANCE,
+    Account,
+    Injected,
+    Item,
+    assert_books_match,
+    balances,
+    fail_before_commit,
+    ledger_rows,
+    random_transfer,
+    run_threads,
+    transfer,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import ForeignKey, MetaData, String, delete, event, select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from dbsession import NAMING_CONVENTION, DbSessionFactory
+from dbsession import DbSessionFactory
 
-
-class LedgerBase(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-class Account(LedgerBase):
-    __tablename__ = "rel_account"
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    balance: Mapped[int]
-
-
-class Ledger(LedgerBase):
-    __tablename__ = "rel_ledger"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    transfer: Mapped[str] = mapped_column(String(40), unique=True)
-    source_id: Mapped[int] = mapped_column(ForeignKey("rel_account.id"))
-    target_id: Mapped[int] = mapped_column(ForeignKey("rel_account.id"))
-    amount: Mapped[int]
-
-
-class Item(LedgerBase):
-    __tablename__ = "rel_item"
-    name: Mapped[str] = mapped_column(String(10), primary_key=True)
-    number: Mapped[int]
-
-
-class Injected(Exception):
-    """The failure a test raises on purpose inside a scope."""
-
-
-ACCOUNTS = 20
-OPENING_BALANCE = 1_000
 THREADS = 8
 TRANSFERS_PER_THREAD = 500
-FAILURE_POINTS = ("before_flush", "after_flush", "before_commit")
 
 
-@pytest.fixture
-def ledger(factory: DbSessionFactory) -> Iterator[DbSessionFactory]:
-    """The factory with the accounts, ledger and item tables; 20 accounts of 1,000 each."""
-    LedgerBase.metadata.create_all(factory.engine)
-    with factory.session_scope() as session:
-        session.add_all(Account(id=n, balance=OPENING_BALANCE) for n in range(ACCOUNTS))
-    yield factory
-    LedgerBase.metadata.drop_all(factory.engine)
-
-
-def fail_before_commit(session: Session, error: BaseException) -> None:
-    """Make the scope's own ``session.commit()`` raise ``error`` before it commits."""
-
-    def raise_it(_: Session) -> None:
-        raise error
-
-    event.listen(session, "before_commit", raise_it)
-
-
-def transfer(
-    session: Session,
-    name: str,
-    source: int,
-    target: int,
-    amount: int,
-    fail_at: str | None,
-    *,
-    locked: bool = True,
-) -> None:
-    """Move ``amount`` between two accounts with a ledger row; raise Injected at ``fail_at``.
-
-    ``locked`` reads the accounts ``FOR UPDATE`` in id order (no deadlocks); without
-    it concurrent transfers conflict, which SERIALIZABLE turns into transient errors.
-    """
-    first, second = sorted((source, target))
-    accounts = {n: session.get_one(Account, n, with_for_update=locked) for n in (first, second)}
-    accounts[source].balance -= amount
-    accounts[target].balance += amount
-    session.add(Ledger(transfer=name, source_id=source, target_id=target, amount=amount))
-    if fail_at == "before_flush":
-        raise Injected(name)
-    session.flush()
-    if fail_at == "after_flush":
-        raise Injected(name)
-    if fail_at == "before_commit":
-        fail_before_commit(session, Injected(name))
-
-
-def balances(engine: Engine) -> dict[int, int]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT id, balance FROM rel_account"))
-        return {int(id_): int(balance) for id_, balance in rows}
-
-
-def ledger_rows(engine: Engine) -> list[tuple[str, int, int, int]]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT transfer, source_id, target_id, amount FROM rel_ledger"))
-        return [(str(t), int(s), int(d), int(a)) for t, s, d, a in rows]
-
-
-def random_transfer(
-    rng: random.Random, number: int, i: int, failures: tuple[str, ...] = FAILURE_POINTS
-) -> tuple[str, int, int, int, str | None]:
-    """The i-th transfer of worker ``number``: name, source, target, amount, and the
-    point where it fails (about 10% of them, at one of ``failures``) or None."""
-    source, target = rng.sample(range(ACCOUNTS), 2)
-    fail_at = rng.choice(failures) if rng.random() < 0.1 else None
-    return f"t{number}-{i}", source, target, rng.randint(1, 50), fail_at
-
-
-def run_threads(worker: Callable[[int], None], count: int) -> None:
-    """Run ``worker(0)`` .. ``worker(count - 1)`` in threads at once; wait for them all."""
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-
-def assert_books_match(engine: Engine, committed: dict[str, tuple[int, int, int]]) -> None:
-    """Exactly one ledger row per committed transfer (name -> source, target, amount), none
-    for any other, and every balance is the opening balance moved by exactly those."""
-    rows = ledger_rows(engine)
-    assert sorted(row[0] for row in rows) == sorted(committed)  # one row each, none for failures
-    assert {row[0]: row[1:] for row in rows} == committed
-    expected = dict.fromkeys(range(ACCOUNTS), OPENING_BALANCE)
-    for source, target, amount in committed.values():
-        expected[source] -= amount
-        expected[target] += amount
-    assert balances(engine) == expected  # failed transfers moved no money
-    assert sum(expected.values()) == ACCOUNTS * OPENING_BALANCE
-
-
+@pytest.mark.slow
 def test_concurrent_transfers_with_random_failures_keep_the_books_balanced(
     ledger: DbSessionFactory, other_connection: Engine
 ) -> None:
@@ -208,6 +98,7 @@ RANDOM_ERRORS: tuple[Callable[[], BaseException], ...] = (
 )
 
 
+@pytest.mark.slow
 def test_ten_thousand_scopes_with_random_exceptions_leak_no_connection(
     ledger: DbSessionFactory, other_connection: Engine
 ) -> None:
@@ -293,6 +184,7 @@ def items(engine: Engine) -> dict[str, int]:
         return {str(k): int(v) for k, v in conn.execute(text("SELECT name, number FROM rel_item"))}
 
 
+@pytest.mark.slow
 @settings(
     max_examples=25,
     deadline=None,

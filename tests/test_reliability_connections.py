@@ -6,7 +6,7 @@ import logging
 import traceback
 
 import pytest
-from server_helpers import is_killed_connection_error, kill, server_pid, suppliers
+from helpers import is_killed_connection_error, kill, server_pid, suppliers
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError

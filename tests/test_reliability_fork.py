@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from server_helpers import server_pid, suppliers
+from helpers import server_pid, suppliers
 from sqlalchemy.engine import Engine
 
 from dbsession import DbSessionFactory

@@ -9,17 +9,18 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
-from test_reliability import (
+from helpers import (
+    BASE,
+    CAP,
     Injected,
     assert_books_match,
-    ledger,  # noqa: F401  (a fixture: 20 accounts of 1,000 each, and the ledger)
     random_transfer,
+    retries,
     run_threads,
     transfer,
 )
-from test_retry import BASE, CAP, retries
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from dbsession import DbSessionFactory, RetryPolicy, on_commit
 
@@ -28,9 +29,10 @@ TRANSFERS_PER_THREAD = 40
 TRANSIENT = {"postgresql": "SQLSTATE 40001", "mysql": "1213 deadlock"}
 
 
+@pytest.mark.slow
 @pytest.mark.backends("postgresql", "mysql")  # SQLite's BEGIN IMMEDIATE queues writers
 def test_serializable_transfers_from_8_threads_are_retried_and_balance_exactly(
-    ledger: DbSessionFactory,  # noqa: F811
+    ledger: DbSessionFactory,
     other_connection: Engine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import BASE, CAP, FIVE, THREE, released_on_first_retry, retries, value
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -28,34 +27,9 @@ from dbsession import (
 )
 from dbsession.example.models import Supplier
 
-BASE, CAP = 0.001, 0.05  # fast backoff for tests
-THREE = RetryPolicy(attempts=3, base_delay=BASE, max_delay=CAP)
-FIVE = RetryPolicy(attempts=5, base_delay=BASE, max_delay=CAP)
-
 
 class Boom(Exception):
     pass
-
-
-def retries(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
-
-
-@pytest.fixture
-def counters(factory: DbSessionFactory) -> Iterator[Engine]:
-    """Table ``counter`` with rows (1, 0) and (2, 0)."""
-    engine = factory.engine
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, value INTEGER NOT NULL)"))
-        conn.execute(text("INSERT INTO counter (id, value) VALUES (1, 0), (2, 0)"))
-    yield engine
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE counter"))
-
-
-def value(engine: Engine, row: int = 1) -> int:
-    with engine.connect() as conn:
-        return int(conn.scalar(text("SELECT value FROM counter WHERE id = :id"), {"id": row}))
 
 
 def increment(session: Session, row: int = 1) -> None:
@@ -66,6 +40,7 @@ def increment(session: Session, row: int = 1) -> None:
     )
 
 
+@pytest.mark.slow
 def test_4_threads_x_100_serializable_increments_all_land(
     factory: DbSessionFactory,
     counters: Engine,
@@ -157,30 +132,6 @@ def _hold_sqlite_write_lock(path: str) -> sqlite3.Connection:
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     return holder
-
-
-class _OnFirstRetry(logging.Handler):
-    """Calls ``release()`` (ending another connection's transaction) at the first retry logged."""
-
-    def __init__(self, release: Callable[[], object]) -> None:
-        super().__init__()
-        self.pending: Callable[[], object] | None = release
-
-    def emit(self, record: logging.LogRecord) -> None:
-        release = self.pending
-        if "retrying in" in record.getMessage() and release is not None:
-            self.pending = None
-            release()
-
-
-@contextmanager
-def released_on_first_retry(release: Callable[[], object]) -> Iterator[None]:
-    handler = _OnFirstRetry(release)
-    logging.getLogger("dbsession").addHandler(handler)
-    try:
-        yield
-    finally:
-        logging.getLogger("dbsession").removeHandler(handler)
 
 
 def test_sqlite_busy_is_retried_until_the_lock_is_released(

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from server_helpers import checked_out, kill, server_pid
+from helpers import kill, server_pid
+from helpers import pool_checked_out as checked_out
 from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError

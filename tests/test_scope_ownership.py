@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from server_helpers import checked_out
+from helpers import pool_checked_out as checked_out
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidRequestError
@@ -158,7 +158,7 @@ def test_a_thread_running_a_copied_context_never_joins_the_scope(
 def test_starlette_run_in_threadpool_never_joins_and_outlives_the_scope(
     factory: DbSessionFactory, other_connection: Engine
 ) -> None:
-    from conftest import require_extra
+    from helpers import require_extra
 
     require_extra("starlette", "fastapi")
     from starlette.concurrency import run_in_threadpool

@@ -8,52 +8,11 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import inspect, text
+from helpers import TOY_APP, run_inner, toy_rows, toy_table_dropped_after
+from sqlalchemy import inspect
 from sqlalchemy.engine import URL, Engine
 
 pytest_plugins = ["pytester"]
-
-TOY_APP = '''
-"""A toy app: its functions commit inside dbsession's session_scope()."""
-
-from sqlalchemy import String, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from dbsession import DbSessionFactory, session_scope
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "toy_item"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50), unique=True)
-
-
-def add_item(name):
-    with session_scope() as session:
-        session.add(Item(name=name))
-
-
-def add_item_on_the_class(name):
-    with session_scope() as session:
-        session.add(Item(name=name))
-
-
-def add_item_then_fail(name):
-    with session_scope() as session:
-        session.add(Item(name=name))
-        session.flush()
-        raise RuntimeError("payment declined")
-
-
-def names():
-    with session_scope() as session:
-        return sorted(session.scalars(select(Item.name)))
-'''
 
 TESTS = """
 import pytest
@@ -95,32 +54,11 @@ def write_toy_project(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST)
 
 
-def run_inner(pytester: pytest.Pytester, url: URL, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(
-        f"--dbsession-url={url.render_as_string(hide_password=False)}",
-        "--dbsession-metadata=toyapp:Base.metadata",
-        "-v",
-        *args,
-    )
-
-
-def toy_rows(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.scalar(text("SELECT COUNT(*) FROM toy_item")) or 0)
-
-
 @pytest.fixture
 def toy_project(pytester: pytest.Pytester, other_connection: Engine) -> Iterator[Engine]:
     """The toy app and its tests in pytester's folder; its table dropped afterwards."""
     write_toy_project(pytester)
     yield from toy_table_dropped_after(other_connection)
-
-
-def toy_table_dropped_after(engine: Engine) -> Iterator[Engine]:
-    """Yield ``engine``, then drop the toy app's table (the schema outlives the inner runs)."""
-    yield engine
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS toy_item"))
 
 
 def test_tests_that_insert_the_same_unique_row_pass_in_either_order_and_leave_nothing(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import require_extra
+from helpers import require_extra
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session

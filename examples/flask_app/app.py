@@ -1,4 +1,4 @@
-"""The store API on Flask: each view is one unit of work through ``@unit_of_work()``.
+"""The store API on Flask: each view is one unit of work through ``@unit_of_work``.
 
 The GET views only read: ``@unit_of_work(readonly=True)`` takes no write lock, so on
 SQLite they never queue behind (or hold up) the writers.
@@ -44,7 +44,7 @@ def field(name: str) -> Any:
 
 
 @store.post("/customers")
-@unit_of_work()
+@unit_of_work
 def create_customer(session: Session) -> Reply:
     """Add a customer (409 if the email is taken)."""
     return store_api.create_customer(session, field("name"), field("email")), 201
@@ -61,7 +61,7 @@ def get_customer(session: Session, customer_id: int) -> dict[str, Any]:
 
 
 @store.post("/orders")
-@unit_of_work()
+@unit_of_work
 def place_order(session: Session) -> Reply:
     """Place an order; over the credit limit it answers 402 and nothing of it is kept."""
     try:

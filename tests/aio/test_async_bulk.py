@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import ITEM, awkward_rows, metadata, stored
 from sqlalchemy.engine import Engine
-from test_bulk import ITEM, awkward_rows, metadata, stored
 
 from dbsession._bulk import bulk_insert
 from dbsession._errors import BulkInsertError

@@ -10,33 +10,36 @@ import warnings
 from typing import Any
 
 import pytest
-from server_helpers import is_killed_connection_error, kill, server_pid, suppliers
-from sqlalchemy import text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
-from test_reliability import (
+from helpers import (
     FAILURE_POINTS,
     Injected,
     assert_books_match,
-    ledger,  # noqa: F401  (a fixture: 20 accounts of 1,000 each, and the ledger)
+    checked_out,
+    is_killed_connection_error,
+    kill,
     random_transfer,
+    server_pid,
+    suppliers,
     transfer,
 )
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from dbsession import DbSessionFactory, on_commit
 from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.example.models import Supplier
 
 from .conftest import Run
-from .test_async_scope import checked_out
 
 TASKS = 8
 TRANSFERS_PER_TASK = 100
 FAILURES = (*FAILURE_POINTS, "cancelled")
 
 
+@pytest.mark.slow
 def test_concurrent_async_transfers_with_failures_and_cancellations_keep_the_books_balanced(
-    ledger: DbSessionFactory,  # noqa: F811
+    ledger: DbSessionFactory,
     async_factory: AsyncDbSessionFactory,
     run: Run[Any],
     other_connection: Engine,

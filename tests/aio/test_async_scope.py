@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import pytest
+from helpers import checked_out, suppliers
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
@@ -25,16 +26,6 @@ SLOW_QUERY = {
 }
 
 
-def supplier_names(engine: Engine) -> list[str]:
-    with engine.connect() as connection:
-        return list(connection.scalars(select(Supplier.name).order_by(Supplier.name)))
-
-
-def checked_out(factory: AsyncDbSessionFactory) -> int:
-    count: int = factory.engine.pool.checkedout()  # type: ignore[attr-defined]
-    return count
-
-
 def test_scope_commits_when_the_block_ends(
     async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
 ) -> None:
@@ -43,7 +34,7 @@ def test_scope_commits_when_the_block_ends(
             session.add(Supplier(name="ACME"))
 
     run(body())
-    assert supplier_names(other_connection) == ["ACME"]
+    assert suppliers(other_connection) == ["ACME"]
     assert checked_out(async_factory) == 0
 
 
@@ -62,7 +53,7 @@ def test_error_rolls_back_everything_and_is_reraised_unchanged(
     with pytest.raises(LookupError) as raised:
         run(body())
     assert raised.value is error
-    assert supplier_names(other_connection) == []
+    assert suppliers(other_connection) == []
     assert checked_out(async_factory) == 0
 
 
@@ -85,7 +76,7 @@ def test_fifty_concurrent_units_of_work_persist_exactly_the_ones_that_did_not_ra
     assert failed == list(range(0, 50, 3))
     assert [o for o in outcomes if o is not None and not isinstance(o, ValueError)] == []
     expected = [f"supplier-{n:02}" for n in range(50) if n % 3 != 0]
-    assert supplier_names(other_connection) == expected
+    assert suppliers(other_connection) == expected
     assert checked_out(async_factory) == 0
 
 
@@ -125,7 +116,7 @@ def test_cancelled_scope_leaves_nothing_and_returns_its_connection(
             session.add(Supplier(name="after"))
 
     run(body())
-    assert supplier_names(other_connection) == ["after"]
+    assert suppliers(other_connection) == ["after"]
     assert checked_out(async_factory) == 0
 
 
@@ -145,7 +136,7 @@ def test_timeout_rolls_back_and_raises_timeout_error(
         assert checked_out(async_factory) == 0
 
     run(body())
-    assert supplier_names(other_connection) == []
+    assert suppliers(other_connection) == []
 
 
 def test_failing_commit_rolls_back_and_raises_the_commit_error(
@@ -163,7 +154,7 @@ def test_failing_commit_rolls_back_and_raises_the_commit_error(
         assert checked_out(async_factory) == 0
 
     run(body())
-    assert supplier_names(other_connection) == ["twin"]
+    assert suppliers(other_connection) == ["twin"]
 
 
 def test_sessions_count_rows_like_plain_sqlalchemy(

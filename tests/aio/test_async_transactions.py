@@ -10,21 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    BASE,
+    CAP,
+    THREE,
+    checked_out,
+    released_on_first_retry,
+    retries,
+    statements,
+    value,
+)
+from helpers import FIVE as FAST
+from helpers import suppliers as names
 from sqlalchemy import select, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from test_readonly import statements
-from test_retry import (
-    FIVE as FAST,
-)
-from test_retry import (
-    THREE,
-    counters,  # noqa: F401  (a fixture: table counter, rows 1 and 2)
-    released_on_first_retry,
-    retries,
-    value,
-)
 
 from dbsession import (
     NoActiveScopeError,
@@ -45,11 +46,6 @@ from dbsession.errors import ScopeError, UnsupportedIsolationLevelError
 from dbsession.example.models import Supplier
 
 from .conftest import Run, bare
-from .test_async_scope import checked_out
-from .test_async_scope import supplier_names as names
-
-BASE, CAP = 0.001, 0.05  # fast backoff for tests
-
 
 # --- nested scopes, async_current_session, on_commit ------------------------------------
 

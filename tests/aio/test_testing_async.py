@@ -8,8 +8,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from helpers import TOY_APP, run_inner, toy_rows, toy_table_dropped_after
 from sqlalchemy.engine import URL, Engine
-from test_testing import TOY_APP, run_inner, toy_rows, toy_table_dropped_after
 
 from .conftest import _require_async_drivers
 
