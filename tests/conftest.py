@@ -12,7 +12,6 @@ import importlib
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -21,8 +20,9 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-import dbsession.example.models  # noqa: F401  (registers the example tables)
-from dbsession import Base, DbSessionFactory, migrations
+from dbsession import DbSessionFactory, migrations
+from dbsession.example.models import Base
+from dbsession.example.store import MIGRATIONS as EXAMPLE_MIGRATIONS
 
 SERVERS = {
     "postgresql": (
@@ -32,7 +32,6 @@ SERVERS = {
     "mysql": ("DBSESSION_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
 BACKENDS = ["sqlite", *SERVERS]
-ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 
 
 def require_extra(module: str, extra: str) -> ModuleType:
@@ -114,9 +113,10 @@ def factory(backend_url: URL) -> Iterator[DbSessionFactory]:
 
 @pytest.fixture
 def db_url(backend_url: URL) -> Iterator[URL]:
-    """The backend's database, migrated down to base and version table dropped afterwards."""
+    """The backend's database; afterwards the example's migrations are undone and the
+    version table dropped."""
     yield backend_url
-    migrations.downgrade("base", url=backend_url, migrations=ALEMBIC_INI)
+    migrations.downgrade("base", url=backend_url, migrations=EXAMPLE_MIGRATIONS)
     engine = create_engine(backend_url, poolclass=NullPool)
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS alembic_version"))

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
 from dbsession import AlreadyInitializedError, DbSessionFactory, create_session, session_scope
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 
 def sqlite_url(tmp_path: Path, name: str = "app") -> str:
@@ -107,8 +107,8 @@ def test_instances_are_independent_databases(tmp_path: Path) -> None:
     main = DbSessionFactory(sqlite_url(tmp_path, "main"))
     reports = DbSessionFactory(sqlite_url(tmp_path, "reports"))
     try:
-        main.create_all()
-        reports.create_all()
+        main.create_all(Base.metadata)
+        reports.create_all(Base.metadata)
         with main.session_scope() as session:
             session.add(Supplier(name="only in main"))
         with reports.session_scope() as session:
@@ -153,7 +153,7 @@ def test_repr_shows_the_masked_url() -> None:
 
 def test_create_all_creates_the_base_tables(tmp_path: Path) -> None:
     factory = DbSessionFactory.global_init(sqlite_url(tmp_path))
-    DbSessionFactory.create_all()
+    DbSessionFactory.create_all(Base.metadata)
     with factory.engine.connect() as conn:
         tables = set(conn.scalars(text("SELECT name FROM sqlite_master WHERE type='table'")))
     assert {"customer", "supplier", "orders"} <= tables

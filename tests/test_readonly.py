@@ -12,13 +12,12 @@ from sqlalchemy.engine import URL, Engine
 
 from dbsession import (
     AlreadyInitializedError,
-    Base,
     DbSessionFactory,
     ReadOnlyError,
     UnsupportedIsolationLevelError,
     session_scope,
 )
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 
 def statements(engine: Engine) -> list[str]:

@@ -180,7 +180,8 @@ def test_fixtures_are_listed_by_pytest_fixtures_with_one_line_each(
     names = ("dbsession_url", "dbsession_database", "dbsession_factory", "db_session")
     async_names = ("dbsession_event_loop", "async_dbsession_factory", "async_db_session")
     for name in names + async_names:
-        result.stdout.re_match_lines([rf"^{name}\b.* -- .*testing\.py:\d+$", r"^    \S.+$"])
+        where = rf"^{name}\b.* -- .*pytest_dbsession\.py:\d+$"
+        result.stdout.re_match_lines([where, r"^    \S.+$"])
     assert result.ret == 0
 
 

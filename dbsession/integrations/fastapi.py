@@ -10,7 +10,9 @@ becomes an error response (FastAPI's exception handlers, else 500), never a succ
 ``session: AsyncDbSession`` is the same for ``async def`` path operations: an
 ``AsyncSession`` from ``dbsession.asyncio.async_session_scope()``. It needs
 ``pip install 'dbsession[async]'`` only when a request uses it; importing this
-module never imports ``dbsession.asyncio`` or an async driver.
+module never imports ``dbsession.asyncio``, ``sqlalchemy.ext.asyncio`` (which needs
+greenlet on SQLAlchemy 2.1) or an async driver: ``AsyncDbSession`` is built on first
+access, so ``pip install 'dbsession[fastapi]'`` alone is enough for ``DbSession``.
 
 That ordering comes from ``Depends(..., scope="function")`` (FastAPI >= 0.121).
 With FastAPI's default scope (``"request"``) the exit code of a dependency with
@@ -22,15 +24,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from .._factory import DbSessionFactory, session_scope
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from ..asyncio import AsyncDbSessionFactory
 
 __all__ = [
@@ -99,6 +102,18 @@ def async_session_dependency(
 #: The async dependency on the process default AsyncDbSessionFactory.
 get_async_session = async_session_dependency()
 
-#: ``session: AsyncDbSession`` in an ``async def`` path operation: one async unit of work
-#: on the process default async factory, committed before the response is sent.
-AsyncDbSession = Annotated[AsyncSession, Depends(get_async_session, scope="function")]
+if TYPE_CHECKING:
+    #: ``session: AsyncDbSession`` in an ``async def`` path operation: one async unit of
+    #: work on the process default async factory, committed before the response is sent.
+    AsyncDbSession = Annotated[AsyncSession, Depends(get_async_session, scope="function")]
+
+
+def __getattr__(name: str) -> Any:
+    """Build ``AsyncDbSession`` on first access: only then is sqlalchemy.ext.asyncio imported."""
+    if name == "AsyncDbSession":
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        alias = Annotated[AsyncSession, Depends(get_async_session, scope="function")]
+        globals()[name] = alias
+        return alias
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,7 @@ from dbsession.asyncio import (
     async_session_scope,
     current_async_session,
 )
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 from .conftest import Run, bare
 from .test_async_scope import checked_out
@@ -369,7 +369,7 @@ def test_module_functions_use_the_default_async_factory(
         return name
 
     async def body() -> list[str]:
-        await AsyncDbSessionFactory.create_all()
+        await AsyncDbSessionFactory.create_all(Base.metadata)
         assert await async_run_in_transaction(add, "one") == "one"
         async with async_session_scope(readonly=True) as session:
             return list(await session.scalars(select(Supplier.name)))
