@@ -185,6 +185,22 @@ def test_fixtures_are_listed_by_pytest_fixtures_with_one_line_each(
     assert result.ret == 0
 
 
+def test_pytest_start_in_an_unrelated_project_imports_no_sqlalchemy(
+    pytester: pytest.Pytester,
+) -> None:
+    """The pytest11 entry point is tiny: a project that uses no dbsession fixture pays nothing."""
+    pytester.makepyfile(
+        test_unrelated="""
+        import sys
+
+        def test_nothing_heavy_was_imported():
+            assert not {"sqlalchemy", "dbsession", "alembic"} & set(sys.modules)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
 def test_importing_dbsession_does_not_import_the_plugin() -> None:
     code = (
         "import sys, dbsession; print('dbsession.testing' in sys.modules, 'pytest' in sys.modules)"
