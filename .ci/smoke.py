@@ -5,8 +5,7 @@
 them, from an empty folder, against the installed wheel (never the source tree).
 Server URLs: DBSESSION_TEST_POSTGRES_URL / DBSESSION_TEST_MYSQL_URL, else the local ones.
 """
-
-from __future__ import annotations
+# No "from __future__ import annotations": FastAPI reads the endpoints' annotations at run time.
 
 import asyncio
 import importlib

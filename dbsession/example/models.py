@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import ClassVar
 
 from sqlalchemy import DateTime, ForeignKey, MetaData, Numeric, String, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -18,7 +19,7 @@ from dbsession import NAMING_CONVENTION
 class Base(DeclarativeBase):
     """The example's own declarative base (the same naming convention as ``dbsession.Base``)."""
 
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    metadata: ClassVar[MetaData] = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 class Customer(Base):

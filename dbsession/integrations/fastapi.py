@@ -69,7 +69,7 @@ def session_dependency(
 
 
 #: The dependency on the process default factory.
-get_session = session_dependency()
+get_session: Callable[[], Iterator[Session]] = session_dependency()
 
 #: ``session: DbSession`` in a path operation: one unit of work on the process default
 #: factory, committed before the response is sent.
@@ -100,7 +100,7 @@ def async_session_dependency(
 
 
 #: The async dependency on the process default AsyncDbSessionFactory.
-get_async_session = async_session_dependency()
+get_async_session: Callable[[], AsyncIterator[AsyncSession]] = async_session_dependency()
 
 if TYPE_CHECKING:
     #: ``session: AsyncDbSession`` in an ``async def`` path operation: one async unit of
