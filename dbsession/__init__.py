@@ -36,8 +36,10 @@ from ._factory import run_in_transaction as run_in_transaction
 from ._factory import session_scope as session_scope
 from ._factory import transactional as transactional
 from ._retry import RetryPolicy as RetryPolicy
+from ._version import __version__ as __version__
 
 __all__ = [
+    "__version__",
     "NAMING_CONVENTION",
     "Base",
     "ConfigurationError",

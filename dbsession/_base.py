@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 
@@ -23,4 +25,4 @@ class Base(DeclarativeBase):
     ``metadata = MetaData(naming_convention=NAMING_CONVENTION)``.
     """
 
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    metadata: ClassVar[MetaData] = MetaData(naming_convention=NAMING_CONVENTION)

@@ -1,41 +1,28 @@
-"""The dbsession pytest plugin: every test runs in a transaction that is rolled back at its end.
+"""The work behind dbsession's pytest fixtures: each test runs in a transaction rolled back.
 
-Registered through the ``pytest11`` entry point, so installing dbsession is enough;
-``import dbsession`` never imports this module. Fixtures:
-
-- ``dbsession_url`` (session): ``--dbsession-url``, else ``DBSESSION_TEST_URL``, else
-  a temporary SQLite file for this run.
-- ``dbsession_database`` (session): that database with its schema prepared once:
-  Alembic migrations (``--dbsession-schema=migrations``), ``create_all()`` of
-  ``--dbsession-metadata`` (``create_all``), nothing (``none``), or ``auto``: the
-  migrations when the project has some, else ``create_all()``.
-- ``dbsession_factory`` (session): a DbSessionFactory on that database.
-- ``db_session`` (function): a Session on one connection whose outer transaction is
-  rolled back after the test; the app's own ``session_scope()`` calls join it as
-  SAVEPOINTs, so code that commits is undone too.
-- ``dbsession_event_loop`` (session), ``async_dbsession_factory`` (session),
-  ``async_db_session`` (function): the async twins, on one event loop of the
-  plugin's own. An ``async def`` test that uses them is run on that loop by the
-  plugin itself (no pytest-asyncio or anyio needed). The async drivers are only
-  imported when these fixtures are used.
-
-Every option also reads the ini setting of the same name with underscores
-(``dbsession_schema = create_all`` in ``[tool.pytest.ini_options]``); the command
-line wins.
+The fixtures themselves are registered by the tiny ``pytest_dbsession`` module (the
+``pytest11`` entry point, so installing dbsession is enough), which imports this
+module only when a test uses one of them: SQLAlchemy is not imported at pytest
+start in projects that never do. ``import dbsession`` never imports this module.
+The fixtures are ``dbsession_url``, ``dbsession_database``, ``dbsession_factory``,
+``db_session``, and the async twins ``dbsession_event_loop``,
+``async_dbsession_factory`` and ``async_db_session`` (see docs/testing.md); the
+async drivers are only imported when the async fixtures are used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
+
+from pytest_dbsession import DEFAULT_METADATA, SCHEMA_CHOICES, URL_ENV
 
 from ._config import async_twin, mask_url, resolve_url, sync_twin
 from ._errors import DbSessionError, MigrationsNotFoundError
@@ -47,102 +34,68 @@ if TYPE_CHECKING:  # the async side is imported only when its fixtures are used
 
     from .asyncio import AsyncDbSessionFactory
 
-URL_ENV = "DBSESSION_TEST_URL"
-SCHEMA_CHOICES = ("auto", "migrations", "create_all", "none")
-DEFAULT_METADATA = "dbsession:Base.metadata"
-
-_OPTIONS = {
-    "dbsession_schema": (
-        f"How the test database gets its schema: {', '.join(SCHEMA_CHOICES)} "
-        "(default auto: the Alembic migrations when the project has some, else create_all)."
-    ),
-    "dbsession_metadata": (
-        f"Import path of the MetaData that create_all uses (default {DEFAULT_METADATA})."
-    ),
-    "dbsession_migrations": (
-        "The migrations folder or alembic.ini (default: DBSESSION_MIGRATIONS, else "
-        "alembic.ini or migrations/ in the rootdir or the current folder)."
-    ),
-}
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add the --dbsession-* command-line options and their ini settings."""
-    group = parser.getgroup("dbsession", "dbsession: database under test")
-    group.addoption(
-        "--dbsession-url",
-        dest="dbsession_url",
-        default=None,
-        help=f"Database URL for the tests (default: {URL_ENV}, else a temporary SQLite file).",
-    )
-    for name, help_text in _OPTIONS.items():
-        group.addoption(f"--{name.replace('_', '-')}", dest=name, default=None, help=help_text)
-        parser.addini(name, help_text, default=None)
-
 
 def _setting(config: pytest.Config, name: str) -> str | None:
     value = config.getoption(name) or config.getini(name)
     return str(value) if value else None
 
 
-@pytest.fixture(scope="session")
-def dbsession_url(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> URL:
+def database_url(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> URL:
     """The database URL under test: --dbsession-url, else DBSESSION_TEST_URL, else temp SQLite."""
-    given = pytestconfig.getoption("dbsession_url") or os.environ.get(URL_ENV)
+    given = config.getoption("dbsession_url") or os.environ.get(URL_ENV)
     if given:
         return resolve_url(given)[0]
     return URL.create("sqlite", database=str(tmp_path_factory.mktemp("dbsession") / "test.db"))
 
 
-@pytest.fixture(scope="session")
-def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
-    """The database under test with its schema prepared once per run (--dbsession-schema).
+def prepare_database(url: URL, config: pytest.Config) -> URL:
+    """Give the database under test its schema (--dbsession-schema) and return its URL.
 
     A database that cannot be used fails every test that needs it with one line naming
-    the setting it came from (no traceback, no password)."""
+    the setting it came from (no traceback, no password). Raises pytest.UsageError for
+    an unknown schema choice.
+    """
     __tracebackhide__ = True
     try:
-        return _prepare(dbsession_url, pytestconfig)
+        return _prepare(url, config)
     except DbSessionError as error:
-        given = pytestconfig.getoption("dbsession_url")
+        given = config.getoption("dbsession_url")
         where = "--dbsession-url" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
         pytest.fail(
-            f"dbsession: the test database {mask_url(dbsession_url)} (from {where}) cannot "
+            f"dbsession: the test database {mask_url(url)} (from {where}) cannot "
             f"be used: {error}",
             pytrace=False,
         )
 
 
-def _prepare(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
-    schema = _setting(pytestconfig, "dbsession_schema") or "auto"
+def _prepare(url: URL, config: pytest.Config) -> URL:
+    schema = _setting(config, "dbsession_schema") or "auto"
     if schema not in SCHEMA_CHOICES:
         raise pytest.UsageError(
             f"--dbsession-schema={schema!r} is not one of {', '.join(SCHEMA_CHOICES)}."
         )
     if schema == "none":
-        _check_reachable(dbsession_url)
-        return dbsession_url
+        _check_reachable(url)
+        return url
     from . import migrations  # Alembic is only imported when a database is prepared
 
     if schema in ("auto", "migrations"):
-        location = _migrations_location(pytestconfig)
+        location = _migrations_location(config)
         try:
             migrations.make_config(location)
         except MigrationsNotFoundError:
             if schema == "migrations":
                 raise
         else:
-            migrations.upgrade(url=dbsession_url, migrations=location)
-            return dbsession_url
-    metadata = migrations.load_metadata(
-        _setting(pytestconfig, "dbsession_metadata") or DEFAULT_METADATA
-    )
-    factory = DbSessionFactory(sync_twin(dbsession_url))
+            migrations.upgrade(url=url, migrations=location)
+            return url
+    metadata = migrations.load_metadata(_setting(config, "dbsession_metadata") or DEFAULT_METADATA)
+    factory = DbSessionFactory(sync_twin(url))
     try:
         metadata.create_all(factory.engine)
     finally:
         factory.dispose()
-    return dbsession_url
+    return url
 
 
 def _check_reachable(url: URL) -> None:
@@ -166,20 +119,34 @@ def _migrations_location(config: pytest.Config) -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def dbsession_factory(dbsession_database: URL) -> Iterator[DbSessionFactory]:
-    """A DbSessionFactory on the prepared test database, disposed at the end of the run."""
-    __tracebackhide__ = True
-    factory = DbSessionFactory(sync_twin(dbsession_database))
+def sync_factory(url: URL) -> Iterator[DbSessionFactory]:
+    """Yield a DbSessionFactory on the prepared test database, disposed afterwards."""
+    factory = DbSessionFactory(sync_twin(url))
     yield factory
     factory.dispose()
 
 
-@pytest.fixture
-def db_session(dbsession_factory: DbSessionFactory) -> Iterator[Session]:
-    """A Session in a transaction rolled back after the test; app session_scope()s join it."""
-    __tracebackhide__ = True
-    yield from _rolled_back_session(dbsession_factory, _as_is)
+def rolled_back_session(factory: DbSessionFactory) -> Iterator[Session]:
+    """Yield a Session in a transaction rolled back afterwards; the factory's scopes join it."""
+    yield from _rolled_back_session(factory, _as_is)
+
+
+def async_factory(
+    url: URL, loop: asyncio.AbstractEventLoop
+) -> Iterator[AsyncDbSessionFactory]:
+    """Yield an AsyncDbSessionFactory on the prepared test database (its async driver)."""
+    from .asyncio import AsyncDbSessionFactory
+
+    factory = AsyncDbSessionFactory(async_twin(url))
+    yield factory
+    loop.run_until_complete(factory.dispose())
+
+
+def rolled_back_async_session(
+    factory: AsyncDbSessionFactory, loop: asyncio.AbstractEventLoop
+) -> Iterator[AsyncSession]:
+    """The async twin of rolled_back_session, run on the plugin's event loop."""
+    yield from _rolled_back_session(factory, loop.run_until_complete)
 
 
 def _as_is(value: Any) -> Any:
@@ -211,46 +178,10 @@ def _rolled_back_session(factory: LazyFactory[Any], run: Callable[[Any], Any]) -
             run(connection.close())
 
 
-@pytest.fixture(scope="session")
-def dbsession_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop of the async fixtures, and of the async def tests that use them."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    try:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
-
-
-@pytest.fixture(scope="session")
-def async_dbsession_factory(
-    dbsession_database: URL, dbsession_event_loop: asyncio.AbstractEventLoop
-) -> Iterator[AsyncDbSessionFactory]:
-    """An AsyncDbSessionFactory on the prepared test database (its async driver)."""
-    from .asyncio import AsyncDbSessionFactory
-
-    factory = AsyncDbSessionFactory(async_twin(dbsession_database))
-    yield factory
-    dbsession_event_loop.run_until_complete(factory.dispose())
-
-
-@pytest.fixture
-def async_db_session(
-    request: pytest.FixtureRequest,
-    async_dbsession_factory: AsyncDbSessionFactory,
-    dbsession_event_loop: asyncio.AbstractEventLoop,
-) -> Iterator[AsyncSession]:
-    """An AsyncSession in a transaction rolled back after the test; app scopes join it."""
-    _refuse_foreign_runner(request.node)
-    yield from _rolled_back_session(
-        async_dbsession_factory, dbsession_event_loop.run_until_complete
-    )
-
-
 _FOREIGN_RUNNERS = ("asyncio", "anyio", "trio")
 
 
-def _refuse_foreign_runner(node: pytest.Item) -> None:
+def refuse_foreign_runner(node: pytest.Item) -> None:
     """Fail early, and clearly, when another plugin would run the test on another loop."""
     for name in _FOREIGN_RUNNERS:
         if node.get_closest_marker(name) is not None:
@@ -261,16 +192,3 @@ def _refuse_foreign_runner(node: pytest.Item) -> None:
                 "itself (with pytest-asyncio, keep asyncio_mode = strict).",
                 pytrace=False,
             )
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run an ``async def`` test that uses the async fixtures on the plugin's event loop."""
-    if "dbsession_event_loop" not in pyfuncitem.fixturenames:
-        return None
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    loop = cast(asyncio.AbstractEventLoop, pyfuncitem.funcargs["dbsession_event_loop"])
-    names = pyfuncitem._fixtureinfo.argnames
-    loop.run_until_complete(pyfuncitem.obj(**{name: pyfuncitem.funcargs[name] for name in names}))
-    return True

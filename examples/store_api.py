@@ -7,7 +7,6 @@ committing or rolling back is the request's business (one request, one unit of w
 from __future__ import annotations
 
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -16,9 +15,8 @@ from sqlalchemy.orm import Session, joinedload
 
 from dbsession import migrations
 from dbsession.example.models import Customer, Order, Supplier
+from dbsession.example.store import MIGRATIONS
 
-#: The repository's Alembic configuration: the examples migrate with it at start-up.
-ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 #: Orders above this amount are declined, after the order was written (to show the rollback).
 CREDIT_LIMIT = Decimal("1000.00")
 
@@ -32,8 +30,9 @@ class OrderDeclined(Exception):
 
 
 def migrate(url: str | URL | None = None) -> None:
-    """Bring the database (default: DATABASE_URL, else ./dbsession.sqlite3) to head."""
-    migrations.upgrade(url=url, migrations=ALEMBIC_INI)
+    """Bring the database (default: DATABASE_URL, else ./dbsession.sqlite3) to the head of
+    the store example's own revisions (shipped in the package)."""
+    migrations.upgrade(url=url, migrations=MIGRATIONS)
 
 
 def customer_json(customer: Customer) -> dict[str, Any]:

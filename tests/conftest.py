@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from deploy_fixtures import pgbouncer, pgbouncer_session, replica, silent_server  # noqa: F401
@@ -21,8 +20,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-import dbsession.example.models  # noqa: F401  (registers the example tables)
-from dbsession import Base, DbSessionFactory
+from dbsession import DbSessionFactory
+from dbsession.example.models import Base
 
 SERVERS = {
     "postgresql": (
@@ -32,7 +31,6 @@ SERVERS = {
     "mysql": ("DBSESSION_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
 BACKENDS = ["sqlite", *SERVERS]
-ALEMBIC_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 
 
 def _admin_engine(url: URL) -> Engine:
@@ -107,7 +105,8 @@ def factory(backend_url: URL) -> Iterator[DbSessionFactory]:
 
 @pytest.fixture
 def db_url(backend_url: URL) -> Iterator[URL]:
-    """The backend's database, migrated down to base and version table dropped afterwards."""
+    """The backend's database; afterwards the example's migrations are undone and the
+    version table dropped."""
     yield backend_url
     migrate_to_base(backend_url)
 

@@ -50,6 +50,7 @@ from sqlalchemy.pool import NullPool
 
 from dbsession import NAMING_CONVENTION, DbSessionFactory, RetryPolicy, Timeouts, migrations
 from dbsession._engine import read_only_engine
+from dbsession.example.store import MIGRATIONS as EXAMPLE_MIGRATIONS
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
@@ -433,7 +434,9 @@ def app_client(
 # --- Migrations of the example ------------------------------------------------------------
 
 
-INI = ROOT / "alembic.ini"
+#: The example's own revisions (shipped in the package): the template's alembic.ini has an
+#: empty first revision, these create the example tables.
+INI = EXAMPLE_MIGRATIONS
 TABLES = {"customer", "supplier", "orders"}
 
 

@@ -14,13 +14,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from dbsession import DbSessionFactory
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 
 @pytest.fixture
 def sqlite_factory(tmp_path: Path) -> Iterator[DbSessionFactory]:
     factory = DbSessionFactory(f"sqlite:///{tmp_path / 'app.sqlite3'}")
-    factory.create_all()
+    factory.create_all(Base.metadata)
     yield factory
     factory.dispose()
 
@@ -111,7 +111,7 @@ def test_sqlite_8_threads_x_200_write_scopes_never_lock(
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
 def test_in_memory_sqlite_is_one_database_across_threads(url: str) -> None:
     factory = DbSessionFactory(url)
-    factory.create_all()
+    factory.create_all(Base.metadata)
     assert write_from_threads(factory, threads=4, scopes=50) == []
     with factory.session_scope() as session:
         assert session.query(Supplier).count() == 200

@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL, Engine
 from dbsession import DbSessionFactory, create_session, default_factory, session_scope
 from dbsession._engine import DEFAULT_MAX_OVERFLOW, DEFAULT_POOL_SIZE
 from dbsession.errors import AlreadyInitializedError
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 
 def sqlite_url(tmp_path: Path, name: str = "app") -> str:
@@ -110,8 +110,8 @@ def test_instances_are_independent_databases(tmp_path: Path) -> None:
     main = DbSessionFactory(sqlite_url(tmp_path, "main"))
     reports = DbSessionFactory(sqlite_url(tmp_path, "reports"))
     try:
-        main.create_all()
-        reports.create_all()
+        main.create_all(Base.metadata)
+        reports.create_all(Base.metadata)
         with main.session_scope() as session:
             session.add(Supplier(name="only in main"))
         with reports.session_scope() as session:
@@ -160,7 +160,7 @@ def test_repr_shows_the_masked_url() -> None:
 
 def test_create_all_creates_the_base_tables(tmp_path: Path) -> None:
     factory = DbSessionFactory.global_init(sqlite_url(tmp_path))
-    default_factory().create_all()
+    default_factory().create_all(Base.metadata)
     with factory.engine.connect() as conn:
         tables = set(conn.scalars(text("SELECT name FROM sqlite_master WHERE type='table'")))
     assert {"customer", "supplier", "orders"} <= tables

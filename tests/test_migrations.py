@@ -17,9 +17,11 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
-from dbsession import Base, DbSessionFactory, SchemaNotAtHeadError, migrations
+from dbsession import DbSessionFactory, SchemaNotAtHeadError, migrations
 from dbsession.cli import main as cli
 from dbsession.errors import MigrationsNotFoundError, UnknownRevisionError
+from dbsession.example.models import Base
+from dbsession.example.store import MIGRATIONS as EXAMPLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,18 +44,18 @@ def run(
 
 def test_upgrade_to_head_and_downgrade_to_base_round_trip(db_url: URL) -> None:
     assert migrations.current(url=db_url) is None
-    migrations.upgrade(url=db_url, migrations=INI)
+    migrations.upgrade(url=db_url, migrations=EXAMPLE)
     assert TABLES <= tables(db_url)
-    assert migrations.current(url=db_url) == migrations.head(migrations=INI)
-    migrations.downgrade("base", url=db_url, migrations=INI)
+    assert migrations.current(url=db_url) == migrations.head(migrations=EXAMPLE)
+    migrations.downgrade("base", url=db_url, migrations=EXAMPLE)
     assert not TABLES & tables(db_url)
     assert migrations.current(url=db_url) is None
-    migrations.upgrade(url=db_url, migrations=INI)
-    assert migrations.is_at_head(url=db_url, migrations=INI)
+    migrations.upgrade(url=db_url, migrations=EXAMPLE)
+    assert migrations.is_at_head(url=db_url, migrations=EXAMPLE)
 
 
 def test_migrations_and_models_agree(db_url: URL) -> None:
-    migrations.upgrade(url=db_url, migrations=INI)
+    migrations.upgrade(url=db_url, migrations=EXAMPLE)
     engine = create_engine(db_url, poolclass=NullPool)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
@@ -62,7 +64,7 @@ def test_migrations_and_models_agree(db_url: URL) -> None:
 
 
 def test_constraint_names_are_deterministic(db_url: URL) -> None:
-    migrations.upgrade(url=db_url, migrations=INI)
+    migrations.upgrade(url=db_url, migrations=EXAMPLE)
     engine = create_engine(db_url, poolclass=NullPool)
     inspector = inspect(engine)
     fks = {fk["name"] for fk in inspector.get_foreign_keys("orders")}
@@ -73,30 +75,30 @@ def test_constraint_names_are_deterministic(db_url: URL) -> None:
 
 
 def test_there_is_a_single_head() -> None:
-    assert migrations.head(migrations=INI) == "0001"
+    assert migrations.head(migrations=EXAMPLE) == "0001"
 
 
 def test_require_head_names_current_and_head(db_url: URL) -> None:
     with pytest.raises(SchemaNotAtHeadError, match="at revision <base>.*head is 0001") as caught:
-        migrations.require_head(url=db_url, migrations=INI)
+        migrations.require_head(url=db_url, migrations=EXAMPLE)
     assert (caught.value.current, caught.value.head) == (None, "0001")
-    migrations.upgrade(url=db_url, migrations=INI)
-    migrations.require_head(url=db_url, migrations=INI)
+    migrations.upgrade(url=db_url, migrations=EXAMPLE)
+    migrations.require_head(url=db_url, migrations=EXAMPLE)
 
 
 def test_global_init_can_require_a_migrated_schema(
     db_url: URL, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("DBSESSION_MIGRATIONS", str(EXAMPLE))
     with pytest.raises(SchemaNotAtHeadError):
         DbSessionFactory.global_init(db_url, require_migrated=True)
     DbSessionFactory.global_dispose(allow_lazy=True)
-    migrations.upgrade(url=db_url, migrations=INI)
+    migrations.upgrade(url=db_url, migrations=EXAMPLE)
     assert DbSessionFactory.global_init(db_url, require_migrated=True).url == db_url
 
 
 def test_offline_mode_prints_the_sql(backend_url: URL, capsys: pytest.CaptureFixture[str]) -> None:
-    migrations.upgrade(url=backend_url, migrations=INI, sql=True)
+    migrations.upgrade(url=backend_url, migrations=EXAMPLE, sql=True)
     out = capsys.readouterr().out
     assert "CREATE TABLE customer" in out
     assert "CONSTRAINT fk_orders_customer_id_customer" in out
@@ -126,7 +128,7 @@ def test_passwords_with_special_characters_reach_the_database(
         conn.execute(text(f"GRANT ALL ON {mysql_url.database}.* TO '{user}'@'%'"))
     try:
         result = run(
-            "-m", "dbsession", "--url", raw, "--migrations", str(INI), "upgrade", cwd=tmp_path
+            "-m", "dbsession", "--url", raw, "--migrations", str(EXAMPLE), "upgrade", cwd=tmp_path
         )
         assert result.returncode == 0, result.stderr
         assert password not in result.stdout + result.stderr
@@ -140,7 +142,7 @@ def test_passwords_with_special_characters_reach_the_database(
         )
         assert wrong.returncode == 1
         assert "Cannot connect" in wrong.stderr
-        migrations.downgrade("base", url=raw, migrations=INI)
+        migrations.downgrade("base", url=raw, migrations=EXAMPLE)
     finally:
         with admin.begin() as conn:
             conn.execute(text(f"DROP USER '{user}'@'%'"))
@@ -172,15 +174,15 @@ def test_cli_without_migrations_folder_says_how_to_fix(
 
 def test_cli_unknown_revision(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.sqlite3'}"
-    assert cli(["--url", url, "--migrations", str(INI), "upgrade", "nope"]) == 1
+    assert cli(["--url", url, "--migrations", str(EXAMPLE), "upgrade", "nope"]) == 1
     assert "Can't locate revision identified by 'nope'" in capsys.readouterr().err
     with pytest.raises(UnknownRevisionError):
-        migrations.upgrade("nope", url=url, migrations=INI)
+        migrations.upgrade("nope", url=url, migrations=EXAMPLE)
 
 
 def test_cli_unreachable_database(capsys: pytest.CaptureFixture[str]) -> None:
     url = "postgresql://u:secret-pw@127.0.0.1:1/x"
-    assert cli(["--url", url, "--migrations", str(INI), "upgrade"]) == 1
+    assert cli(["--url", url, "--migrations", str(EXAMPLE), "upgrade"]) == 1
     err = capsys.readouterr().err
     assert "Cannot connect to the postgresql server at 127.0.0.1:1" in err
     assert "secret-pw" not in err
@@ -200,22 +202,6 @@ def test_cli_current_check_and_autogenerate_revision(
     capsys.readouterr()
     assert cli([*common, "current"]) == 0
     assert capsys.readouterr().out.strip() == migrations.head(migrations=folder)
-
-
-def test_import_dbsession_registers_no_example_tables(tmp_path: Path) -> None:
-    code = "import dbsession, sys; sys.exit(len(dbsession.Base.metadata.tables))"
-    result = run("-c", code, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-
-
-def test_main_job_runs_twice_from_a_fresh_directory(tmp_path: Path) -> None:
-    for _ in range(2):
-        result = run("-m", "dbsession.example", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert "unit of work 1: committed" in result.stdout
-        assert "nothing of it was kept" in result.stdout
-    assert "rows now: customer 4, supplier 4, orders 4" in result.stdout
-    assert (tmp_path / "dbsession.sqlite3").exists()
 
 
 def test_template_workflow_new_model_autogenerate_upgrade(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from dbsession import (
     session_scope,
 )
 from dbsession.errors import ScopeError
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 
 class Boom(Exception):
@@ -132,7 +132,7 @@ def test_sqlite_independent_writer_inside_a_writing_scope_waits_then_fails(
 ) -> None:
     factory = DbSessionFactory(f"sqlite:///{tmp_path}/one.sqlite3", sqlite_busy_timeout=0.1)
     try:
-        factory.create_all()
+        factory.create_all(Base.metadata)
         with factory.session_scope() as outer:
             outer.add(Supplier(name="outer"))
             outer.flush()  # BEGIN IMMEDIATE: this scope holds the only write lock
@@ -238,7 +238,7 @@ def test_current_session_is_per_asyncio_task(factory: DbSessionFactory) -> None:
 
 
 def test_module_level_nested_scope_uses_the_default(tmp_path: Path) -> None:
-    DbSessionFactory.global_init(f"sqlite:///{tmp_path}/default.sqlite3").create_all()
+    DbSessionFactory.global_init(f"sqlite:///{tmp_path}/default.sqlite3").create_all(Base.metadata)
     with session_scope() as outer:
         with session_scope() as nested:
             assert nested is outer

@@ -10,9 +10,9 @@ from helpers import statements
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
 
-from dbsession import Base, DbSessionFactory, ReadOnlyError, session_scope
+from dbsession import DbSessionFactory, ReadOnlyError, session_scope
 from dbsession.errors import AlreadyInitializedError, UnsupportedIsolationLevelError
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 
 @pytest.fixture

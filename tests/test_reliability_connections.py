@@ -11,8 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from dbsession import Base, DatabaseUnreachableError, DbSessionFactory
-from dbsession.example.models import Supplier
+from dbsession import DatabaseUnreachableError, DbSessionFactory
+from dbsession.example.models import Base, Supplier
 
 SERVERS_ONLY = pytest.mark.backends("postgresql", "mysql")
 PASSWORD = "pw-MARKER-7f3a"

@@ -25,7 +25,7 @@ from dbsession import (
     run_in_transaction,
     transactional,
 )
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 
 class Boom(Exception):
@@ -184,7 +184,7 @@ def test_mariadb_lock_wait_timeout_is_retried(
 def test_retry_exhausted_is_a_named_error_chaining_the_last_one(tmp_path: Path) -> None:
     path = str(tmp_path / "busy.sqlite3")
     made = DbSessionFactory(f"sqlite:///{path}", sqlite_busy_timeout=0)
-    made.create_all()
+    made.create_all(Base.metadata)
     holder = _hold_sqlite_write_lock(path)
     calls = 0
 
@@ -282,7 +282,7 @@ def test_decorators_on_the_default_look_it_up_at_each_call(tmp_path: Path) -> No
         return list(session.scalars(text("SELECT name FROM supplier")))
 
     assert DbSessionFactory._registry.current is None  # decorating initialised nothing
-    DbSessionFactory.global_init(f"sqlite:///{tmp_path}/d.sqlite3").create_all()
+    DbSessionFactory.global_init(f"sqlite:///{tmp_path}/d.sqlite3").create_all(Base.metadata)
     run_in_transaction(lambda session: session.add(Supplier(name="one")))
     default_factory().run_in_transaction(lambda session: session.add(Supplier(name="two")))
     assert count() == 2

@@ -118,8 +118,25 @@ def test_fixtures_are_listed_by_pytest_fixtures_with_one_line_each(
     names = ("dbsession_url", "dbsession_database", "dbsession_factory", "db_session")
     async_names = ("dbsession_event_loop", "async_dbsession_factory", "async_db_session")
     for name in names + async_names:
-        result.stdout.re_match_lines([rf"^{name}\b.* -- .*testing\.py:\d+$", r"^    \S.+$"])
+        where = rf"^{name}\b.* -- .*pytest_dbsession\.py:\d+$"
+        result.stdout.re_match_lines([where, r"^    \S.+$"])
     assert result.ret == 0
+
+
+def test_pytest_start_in_an_unrelated_project_imports_no_sqlalchemy(
+    pytester: pytest.Pytester,
+) -> None:
+    """The pytest11 entry point is tiny: a project that uses no dbsession fixture pays nothing."""
+    pytester.makepyfile(
+        test_unrelated="""
+        import sys
+
+        def test_nothing_heavy_was_imported():
+            assert not {"sqlalchemy", "dbsession", "alembic"} & set(sys.modules)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
 
 
 def test_importing_dbsession_does_not_import_the_plugin() -> None:

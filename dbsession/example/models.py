@@ -1,14 +1,25 @@
-"""Models of the store example: an order belongs to a customer and a supplier."""
+"""Models of the store example: an order belongs to a customer and a supplier.
+
+They derive from the example's own declarative base, not from ``dbsession.Base``, so an
+app's ``dbsession.Base.metadata`` never contains these tables, whatever it imports.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import ClassVar
 
-from sqlalchemy import DateTime, ForeignKey, Numeric, String, func
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy import DateTime, ForeignKey, MetaData, Numeric, String, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from dbsession import Base
+from dbsession import NAMING_CONVENTION
+
+
+class Base(DeclarativeBase):
+    """The example's own declarative base (the same naming convention as ``dbsession.Base``)."""
+
+    metadata: ClassVar[MetaData] = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 class Customer(Base):

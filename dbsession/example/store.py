@@ -85,18 +85,15 @@ def run(factory: DbSessionFactory) -> str:
     return "\n".join(lines)
 
 
+#: The example's own Alembic revisions, shipped inside the package: the main job runs
+#: these, never the migrations of the folder it is started from.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
 def main() -> int:
     """Entry point of ``python -m dbsession.example``: migrate to head, then run the store."""
     factory = default_factory()
-    migrations.upgrade(url=factory.url, migrations=_alembic_ini())
+    migrations.upgrade(url=factory.url, migrations=MIGRATIONS)
     print(run(factory))
     print(f"schema: Alembic revision {migrations.current(url=factory.url)} (head)")
     return 0
-
-
-def _alembic_ini() -> Path | None:
-    """The template's alembic.ini: in the working directory, else beside the package."""
-    for folder in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (folder / "alembic.ini").is_file():
-            return folder / "alembic.ini"
-    return None

@@ -14,7 +14,9 @@ SQLite a GET does not queue behind writers, and a write in it raises ReadOnlyErr
 ``session: AsyncDbSession`` is the same for ``async def`` path operations: an
 ``AsyncSession`` from ``dbsession.asyncio.async_session_scope()``. It needs
 ``pip install 'dbsession[async]'`` only when a request uses it; importing this
-module never imports ``dbsession.asyncio`` or an async driver.
+module never imports ``dbsession.asyncio``, ``sqlalchemy.ext.asyncio`` (which needs
+greenlet on SQLAlchemy 2.1) or an async driver: ``AsyncDbSession`` is built on first
+access, so ``pip install 'dbsession[fastapi]'`` alone is enough for ``DbSession``.
 
 The handler runs in another context copy than the dependency (and a sync handler in a
 worker thread), so the dependency *lends* its scope to the request: inside the handler,
@@ -33,10 +35,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -46,6 +47,8 @@ from .._errors import ScopeError
 from .._factory import DbSessionFactory, session_scope
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from ..asyncio import AsyncDbSessionFactory
 
 __all__ = [
@@ -107,7 +110,7 @@ def _enter(scope: AbstractContextManager[Session], endpoint: object) -> tuple[Se
 
 
 #: The dependency on the process default factory.
-get_session = session_dependency()
+get_session: Callable[[Request], AsyncIterator[Session]] = session_dependency()
 
 #: ``session: DbSession`` in a path operation: one unit of work on the process default
 #: factory, committed before the response is sent.
@@ -151,17 +154,36 @@ def async_session_dependency(
 
 
 #: The async dependency on the process default AsyncDbSessionFactory.
-get_async_session = async_session_dependency()
-
-#: ``session: AsyncDbSession`` in an ``async def`` path operation: one async unit of work
-#: on the process default async factory, committed before the response is sent.
-AsyncDbSession = Annotated[AsyncSession, Depends(get_async_session, scope="function")]
+get_async_session: Callable[[Request], AsyncIterator[AsyncSession]] = async_session_dependency()
 
 #: The read-only async dependency on the process default AsyncDbSessionFactory.
-get_async_readonly_session = async_session_dependency(readonly=True)
+get_async_readonly_session: Callable[[Request], AsyncIterator[AsyncSession]] = (
+    async_session_dependency(readonly=True)
+)
 
-#: ``session: AsyncReadOnlyDbSession`` in an ``async def`` path operation that only reads:
-#: a read-only async unit of work on the process default async factory.
-AsyncReadOnlyDbSession = Annotated[
-    AsyncSession, Depends(get_async_readonly_session, scope="function")
-]
+if TYPE_CHECKING:
+    #: ``session: AsyncDbSession`` in an ``async def`` path operation: one async unit of
+    #: work on the process default async factory, committed before the response is sent.
+    AsyncDbSession = Annotated[AsyncSession, Depends(get_async_session, scope="function")]
+    #: ``session: AsyncReadOnlyDbSession`` in an ``async def`` path operation that only
+    #: reads: a read-only async unit of work on the process default async factory.
+    AsyncReadOnlyDbSession = Annotated[
+        AsyncSession, Depends(get_async_readonly_session, scope="function")
+    ]
+
+_LAZY = {
+    "AsyncDbSession": "get_async_session",
+    "AsyncReadOnlyDbSession": "get_async_readonly_session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Build ``AsyncDbSession`` / ``AsyncReadOnlyDbSession`` on first access: only then is
+    sqlalchemy.ext.asyncio imported (``dbsession[fastapi]`` works without ``[async]``)."""
+    if name in _LAZY:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        alias = Annotated[AsyncSession, Depends(globals()[_LAZY[name]], scope="function")]
+        globals()[name] = alias
+        return alias
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

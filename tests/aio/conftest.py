@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import pytest
 from sqlalchemy.engine import URL
 
-from dbsession import Base
 from dbsession.asyncio import AsyncDbSessionFactory
+from dbsession.example.models import Base
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]
@@ -66,7 +66,7 @@ def bare(url: URL) -> URL:
 def async_factory(backend_url: URL, run: Run[Any]) -> Iterator[AsyncDbSessionFactory]:
     """An async factory on the backend, example tables created, dropped and disposed after."""
     factory = AsyncDbSessionFactory(bare(backend_url))
-    run(factory.create_all())
+    run(factory.create_all(Base.metadata))
     yield factory
 
     async def drop_and_dispose() -> None:

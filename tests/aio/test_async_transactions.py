@@ -43,7 +43,7 @@ from dbsession.asyncio import (
     async_session_scope,
 )
 from dbsession.errors import ScopeError, UnsupportedIsolationLevelError
-from dbsession.example.models import Supplier
+from dbsession.example.models import Base, Supplier
 
 from .conftest import Run, bare
 
@@ -365,7 +365,7 @@ def test_module_functions_use_the_default_async_factory(
         return name
 
     async def body() -> list[str]:
-        await async_default_factory().create_all()
+        await async_default_factory().create_all(Base.metadata)
         assert await async_run_in_transaction(add, "one") == "one"
         async with async_session_scope(readonly=True) as session:
             return list(await session.scalars(select(Supplier.name)))

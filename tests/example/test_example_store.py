@@ -1,8 +1,8 @@
 """The store example, tested the way an app uses dbsession's pytest plugin.
 
-``db_session`` comes from the plugin (``dbsession.testing``): the database is the
-plugin's (a temporary SQLite file migrated with this repository's alembic.ini, or
-``--dbsession-url``), and every commit of the example is undone after each test.
+``db_session`` comes from the plugin: the database is the plugin's (a temporary SQLite
+file, or ``--dbsession-url``) migrated with the example's revisions (conftest.py), and
+every commit of the example is undone after each test.
 """
 
 from __future__ import annotations

@@ -1,0 +1,5 @@
+"""Alembic environment: dbsession supplies the URL, metadata and migration lock."""
+
+from dbsession.migrations import run_env
+
+run_env()
