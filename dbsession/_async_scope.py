@@ -30,7 +30,7 @@ from ._scope import (
     was_committed,
 )
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 
 class AsyncUnitOfWork:

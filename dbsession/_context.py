@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from ._errors import NoActiveScopeError
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 Hook = Callable[[], object]
 S = TypeVar("S")

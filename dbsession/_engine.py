@@ -73,7 +73,7 @@ from ._timeouts import (
     install_scope_timeouts,
 )
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 #: Execution option read by the SQLite ``begin`` hook: ``"BEGIN"`` or ``"BEGIN IMMEDIATE"``.
 SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"

@@ -106,13 +106,13 @@ class _TranslatedDBAPIError(sa_exc.DBAPIError):
             orig,  # type: ignore[arg-type]  # None: dbsession's own refusal, no driver error
             connection_invalidated=connection_invalidated,
         )
-        self.message = message
+        self.message: str = message
         self.args = (message,)
 
     def __str__(self) -> str:
         return self.message
 
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> tuple[type[_TranslatedDBAPIError], tuple[str]]:
         return type(self), (self.message,)
 
 

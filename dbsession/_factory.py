@@ -21,7 +21,7 @@ from ._lifecycle import LazyFactory, Registry, decorate
 from ._retry import RetryPolicy, run_with_retries
 from ._scope import Savepoint, ScopeSession, UnitOfWork
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 P = ParamSpec("P")
 R = TypeVar("R")

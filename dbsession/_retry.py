@@ -28,7 +28,7 @@ from ._errors import (
     ScopeTimeoutError,
 )
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -27,7 +27,7 @@ from ._classify import transient_reason
 from ._context import Frame, entering_frame, pop, push, run_hooks
 from ._errors import ReadOnlyError, ScopeError, TransactionAbortedError
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 #: ``session.info`` key: how many read-only scopes joined to a writing one are open.
 GUARD_KEY = "dbsession_readonly_guard"

@@ -48,7 +48,7 @@ from ._errors import SQLiteWriteLockTimeoutError
 
 __all__ = ["WriteGate", "execute_raw", "gate_for", "gate_key", "install_write_gate"]
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 _GATES: weakref.WeakValueDictionary[str, WriteGate] = weakref.WeakValueDictionary()
 _GATES_LOCK = threading.Lock()

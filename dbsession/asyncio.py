@@ -58,7 +58,7 @@ __all__ = [
     "async_transactional",
 ]
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 P = ParamSpec("P")
 T = TypeVar("T")

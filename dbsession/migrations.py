@@ -61,7 +61,7 @@ _LOCK_TIMEOUT_SECONDS = 600.0
 _LOCK_TIMEOUT_ENV = "DBSESSION_MIGRATION_LOCK_TIMEOUT"
 
 Migrations = str | os.PathLike[str] | None
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 
 def make_config(

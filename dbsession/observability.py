@@ -46,7 +46,7 @@ from ._context import call_site
 
 __all__ = ["ScopeStats", "configure", "format_stats", "reset_stats", "stats"]
 
-logger = logging.getLogger("dbsession")
+logger: logging.Logger = logging.getLogger("dbsession")
 
 DEFAULT_SLOW_SCOPE_SECONDS = 5.0
 STATS_ENV = "DBSESSION_STATS"

@@ -117,7 +117,9 @@ get_session: Callable[[Request], AsyncIterator[Session]] = session_dependency()
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 #: The read-only dependency on the process default factory.
-get_readonly_session = session_dependency(readonly=True)
+get_readonly_session: Callable[[Request], AsyncIterator[Session]] = session_dependency(
+    readonly=True
+)
 
 #: ``session: ReadOnlyDbSession`` in a path operation that only reads (a GET): a read-only
 #: unit of work on the process default factory; it takes no write lock.
