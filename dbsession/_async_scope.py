@@ -87,7 +87,7 @@ class AsyncUnitOfWork:
                 await run_to_completion(_close_quietly(session))
             finally:
                 if committed:
-                    run_hooks(frame.hooks)
+                    run_hooks(frame.hooks, session)
 
 
 class AsyncSavepoint:

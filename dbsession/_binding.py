@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 
 from ._engine import isolation_levels, scope_options
 from ._errors import UnsupportedIsolationLevelError
+from ._scope import GUARD_KEY
 
 E = TypeVar("E")
 M = TypeVar("M")
@@ -64,7 +65,7 @@ class Binding(Generic[E, M]):
         self._makers: dict[tuple[bool, str | None], M] = {}
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
-        self._joined: M | None = None
+        self._joined: dict[bool, M] | None = None
 
     def maker(self, *, readonly: bool = False, isolation_level: str | None = None) -> M:
         """The sessionmaker for this kind of scope; ``isolation_level`` already normalized.
@@ -72,7 +73,7 @@ class Binding(Generic[E, M]):
         Raises UnsupportedIsolationLevelError if the backend has no such level.
         """
         if self._joined is not None:
-            return self._joined
+            return self._joined[readonly]
         key = (readonly, isolation_level)
         made = self._makers.get(key)
         if made is not None:
@@ -91,21 +92,37 @@ class Binding(Generic[E, M]):
                 self._makers[key] = made
             return made
 
-    def joined_to(self, connection: Any) -> Binding[E, M]:
+    def joined_to(
+        self,
+        connection: Any,
+        *,
+        info: dict[str, Any] | None = None,
+        wrap: Callable[[M], M] | None = None,
+    ) -> Binding[E, M]:
         """A Binding on the same engine whose every session joins ``connection``'s transaction.
 
         ``connection`` is a ``Connection`` (``AsyncConnection`` on the async side) whose
         transaction the caller owns. For dbsession.testing: a session's commit releases
         a SAVEPOINT and its rollback rolls back to it, while the outer transaction stays
-        open. Read-only and isolation level requests are not applied: the transaction
-        is already open.
+        open. Isolation level requests are not applied (the transaction is already
+        open); a read-only scope gets the read-only guard of ``ScopeSession``, so its
+        writes raise ReadOnlyError as they would in its own read-only transaction.
+        Every session starts with ``info`` in its ``Session.info``; ``wrap`` may wrap
+        each of the two sessionmakers (to check who asks for a session).
         """
         clone = copy.copy(self)
         clone._makers = {}
         clone._lock = threading.Lock()
-        clone._joined = self._maker_type(
-            bind=connection, join_transaction_mode="create_savepoint", **self._session_options
-        )
+        made = {
+            readonly: self._maker_type(
+                bind=connection,
+                join_transaction_mode="create_savepoint",
+                info={**(info or {}), **({GUARD_KEY: 1} if readonly else {})},
+                **self._session_options,
+            )
+            for readonly in (False, True)
+        }
+        clone._joined = {key: wrap(maker) if wrap else maker for key, maker in made.items()}
         return clone
 
     def _check_level(self, level: str) -> None:

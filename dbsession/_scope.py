@@ -127,7 +127,7 @@ class UnitOfWork:
                 close_quietly(session)
             finally:
                 if committed:
-                    run_hooks(frame.hooks)
+                    run_hooks(frame.hooks, session)
 
 
 def savepoint_frame(outer: Frame, *, readonly: bool, isolation_level: str | None) -> Frame:

@@ -4,6 +4,7 @@ importable from ``dbsession`` itself."""
 
 from ._errors import AlreadyInitializedError as AlreadyInitializedError
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DatabaseBlockedError as DatabaseBlockedError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
@@ -16,6 +17,7 @@ from ._errors import ReadOnlyError as ReadOnlyError
 from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
+from ._errors import SharedConnectionError as SharedConnectionError
 from ._errors import SQLitePathError as SQLitePathError
 from ._errors import TransactionAbortedError as TransactionAbortedError
 from ._errors import UnknownDialectError as UnknownDialectError
@@ -25,6 +27,7 @@ from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevel
 __all__ = [
     "AlreadyInitializedError",
     "ConfigurationError",
+    "DatabaseBlockedError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "InvalidURLError",
@@ -38,6 +41,7 @@ __all__ = [
     "SQLitePathError",
     "SchemaNotAtHeadError",
     "ScopeError",
+    "SharedConnectionError",
     "TransactionAbortedError",
     "UnknownDialectError",
     "UnknownRevisionError",

@@ -4,20 +4,30 @@ Registered through the ``pytest11`` entry point, so installing dbsession is enou
 ``import dbsession`` never imports this module. Fixtures:
 
 - ``dbsession_url`` (session): ``--dbsession-url``, else ``DBSESSION_TEST_URL``, else
-  a temporary SQLite file for this run.
+  a temporary SQLite file for this run (never ``DATABASE_URL``). Under pytest-xdist
+  each worker gets a database of its own, created here and dropped at the end.
 - ``dbsession_database`` (session): that database with its schema prepared once:
   Alembic migrations (``--dbsession-schema=migrations``), ``create_all()`` of
   ``--dbsession-metadata`` (``create_all``), nothing (``none``), or ``auto``: the
   migrations when the project has some, else ``create_all()``.
-- ``dbsession_factory`` (session): a DbSessionFactory on that database.
+- ``dbsession_factory`` (session): the DbSessionFactory on that database. With the
+  safety catch on it is also the process default for the whole run.
 - ``db_session`` (function): a Session on one connection whose outer transaction is
   rolled back after the test; the app's own ``session_scope()`` calls join it as
   SAVEPOINTs, so code that commits is undone too.
+- ``dbsession_capture_on_commit`` (function): captures the ``on_commit`` hooks that
+  the app's units of work register under ``db_session`` (they never run otherwise).
 - ``dbsession_event_loop`` (session), ``async_dbsession_factory`` (session),
   ``async_db_session`` (function): the async twins, on one event loop of the
   plugin's own. An ``async def`` test that uses them is run on that loop by the
   plugin itself (no pytest-asyncio or anyio needed). The async drivers are only
   imported when these fixtures are used.
+
+**The safety catch** (``dbsession_block``, on by default): while a test that did not
+ask for the database runs (``db_session``, ``async_db_session``, the factories, or
+``@pytest.mark.dbsession``), using the process default factory raises
+DatabaseBlockedError; ``global_init()`` returns the plugin's factory whatever URL the
+app gives it, so nothing reaches the app's own database.
 
 Every option also reads the ini setting of the same name with underscores
 (``dbsession_schema = create_all`` in ``[tool.pytest.ini_options]``); the command
@@ -29,20 +39,29 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
+import sys
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
-from ._config import async_twin, resolve_url, sync_twin
-from ._errors import MigrationsNotFoundError
+from ._config import async_twin, mask_url, resolve_url, sync_twin
+from ._context import DIVERT_HOOKS_KEY, Hook
+from ._errors import DatabaseBlockedError, MigrationsNotFoundError, SharedConnectionError
 from ._factory import DbSessionFactory
 from ._lifecycle import LazyFactory
 
 if TYPE_CHECKING:  # the async side is imported only when its fixtures are used
+    from alembic.config import Config
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from .asyncio import AsyncDbSessionFactory
@@ -50,6 +69,11 @@ if TYPE_CHECKING:  # the async side is imported only when its fixtures are used
 URL_ENV = "DBSESSION_TEST_URL"
 SCHEMA_CHOICES = ("auto", "migrations", "create_all", "none")
 DEFAULT_METADATA = "dbsession:Base.metadata"
+#: The fixtures (and the mark) by which a test asks for the database.
+DATABASE_FIXTURES = frozenset(
+    {"db_session", "async_db_session", "dbsession_factory", "async_dbsession_factory"}
+)
+MARK = "dbsession"
 
 _OPTIONS = {
     "dbsession_schema": (
@@ -64,6 +88,10 @@ _OPTIONS = {
         "alembic.ini or migrations/ in the rootdir or the current folder)."
     ),
 }
+_BLOCK_HELP = (
+    "Refuse the process default factory in tests that did not ask for the database "
+    "(db_session, async_db_session, @pytest.mark.dbsession); default true."
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -78,6 +106,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, help_text in _OPTIONS.items():
         group.addoption(f"--{name.replace('_', '-')}", dest=name, default=None, help=help_text)
         parser.addini(name, help_text, default=None)
+    parser.addini("dbsession_block", _BLOCK_HELP, type="bool", default=True)
 
 
 def _setting(config: pytest.Config, name: str) -> str | None:
@@ -85,13 +114,169 @@ def _setting(config: pytest.Config, name: str) -> str | None:
     return str(value) if value else None
 
 
+# ---------------------------------------------------------------------------------------
+# The run's state: the test URL, the plugin's factories, and whether the database is open.
+
+
+class _Gated:
+    """Mixin of the plugin's factories: they build nothing, and so open no connection,
+    unless the running test asked for the database (or the catch is off)."""
+
+    _run: _Run
+
+    def _build(self, *, replica: bool = False) -> Any:
+        if not self._run.open:
+            raise DatabaseBlockedError(
+                f"{self._run.test or 'Code outside any test'} used the database without "
+                "asking for it: the dbsession plugin refuses the process default factory "
+                "there, so nothing can reach the app's own database. Give the test the "
+                "db_session fixture (async_db_session for async code), or mark it "
+                "@pytest.mark.dbsession to commit for real to the test database; "
+                "dbsession_block = false in the pytest ini settings turns this check off."
+            )
+        return super()._build(replica=replica)  # type: ignore[misc]
+
+
+class _TestFactory(_Gated, DbSessionFactory):
+    """The plugin's DbSessionFactory on the test database."""
+
+
+class _Run:
+    """What the plugin keeps for one run (one xdist worker): the URL, its factories, the
+    process defaults it pinned, and which test runs now."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.block = bool(config.getini("dbsession_block"))
+        self.open = not self.block
+        self.test: str | None = None
+        self.worker = os.environ.get("PYTEST_XDIST_WORKER")
+        self._tmp: str | None = None
+        self._stack = ExitStack()
+        self.url, self.created = self._choose_url(config)
+        self.factory = _TestFactory(sync_twin(self.url))
+        self.factory._run = self
+        self.async_factory: AsyncDbSessionFactory | None = None
+        if self.block:
+            self._stack.enter_context(
+                DbSessionFactory._registry.replaced_by(self.factory, pinned=True)
+            )
+
+    def _choose_url(self, config: pytest.Config) -> tuple[URL, bool]:
+        """The test URL, and whether the plugin must create (and drop) that database."""
+        given = config.getoption("dbsession_url") or os.environ.get(URL_ENV)
+        if not given:
+            self._tmp = tempfile.mkdtemp(prefix="dbsession-")
+            return URL.create("sqlite", database=str(Path(self._tmp) / "test.db")), False
+        url = resolve_url(given)[0]
+        if self.worker is None:
+            return url, False
+        if url.get_backend_name() == "sqlite":
+            path = Path(url.database or "")
+            if not url.database or url.database.startswith("file:") or url.database == ":memory:":
+                return url, False
+            return url.set(
+                database=str(path.with_name(f"{path.stem}_{self.worker}{path.suffix}"))
+            ), False
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:8]
+        return url.set(database=f"{url.database}_{run}_{self.worker}"), True
+
+    def async_default(self) -> AsyncDbSessionFactory:
+        """The plugin's AsyncDbSessionFactory (made, and pinned as the default, on first use)."""
+        if self.async_factory is None:
+            from .asyncio import AsyncDbSessionFactory
+
+            class _AsyncTestFactory(_Gated, AsyncDbSessionFactory):
+                """The plugin's AsyncDbSessionFactory on the test database."""
+
+            made = _AsyncTestFactory(async_twin(self.url))
+            made._run = self
+            self.async_factory = made
+            if self.block:
+                registry = AsyncDbSessionFactory._registry
+                self._stack.enter_context(registry.replaced_by(made, pinned=True))
+        return self.async_factory
+
+    def close(self) -> None:
+        """Unpin the defaults, dispose the sync engine and remove the temporary folder."""
+        self._stack.close()
+        self.factory.dispose()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+_RUN = pytest.StashKey[_Run]()
+
+
+def _run_of(config: pytest.Config) -> _Run:
+    return config.stash[_RUN]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the mark; choose the test URL; with the catch on, pin the plugin's factory
+    as the process default so that nothing reaches the app's own database."""
+    config.addinivalue_line(
+        "markers",
+        f"{MARK}: the test uses the test database without db_session (its work commits "
+        "for real there); without it, or a database fixture, the process default is refused",
+    )
+    config.stash[_RUN] = _Run(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Undo what pytest_configure did."""
+    run = config.stash.get(_RUN, None)
+    if run is not None:
+        run.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Open the database for a test that asked for it (fixture or mark), for its duration."""
+    run = _run_of(item.config)
+    asked = item.get_closest_marker(MARK) is not None or bool(
+        DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))
+    )
+    if "dbsession.asyncio" in sys.modules:
+        run.async_default()  # the app uses the async side: catch it there too
+    run.test, run.open = item.nodeid, asked or not run.block
+    try:
+        return (yield)
+    finally:
+        run.test, run.open = None, not run.block
+
+
+# ---------------------------------------------------------------------------------------
+# The database: its URL (one per xdist worker), its schema, its factories.
+
+
 @pytest.fixture(scope="session")
-def dbsession_url(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> URL:
-    """The database URL under test: --dbsession-url, else DBSESSION_TEST_URL, else temp SQLite."""
-    given = pytestconfig.getoption("dbsession_url") or os.environ.get(URL_ENV)
-    if given:
-        return resolve_url(given)[0]
-    return URL.create("sqlite", database=str(tmp_path_factory.mktemp("dbsession") / "test.db"))
+def dbsession_url(pytestconfig: pytest.Config) -> Iterator[URL]:
+    """The database URL under test: --dbsession-url, else DBSESSION_TEST_URL, else temp SQLite.
+
+    Under pytest-xdist a server database of the worker's own (``<name>_<run>_gw0``) is
+    created here and dropped at the end; a SQLite file gets the worker id in its name.
+    """
+    run = _run_of(pytestconfig)
+    if not run.created:
+        yield run.url
+        if run.worker is not None and run.url.get_backend_name() == "sqlite" and run.url.database:
+            run.factory.dispose()
+            Path(run.url.database).unlink(missing_ok=True)
+        return
+    given = resolve_url(pytestconfig.getoption("dbsession_url") or os.environ[URL_ENV])[0]
+    admin = create_engine(sync_twin(given), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    name = admin.dialect.identifier_preparer.quote(str(run.url.database))
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            connection.execute(text(f"CREATE DATABASE {name}"))
+        yield run.url
+    finally:
+        run.factory.dispose()
+        force = " WITH (FORCE)" if admin.dialect.name == "postgresql" else ""
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -106,25 +291,72 @@ def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
         return dbsession_url
     from . import migrations  # Alembic is only imported when a database is prepared
 
+    url = sync_twin(dbsession_url)  # Alembic and create_all run outside any event loop
     if schema in ("auto", "migrations"):
         location = _migrations_location(pytestconfig)
         try:
-            migrations.make_config(location)
+            config = migrations.make_config(location, url=url)
         except MigrationsNotFoundError:
             if schema == "migrations":
                 raise
         else:
-            migrations.upgrade(url=dbsession_url, migrations=location)
+            _migrate_test_database(config, url)
             return dbsession_url
     metadata = migrations.load_metadata(
         _setting(pytestconfig, "dbsession_metadata") or DEFAULT_METADATA
     )
-    factory = DbSessionFactory(sync_twin(dbsession_url))
+    factory = DbSessionFactory(url)
     try:
         metadata.create_all(factory.engine)
     finally:
         factory.dispose()
     return dbsession_url
+
+
+#: What an env.py must mention to be handed the test database (see _migrate_test_database).
+_URL_SOURCES = ("run_env", "sqlalchemy.url", "get_main_option", "get_section", "attributes")
+
+
+def _migrate_test_database(config: Config, url: URL) -> None:
+    """Upgrade the test database, and only it, to head, whatever kind of env.py the
+    project has: dbsession's ``run_env()`` reads the URL from the config's attributes;
+    a stock Alembic env.py reads ``sqlalchemy.url``, set here to the test URL (and
+    ``DATABASE_URL`` is the test URL while it runs). An env.py that reads none of them
+    is refused before it runs; one that migrated something else is caught afterwards.
+    """
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from . import migrations
+
+    env_py = Path(ScriptDirectory.from_config(config).dir) / "env.py"
+    source = env_py.read_text(encoding="utf-8") if env_py.is_file() else ""
+    if not any(word in source for word in _URL_SOURCES):
+        raise pytest.UsageError(
+            f"dbsession will not run {env_py}: it reads its database URL from none of "
+            "sqlalchemy.url, config.attributes or dbsession's run_env(), so it would "
+            "migrate some other database than the test one. Make it read "
+            "config.get_main_option('sqlalchemy.url'), or use --dbsession-schema create_all."
+        )
+    config.set_main_option(
+        "sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%")
+    )
+    saved = os.environ.get("DATABASE_URL")
+    os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
+    try:
+        migrations.run_command(command.upgrade, config, "head")
+    finally:
+        if saved is None:
+            del os.environ["DATABASE_URL"]
+        else:
+            os.environ["DATABASE_URL"] = saved
+    head = ScriptDirectory.from_config(config).get_current_head()
+    if migrations.current(url=url) != head:
+        raise pytest.UsageError(
+            f"{env_py} ran but the test database {mask_url(url)} is not at the head "
+            f"revision {head}: the env.py migrated another database. Make it read "
+            "config.get_main_option('sqlalchemy.url') (dbsession sets it to the test URL)."
+        )
 
 
 def _migrations_location(config: pytest.Config) -> Path | None:
@@ -141,24 +373,148 @@ def _migrations_location(config: pytest.Config) -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def dbsession_factory(dbsession_database: URL) -> Iterator[DbSessionFactory]:
-    """A DbSessionFactory on the prepared test database, disposed at the end of the run."""
-    factory = DbSessionFactory(sync_twin(dbsession_database))
+def dbsession_factory(
+    dbsession_database: URL, pytestconfig: pytest.Config
+) -> Iterator[DbSessionFactory]:
+    """The DbSessionFactory on the prepared test database, disposed at the end of the run."""
+    factory = _run_of(pytestconfig).factory
     yield factory
     factory.dispose()
 
 
+# ---------------------------------------------------------------------------------------
+# One test: its rolled-back transaction, who may use its connection, its on_commit hooks.
+
+
+class _Hooks:
+    """The ``on_commit`` hooks of the units of work committed inside one test's
+    transaction: dropped, unless a ``dbsession_capture_on_commit`` block is open."""
+
+    def __init__(self) -> None:
+        self.captures: list[list[Hook]] = []
+
+    def divert(self, hooks: list[Hook]) -> None:
+        """Receive the hooks of one committed unit of work (see ``run_hooks``)."""
+        for captured in self.captures:
+            captured.extend(hooks)
+
+    @contextmanager
+    def capture(self, *, execute: bool = False) -> Iterator[list[Hook]]:
+        """Collect the hooks registered in the block; with ``execute``, run them at its
+        end (and those they register), in order, letting their exceptions propagate."""
+        captured: list[Hook] = []
+        self.captures.append(captured)
+        try:
+            yield captured
+            done = 0
+            while execute and done < len(captured):
+                captured[done]()
+                done += 1
+        finally:
+            self.captures.remove(captured)
+
+
+class _OneUser:
+    """Who may have a session on the test's connection: only the test's thread, and in it
+    one asyncio task at a time. A DBAPI connection serves one caller; two interleaved
+    units of work would nest each other's SAVEPOINTs (MariaDB: a corrupt protocol)."""
+
+    def __init__(self, fixture: str) -> None:
+        self._fixture = fixture
+        self._thread = threading.get_ident()
+        self._users: list[tuple[asyncio.Task[Any] | None, Any]] = []
+
+    def wrap(self, maker: Any) -> Any:
+        """A callable like ``maker`` that checks the caller before making a session."""
+        return _CheckedMaker(maker, self)
+
+    def admit(self) -> asyncio.Task[Any] | None:
+        """The caller's task if it may have a session now; else raise SharedConnectionError."""
+        if threading.get_ident() != self._thread:
+            raise SharedConnectionError(
+                f"A thread started during the test asked for a session while {self._fixture} "
+                "holds the test's one connection, which one thread at a time can use. Run "
+                f"the work in the test's thread, or drop {self._fixture} and mark the test "
+                "@pytest.mark.dbsession: every thread then gets a session of its own that "
+                "commits for real to the test database."
+            )
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        self._users = [(t, s) for t, s in self._users if not _finished(t, s)]
+        if any(t is not task for t, _ in self._users):
+            raise SharedConnectionError(
+                f"An asyncio task asked for a session while another task's unit of work is "
+                f"open on the test's one connection ({self._fixture}): concurrent units of "
+                "work would interleave their SAVEPOINTs. Await them one after the other in "
+                f"the test, or drop {self._fixture} and mark the test @pytest.mark.dbsession: "
+                "every task then gets a session of its own that commits for real."
+            )
+        return task
+
+    def made(self, task: asyncio.Task[Any] | None, session: Any) -> None:
+        """Remember that ``task`` has ``session`` until it is closed."""
+        self._users.append((task, session))
+
+    def forget(self, session: Any) -> None:
+        """Stop counting ``session`` as a user (the fixture's own, used by the test)."""
+        self._users = [(t, s) for t, s in self._users if s is not session]
+
+
+class _CheckedMaker:
+    """A joined sessionmaker whose sessions only the test's thread and one task get."""
+
+    def __init__(self, maker: Any, users: _OneUser) -> None:
+        self._maker = maker
+        self._users = users
+
+    def __call__(self, **kwargs: Any) -> Any:
+        task = self._users.admit()
+        session = self._maker(**kwargs)
+        self._users.made(task, session)
+        return session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._maker, name)
+
+
+def _finished(task: asyncio.Task[Any] | None, session: Any) -> bool:
+    if task is not None and task.done():
+        return True
+    state = getattr(getattr(session, "sync_session", session), "_close_state", None)
+    return state is not None and state.name == "CLOSED"
+
+
 @pytest.fixture
-def db_session(dbsession_factory: DbSessionFactory) -> Iterator[Session]:
+def _dbsession_hooks() -> _Hooks:
+    """The on_commit hooks of the test's units of work (internal)."""
+    return _Hooks()
+
+
+@pytest.fixture
+def dbsession_capture_on_commit(
+    _dbsession_hooks: _Hooks,
+) -> Callable[..., Any]:
+    """``with dbsession_capture_on_commit(execute=True) as hooks:`` collects the on_commit
+    hooks of the units of work committed in the block (under db_session they never run
+    otherwise), and with ``execute=True`` runs them when the block ends."""
+    return _dbsession_hooks.capture
+
+
+@pytest.fixture
+def db_session(dbsession_factory: DbSessionFactory, _dbsession_hooks: _Hooks) -> Iterator[Session]:
     """A Session in a transaction rolled back after the test; app session_scope()s join it."""
-    yield from _rolled_back_session(dbsession_factory, _as_is)
+    yield from _rolled_back_session(dbsession_factory, _as_is, _dbsession_hooks, "db_session")
 
 
 def _as_is(value: Any) -> Any:
     return value
 
 
-def _rolled_back_session(factory: LazyFactory[Any], run: Callable[[Any], Any]) -> Iterator[Any]:
+def _rolled_back_session(
+    factory: LazyFactory[Any], run: Callable[[Any], Any], hooks: _Hooks, fixture: str
+) -> Iterator[Any]:
     """Yield a session of ``factory`` in an outer transaction on one connection, rolled
     back afterwards, while every session the factory makes joins it (``_joined``).
 
@@ -166,10 +522,14 @@ def _rolled_back_session(factory: LazyFactory[Any], run: Callable[[Any], Any]) -
     coroutine to completion on the plugin's event loop on the async side.
     """
     connection = run(factory._build().engine.connect())
+    users = _OneUser(fixture)
     try:
         run(connection.begin())
-        with factory._joined(connection) as bound:
+        pinned = type(factory)._registry.replaced_by(factory, pinned=True)
+        joined = factory._joined(connection, info={DIVERT_HOOKS_KEY: hooks.divert}, wrap=users.wrap)
+        with pinned, joined as bound:
             session = bound.maker()()
+            users.forget(session)
             try:
                 yield session
             finally:
@@ -195,12 +555,12 @@ def dbsession_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 @pytest.fixture(scope="session")
 def async_dbsession_factory(
-    dbsession_database: URL, dbsession_event_loop: asyncio.AbstractEventLoop
+    dbsession_database: URL,
+    dbsession_event_loop: asyncio.AbstractEventLoop,
+    pytestconfig: pytest.Config,
 ) -> Iterator[AsyncDbSessionFactory]:
-    """An AsyncDbSessionFactory on the prepared test database (its async driver)."""
-    from .asyncio import AsyncDbSessionFactory
-
-    factory = AsyncDbSessionFactory(async_twin(dbsession_database))
+    """The AsyncDbSessionFactory on the prepared test database (its async driver)."""
+    factory = _run_of(pytestconfig).async_default()
     yield factory
     dbsession_event_loop.run_until_complete(factory.dispose())
 
@@ -210,11 +570,15 @@ def async_db_session(
     request: pytest.FixtureRequest,
     async_dbsession_factory: AsyncDbSessionFactory,
     dbsession_event_loop: asyncio.AbstractEventLoop,
+    _dbsession_hooks: _Hooks,
 ) -> Iterator[AsyncSession]:
     """An AsyncSession in a transaction rolled back after the test; app scopes join it."""
     _refuse_foreign_runner(request.node)
     yield from _rolled_back_session(
-        async_dbsession_factory, dbsession_event_loop.run_until_complete
+        async_dbsession_factory,
+        dbsession_event_loop.run_until_complete,
+        _dbsession_hooks,
+        "async_db_session",
     )
 
 
