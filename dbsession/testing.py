@@ -56,7 +56,12 @@ from sqlalchemy.pool import NullPool
 
 from ._config import async_twin, mask_url, resolve_url, sync_twin
 from ._context import DIVERT_HOOKS_KEY, Hook
-from ._errors import DatabaseBlockedError, MigrationsNotFoundError, SharedConnectionError
+from ._errors import (
+    DatabaseBlockedError,
+    MigrationError,
+    MigrationsNotFoundError,
+    SharedConnectionError,
+)
 from ._factory import DbSessionFactory
 from ._lifecycle import LazyFactory
 
@@ -332,7 +337,7 @@ def _migrate_test_database(config: Config, url: URL) -> None:
     env_py = Path(ScriptDirectory.from_config(config).dir) / "env.py"
     source = env_py.read_text(encoding="utf-8") if env_py.is_file() else ""
     if not any(word in source for word in _URL_SOURCES):
-        raise pytest.UsageError(
+        raise MigrationError(
             f"dbsession will not run {env_py}: it reads its database URL from none of "
             "sqlalchemy.url, config.attributes or dbsession's run_env(), so it would "
             "migrate some other database than the test one. Make it read "
@@ -352,7 +357,7 @@ def _migrate_test_database(config: Config, url: URL) -> None:
             os.environ["DATABASE_URL"] = saved
     head = ScriptDirectory.from_config(config).get_current_head()
     if migrations.current(url=url) != head:
-        raise pytest.UsageError(
+        raise MigrationError(
             f"{env_py} ran but the test database {mask_url(url)} is not at the head "
             f"revision {head}: the env.py migrated another database. Make it read "
             "config.get_main_option('sqlalchemy.url') (dbsession sets it to the test URL)."
