@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import Engine
 
@@ -66,6 +66,7 @@ class Binding(Generic[E, M]):
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._joined: dict[bool, M] | None = None
+        self._joined_makers: dict[bool, M] | None = None
 
     def maker(self, *, readonly: bool = False, isolation_level: str | None = None) -> M:
         """The sessionmaker for this kind of scope; ``isolation_level`` already normalized.
@@ -110,19 +111,23 @@ class Binding(Generic[E, M]):
         Every session starts with ``info`` in its ``Session.info``; ``wrap`` may wrap
         each of the two sessionmakers (to check who asks for a session).
         """
+        makers = self._joined_makers
+        if makers is None:  # made once per Binding: a sessionmaker makes a class
+            makers = self._joined_makers = {
+                readonly: self._maker_type(
+                    join_transaction_mode="create_savepoint",
+                    info={GUARD_KEY: 1} if readonly else {},
+                    **self._session_options,
+                )
+                for readonly in (False, True)
+            }
         clone = copy.copy(self)
         clone._makers = {}
         clone._lock = threading.Lock()
-        made = {
-            readonly: self._maker_type(
-                bind=connection,
-                join_transaction_mode="create_savepoint",
-                info={**(info or {}), **({GUARD_KEY: 1} if readonly else {})},
-                **self._session_options,
-            )
-            for readonly in (False, True)
-        }
-        clone._joined = {key: wrap(maker) if wrap else maker for key, maker in made.items()}
+        clone._joined = {}
+        for readonly, maker in makers.items():
+            bound = cast(M, _BoundMaker(maker, connection, info or {}))
+            clone._joined[readonly] = wrap(bound) if wrap else bound
         return clone
 
     def _check_level(self, level: str) -> None:
@@ -134,3 +139,15 @@ class Binding(Generic[E, M]):
                 f"Isolation level {level!r} is not supported by "
                 f"{self._sync_engine.dialect.name}; use one of: {', '.join(sorted(self._levels))}."
             )
+
+
+class _BoundMaker:
+    """A cached joined sessionmaker called with this test's connection and ``info``."""
+
+    def __init__(self, maker: Any, connection: Any, info: dict[str, Any]) -> None:
+        self._maker = maker
+        self._connection = connection
+        self._info = info
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self._maker(bind=self._connection, info=self._info, **kwargs)

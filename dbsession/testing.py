@@ -127,12 +127,12 @@ class _Gated:
     """Mixin of the plugin's factories: they build nothing, and so open no connection,
     unless the running test asked for the database (or the catch is off)."""
 
-    _run: _Run
+    _test_run: _Run
 
     def _build(self, *, replica: bool = False) -> Any:
-        if not self._run.open:
+        if not self._test_run.open:
             raise DatabaseBlockedError(
-                f"{self._run.test or 'Code outside any test'} used the database without "
+                f"{self._test_run.test or 'Code outside any test'} used the database without "
                 "asking for it: the dbsession plugin refuses the process default factory "
                 "there, so nothing can reach the app's own database. Give the test the "
                 "db_session fixture (async_db_session for async code), or mark it "
@@ -159,7 +159,7 @@ class _Run:
         self._stack = ExitStack()
         self.url, self.created = self._choose_url(config)
         self.factory = _TestFactory(sync_twin(self.url))
-        self.factory._run = self
+        self.factory._test_run = self
         self.async_factory: AsyncDbSessionFactory | None = None
         if self.block:
             self._stack.enter_context(
@@ -194,7 +194,7 @@ class _Run:
                 """The plugin's AsyncDbSessionFactory on the test database."""
 
             made = _AsyncTestFactory(async_twin(self.url))
-            made._run = self
+            made._test_run = self
             self.async_factory = made
             if self.block:
                 registry = AsyncDbSessionFactory._registry

@@ -95,8 +95,9 @@ def test_an_app_factory_that_calls_global_init_joins_the_test(db_session, dbsess
     assert factory is dbsession_factory
     with factory.session_scope() as session:
         session.add(toyapp.Item(name="from the app"))
+    factory.run_in_transaction(lambda session: session.add(toyapp.Item(name="retried")))
     DbSessionFactory.global_dispose()  # the app's shutdown leaves the plugin's factory alone
-    assert toyapp.names() == ["from the app"]
+    assert toyapp.names() == ["from the app", "retried"]
     assert dbsession.default_factory() is dbsession_factory
 '''
 
