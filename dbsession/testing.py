@@ -420,71 +420,74 @@ class _Hooks:
 
 
 class _OneUser:
-    """Who may have a session on the test's connection: only the test's thread, and in it
-    one asyncio task at a time. A DBAPI connection serves one caller; two interleaved
-    units of work would nest each other's SAVEPOINTs (MariaDB: a corrupt protocol)."""
+    """Who may have a session on the test's connection: one thread or asyncio task at a
+    time. A DBAPI connection serves one caller; two units of work open at once would
+    interleave their SAVEPOINTs, or their packets (MariaDB: a corrupt protocol). A
+    thread or task that comes while another one's session is open is refused; one that
+    comes after it was closed (a request that FastAPI runs in its thread pool while the
+    test waits for the response) is served."""
 
     def __init__(self, fixture: str) -> None:
         self._fixture = fixture
-        self._thread = threading.get_ident()
-        self._users: list[tuple[asyncio.Task[Any] | None, Any]] = []
+        self._lock = threading.Lock()
+        self._users: list[tuple[_Owner, Any]] = []
 
     def wrap(self, maker: Any) -> Any:
         """A callable like ``maker`` that checks the caller before making a session."""
         return _CheckedMaker(maker, self)
 
-    def admit(self) -> asyncio.Task[Any] | None:
-        """The caller's task if it may have a session now; else raise SharedConnectionError."""
-        if threading.get_ident() != self._thread:
-            raise SharedConnectionError(
-                f"A thread started during the test asked for a session while {self._fixture} "
-                "holds the test's one connection, which one thread at a time can use. Run "
-                f"the work in the test's thread, or drop {self._fixture} and mark the test "
-                "@pytest.mark.dbsession: every thread then gets a session of its own that "
-                "commits for real to the test database."
-            )
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:
-            task = None
-        self._users = [(t, s) for t, s in self._users if not _finished(t, s)]
-        if any(t is not task for t, _ in self._users):
-            raise SharedConnectionError(
-                f"An asyncio task asked for a session while another task's unit of work is "
-                f"open on the test's one connection ({self._fixture}): concurrent units of "
-                "work would interleave their SAVEPOINTs. Await them one after the other in "
-                f"the test, or drop {self._fixture} and mark the test @pytest.mark.dbsession: "
-                "every task then gets a session of its own that commits for real."
-            )
-        return task
-
-    def made(self, task: asyncio.Task[Any] | None, session: Any) -> None:
-        """Remember that ``task`` has ``session`` until it is closed."""
-        self._users.append((task, session))
+    @contextmanager
+    def admitted(self) -> Iterator[Callable[[Any], None]]:
+        """Hold the check while a session is made; the block's callable records it.
+        Raises SharedConnectionError when another thread or task has a session open."""
+        owner = _owner()
+        with self._lock:
+            self._users = [(o, s) for o, s in self._users if not _finished(o, s)]
+            other = next((o for o, _ in self._users if o != owner), None)
+            if other is not None:
+                kind = "thread" if other[0] != owner[0] else "asyncio task"
+                raise SharedConnectionError(
+                    f"A {kind} asked for a session while another {kind}'s unit of work is "
+                    f"open on the test's one connection ({self._fixture}): two at once would "
+                    "interleave on it. Let them run one after the other, or drop "
+                    f"{self._fixture} and mark the test @pytest.mark.dbsession: every "
+                    f"{kind} then gets a session of its own that commits for real."
+                )
+            yield lambda session: self._users.append((owner, session))
 
     def forget(self, session: Any) -> None:
         """Stop counting ``session`` as a user (the fixture's own, used by the test)."""
-        self._users = [(t, s) for t, s in self._users if s is not session]
+        with self._lock:
+            self._users = [(o, s) for o, s in self._users if s is not session]
+
+
+_Owner = tuple[int, "asyncio.Task[Any] | None"]
+
+
+def _owner() -> _Owner:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop running in this thread
+        task = None
+    return threading.get_ident(), task
 
 
 class _CheckedMaker:
-    """A joined sessionmaker whose sessions only the test's thread and one task get."""
+    """A joined sessionmaker whose sessions one thread or task at a time gets."""
 
     def __init__(self, maker: Any, users: _OneUser) -> None:
         self._maker = maker
         self._users = users
 
     def __call__(self, **kwargs: Any) -> Any:
-        task = self._users.admit()
-        session = self._maker(**kwargs)
-        self._users.made(task, session)
+        with self._users.admitted() as record:
+            session = self._maker(**kwargs)
+            record(session)
         return session
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._maker, name)
 
-
-def _finished(task: asyncio.Task[Any] | None, session: Any) -> bool:
+def _finished(owner: _Owner, session: Any) -> bool:
+    task = owner[1]
     if task is not None and task.done():
         return True
     state = getattr(getattr(session, "sync_session", session), "_close_state", None)

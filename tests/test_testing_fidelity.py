@@ -39,9 +39,15 @@ def test_a_read_only_scope_refuses_writes_as_in_production(db_session):
     assert toyapp.names() == ["after"]
 
 
-def test_threads_are_refused_and_leave_the_connection_intact(db_session):
-    toyapp.add_item("before")
+def test_a_thread_is_refused_while_another_ones_unit_of_work_is_open(db_session):
+    inside, release = threading.Event(), threading.Event()
     errors = []
+
+    def hold():
+        with session_scope() as session:
+            session.add(toyapp.Item(name="held"))
+            inside.set()
+            release.wait(30)
 
     def work(name):
         try:
@@ -49,15 +55,23 @@ def test_threads_are_refused_and_leave_the_connection_intact(db_session):
         except SharedConnectionError as error:
             errors.append(error)
 
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(30)
     threads = [threading.Thread(target=work, args=(f"thread {i}",)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    release.set()
+    holder.join()
     assert len(errors) == 4
     assert "@pytest.mark.dbsession" in str(errors[0])
+    worker = threading.Thread(target=toyapp.add_item, args=("one after the other",))
+    worker.start()  # alone, as a web framework's thread pool serves one request
+    worker.join()
     toyapp.add_item("after")
-    assert toyapp.names() == ["after", "before"]
+    assert toyapp.names() == ["after", "held", "one after the other"]
 
 
 def test_on_commit_hooks_do_not_run_unless_captured(db_session, dbsession_capture_on_commit):
