@@ -3,33 +3,40 @@ alternatives, on SQLite and PostgreSQL.
 
 Run: ``python benchmarks/bench_plugin.py`` (``--help`` for sizes and backends).
 
-For each backend a project of ``--tests`` generated tiny tests (insert one row through
-the fixture's session, flush, count the rows) is run by pytest in a subprocess, once
-per variant, the variants interleaved round by round in a shuffled order:
+For each backend, pytest runs (in a subprocess, once per round) a generated project of
+``--tests`` tiny tests per variant, the variants' tests interleaved in a shuffled order
+so that machine noise hits them alike. Each tiny test inserts one row through its
+fixture's session, flushes and counts the rows. The variants:
 
 - ``db_session``: the plugin's fixture (one connection, outer transaction rolled
   back, the factory joined to it for the test).
-- ``hand-written``: the SQLAlchemy docs' recipe, plugin disabled: ``connect()``,
-  ``begin()``, ``Session(bind=connection, join_transaction_mode="create_savepoint")``,
-  then close, rollback, close.
-- ``drop/create``: ``create_all()`` before and ``drop_all()`` after every test.
+- ``hand-written``: the SQLAlchemy docs' recipe: ``connect()``, ``begin()``,
+  ``Session(bind=connection, join_transaction_mode="create_savepoint")``, then
+  close, rollback, close (its engine made once, like the plugin's).
+- ``hand-written, dbsession's engine``: the same recipe on the engine dbsession
+  builds (pool pre-ping, SQLite's explicit BEGIN, its event listeners), which the
+  plugin uses too: the difference between the two hand-written rows is the engine's,
+  the rest is the plugin's.
+- ``drop/create``: ``create_all()`` before and ``drop_all()`` after every test (a
+  table of its own, so it does not disturb the others).
 
-The time per test is measured inside pytest, from the end of the first test to the
-end of the last one (so start-up, collection and the schema preparation of the first
-test are left out), divided by the number of tests; the median over the rounds is
-reported. ``--breakdown`` also times the steps of ``db_session`` in-process.
+A test's cost is what pytest reports for its set-up, call and teardown (fixture work
+and the test body; pytest's own bookkeeping between tests is the same for all and left
+out). The first test of each variant (the schema, the engine) is left out; the table
+gives the median over all rounds. ``--breakdown`` also times the steps of
+``db_session`` in-process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,7 +50,7 @@ from sqlalchemy.pool import NullPool
 PG_URL = os.environ.get(
     "DBSESSION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1/test"
 )
-VARIANTS = ("db_session", "hand-written", "drop/create")
+VARIANTS = ("db_session", "hand-written", "hand-written, dbsession's engine", "drop/create")
 
 MODELS = '''
 from sqlalchemy import String, func, select
@@ -61,60 +68,63 @@ class Row(Base):
     name: Mapped[str] = mapped_column(String(50))
 
 
-def tiny(session):
+class Scratch(DeclarativeBase):
+    pass
+
+
+class ScratchRow(Scratch):
+    __tablename__ = "bench_plugin_scratch"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+def tiny(session, model):
     """The body of every generated test."""
-    session.add(Row(name="x"))
+    session.add(model(name="x"))
     session.flush()
-    assert session.scalar(select(func.count()).select_from(Row)) == 1
+    assert session.scalar(select(func.count()).select_from(model)) == 1
 '''
 
-TIMER = '''
+CONFTEST = """
 import json
-import os
-import time
-
-_marks = []
-
-
-def pytest_runtest_logfinish(nodeid, location):
-    _marks.append(time.perf_counter())
-
-
-def pytest_sessionfinish(session):
-    if len(_marks) > 1:
-        with open(os.environ["BENCH_OUT"], "w") as out:
-            json.dump({"seconds": _marks[-1] - _marks[0], "tests": len(_marks) - 1}, out)
-'''
-
-FIXTURES = {
-    "db_session": '''
-import pytest
-
-
-@pytest.fixture
-def session(db_session):
-    return db_session
-''',
-    "hand-written": '''
 import os
 
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from models import Base
+from dbsession import DbSessionFactory
+from models import Scratch
+
+_costs = {}
+
+
+def pytest_runtest_logreport(report):
+    variant = report.nodeid.rsplit("_", 1)[-1]
+    _costs.setdefault(report.nodeid, [variant, 0.0])[1] += report.duration
+
+
+def pytest_sessionfinish(session):
+    with open(os.environ["BENCH_OUT"], "w") as out:
+        json.dump(list(_costs.values()), out)
 
 
 @pytest.fixture(scope="session")
 def engine():
     engine = create_engine(os.environ["BENCH_URL"])
-    Base.metadata.create_all(engine)
     yield engine
     engine.dispose()
 
 
-@pytest.fixture
-def session(engine):
+@pytest.fixture(scope="session")
+def dbsession_engine():
+    factory = DbSessionFactory(os.environ["BENCH_URL"])
+    yield factory.engine
+    factory.dispose()
+
+
+def recipe(engine):
     connection = engine.connect()
     transaction = connection.begin()
     session = Session(bind=connection, join_transaction_mode="create_savepoint")
@@ -122,72 +132,74 @@ def session(engine):
     session.close()
     transaction.rollback()
     connection.close()
-''',
-    "drop/create": '''
-import os
-
-import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.orm import Session
-
-from models import Base
-
-
-@pytest.fixture(scope="session")
-def engine():
-    engine = create_engine(os.environ["BENCH_URL"])
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
-def session(engine):
-    Base.metadata.create_all(engine)
+def hand_written(engine, dbsession_database):  # the plugin made the schema
+    yield from recipe(engine)
+
+
+@pytest.fixture
+def hand_written_db(dbsession_engine, dbsession_database):
+    yield from recipe(dbsession_engine)
+
+
+@pytest.fixture
+def drop_create(engine):
+    Scratch.metadata.create_all(engine)
     session = Session(engine)
     yield session
     session.close()
-    Base.metadata.drop_all(engine)
-''',
+    Scratch.metadata.drop_all(engine)
+"""
+
+TESTS = {
+    "db_session": "def test_{n}_db(db_session):\n    tiny(db_session, Row)\n",
+    "hand-written": "def test_{n}_hand(hand_written):\n    tiny(hand_written, Row)\n",
+    "hand-written, dbsession's engine": (
+        "def test_{n}_handdb(hand_written_db):\n    tiny(hand_written_db, Row)\n"
+    ),
+    "drop/create": "def test_{n}_drop(drop_create):\n    tiny(drop_create, ScratchRow)\n",
+}
+SUFFIX = {
+    "db": "db_session",
+    "hand": "hand-written",
+    "handdb": "hand-written, dbsession's engine",
+    "drop": "drop/create",
 }
 
 
-def make_project(folder: Path, variant: str, tests: int) -> None:
-    """Write the generated project of one variant into ``folder``."""
-    folder.mkdir(parents=True)
+def make_project(folder: Path, tests: int) -> None:
+    """Write the generated project into ``folder``: ``tests`` tests per variant, shuffled."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "models.py").write_text(MODELS)
-    (folder / "conftest.py").write_text(TIMER + FIXTURES[variant])
-    body = "".join(
-        f"\n\ndef test_{n}(session):\n    tiny(session)\n" for n in range(tests)
-    )
-    (folder / "test_generated.py").write_text("from models import tiny\n" + body)
+    (folder / "conftest.py").write_text(CONFTEST)
+    bodies = [template.format(n=n) for n in range(tests) for template in TESTS.values()]
+    random.shuffle(bodies)
+    header = "from models import Row, ScratchRow, tiny\n"
+    (folder / "test_generated.py").write_text(header + "\n\n".join(["", *bodies]))
     (folder / "pytest.ini").write_text("[pytest]\n")
 
 
-def run_variant(folder: Path, variant: str, url: URL) -> float:
-    """Run one variant's project; return the measured seconds per test."""
+def run_round(folder: Path, url: URL) -> dict[str, list[float]]:
+    """Run the project once; return each variant's per-test costs (seconds), first left out."""
     out = folder / "result.json"
-    env = {
-        **os.environ,
-        "BENCH_OUT": str(out),
-        "BENCH_URL": url.render_as_string(hide_password=False),
-        "PYTHONPATH": str(folder),
-    }
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
-    if variant == "db_session":
-        args += [
-            f"--dbsession-url={url.render_as_string(hide_password=False)}",
-            "--dbsession-schema=create_all",
-            "--dbsession-metadata=models:Base.metadata",
-        ]
-    else:
-        args += ["-p", "no:dbsession"]
+    rendered = url.render_as_string(hide_password=False)
+    env = {**os.environ, "BENCH_OUT": str(out), "BENCH_URL": rendered, "PYTHONPATH": str(folder)}
+    args = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+        f"--dbsession-url={rendered}", "--dbsession-schema=create_all",
+        "--dbsession-metadata=models:Base.metadata",
+    ]  # fmt: skip
     done = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    import json
-
-    result = json.loads(out.read_text())
-    return float(result["seconds"]) / int(result["tests"])
+        raise SystemExit(
+            f"the generated tests failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    costs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for suffix, seconds in json.loads(out.read_text()):
+        costs[SUFFIX[suffix]].append(seconds)
+    return {variant: values[1:] for variant, values in costs.items()}
 
 
 @contextmanager
@@ -229,7 +241,7 @@ def breakdown(url: URL, iterations: int) -> list[tuple[str, float]]:
         hooks = plugin._Hooks()
         t = time.perf_counter()
         gen = plugin._rolled_back_session(factory, plugin._as_is, hooks, "db_session")
-        session = next(gen)
+        next(gen)
         t = timed("db_session: set-up (connect, begin, join, session)", t)
         with session_scope():  # an app scope: a SAVEPOINT
             pass
@@ -259,19 +271,15 @@ def main() -> None:
     options = parser.parse_args()
     for backend in options.backends.split(","):
         with tempfile.TemporaryDirectory() as tmp, backend_database(backend, Path(tmp)) as url:
-            folders = {v: Path(tmp) / v.replace("/", "_") for v in VARIANTS}
-            for variant, folder in folders.items():
-                make_project(folder, variant, options.tests)
             seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for _ in range(options.rounds):
-                order = list(VARIANTS)
-                random.shuffle(order)
-                for variant in order:
-                    seconds[variant].append(run_variant(folders[variant], variant, url))
+                make_project(Path(tmp) / "project", options.tests)
+                for variant, values in run_round(Path(tmp) / "project", url).items():
+                    seconds[variant].extend(values)
             base = statistics.median(seconds["hand-written"])
             print(
-                f"\n### Cost per test on {backend}: {options.tests} generated tests, "
-                f"{options.rounds} rounds; ratio vs hand-written\n"
+                f"\n### Cost per test on {backend}: {options.tests} generated tests per variant, "
+                f"interleaved, {options.rounds} rounds; ratio vs hand-written\n"
             )
             print("| backend | variant | median per test | ratio | note |")
             print("|---|---|---:|---:|---|")

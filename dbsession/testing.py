@@ -494,26 +494,31 @@ def _finished(owner: _Owner, session: Any) -> bool:
     return state is not None and state.name == "CLOSED"
 
 
-@pytest.fixture
-def _dbsession_hooks() -> _Hooks:
-    """The on_commit hooks of the test's units of work (internal)."""
-    return _Hooks()
+_HOOKS = pytest.StashKey[_Hooks]()
+
+
+def _hooks_of(request: pytest.FixtureRequest) -> _Hooks:
+    """The on_commit hooks of the running test's units of work (one object per test)."""
+    stash: pytest.Stash = request.node.stash
+    if _HOOKS not in stash:
+        stash[_HOOKS] = _Hooks()
+    return stash[_HOOKS]
 
 
 @pytest.fixture
-def dbsession_capture_on_commit(
-    _dbsession_hooks: _Hooks,
-) -> Callable[..., Any]:
+def dbsession_capture_on_commit(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """``with dbsession_capture_on_commit(execute=True) as hooks:`` collects the on_commit
     hooks of the units of work committed in the block (under db_session they never run
     otherwise), and with ``execute=True`` runs them when the block ends."""
-    return _dbsession_hooks.capture
+    return _hooks_of(request).capture
 
 
 @pytest.fixture
-def db_session(dbsession_factory: DbSessionFactory, _dbsession_hooks: _Hooks) -> Iterator[Session]:
+def db_session(
+    request: pytest.FixtureRequest, dbsession_factory: DbSessionFactory
+) -> Iterator[Session]:
     """A Session in a transaction rolled back after the test; app session_scope()s join it."""
-    yield from _rolled_back_session(dbsession_factory, _as_is, _dbsession_hooks, "db_session")
+    yield from _rolled_back_session(dbsession_factory, _as_is, _hooks_of(request), "db_session")
 
 
 def _as_is(value: Any) -> Any:
@@ -578,14 +583,13 @@ def async_db_session(
     request: pytest.FixtureRequest,
     async_dbsession_factory: AsyncDbSessionFactory,
     dbsession_event_loop: asyncio.AbstractEventLoop,
-    _dbsession_hooks: _Hooks,
 ) -> Iterator[AsyncSession]:
     """An AsyncSession in a transaction rolled back after the test; app scopes join it."""
     _refuse_foreign_runner(request.node)
     yield from _rolled_back_session(
         async_dbsession_factory,
         dbsession_event_loop.run_until_complete,
-        _dbsession_hooks,
+        _hooks_of(request),
         "async_db_session",
     )
 
