@@ -237,18 +237,19 @@ def breakdown(url: URL, iterations: int) -> list[tuple[str, float]]:
         steps.setdefault(name, []).append(now - start)
         return now
 
+    connections = plugin._Connections()
     for _ in range(iterations):
         hooks = plugin._Hooks()
         t = time.perf_counter()
-        gen = plugin._rolled_back_session(factory, plugin._as_is, hooks, "db_session")
+        gen = plugin._rolled_back_session(factory, plugin._as_is, hooks, "db_session", connections)
         next(gen)
-        t = timed("db_session: set-up (connect, begin, join, session)", t)
+        t = timed("db_session: set-up (begin, join, session)", t)
         with session_scope():  # an app scope: a SAVEPOINT
             pass
         t = timed("db_session: one app session_scope() (SAVEPOINT)", t)
         for _ in gen:
             pass
-        t = timed("db_session: teardown (close, rollback, close)", t)
+        t = timed("db_session: teardown (close, rollback)", t)
         connection = engine.connect()
         transaction = connection.begin()
         plain = Session(bind=connection, join_transaction_mode="create_savepoint")
@@ -257,6 +258,7 @@ def breakdown(url: URL, iterations: int) -> list[tuple[str, float]]:
         transaction.rollback()
         connection.close()
         t = timed("hand-written: teardown (close, rollback, close)", t)
+    connections.release(factory, plugin._as_is)
     factory.dispose()
     return [(name, statistics.median(values) * 1e6) for name, values in steps.items()]
 

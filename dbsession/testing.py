@@ -157,6 +157,7 @@ class _Run:
         self.worker = os.environ.get("PYTEST_XDIST_WORKER")
         self._tmp: str | None = None
         self._stack = ExitStack()
+        self.connections = _Connections()
         self.url, self.created = self._choose_url(config)
         self.factory = _TestFactory(sync_twin(self.url))
         self.factory._test_run = self
@@ -382,9 +383,10 @@ def dbsession_factory(
     dbsession_database: URL, pytestconfig: pytest.Config
 ) -> Iterator[DbSessionFactory]:
     """The DbSessionFactory on the prepared test database, disposed at the end of the run."""
-    factory = _run_of(pytestconfig).factory
-    yield factory
-    factory.dispose()
+    run = _run_of(pytestconfig)
+    yield run.factory
+    run.connections.release(run.factory, _as_is)
+    run.factory.dispose()
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,15 +520,44 @@ def db_session(
     request: pytest.FixtureRequest, dbsession_factory: DbSessionFactory
 ) -> Iterator[Session]:
     """A Session in a transaction rolled back after the test; app session_scope()s join it."""
-    yield from _rolled_back_session(dbsession_factory, _as_is, _hooks_of(request), "db_session")
+    connections = _run_of(request.config).connections
+    yield from _rolled_back_session(
+        dbsession_factory, _as_is, _hooks_of(request), "db_session", connections
+    )
 
 
 def _as_is(value: Any) -> Any:
     return value
 
 
+class _Connections:
+    """The connection each factory's tests run on, kept checked out from one test to the
+    next (each test begins and rolls back its own transaction on it), so a test costs
+    no pool checkout, pre-ping and checkin; replaced if it was closed or invalidated."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, Any] = {}
+
+    def of(self, factory: LazyFactory[Any], run: Callable[[Any], Any]) -> Any:
+        """The connection of ``factory``'s tests (``run`` as in ``_rolled_back_session``)."""
+        held = self._held.get(id(factory))
+        if held is None or held.closed or held.invalidated:
+            held = self._held[id(factory)] = run(factory._build().engine.connect())
+        return held
+
+    def release(self, factory: LazyFactory[Any], run: Callable[[Any], Any]) -> None:
+        """Close ``factory``'s connection (before the factory is disposed)."""
+        held = self._held.pop(id(factory), None)
+        if held is not None:
+            run(held.close())
+
+
 def _rolled_back_session(
-    factory: LazyFactory[Any], run: Callable[[Any], Any], hooks: _Hooks, fixture: str
+    factory: LazyFactory[Any],
+    run: Callable[[Any], Any],
+    hooks: _Hooks,
+    fixture: str,
+    connections: _Connections,
 ) -> Iterator[Any]:
     """Yield a session of ``factory`` in an outer transaction on one connection, rolled
     back afterwards, while every session the factory makes joins it (``_joined``).
@@ -534,12 +565,13 @@ def _rolled_back_session(
     One body for both sides: ``run`` is the identity on the sync side and runs the
     coroutine to completion on the plugin's event loop on the async side.
     """
-    connection = run(factory._build().engine.connect())
+    connection = connections.of(factory, run)
     users = _OneUser(fixture)
     try:
         run(connection.begin())
         pinned = type(factory)._registry.replaced_by(factory, pinned=True)
-        joined = factory._joined(connection, info={DIVERT_HOOKS_KEY: hooks.divert}, wrap=users.wrap)
+        divert = {DIVERT_HOOKS_KEY: hooks.divert}
+        joined = factory._joined(connection, info=divert, wrap=users.wrap)
         with pinned, joined as bound:
             session = bound.maker()()
             users.forget(session)
@@ -548,11 +580,8 @@ def _rolled_back_session(
             finally:
                 run(session.close())
     finally:
-        try:
-            if connection.in_transaction():
-                run(connection.rollback())
-        finally:
-            run(connection.close())
+        if connection.in_transaction():
+            run(connection.rollback())
 
 
 @pytest.fixture(scope="session")
@@ -573,8 +602,10 @@ def async_dbsession_factory(
     pytestconfig: pytest.Config,
 ) -> Iterator[AsyncDbSessionFactory]:
     """The AsyncDbSessionFactory on the prepared test database (its async driver)."""
-    factory = _run_of(pytestconfig).async_default()
+    run = _run_of(pytestconfig)
+    factory = run.async_default()
     yield factory
+    run.connections.release(factory, dbsession_event_loop.run_until_complete)
     dbsession_event_loop.run_until_complete(factory.dispose())
 
 
@@ -591,6 +622,7 @@ def async_db_session(
         dbsession_event_loop.run_until_complete,
         _hooks_of(request),
         "async_db_session",
+        _run_of(request.config).connections,
     )
 
 
