@@ -200,3 +200,30 @@ def test_async_fidelity_concurrent_tasks_read_only_and_hooks(
     pytester.makepyfile(test_concurrent=CONCURRENT_TESTS)
     run_inner(pytester, backend_url, "test_concurrent.py").assert_outcomes(passed=4)
     assert toy_rows(async_toy_project) == 0
+
+
+@pytest.mark.backends("sqlite")  # about the plugin, not the backend
+def test_an_async_test_without_the_database_is_refused(
+    pytester: pytest.Pytester,
+    backend_url: URL,
+    async_toy_project: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app_db = pytester.path / "app-own.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{app_db}")
+    pytester.makepyfile(
+        test_forgot="""
+        import asyncio
+
+        import pytest
+
+        import asynctoyapp
+        from dbsession.errors import DatabaseBlockedError
+
+        def test_forgot_async_db_session():
+            with pytest.raises(DatabaseBlockedError, match="async_db_session"):
+                asyncio.run(asynctoyapp.add_item("forgot"))
+        """
+    )
+    run_inner(pytester, backend_url, "test_forgot.py").assert_outcomes(passed=1)
+    assert not app_db.exists()
