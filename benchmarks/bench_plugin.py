@@ -52,39 +52,32 @@ PG_URL = os.environ.get(
 )
 VARIANTS = ("db_session", "hand-written", "hand-written, dbsession's engine", "drop/create")
 
-MODELS = '''
-from sqlalchemy import String, func, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+TABLE = """
 
-
-class Base(DeclarativeBase):
+class {base}(DeclarativeBase):
     pass
 
 
-class Row(Base):
-    __tablename__ = "bench_plugin_row"
+class {name}({base}):
+    __tablename__ = "{table}"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(50))
 
-
-class Scratch(DeclarativeBase):
-    pass
-
-
-class ScratchRow(Scratch):
-    __tablename__ = "bench_plugin_scratch"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50))
-
-
+"""
+MODELS = (
+    "from sqlalchemy import String, func, select\n"
+    "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column\n"
+    + TABLE.format(base="Base", name="Row", table="bench_plugin_row")
+    + TABLE.format(base="Scratch", name="ScratchRow", table="bench_plugin_scratch")
+    + '''
 def tiny(session, model):
     """The body of every generated test."""
     session.add(model(name="x"))
     session.flush()
     assert session.scalar(select(func.count()).select_from(model)) == 1
 '''
+)
 
 CONFTEST = """
 import json

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
@@ -80,6 +81,19 @@ def test_failing_scope_rolls_back_only_itself(db_session):
     assert toyapp.names() == ["from the test", "kept"]
 """
 
+FIRST_REVISION = textwrap.dedent(
+    """
+    import sqlalchemy as sa
+    from alembic import op
+
+    revision = "0001"
+    down_revision = None
+
+    def upgrade():
+        op.create_table("migrated", sa.Column("id", sa.Integer, primary_key=True))
+    """
+)
+
 CONFTEST = '''
 import pytest
 
@@ -102,6 +116,13 @@ def run_inner(pytester: pytest.Pytester, url: URL, *args: str) -> pytest.RunResu
         "-v",
         *args,
     )
+
+
+def apps_own_database(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point DATABASE_URL at a SQLite file of the app's own (not created); return its path."""
+    path = pytester.path / "app-own.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
+    return path
 
 
 def toy_rows(engine: Engine) -> int:
@@ -210,20 +231,7 @@ def test_schema_from_the_projects_migrations_when_it_has_them(
     (pytester.path / "migrations" / "env.py").write_text(
         "from dbsession.migrations import run_env\nrun_env()\n"
     )
-    (versions / "0001_first.py").write_text(
-        textwrap.dedent(
-            """
-            import sqlalchemy as sa
-            from alembic import op
-
-            revision = "0001"
-            down_revision = None
-
-            def upgrade():
-                op.create_table("migrated", sa.Column("id", sa.Integer, primary_key=True))
-            """
-        )
-    )
+    (versions / "0001_first.py").write_text(FIRST_REVISION)
     pytester.makepyfile(
         test_migrated="""
         from sqlalchemy import text

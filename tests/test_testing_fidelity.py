@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, Engine
-from test_testing import TOY_APP, run_inner, toy_rows, toy_table_dropped_after
+from test_testing import (
+    FIRST_REVISION,
+    TOY_APP,
+    apps_own_database,
+    run_inner,
+    toy_rows,
+    toy_table_dropped_after,
+)
 
 pytest_plugins = ["pytester"]
 
@@ -165,8 +172,7 @@ def test_the_safety_catch_keeps_tests_away_from_the_apps_database(
     toy_app: Engine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    app_db = pytester.path / "app-own.db"
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{app_db}")
+    app_db = apps_own_database(pytester, monkeypatch)
     pytester.makepyfile(test_safety=SAFETY_TESTS)
     run_inner(pytester, backend_url).assert_outcomes(passed=3)
     assert not app_db.exists()
@@ -196,20 +202,7 @@ def _stock_alembic_project(pytester: pytest.Pytester, developer_url: str) -> Non
     ini = pytester.path / "alembic.ini"
     command.init(Config(str(ini)), str(pytester.path / "migrations"), template="generic")
     ini.write_text(ini.read_text().replace("driver://user:pass@localhost/dbname", developer_url))
-    (pytester.path / "migrations" / "versions" / "0001_first.py").write_text(
-        textwrap.dedent(
-            """
-            import sqlalchemy as sa
-            from alembic import op
-
-            revision = "0001"
-            down_revision = None
-
-            def upgrade():
-                op.create_table("migrated", sa.Column("id", sa.Integer, primary_key=True))
-            """
-        )
-    )
+    (pytester.path / "migrations" / "versions" / "0001_first.py").write_text(FIRST_REVISION)
     pytester.makepyfile(
         test_migrated="""
         from sqlalchemy import text

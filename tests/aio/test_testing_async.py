@@ -9,7 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.engine import URL, Engine
-from test_testing import TOY_APP, run_inner, toy_rows, toy_table_dropped_after
+from test_testing import (
+    TOY_APP,
+    apps_own_database,
+    run_inner,
+    toy_rows,
+    toy_table_dropped_after,
+)
 
 from .conftest import _require_async_drivers
 
@@ -209,8 +215,7 @@ def test_an_async_test_without_the_database_is_refused(
     async_toy_project: Engine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    app_db = pytester.path / "app-own.db"
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{app_db}")
+    app_db = apps_own_database(pytester, monkeypatch)
     pytester.makepyfile(
         test_forgot="""
         import asyncio
