@@ -169,7 +169,7 @@ class _Run:
 
     def _choose_url(self, config: pytest.Config) -> tuple[URL, bool]:
         """The test URL, and whether the plugin must create (and drop) that database."""
-        given = config.getoption("dbsession_url") or os.environ.get(URL_ENV)
+        given = _given_url(config)
         if not given:
             self._tmp = tempfile.mkdtemp(prefix="dbsession-")
             return URL.create("sqlite", database=str(Path(self._tmp) / "test.db")), False
@@ -217,15 +217,30 @@ def _run_of(config: pytest.Config) -> _Run:
     return config.stash[_RUN]
 
 
+def _given_url(config: pytest.Config) -> str | None:
+    """--dbsession-url (also before the command line is fully parsed), else DBSESSION_TEST_URL."""
+    early = getattr(config, "known_args_namespace", None)
+    given = config.getoption("dbsession_url", None) or getattr(early, "dbsession_url", None)
+    return str(given) if given else os.environ.get(URL_ENV)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Choose the test URL and, with the catch on, pin the plugin's factory as the process
+    default before the first conftest.py is imported (an app made at import included)."""
+    if _RUN not in early_config.stash:
+        early_config.stash[_RUN] = _Run(early_config)
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the mark; choose the test URL; with the catch on, pin the plugin's factory
-    as the process default so that nothing reaches the app's own database."""
+    """Register the mark; set up the run if no conftest loading did (``-p dbsession``)."""
     config.addinivalue_line(
         "markers",
         f"{MARK}: the test uses the test database without db_session (its work commits "
         "for real there); without it, or a database fixture, the process default is refused",
     )
-    config.stash[_RUN] = _Run(config)
+    if _RUN not in config.stash:
+        config.stash[_RUN] = _Run(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -269,7 +284,7 @@ def dbsession_url(pytestconfig: pytest.Config) -> Iterator[URL]:
             run.factory.dispose()
             Path(run.url.database).unlink(missing_ok=True)
         return
-    given = resolve_url(pytestconfig.getoption("dbsession_url") or os.environ[URL_ENV])[0]
+    given = resolve_url(_given_url(pytestconfig))[0]
     admin = create_engine(sync_twin(given), poolclass=NullPool, isolation_level="AUTOCOMMIT")
     name = admin.dialect.identifier_preparer.quote(str(run.url.database))
     try:

@@ -158,6 +158,12 @@ def test_global_init_with_the_apps_url_is_refused_too():
             pass
 
 
+def test_a_factory_made_while_conftest_was_imported_is_the_plugins(db_session, dbsession_factory):
+    from conftest import APP_FACTORY
+
+    assert APP_FACTORY is dbsession_factory
+
+
 @pytest.mark.dbsession
 def test_a_marked_test_commits_for_real_to_the_test_database(dbsession_database):
     toyapp.add_item("marked")
@@ -174,7 +180,14 @@ def test_the_safety_catch_keeps_tests_away_from_the_apps_database(
 ) -> None:
     app_db = apps_own_database(pytester, monkeypatch)
     pytester.makepyfile(test_safety=SAFETY_TESTS)
-    run_inner(pytester, backend_url).assert_outcomes(passed=3)
+    pytester.makeconftest(
+        """
+        from dbsession import DbSessionFactory
+
+        APP_FACTORY = DbSessionFactory.global_init()  # an app made at import: DATABASE_URL
+        """
+    )
+    run_inner(pytester, backend_url).assert_outcomes(passed=4)
     assert not app_db.exists()
     assert toy_rows(toy_app) == 1  # the marked test's row: it committed for real
 
