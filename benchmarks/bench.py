@@ -40,7 +40,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager, cont
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import MetaData, String, create_engine, event, insert, select, text
+from sqlalchemy import MetaData, String, create_engine, event, func, insert, select, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -51,6 +51,9 @@ from dbsession import NAMING_CONVENTION, DbSessionFactory
 
 PG_URL = os.environ.get(
     "DBSESSION_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1/test"
+)
+MARIADB_URL = os.environ.get(
+    "DBSESSION_BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
 )
 INSERT_SQL = {
     "sqlite": "INSERT INTO bench_row (name, value) VALUES (?, ?)",
@@ -70,6 +73,14 @@ class Row(BenchBase):
     __tablename__ = "bench_row"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(40))
+    value: Mapped[int]
+
+
+class Counter(BenchBase):
+    """A hot row for the lost-update table."""
+
+    __tablename__ = "bench_counter"
+    id: Mapped[int] = mapped_column(primary_key=True)
     value: Mapped[int]
 
 
@@ -162,6 +173,7 @@ def backends(names: list[str]) -> Iterator[list[Backend]]:
     made: list[Backend] = []
     with tempfile.TemporaryDirectory() as folder:
         admin: Engine | None = None
+        maria: Engine | None = None
         name = f"dbsession_bench_{uuid.uuid4().hex[:8]}"
         try:
             for backend in names:
@@ -174,8 +186,18 @@ def backends(names: list[str]) -> Iterator[list[Backend]]:
                     with admin.connect() as conn:
                         conn.execute(text(f"CREATE DATABASE {name}"))
                     made.append(Backend(backend, make_url(PG_URL).set(database=name)))
+                elif backend == "mariadb":
+                    maria = create_engine(
+                        MARIADB_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool
+                    )
+                    with maria.connect() as conn:
+                        conn.execute(text(f"CREATE DATABASE {name}"))
+                    made.append(Backend(backend, make_url(MARIADB_URL).set(database=name)))
             yield made
         finally:
+            if maria is not None:
+                with maria.connect() as conn:
+                    conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
             if admin is not None:
                 with admin.connect() as conn:
                     conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -489,6 +511,17 @@ def bench_bulk(backend: Backend, rows: int, rounds: int) -> None:
     factory.dispose()
 
 
+def run_threads(target: Callable[[int], None], threads: int) -> float:
+    """Run ``target(0)`` ... ``target(threads - 1)`` in threads at once; wall seconds."""
+    workers = [threading.Thread(target=target, args=(n,)) for n in range(threads)]
+    start = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - start
+
+
 # --- concurrent writers --------------------------------------------------------------------
 
 
@@ -521,13 +554,7 @@ def bench_writers(backend: Backend, threads: int, per_thread: int) -> None:
                 except OperationalError as error:
                     errors.append(error)
 
-        workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
-        start = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        elapsed = time.perf_counter() - start
+        elapsed = run_threads(writer, threads)
         total = threads * per_thread
         results.append(
             (
@@ -601,20 +628,556 @@ def bench_startup(backend_list: list[Backend], rounds: int) -> None:
     table("First scope in a fresh interpreter, after the imports", rows)
 
 
+# --- against SQLAlchemy's defaults, and other wrappers ---------------------------------------
+
+UNITS = ("get", "insert", "read-modify-write")
+SEED = 100
+
+
+def unit_body(kind: str, session: Session, i: int) -> None:
+    """One unit of work's body: a lookup by key, a new row, or a read-modify-write."""
+    if kind == "insert":
+        session.add(Row(name=f"d{i}", value=i))
+        return
+    row = session.get(Row, i % SEED + 1)
+    assert row is not None
+    if kind == "get":
+        assert row.name
+    else:
+        row.value += 1
+
+
+def seed(engine: Any) -> None:
+    """The rows ``unit_body`` reads: ids 1 to SEED (whatever ran on the table before)."""
+    BenchBase.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        have = set(session.scalars(select(Row.id).where(Row.id <= SEED)))
+        session.add_all(
+            Row(id=i, name=f"seed{i}", value=0) for i in range(1, SEED + 1) if i not in have
+        )
+        session.flush()
+        if engine.dialect.name == "postgresql":  # explicit ids do not move the sequence
+            session.execute(
+                text(
+                    "SELECT setval(pg_get_serial_sequence('bench_row', 'id'), "
+                    "(SELECT max(id) FROM bench_row))"
+                )
+            )
+
+
+Scope = Callable[[], AbstractContextManager[Session]]
+
+
+def wrappers(backend: Backend) -> tuple[dict[str, Scope], Callable[[], None]]:
+    """Every way to open one unit of work on ``backend`` out of the box: dbsession,
+    SQLAlchemy's defaults, and (if installed: the ``bench`` extra) Flask-SQLAlchemy,
+    SQLModel and advanced-alchemy as their docs show. Returns them and a closer."""
+    factory = backend.dbsession()
+    seed(factory.engine)
+    bare = sessionmaker(create_engine(backend.url))
+    seed(bare.kw["bind"])
+    scopes: dict[str, Scope] = {
+        "sqlalchemy (defaults)": bare.begin,
+        "dbsession session_scope()": factory.session_scope,
+    }
+    closers: list[Callable[[], None]] = [factory.dispose, bare.kw["bind"].dispose]
+    url = backend.url.render_as_string(hide_password=False)
+    try:
+        from flask import Flask
+        from flask_sqlalchemy import SQLAlchemy
+    except ImportError:
+        pass
+    else:
+        app = Flask("bench")
+        app.config["SQLALCHEMY_DATABASE_URI"] = url
+        db = SQLAlchemy(app)
+        with app.app_context():
+            seed(db.engine)
+            closers.append(db.engine.dispose)
+
+        @contextmanager
+        def flask_request() -> Iterator[Session]:
+            with app.app_context():  # one request: session removed at teardown
+                yield db.session
+                db.session.commit()
+
+        scopes["Flask-SQLAlchemy (app context)"] = flask_request
+    try:
+        import sqlmodel
+    except ImportError:
+        pass
+    else:
+        sm_engine = sqlmodel.create_engine(url)
+        seed(sm_engine)
+        closers.append(sm_engine.dispose)
+
+        @contextmanager
+        def sqlmodel_session() -> Iterator[Session]:
+            with sqlmodel.Session(sm_engine) as session:
+                yield session
+                session.commit()
+
+        scopes["SQLModel Session"] = sqlmodel_session
+    try:
+        from advanced_alchemy.config import SQLAlchemySyncConfig
+    except ImportError:
+        pass
+    else:
+        config = SQLAlchemySyncConfig(connection_string=url)
+        seed(config.get_engine())
+        closers.append(config.get_engine().dispose)
+
+        @contextmanager
+        def aa_session() -> Iterator[Session]:
+            with config.get_session() as session:
+                yield session
+                session.commit()
+
+        scopes["advanced-alchemy get_session()"] = aa_session
+
+    def close() -> None:
+        for closer in closers:
+            closer()
+
+    return scopes, close
+
+
+def interleave_cpu(
+    variants: dict[str, Callable[[], None]], count: int, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Like ``interleave``: median wall and CPU (process) seconds per operation."""
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    cpus: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            gc.collect()
+            wall, cpu = time.perf_counter(), time.process_time()
+            variants[name]()
+            walls[name].append((time.perf_counter() - wall) / count)
+            cpus[name].append((time.process_time() - cpu) / count)
+    return {n: (statistics.median(walls[n]), statistics.median(cpus[n])) for n in variants}
+
+
+def bench_defaults(backend: Backend, count: int, rounds: int) -> None:
+    """session_scope() (and the other wrappers) against plain create_engine(url) + Session."""
+    scopes, close = wrappers(backend)
+    rows = []
+    for kind in UNITS:
+        variants: dict[str, Callable[[], None]] = {}
+        for name, scope in scopes.items():
+
+            def run(scope: Scope = scope, kind: str = kind) -> None:
+                for i in range(count):
+                    with scope() as session:
+                        unit_body(kind, session, i)
+
+            variants[name] = run
+        for variant in variants.values():
+            variant()  # warm-up
+        medians = interleave_cpu(variants, count, rounds)
+        wall0, cpu0 = medians["sqlalchemy (defaults)"]
+        for name, (wall, cpu) in medians.items():
+            rows.append((kind, name, wall, wall / wall0, cpu, cpu / cpu0))
+    print(
+        f"\n### Against SQLAlchemy's defaults on {backend.label}: {count} units per round, "
+        f"{rounds} rounds interleaved; ratios vs `create_engine(url)` + `Session.begin()`\n"
+    )
+    print("| unit | variant | wall | wall ratio | CPU | CPU ratio |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kind, name, wall, wall_ratio, cpu, cpu_ratio in rows:
+        print(
+            f"| {kind} | {name} | {wall * 1e6:,.0f} µs | {wall_ratio:.3f}x | "
+            f"{cpu * 1e6:,.0f} µs | {cpu_ratio:.3f}x |"
+        )
+    sys.stdout.flush()
+    close()
+
+
+# --- instruction counts (callgrind) ---------------------------------------------------------
+
+INSTR_VARIANTS = {
+    "sqlalchemy (defaults)": "bare",
+    "sqlalchemy (defaults) + BEGIN IMMEDIATE ... COMMIT": "bare-tx",
+    "dbsession session_scope()": "dbsession",
+    "dbsession session_scope(readonly=True)": "dbsession-ro",
+}
+
+
+CALLGRIND_C = """
+#include <valgrind/callgrind.h>
+void cg_zero(void) { CALLGRIND_ZERO_STATS; }
+void cg_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+"""
+
+
+def instr_scope(variant: str, url: str) -> Scope:
+    """The scope of one instruction-count variant, on a seeded database."""
+    if variant.startswith("dbsession"):
+        factory = DbSessionFactory(url)
+        seed(factory.engine)
+        if variant == "dbsession-ro":
+            return lambda: factory.session_scope(readonly=True)
+        return factory.session_scope
+    engine = create_engine(url)
+    if variant == "bare-tx":  # the honest transaction pysqlite leaves out, at driver cost
+
+        @event.listens_for(engine, "connect")
+        def manual(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def begin(connection: Any) -> None:
+            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
+
+    seed(engine)
+    return sessionmaker(engine).begin
+
+
+def instr_worker(library: str, url: str, count: int, jobs: list[str]) -> None:
+    """Under callgrind: for each ``kind:variant`` job, warm up, zero the counters, run
+    ``count`` units and dump the counts labelled with the job (one process, start-up
+    paid once)."""
+    import ctypes
+
+    marks = ctypes.CDLL(library)
+    for job in jobs:
+        kind, variant = job.split(":")
+        scope = instr_scope(variant, url)
+        for i in range(30):
+            with scope() as session:
+                unit_body(kind, session, i)
+        marks.cg_zero()
+        for i in range(count):
+            with scope() as session:
+                unit_body(kind, session, i)
+        marks.cg_dump(job.encode())
+
+
+def bench_instructions(
+    count: int, compare_with: str | None, backend: Backend | None = None
+) -> None:
+    """Instructions per unit of work, counted by callgrind around ``count`` units of each
+    variant after a warm-up (only this client process: the server's work is not
+    counted). ``compare_with``: another checkout of dbsession (say main's), counted the
+    same way in a process of its own, for now-vs-then."""
+    folder = tempfile.mkdtemp(prefix="dbsession-callgrind-")
+    library = os.path.join(folder, "marks.so")
+    source = os.path.join(folder, "marks.c")
+    with open(source, "w") as file:
+        file.write(CALLGRIND_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", library, source], check=True)
+    url = "sqlite://" if backend is None else backend.url.render_as_string(hide_password=False)
+    label = "SQLite in memory" if backend is None else backend.label
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {"": (here, list(INSTR_VARIANTS.values()))}
+    if compare_with:
+        runs[" (compared checkout)"] = (compare_with, ["dbsession", "dbsession-ro"])
+    counts: dict[tuple[str, str], float] = {}
+    for suffix, (path, variants) in runs.items():
+        jobs = [
+            f"{kind}:{variant}"
+            for kind in UNITS
+            for variant in variants
+            if (variant != "dbsession-ro" or kind == "get")
+            and (backend is None or variant in ("bare", "dbsession"))
+        ]
+        out = os.path.join(folder, f"run{len(counts)}.out")
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                os.path.abspath(__file__),
+                "--instr-worker",
+                library,
+                url,
+                str(count),
+                *jobs,
+            ],
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": path},
+            check=True,
+        )
+        for dump in sorted(os.listdir(folder)):
+            if not dump.startswith(os.path.basename(out) + "."):
+                continue
+            text_ = open(os.path.join(folder, dump)).read()
+            job = next((j for j in jobs if f"Client Request: {j}\n" in text_), None)
+            total = next(
+                (line.split()[1] for line in text_.splitlines() if line.startswith("summary:")),
+                None,
+            )
+            if job and total:
+                kind, variant = job.split(":")
+                counts[(kind, variant + suffix)] = int(total) / count
+            os.remove(os.path.join(folder, dump))
+    names = {v: n for n, v in INSTR_VARIANTS.items()}
+    print(
+        f"\n### Instructions per unit of work on {label} (callgrind, {count} units after "
+        "a warm-up); ratio vs sqlalchemy (defaults)\n"
+    )
+    print("| unit | variant | instructions | ratio |")
+    print("|---|---|---:|---:|")
+    for (kind, variant), value in counts.items():
+        base = counts[(kind, "bare")]
+        plain = variant.split(" (")[0]
+        name = names[plain] + variant[len(plain) :]
+        print(f"| {kind} | {name} | {value:,.0f} | {value / base:.3f}x |")
+    sys.stdout.flush()
+
+
+# --- bulk_insert ----------------------------------------------------------------------------
+
+
+def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> None:
+    """dbsession.bulk_insert against the documented executemany path, same scope."""
+    from dbsession._bulk import bulk_insert
+
+    factory = backend.dbsession()
+    BenchBase.metadata.create_all(factory.engine)
+    data = [{"name": f"b\\t{i}\\n", "value": i} for i in range(rows)]
+
+    def timed(body: Callable[[Session], Any]) -> Variant:
+        def run() -> float:
+            with factory.session_scope() as session:
+                session.execute(text("DELETE FROM bench_row"))
+            start = time.perf_counter()
+            with factory.session_scope() as session:
+                body(session)
+            elapsed = time.perf_counter() - start
+            with factory.session_scope() as session:
+                assert session.scalar(text("SELECT COUNT(*) FROM bench_row")) == rows
+            return elapsed
+
+        return run
+
+    variants = {
+        "session.execute(insert(Table), rows) (executemany)": timed(
+            lambda session: session.execute(insert(Row.__table__), data)
+        ),
+        "bulk_insert(session, Table, rows)": timed(
+            lambda session: bulk_insert(session, Row.__table__, data)
+        ),
+    }
+    medians = interleave(variants, rounds)
+    baseline = "session.execute(insert(Table), rows) (executemany)"
+    table(
+        f"bulk_insert of {rows:,} rows inside session_scope() on {backend.label}, "
+        f"{rounds} rounds; ratio vs executemany",
+        [
+            (backend.label, n, v, r, f"{medians[baseline] / v:.1f}x faster" if r < 1 else "")
+            for n, v, r in ratios(medians, baseline)
+        ],
+    )
+    with factory.session_scope() as session:  # the seeded rows, for the sections after
+        session.execute(text("DELETE FROM bench_row"))
+    seed(factory.engine)
+    factory.dispose()
+
+
+# --- pool size ------------------------------------------------------------------------------
+
+
+def bench_pool(backend: Backend, threads: int, per_thread: int, rounds: int) -> None:
+    """Bursts of ``threads`` threads doing get units at once, with a quiet moment between
+    bursts (as between a web app's peaks), on one factory per pool: units per second, and
+    connections opened over all the bursts, with SQLAlchemy's pool (5 + 10 overflow)
+    and dbsession's (10 + 5). Overflow connections are closed when they come back to a
+    full pool, so each burst above the pool size reopens them."""
+    pools = {
+        "5 + 10 overflow (SQLAlchemy's default)": {"pool_size": 5, "max_overflow": 10},
+        "10 + 5 overflow (dbsession's default)": {},
+    }
+    factories = {name: DbSessionFactory(backend.url, **options) for name, options in pools.items()}
+    opened: dict[str, list[int]] = {name: [] for name in pools}
+    rates: dict[str, list[float]] = {name: [] for name in pools}
+    for name, factory in factories.items():
+        seed(factory.engine)
+        event.listen(factory.engine, "connect", lambda *_, seen=opened[name]: seen.append(1))
+    for _ in range(rounds):
+        for name in random.sample(list(pools), len(pools)):
+            factory = factories[name]
+            start = threading.Barrier(threads)
+
+            def work(number: int, factory: DbSessionFactory = factory, start: Any = start) -> None:
+                start.wait()
+                for i in range(per_thread):
+                    with factory.session_scope() as session:
+                        unit_body("get", session, i)
+
+            rates[name].append(threads * per_thread / run_threads(work, threads))
+    print(
+        f"\n### Pool: {rounds} bursts of {threads} threads x {per_thread} get units on "
+        f"{backend.label}, one factory per pool\n"
+    )
+    print("| backend | pool | units/s (median burst) | connections opened, all bursts |")
+    print("|---|---|---:|---:|")
+    for name in pools:
+        print(
+            f"| {backend.label} | {name} | {statistics.median(rates[name]):,.0f} "
+            f"| {len(opened[name])} |"
+        )
+        factories[name].dispose()
+    sys.stdout.flush()
+
+
+# --- lost updates ---------------------------------------------------------------------------
+
+
+def bench_lost_updates(backend: Backend, threads: int, per_thread: int, hot: int) -> None:
+    """``threads`` threads each add 1 to a random one of ``hot`` rows ``per_thread`` times
+    (read, then write): how many increments were lost, how many units failed."""
+    factory = backend.dbsession()
+    BenchBase.metadata.create_all(factory.engine)
+    bare = sessionmaker(create_engine(backend.url))
+
+    def increment(session: Session, key: int, lock: bool) -> None:
+        counter = session.get(Counter, key, with_for_update=lock)
+        assert counter is not None
+        counter.value += 1
+
+    attempts: list[int] = []
+
+    def serializable(session: Session, key: int) -> None:
+        attempts.append(1)
+        increment(session, key, False)
+
+    patterns: dict[str, Callable[[int], None]] = {}
+
+    def scoped(make: Scope, lock: bool) -> Callable[[int], None]:
+        def one(key: int) -> None:
+            with make() as session:
+                increment(session, key, lock)
+
+        return one
+
+    patterns["sqlalchemy (defaults)"] = scoped(bare.begin, False)
+    patterns["session_scope()"] = scoped(factory.session_scope, False)
+    patterns["session_scope() + with_for_update()"] = scoped(factory.session_scope, True)
+    patterns["run_in_transaction(isolation_level='SERIALIZABLE')"] = lambda key: (
+        factory.run_in_transaction(serializable, key, isolation_level="SERIALIZABLE")
+    )
+    rows = []
+    for name, one in patterns.items():
+        with factory.session_scope() as session:
+            session.execute(text("DELETE FROM bench_counter"))
+            session.add_all(Counter(id=k, value=0) for k in range(1, hot + 1))
+        attempts.clear()
+        done: list[int] = []
+        errors: list[str] = []
+
+        def work(
+            number: int,
+            one: Callable[[int], None] = one,
+            done: list[int] = done,
+            errors: list[str] = errors,
+        ) -> None:
+            pick = random.Random(number)
+            for _ in range(per_thread):
+                try:
+                    one(pick.randint(1, hot))
+                    done.append(1)
+                except Exception as error:  # counted: lock errors, exhausted retries
+                    errors.append(type(error).__name__)
+
+        elapsed = run_threads(work, threads)
+        with factory.session_scope(readonly=True) as session:
+            total = session.scalar(select(func.sum(Counter.value))) or 0
+        retries = len(attempts) - len(done) if attempts else 0
+        kinds = ", ".join(sorted(set(errors)))
+        rows.append(
+            (name, len(done), len(done) - total, len(errors), kinds, retries, len(done) / elapsed)
+        )
+    print(
+        f"\n### Lost updates: {threads} threads x {per_thread} read-modify-write units on "
+        f"{hot} hot rows, {backend.label}\n"
+    )
+    print("| backend | pattern | committed | lost updates | failed units | retries | units/s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, committed, lost, failed, kinds, retries, rate in rows:
+        shown = f"{failed} ({kinds})" if failed else "0"
+        print(
+            f"| {backend.label} | {name} | {committed} | {lost} | {shown} | {retries} "
+            f"| {rate:,.0f} |"
+        )
+    sys.stdout.flush()
+    bare.kw["bind"].dispose()
+    factory.dispose()
+
+
+# --- the pytest plugin's per-test cost ------------------------------------------------------
+
+
+def bench_plugin(backend: Backend, count: int, rounds: int) -> None:
+    """The plugin's db_session set-up and tear-down around one insert, against the
+    savepoint fixture of SQLAlchemy's docs ("Joining a Session into an External Transaction")."""
+    from dbsession.testing import _as_is, _rolled_back_session
+
+    factory = backend.dbsession()
+    BenchBase.metadata.create_all(factory.engine)
+    engine = factory.engine
+
+    def plugin() -> float:
+        start = time.perf_counter()
+        for i in range(count):
+            fixture = _rolled_back_session(factory, _as_is)
+            session = next(fixture)
+            unit_body("insert", session, i)
+            session.flush()
+            fixture.close()
+        return (time.perf_counter() - start) / count
+
+    def recipe() -> float:
+        start = time.perf_counter()
+        for i in range(count):
+            connection = engine.connect()
+            transaction = connection.begin()
+            session = Session(bind=connection, join_transaction_mode="create_savepoint")
+            unit_body("insert", session, i)
+            session.flush()
+            session.close()
+            transaction.rollback()
+            connection.close()
+        return (time.perf_counter() - start) / count
+
+    variants = {"SQLAlchemy docs savepoint fixture": recipe, "dbsession db_session": plugin}
+    for variant in variants.values():
+        variant()
+    medians = interleave(variants, rounds)
+    table(
+        f"Per-test cost of the pytest plugin on {backend.label} (set-up, one insert, "
+        f"tear-down), {count} per round, {rounds} rounds; ratio vs the docs' fixture",
+        [
+            (backend.label, n, v, r, "target <= 1.1x" * (n == "dbsession db_session"))
+            for n, v, r in ratios(medians, "SQLAlchemy docs savepoint fixture")
+        ],
+    )
+    factory.dispose()
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--instr-worker"]:
+        instr_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--backends",
-        default="sqlite-memory,sqlite-file,postgresql",
-        help="comma-separated: sqlite-memory, sqlite-file, postgresql",
+        default="sqlite-memory,sqlite-file,postgresql,mariadb",
+        help="comma-separated: sqlite-memory, sqlite-file, postgresql, mariadb",
     )
     parser.add_argument(
         "--only",
-        default="uow,async,bulk,writers,startup",
-        help="comma-separated sections: uow, async, bulk, writers, startup",
+        default="defaults,instr,bulkpath,pool,lost,plugin,uow,async,bulk,writers,startup",
+        help="comma-separated sections: defaults (vs SQLAlchemy's defaults and other "
+        "wrappers), instr (callgrind instruction counts, SQLite memory), instr-servers "
+        "(the same, client side, on the servers; not in the default run), bulkpath "
+        "(bulk_insert), pool, lost (lost updates), plugin, uow, async, bulk, writers, startup",
     )
     parser.add_argument("--uow", type=int, default=300, help="units of work per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds per measurement")
@@ -622,6 +1185,15 @@ def main() -> None:
     parser.add_argument("--bulk-rounds", type=int, default=3)
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--writes", type=int, default=100, help="units per writer thread")
+    parser.add_argument("--hot-rows", type=int, default=4, help="rows of the lost-update table")
+    parser.add_argument(
+        "--instr-units", type=int, default=200, help="units per variant counted by callgrind"
+    )
+    parser.add_argument(
+        "--instr-compare",
+        default=None,
+        help="another dbsession checkout (a folder for PYTHONPATH) to count the same way",
+    )
     args = parser.parse_args()
     sections = set(args.only.split(","))
     import sqlalchemy
@@ -630,13 +1202,28 @@ def main() -> None:
         f"Python {sys.version.split()[0]}, SQLAlchemy {sqlalchemy.__version__}, "
         f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs"
     )
+    if "instr" in sections:
+        bench_instructions(args.instr_units, args.instr_compare)
     with backends(args.backends.split(",")) as backend_list:
         for backend in backend_list:
-            if "uow" in sections:
+            classic = backend.label != "mariadb"  # sections with a raw-driver baseline
+            if "instr-servers" in sections and backend.dialect != "sqlite":
+                bench_instructions(args.instr_units, args.instr_compare, backend)
+            if "defaults" in sections:
+                bench_defaults(backend, args.uow, args.rounds)
+            if "plugin" in sections:
+                bench_plugin(backend, args.uow, args.rounds)
+            if "bulkpath" in sections and backend.label != "sqlite-memory":
+                bench_bulk_insert(backend, args.bulk_rows, args.bulk_rounds)
+            if "pool" in sections and backend.label != "sqlite-memory":
+                bench_pool(backend, args.writers, args.writes, args.rounds)
+            if "lost" in sections and backend.label != "sqlite-memory":
+                bench_lost_updates(backend, args.writers, args.writes // 2, args.hot_rows)
+            if "uow" in sections and classic:
                 bench_unit_of_work(backend, args.uow, args.rounds)
-            if "async" in sections and backend.label != "sqlite-memory":
+            if "async" in sections and classic and backend.label != "sqlite-memory":
                 bench_async_unit_of_work(backend, args.uow, args.rounds)
-            if "bulk" in sections:
+            if "bulk" in sections and classic:
                 bench_bulk(backend, args.bulk_rows, args.bulk_rounds)
             if "writers" in sections and backend.label != "sqlite-memory":
                 bench_writers(backend, args.writers, args.writes)

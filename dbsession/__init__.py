@@ -15,6 +15,8 @@ from typing import Any
 from . import errors as _public_errors
 from ._base import NAMING_CONVENTION as NAMING_CONVENTION
 from ._base import Base as Base
+from ._bulk import bulk_insert as bulk_insert
+from ._config import Timeouts as Timeouts
 from ._config import mask_url as mask_url
 from ._context import current_session as current_session
 from ._context import on_commit as on_commit
@@ -46,9 +48,11 @@ __all__ = [
     "RetryExhaustedError",
     "RetryPolicy",
     "SchemaNotAtHeadError",
+    "Timeouts",
     "TransactionAbortedError",
     "create_session",
     "current_session",
+    "bulk_insert",
     "default_factory",
     "mask_url",
     "on_commit",

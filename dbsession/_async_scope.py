@@ -21,6 +21,8 @@ from ._context import Frame, entering_frame, pop, push, run_hooks
 from ._scope import (
     close_savepoint,
     end_transaction,
+    observe,
+    observed_end,
     open_savepoint,
     refuse_doomed,
     rollback_quietly,
@@ -39,7 +41,14 @@ class AsyncUnitOfWork:
     during the rollback or close is held until they finish, then raised.
     """
 
-    __slots__ = ("_make_session", "_owner", "_readonly", "_isolation_level", "_frame")
+    __slots__ = (
+        "_make_session",
+        "_owner",
+        "_readonly",
+        "_isolation_level",
+        "_frame",
+        "_observation",
+    )
 
     def __init__(
         self,
@@ -60,6 +69,7 @@ class AsyncUnitOfWork:
         frame.entered_by = entering_frame(1)
         self._frame = frame
         push(frame)
+        self._observation = observe(frame)
         return session
 
     async def __aexit__(
@@ -71,6 +81,7 @@ class AsyncUnitOfWork:
         frame = self._frame
         session: AsyncSession = frame.session  # type: ignore[assignment]
         committed = False
+        error = exc
         try:
             if exc is None:
                 refuse_doomed(frame)
@@ -78,7 +89,8 @@ class AsyncUnitOfWork:
                 committed = True
             else:
                 await run_to_completion(session.run_sync(rollback_quietly))
-        except BaseException:
+        except BaseException as failure:
+            error = failure
             await run_to_completion(session.run_sync(rollback_quietly))
             raise
         finally:
@@ -86,6 +98,7 @@ class AsyncUnitOfWork:
             try:
                 await run_to_completion(_close_quietly(session))
             finally:
+                observed_end(self._observation, committed, error)
                 if committed:
                     run_hooks(frame.hooks, session)
 

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import Engine
 
-from ._engine import isolation_levels, scope_options
+from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
 from ._scope import GUARD_KEY
 
@@ -37,7 +37,8 @@ class Binding(Generic[E, M]):
 
     ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind,
     made by ``maker_type`` (``sessionmaker`` or ``async_sessionmaker``) on
-    ``engine.execution_options(**options)``, a view sharing the pool; see
+    ``_engine.scope_engine``: a view of the engine sharing its pool (read-only scopes
+    on SQLite: of the read-only twin engine, ``_engine.read_only_engine``); see
     ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
     dialect and events live (the engine itself on the sync side).
     """
@@ -62,20 +63,27 @@ class Binding(Generic[E, M]):
         }
         self._sync_engine = sync_engine
         self._maker_type = maker_type
-        self._makers: dict[tuple[bool, str | None], M] = {}
+        self._makers: dict[tuple[bool, str | None, float | None], M] = {}
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._joined: dict[bool, M] | None = None
         self._joined_makers: dict[bool, M] | None = None
 
-    def maker(self, *, readonly: bool = False, isolation_level: str | None = None) -> M:
-        """The sessionmaker for this kind of scope; ``isolation_level`` already normalized.
+    def maker(
+        self,
+        *,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        timeout: float | None = None,
+    ) -> M:
+        """The sessionmaker for this kind of scope; ``isolation_level`` already normalized,
+        ``timeout`` the scope's time budget in seconds (see ``_timeouts``).
 
         Raises UnsupportedIsolationLevelError if the backend has no such level.
         """
         if self._joined is not None:
             return self._joined[readonly]
-        key = (readonly, isolation_level)
+        key = (readonly, isolation_level, timeout)
         made = self._makers.get(key)
         if made is not None:
             return made
@@ -84,11 +92,13 @@ class Binding(Generic[E, M]):
         with self._lock:
             made = self._makers.get(key)
             if made is None:
-                options = scope_options(
-                    self._sync_engine, readonly=readonly, isolation_level=isolation_level
+                bind = scope_engine(
+                    self.engine,
+                    self._sync_engine,
+                    readonly=readonly,
+                    isolation_level=isolation_level,
+                    timeout=timeout,
                 )
-                engine: Any = self.engine
-                bind = engine.execution_options(**options) if options else engine
                 made = self._maker_type(bind=bind, **self._session_options)
                 self._makers[key] = made
             return made
@@ -111,8 +121,10 @@ class Binding(Generic[E, M]):
         Every session starts with ``info`` in its ``Session.info``; ``wrap`` may wrap
         each of the two sessionmakers (to check who asks for a session).
         """
+        # A sessionmaker makes a Session subclass of its own (with SQLAlchemy's class-level
+        # event set-up) when built: one per test was measurable. Made once per Binding.
         makers = self._joined_makers
-        if makers is None:  # made once per Binding: a sessionmaker makes a class
+        if makers is None:
             makers = self._joined_makers = {
                 readonly: self._maker_type(
                     join_transaction_mode="create_savepoint",

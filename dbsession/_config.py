@@ -38,6 +38,30 @@ _SCHEME_ALIASES = {"postgres": "postgresql"}
 _SECRET_WORDS = "pass|pwd|secret|token|key"
 _SECRET_QUERY_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
 _MASK = "***"
+#: What may sit between the app and PostgreSQL (``pooler=``); None: not said, assume the worst.
+POOLERS = ("transaction", "session", "none")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The driver timeouts of a factory's connections, in seconds (see ``_timeouts``).
+
+    ``None`` turns one off. Raises ConfigurationError for a value that is not positive.
+    """
+
+    connect: float | None = 10.0
+    dead_peer: float | None = 30.0
+    read: float | None = 300.0
+    ping: float | None = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "dead_peer", "read", "ping"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigurationError(
+                    f"Timeouts({name}=...) must be a positive number of seconds or None "
+                    f"(no limit), got {value!r}."
+                )
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,9 @@ class Settings:
     sqlite_busy_timeout: float = DEFAULT_SQLITE_BUSY_TIMEOUT
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     replica_url: URL | None = None
+    pooler: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_replica_lag: float | None = None
 
     def describe(self) -> str:
         """The masked URL and where it came from, for messages and logs."""
@@ -72,7 +99,9 @@ class Settings:
             f"Settings(url={mask_url(self.url)!r}, source={self.source!r}, "
             f"expire_on_commit={self.expire_on_commit!r}, "
             f"sqlite_busy_timeout={self.sqlite_busy_timeout!r}, "
-            f"engine_options=<{', '.join(sorted(self.engine_options)) or 'none'}>)"
+            f"engine_options=<{', '.join(sorted(self.engine_options)) or 'none'}>, "
+            f"pooler={self.pooler!r}, timeouts={self.timeouts!r}, "
+            f"max_replica_lag={self.max_replica_lag!r})"
         )
 
 
@@ -84,12 +113,33 @@ def make_settings(
     engine_options: Mapping[str, Any] | None = None,
     replica_url: str | URL | None = None,
     asyncio: bool = False,
+    pooler: str | None = None,
+    timeouts: Timeouts | None = None,
+    max_replica_lag: float | None = None,
 ) -> Settings:
     """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work.
 
     With ``asyncio=True`` a URL that names no driver gets the backend's async driver
     (aiosqlite, psycopg, aiomysql); a driver named in the URL is always kept.
+    ``pooler`` is one of POOLERS (see ``_pooler``); ``max_replica_lag`` needs a
+    ``replica_url`` and is a number of seconds.
     """
+    if pooler is not None and pooler not in POOLERS:
+        raise ConfigurationError(
+            f"pooler={pooler!r} is not one of {', '.join(repr(p) for p in POOLERS)}: say "
+            "'transaction' behind PgBouncer (or a managed pooler) in transaction mode, "
+            "'session' behind a session pooler, 'none' for a direct connection."
+        )
+    if max_replica_lag is not None and (replica_url is None or not max_replica_lag >= 0):
+        raise ConfigurationError(
+            f"max_replica_lag={max_replica_lag!r} needs a replica_url and a number of "
+            "seconds (0 or more)."
+        )
+    if max_replica_lag is not None and not str(replica_url).startswith("postgres"):
+        raise ConfigurationError(
+            "max_replica_lag= is measured with PostgreSQL's pg_last_xact_replay_timestamp(); "
+            "it needs a postgresql replica_url."
+        )
     resolved, source = resolve_url(url, asyncio=asyncio)
     timeout = DEFAULT_SQLITE_BUSY_TIMEOUT if sqlite_busy_timeout is None else sqlite_busy_timeout
     if timeout < 0:
@@ -102,6 +152,9 @@ def make_settings(
         expire_on_commit=bool(expire_on_commit),
         sqlite_busy_timeout=float(timeout),
         engine_options=dict(engine_options or {}),
+        pooler=pooler,
+        timeouts=timeouts if timeouts is not None else Timeouts(),
+        max_replica_lag=None if max_replica_lag is None else float(max_replica_lag),
         replica_url=None
         if replica_url is None
         else _with_default_driver(_parse(replica_url, "replica_url"), _drivers(asyncio)),
@@ -175,6 +228,11 @@ def scrub(text: str, url: URL) -> str:
         if secret:
             text = text.replace(str(secret), _MASK)
     return text
+
+
+def first_line(error: BaseException, url: URL) -> str:
+    """The driver's message, first line only, with the URL's secrets removed."""
+    return scrub((str(error).strip().splitlines() or [""])[0], url)
 
 
 def _parse(raw: str | URL, source: str) -> URL:

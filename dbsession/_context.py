@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -102,6 +103,22 @@ def entering_frame(depth: int) -> FrameType | None:
     while python_frame is not None and python_frame.f_code.co_filename in _CONTEXTLIB_FILES:
         python_frame = python_frame.f_back
     return python_frame
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_EXAMPLE = _PACKAGE + "example" + os.sep
+
+
+def call_site(python_frame: FrameType | None) -> tuple[str, int]:
+    """``(file, line)`` of the first frame at or above ``python_frame`` outside dbsession's
+    own modules (so a scope opened by run_in_transaction or a web integration is named
+    for the code that asked for it)."""
+    while python_frame is not None:
+        filename = python_frame.f_code.co_filename
+        if not filename.startswith(_PACKAGE) or filename.startswith(_EXAMPLE):
+            return filename, python_frame.f_lineno
+        python_frame = python_frame.f_back
+    return "<unknown>", 0
 
 
 def push(frame: Frame) -> None:

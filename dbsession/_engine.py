@@ -1,20 +1,26 @@
 """Building one engine per backend with dbsession's opinions applied.
 
-- every backend: ``pool_pre_ping=True``; a fork guard so a child process never
-  reuses its parent's pooled connections; connect failures raised as
-  DatabaseUnreachableError naming host and port.
+- every backend: a fork guard so a child process never reuses its parent's pooled
+  connections; connect failures raised as DatabaseUnreachableError naming host and port;
+  a pool of ``DEFAULT_POOL_SIZE`` kept connections (``DEFAULT_MAX_OVERFLOW`` more at a peak).
+- PostgreSQL and MySQL/MariaDB: a pooled connection is checked before use without a
+  round trip (:func:`_install_liveness_check`): pinged only when its socket has something
+  to say (the server closed it, or sent an error) or it sat idle over ``PING_AFTER_IDLE``
+  seconds. SQLite has nothing to ping (no network).
 - PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
   (psycopg 3, PyMySQL); see ``_config``.
 - SQLite: ``PRAGMA foreign_keys=ON``, WAL for files, a busy timeout, and
-  SQLAlchemy (not pysqlite) emits ``BEGIN``, so SAVEPOINT works and write
-  sessions can ask for ``BEGIN IMMEDIATE``. In-memory databases use the
+  dbsession (not pysqlite) emits ``BEGIN`` on the raw connection, so SAVEPOINT
+  works and write sessions can ask for ``BEGIN IMMEDIATE``, which first takes the
+  database's in-process write gate (``_sqlite_gate``; docs/sqlite.md). In-memory databases use the
   ``memdb`` VFS so several threads (several connections) see one database.
   A statement interrupted by task cancellation is stopped and its transaction
   ended at once (aiosqlite runs it in a thread of its own).
-- read-only transactions (:func:`scope_options`): PostgreSQL through SQLAlchemy's
-  ``postgresql_readonly``; MySQL/MariaDB ``START TRANSACTION READ ONLY`` and SQLite
-  ``PRAGMA query_only`` from begin hooks here; the backend's refusal of a write
-  raised as ReadOnlyError.
+- read-only transactions (:func:`scope_engine`): PostgreSQL through SQLAlchemy's
+  ``postgresql_readonly``; MySQL/MariaDB ``START TRANSACTION READ ONLY`` from a begin
+  hook on the read-only view only; SQLite on a read-only twin engine
+  (:func:`read_only_engine`), its own pool of connections set ``PRAGMA query_only``
+  once at connect. The backend's refusal of a write is raised as ReadOnlyError.
 
 ``build_engine`` applies all of this to ``create_engine`` and, for
 ``dbsession.asyncio``, to ``create_async_engine(...).sync_engine``.
@@ -25,11 +31,14 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import select
 import sqlite3
 import tempfile
+import threading
+import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,8 +47,9 @@ from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from . import observability
 from ._classify import is_read_only_violation
-from ._config import Settings, mask_url, scrub
+from ._config import Settings, first_line, mask_url, scrub
 from ._errors import (
     ConfigurationError,
     DatabaseUnreachableError,
@@ -48,14 +58,23 @@ from ._errors import (
     SQLitePathError,
     UnknownDialectError,
 )
+from ._pool import pool_class_for
+from ._pooler import install_connection_loss, prepared_statement_args
+from ._sqlite_gate import execute_raw, install_write_gate
+from ._timeouts import (
+    TIMEOUT_OPTION,
+    check_timeout,
+    driver_timeouts,
+    install_ping_timeout,
+    install_scope_timeouts,
+)
 
 logger = logging.getLogger("dbsession")
 
 #: Execution option read by the SQLite ``begin`` hook: ``"BEGIN"`` or ``"BEGIN IMMEDIATE"``.
 SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"
-#: Execution option read by the MySQL and SQLite ``begin`` hooks: the transaction is read-only.
+#: Execution option of read-only views (read by the SQLite ``begin`` hook): read-only.
 READONLY_OPTION = "dbsession_readonly"
-_QUERY_ONLY_FLAG = "dbsession_query_only"
 
 _INSTALL_HINTS = {
     "psycopg": "pip install 'dbsession[postgres]'",
@@ -92,25 +111,97 @@ def build_engine(
     when the URL or options cannot work.
     """
     url = settings.url
-    options: dict[str, Any] = {"pool_pre_ping": True, **settings.engine_options}
     keeper: sqlite3.Connection | None = None
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         url, keeper = _prepare_sqlite_url(url)
+    asyncio = create is not create_engine
+    built = _build(settings, url, create, sync_engine_of, wal=keeper is None, asyncio=asyncio)
+    engine = sync_engine_of(built)
+    if keeper is not None:
+        weakref.finalize(engine, keeper.close)
+    if is_sqlite:
+        wal = keeper is None
+        _READ_ONLY_TWINS[engine] = _TwinMaker(
+            lambda: _build(
+                settings, url, create, sync_engine_of, wal=wal, asyncio=asyncio, query_only=True
+            )
+        )
+    logger.info("dbsession: engine created for %s", settings.describe())
+    return built
+
+
+def _build(
+    settings: Settings,
+    url: URL,
+    create: Callable[..., E],
+    sync_engine_of: Callable[[E], Engine],
+    *,
+    wal: bool,
+    asyncio: bool,
+    query_only: bool = False,
+) -> E:
+    """One engine on ``url`` (already prepared) with every opinion installed."""
+    is_sqlite = url.get_backend_name() == "sqlite"
+    options = {
+        **_default_options(url, settings.engine_options, asyncio=asyncio),
+        **settings.engine_options,
+    }
+    connect_args = {
+        **driver_timeouts(url, settings.timeouts),
+        **prepared_statement_args(url, settings.pooler),
+        **options.get("connect_args", {}),
+    }
+    if connect_args:
+        options["connect_args"] = connect_args
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     _install_fork_guard(engine)
+    observability.watch(engine)
     _install_read_only_errors(engine)
     if is_sqlite:
-        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=keeper is None)
-        if keeper is not None:
-            weakref.finalize(engine, keeper.close)
+        _install_sqlite_opinions(
+            engine, url.database or "", settings.sqlite_busy_timeout, wal=wal
+        )
+        if query_only:
+            _install_query_only(engine)
+        # On the engine, not the timed views: the begin hook that arms a scope's deadline
+        # also disarms it for the next scope on the same connection.
+        install_scope_timeouts(engine)
     else:
-        _install_connect_errors(engine, url)
-    if engine.dialect.name in ("mysql", "mariadb"):
-        _install_mysql_read_only(engine)
-    logger.info("dbsession: engine created for %s", settings.describe())
+        _install_connect_errors(engine, url, settings.source)
+        install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
+        if "pool_pre_ping" not in options:
+            _install_liveness_check(engine)
+        install_ping_timeout(engine, settings.timeouts)
     return built
+
+
+#: Connections a pool keeps open, and how many more it opens at a peak (closed on return).
+#: SQLAlchemy's defaults are 5 and 10: an overflow connection is closed when it comes
+#: back to a pool already holding 5 idle ones, and reopened at the next peak (measured:
+#: 19 connections opened over 5 bursts of 8 threads, against 7). 10 kept and 5 more
+#: keeps SQLAlchemy's ceiling of 15 per process while up to 10 busy threads never
+#: reconnect; a pool only grows to the peak it saw. See benchmarks/RESULTS.md, "Pool".
+DEFAULT_POOL_SIZE = 10
+DEFAULT_MAX_OVERFLOW = 5
+
+
+def _default_options(url: URL, given: Mapping[str, Any], *, asyncio: bool) -> dict[str, Any]:
+    """dbsession's engine options, before the user's: when the pool would be a QueuePool
+    (not for a ``poolclass`` or ``pool`` of the user's, nor a SQLite ``mode=memory``
+    URL's SingletonThreadPool), its size and the subclass that knows who holds its
+    connections (``_pool``)."""
+    if "poolclass" in given or "pool" in given:
+        return {}
+    tracked = pool_class_for(url, asyncio=asyncio)
+    if tracked is None:
+        return {}
+    return {
+        "poolclass": tracked,
+        "pool_size": DEFAULT_POOL_SIZE,
+        "max_overflow": DEFAULT_MAX_OVERFLOW,
+    }
 
 
 def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
@@ -179,21 +270,171 @@ def _install_fork_guard(engine: Engine) -> None:
             )
 
 
-def scope_options(engine: Engine, *, readonly: bool, isolation_level: str | None) -> dict[str, Any]:
+#: A pooled server connection idle longer than this many seconds is pinged before use.
+PING_AFTER_IDLE = 30.0
+_IDLE_SINCE = "dbsession_idle_since"
+
+
+def _install_liveness_check(engine: Engine) -> None:
+    """Replace a dead pooled connection before use, without a round trip per checkout.
+
+    SQLAlchemy's ``pool_pre_ping`` sends ``SELECT 1`` on every checkout: one full round
+    trip per unit of work. A server that ends a session (a kill, a restart, an idle
+    timeout) closes its socket, which the checkout sees for the cost of one ``poll()``.
+    So a connection is pinged (``dialect.do_ping``) only when its socket is readable
+    while idle (closed, or an error message waiting), or it has been idle for more than
+    ``PING_AFTER_IDLE`` seconds (a peer lost without a word, say behind a NAT that
+    forgot it); a failed ping raises DisconnectionError, on which the pool opens a new
+    connection in its place. After any disconnect seen during a statement, SQLAlchemy
+    itself invalidates every connection of the pool opened before it. A driver whose
+    socket cannot be found is pinged on every checkout, like ``pool_pre_ping``.
+    ``pool_pre_ping=True`` (ping always) or ``False`` (check nothing) in the engine
+    options replaces this check.
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def idle_from(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def check(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None:  # just opened
+            return
+        if time.monotonic() - since < PING_AFTER_IDLE and _quiet(dbapi_connection):
+            return
+        try:
+            alive = dialect.do_ping(dbapi_connection)
+        except Exception:
+            alive = False
+        if not alive:
+            raise exc.DisconnectionError("the pooled connection was closed by the server")
+
+
+def _quiet(dbapi_connection: Any) -> bool:
+    """True if the idle connection's socket has nothing to read: the server has not
+    closed it nor sent anything. False when that cannot be known."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    try:
+        pgconn = getattr(driver, "pgconn", None)  # psycopg, sync and async
+        if pgconn is not None:
+            fd = pgconn.socket
+        else:
+            sock = driver._sock  # PyMySQL
+            fd = sock.fileno() if sock is not None else -1
+    except Exception:
+        return False
+    if not isinstance(fd, int) or fd < 0:
+        return False
+    if _poll is not None:
+        poller = _poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
+    return not select.select([fd], [], [fd], 0)[0]  # pragma: no cover (no poll(): Windows)
+
+
+_poll = getattr(select, "poll", None)
+
+
+class _TwinMaker:
+    """Builds, once and on first use, a SQLite engine's read-only twin (see read_only_engine)."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build: Callable[[], Any] | None = build
+        self._lock = threading.Lock()
+        self.twin: Any = None
+
+    def get(self, engine: Engine) -> Any:
+        with self._lock:
+            if self.twin is None and self._build is not None:
+                self.twin = self._build()
+                self._build = None  # built once; a disposed engine's twin is only emptied
+                sync_twin: Engine = getattr(self.twin, "sync_engine", self.twin)
+                # A ConnectionEvents listener: on SQLite the engine has one already (begin).
+                event.listen(engine, "engine_disposed", lambda _: sync_twin.dispose())
+            return self.twin
+
+
+_READ_ONLY_TWINS: weakref.WeakKeyDictionary[Engine, _TwinMaker] = weakref.WeakKeyDictionary()
+
+
+def read_only_engine(sync_engine: Engine) -> Any:
+    """The engine read-only scopes of this SQLite engine run on, or None (another backend).
+
+    It is a second engine (``AsyncEngine`` for an async one) on the same database with
+    the same opinions and a pool of its own, whose connections are set ``PRAGMA
+    query_only=ON`` once, when opened. A read-only scope there costs a plain deferred
+    ``BEGIN`` and nothing else (WAL readers never wait), where switching a shared
+    connection to query_only and back cost two more statements per scope. Built on first
+    use, disposed with ``sync_engine``.
+    """
+    maker = _READ_ONLY_TWINS.get(sync_engine)
+    return None if maker is None else maker.get(sync_engine)
+
+
+def _install_query_only(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def query_only(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA query_only=ON")
+        finally:
+            cursor.close()
+
+
+def scope_options(
+    engine: Engine, *, readonly: bool, isolation_level: str | None, timeout: float | None = None
+) -> dict[str, Any]:
     """The execution options of the engine a scope of this kind runs on.
 
+    ``timeout``: the scope's time budget in seconds, applied by ``_timeouts``.
+
     SQLite writing scopes take the write lock at ``BEGIN IMMEDIATE``; read-only ones
-    use a plain ``BEGIN`` (WAL readers never wait) plus ``PRAGMA query_only``.
+    use a plain ``BEGIN`` (WAL readers never wait) on the read-only twin engine
+    (:func:`read_only_engine`), whose connections are ``query_only`` already.
     """
     options: dict[str, Any] = {}
     name = engine.dialect.name
     if name == "sqlite":
         options[SQLITE_BEGIN_OPTION] = "BEGIN" if readonly else "BEGIN IMMEDIATE"
-    if readonly:
+    elif readonly:
         options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
+    if timeout is not None:
+        options[TIMEOUT_OPTION] = check_timeout(timeout)
     return options
+
+
+def scope_engine(
+    engine: Any,
+    sync_engine: Engine,
+    *,
+    readonly: bool,
+    isolation_level: str | None,
+    timeout: float | None = None,
+) -> Any:
+    """The engine a scope of this kind runs on: ``engine`` (an ``Engine`` or
+    ``AsyncEngine`` whose events live on ``sync_engine``), or on SQLite for a read-only
+    scope its read-only twin, as a view with :func:`scope_options` set; on MySQL/MariaDB
+    a read-only view also starts its transactions ``READ ONLY``, and a view with a time
+    budget applies it (``_timeouts``). Listeners live on the views, never on the engine,
+    so the scopes that do not need them pay nothing for them."""
+    if readonly:
+        engine = read_only_engine(sync_engine) or engine
+    options = scope_options(
+        sync_engine, readonly=readonly, isolation_level=isolation_level, timeout=timeout
+    )
+    if not options:
+        return engine
+    view = engine.execution_options(**options)
+    sync_view = getattr(view, "sync_engine", view)
+    if readonly and sync_engine.dialect.name in ("mysql", "mariadb"):
+        _install_mysql_read_only(sync_view)
+    if timeout is not None and sync_engine.dialect.name != "sqlite":
+        install_scope_timeouts(sync_view)  # SQLite's is on the engine: see _build
+    return view
 
 
 def isolation_levels(engine: Engine) -> tuple[str, ...]:
@@ -223,38 +464,41 @@ def _install_read_only_errors(engine: Engine) -> None:
             return None
         return ReadOnlyError(
             f"A write was refused because the transaction is read-only "
-            f"({context.dialect.name}: {_first_line(original, engine.url)}). "
+            f"({context.dialect.name}: {first_line(original, engine.url)}). "
             "session_scope(readonly=True) never writes: do this work in a writing "
             "scope, session_scope()."
         )
 
 
-def _install_mysql_read_only(engine: Engine) -> None:
-    @event.listens_for(engine, "begin")
+def _install_mysql_read_only(view: Engine) -> None:
+    """On the read-only view only: a ``begin`` listener on the engine itself would make
+    every statement of every scope go through SQLAlchemy's event dispatch (measured:
+    +12% instructions per unit of work on MariaDB), for the read-only scopes' sake."""
+
+    @event.listens_for(view, "begin")
     def begin(connection: Connection) -> None:
-        if connection.get_execution_options().get(READONLY_OPTION):
-            connection.exec_driver_sql("START TRANSACTION READ ONLY")
+        connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
-def _install_connect_errors(engine: Engine, url: URL) -> None:
+def _install_connect_errors(engine: Engine, url: URL, source: str) -> None:
     @event.listens_for(engine, "handle_error")
     def unreachable(context: ExceptionContext) -> BaseException | None:
         if context.connection is not None or context.is_pre_ping:
             return None
         if not isinstance(context.sqlalchemy_exception, exc.OperationalError):
             return None
+        setting = "replica_url=" if source == "replica_url" else "DATABASE_URL or global_init"
+        server = "replica" if source == "replica_url" else "server"
         return DatabaseUnreachableError(
-            f"Cannot connect to the {url.get_backend_name()} server at "
-            f"{url.host or 'localhost'}:{url.port or _default_port(url)} "
+            f"Cannot connect to the {url.get_backend_name()} {server} at {_where(url)} "
             f"(database {url.database!r}, user {url.username!r}): "
-            f"{_first_line(context.original_exception, url)}. Check that the server is running and "
-            f"that the URL {mask_url(url)} (DATABASE_URL or global_init) is right."
+            f"{first_line(context.original_exception, url)}. Check that the {server} is "
+            f"running and that the URL {mask_url(url)} ({setting}) is right."
         )
 
 
-def _first_line(error: BaseException, url: URL) -> str:
-    """The driver's message, first line only, with the URL's secrets removed."""
-    return scrub((str(error).strip().splitlines() or [""])[0], url)
+def _where(url: URL) -> str:
+    return f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
 
 
 def _default_port(url: URL) -> int:
@@ -299,7 +543,11 @@ def _check_sqlite_path(path: Path) -> None:
         ) from None
 
 
-def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
+def _install_sqlite_opinions(
+    engine: Engine, database: str, busy_timeout: float, *, wal: bool
+) -> None:
+    begin_writer = install_write_gate(engine, database, busy_timeout)
+
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take BEGIN away from pysqlite so SQLAlchemy's own begin hook below emits it.
@@ -333,13 +581,8 @@ def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) 
     @event.listens_for(engine, "begin")
     def begin(connection: Connection) -> None:
         options = connection.get_execution_options()
-        connection.exec_driver_sql(options.get(SQLITE_BEGIN_OPTION, "BEGIN"))
-        if options.get(READONLY_OPTION):
-            connection.exec_driver_sql("PRAGMA query_only=ON")
-            connection.info[_QUERY_ONLY_FLAG] = True
-
-    @event.listens_for(engine, "checkin")
-    def writable_again(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        # A pooled connection never stays query_only after its read-only scope.
-        if record.info.pop(_QUERY_ONLY_FLAG, False) and dbapi_connection is not None:
-            dbapi_connection.execute("PRAGMA query_only=OFF")
+        statement = options.get(SQLITE_BEGIN_OPTION, "BEGIN")
+        if statement == "BEGIN IMMEDIATE":
+            begin_writer(connection)  # the process's writers queue on the gate, not in SQLite
+        else:
+            execute_raw(connection, statement)

@@ -14,8 +14,13 @@ anything this package raises on its own account::
     │   ├── MigrationsNotFoundError no Alembic migrations folder to run
     │   └── UnsupportedIsolationLevelError  isolation level the backend does not have
     ├── DatabaseUnreachableError    the server did not accept a connection (also an
-    │                               sqlalchemy.exc.OperationalError)
+    │   │                           sqlalchemy.exc.OperationalError)
+    │   └── ConnectionLostError     an open connection broke under a transaction
+    │       └── CommitOutcomeUnknownError  it broke during COMMIT: committed or not, unknown
+    ├── ScopeTimeoutError           a statement or lock wait overran session_scope(timeout=)
+    │                               (also a SQLAlchemy OperationalError)
     ├── MigrationError              an Alembic command failed
+    │   ├── MigrationLockTimeoutError  another process held the migration lock too long
     │   ├── UnknownRevisionError    no such revision in the migrations folder
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
@@ -26,8 +31,13 @@ anything this package raises on its own account::
     │   │                           a test that did not ask for the database
     │   └── SharedConnectionError   under the pytest plugin: another thread or a concurrent
     │                               task asked for the test's one connection
+    ├── PoolExhaustedError          no pooled connection free in time; names the holders
+    │                               (also a sqlalchemy.exc.TimeoutError)
+    ├── SQLiteWriteLockTimeoutError the SQLite write gate did not move for 2x the busy timeout
+    │                               (also an SQLAlchemy OperationalError; retried as SQLITE_BUSY)
     ├── ReadOnlyError               a write inside session_scope(readonly=True) (also a
     │                               sqlalchemy.exc.DBAPIError)
+    ├── BulkInsertError             bulk_insert() got a row it (or the database) refuses
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
@@ -111,6 +121,23 @@ class DatabaseUnreachableError(DbSessionError, _TranslatedDBAPIError, sa_exc.Ope
     """A connection to the database server could not be opened."""
 
 
+class ConnectionLostError(DatabaseUnreachableError):
+    """An open connection broke mid-transaction (a killed server session, a pooler that
+    dropped it, a peer silent past the timeouts); the transaction did not commit."""
+
+
+class CommitOutcomeUnknownError(ConnectionLostError):
+    """The connection broke while COMMIT was in flight: the transaction may or may not have
+    committed. ``run_in_transaction`` retries it only for ``RetryPolicy(idempotent=True)``."""
+
+
+class ScopeTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
+    """A statement or lock wait overran ``session_scope(timeout=...)``; the scope rolled back.
+
+    Also a SQLAlchemy ``OperationalError`` (the error it replaces); the driver's is ``orig``.
+    """
+
+
 class UnsupportedIsolationLevelError(ConfigurationError):
     """The isolation level asked of a scope is not one the backend supports."""
 
@@ -121,6 +148,17 @@ class ScopeError(DbSessionError):
 
 class NoActiveScopeError(ScopeError):
     """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``."""
+
+
+class SQLiteWriteLockTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
+    """An SQLite writer waited for the database's write gate while one and the same
+    transaction of this process held it for twice the busy timeout.
+
+    It is also SQLAlchemy's ``OperationalError`` (statement ``BEGIN IMMEDIATE``); its
+    ``orig`` is an ``SQLITE_BUSY`` ``sqlite3.OperationalError``, so ``except
+    OperationalError`` and ``run_in_transaction`` treat it as SQLite's own
+    "database is locked".
+    """
 
 
 class ReadOnlyError(DbSessionError, _TranslatedDBAPIError):
@@ -149,8 +187,18 @@ class SharedConnectionError(ScopeError):
     time as one already using it, asked for a session on the test's one connection."""
 
 
+class PoolExhaustedError(DbSessionError, sa_exc.TimeoutError):
+    """No pooled connection became free in time; the message names how many are checked
+    out and the call sites of the units of work holding them. Also an
+    ``sqlalchemy.exc.TimeoutError``."""
+
+
 class NotInitializedError(ConfigurationError):
     """The process default factory was disposed; call ``global_init()`` before using it again."""
+class BulkInsertError(DbSessionError):
+    """``bulk_insert()`` was given a row naming unknown or other columns than the first,
+    or the database refused a row; none of the call's rows is kept. The driver's error,
+    if any, is the ``__cause__``."""
 
 
 class RetryExhaustedError(DbSessionError):
@@ -172,6 +220,10 @@ class MigrationsNotFoundError(ConfigurationError):
 
 class MigrationError(DbSessionError):
     """An Alembic migration command failed; the message says which and why."""
+
+
+class MigrationLockTimeoutError(MigrationError):
+    """The migration lock stayed held by another process for the whole lock timeout."""
 
 
 class UnknownRevisionError(MigrationError):

@@ -82,6 +82,8 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         readonly: bool = False,
         isolation_level: str | None = None,
         nested: bool | None = None,
+        timeout: float | None = None,
+        replica: bool | None = None,
     ) -> AbstractContextManager[Session]:
         """Open a unit of work: a Session committed on success and rolled back on any error.
 
@@ -103,6 +105,11 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
           scope's transaction only.
         - ``nested``: deprecated; scopes join by default (``nested=False`` is
           ``independent=True``).
+        - ``timeout``: a time budget in seconds for every statement and lock wait of
+          this transaction; overrunning it raises ScopeTimeoutError.
+        - ``replica``: ``False`` keeps a read-only scope on the primary (to see a commit
+          just made); ``True`` insists on the replica. See docs/deploying.md. A joined
+          scope takes neither (ScopeError): they belong to the outer transaction.
 
         Raises UnsupportedIsolationLevelError for a level the backend does not have,
         ScopeError when a joined scope is asked for another isolation level,
@@ -115,6 +122,8 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             independent=_independent(independent, nested),
             readonly=readonly,
             isolation_level=isolation_level,
+            timeout=timeout,
+            replica=replica,
         )
 
     def run_in_transaction(
@@ -229,6 +238,8 @@ def session_scope(
     readonly: bool = False,
     isolation_level: str | None = None,
     nested: bool | None = None,
+    timeout: float | None = None,
+    replica: bool | None = None,
 ) -> AbstractContextManager[Session]:
     """Open a unit of work on the process default factory (see DbSessionFactory.session_scope).
 
@@ -239,6 +250,8 @@ def session_scope(
         independent=_independent(independent, nested),
         readonly=readonly,
         isolation_level=isolation_level,
+        timeout=timeout,
+        replica=replica,
     )
 
 

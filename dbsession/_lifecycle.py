@@ -17,9 +17,10 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 from sqlalchemy.engine import URL
 
 from ._binding import Binding, normalize_isolation_level
-from ._config import Settings, make_settings, mask_url, sync_twin
+from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
 from ._context import innermost
 from ._errors import AlreadyInitializedError, NotInitializedError
+from ._replica import refuse_for_savepoint, use_replica
 from ._retry import RetryPolicy, UnitOfWorkFunction
 
 R = TypeVar("R")
@@ -121,6 +122,9 @@ class LazyFactory(Generic[B]):
         replica_url: str | URL | None = None,
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
+        pooler: str | None = None,
+        timeouts: Timeouts | None = None,
+        max_replica_lag: float | None = None,
         **engine_options: Any,
     ) -> None:
         """Resolve the URL now (argument > DATABASE_URL > SQLite default); build the engine lazily.
@@ -128,7 +132,10 @@ class LazyFactory(Generic[B]):
         ``engine_options`` go to SQLAlchemy's ``create_engine`` (``create_async_engine``)
         and override dbsession's defaults (``pool_pre_ping=True``). With ``replica_url``,
         read-only scopes run on a second engine for that URL (same options), built on
-        first use. Raises a ConfigurationError subclass if the URL or options cannot work.
+        first use. ``pooler`` ("transaction", "session", "none"; unset: prepared
+        statements off), ``timeouts`` (a ``Timeouts``) and ``max_replica_lag`` (seconds):
+        see docs/deploying.md. Raises a ConfigurationError subclass if the URL or options
+        cannot work.
         """
         self._settings = make_settings(
             url,
@@ -137,6 +144,9 @@ class LazyFactory(Generic[B]):
             engine_options=engine_options,
             replica_url=replica_url,
             asyncio=self._asyncio,
+            pooler=pooler,
+            timeouts=timeouts,
+            max_replica_lag=max_replica_lag,
         )
         self._lock = threading.Lock()
         self._bindings: dict[bool, B] = {}  # keyed by "is the replica"
@@ -164,6 +174,9 @@ class LazyFactory(Generic[B]):
         expire_on_commit: bool | None = None,
         sqlite_busy_timeout: float | None = None,
         require_migrated: bool = False,
+        pooler: str | None = None,
+        timeouts: Timeouts | None = None,
+        max_replica_lag: float | None = None,
         **engine_options: Any,
     ) -> F:
         """Configure and build the process-wide default factory, once; return it.
@@ -181,6 +194,9 @@ class LazyFactory(Generic[B]):
             replica_url=replica_url,
             expire_on_commit=expire_on_commit,
             sqlite_busy_timeout=sqlite_busy_timeout,
+            pooler=pooler,
+            timeouts=timeouts,
+            max_replica_lag=max_replica_lag,
             **engine_options,
         )
         current: F = cls._registry.install(candidate)
@@ -215,6 +231,8 @@ class LazyFactory(Generic[B]):
         independent: bool,
         readonly: bool,
         isolation_level: str | None,
+        timeout: float | None = None,
+        replica: bool | None = None,
     ) -> C:
         """The one policy of ``session_scope`` on both sides: ``join`` the innermost scope of
         this factory visible here as a SAVEPOINT, unless ``independent``; else a ``new``
@@ -227,9 +245,13 @@ class LazyFactory(Generic[B]):
         level = normalize_isolation_level(isolation_level)
         outer = None if independent else innermost(self)
         if outer is not None:
+            refuse_for_savepoint(timeout=timeout, replica=replica)
             return join(outer, readonly=readonly, isolation_level=level)
-        binding = self._build(replica=readonly and self._settings.replica_url is not None)
-        maker = binding.maker(readonly=readonly, isolation_level=level)
+        on_replica = use_replica(
+            self, self._settings, readonly=readonly, replica=replica, isolation_level=level
+        )
+        binding = self._build(replica=on_replica)
+        maker = binding.maker(readonly=readonly, isolation_level=level, timeout=timeout)
         return new(maker, owner=self, readonly=readonly, isolation_level=level)
 
     def _retry_policy(self, retry: RetryPolicy | None) -> RetryPolicy | None:

@@ -18,8 +18,15 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from . import observability
 from ._classify import transient_reason
-from ._errors import ConfigurationError, RetryExhaustedError
+from ._errors import (
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    ConnectionLostError,
+    RetryExhaustedError,
+    ScopeTimeoutError,
+)
 
 logger = logging.getLogger("dbsession")
 
@@ -39,13 +46,16 @@ class RetryPolicy:
 
     ``attempts`` counts every try (1 means no retry). The wait after the n-th failure
     is drawn uniformly from ``[cap / 2, cap]`` with ``cap = min(max_delay, base_delay *
-    2 ** (n - 1))`` seconds. Raises ConfigurationError for ``attempts < 1`` or
-    negative delays.
+    2 ** (n - 1))`` seconds. ``idempotent=True`` says the unit may run twice safely, so
+    a unit whose connection was lost during its COMMIT (CommitOutcomeUnknownError: it
+    may have committed) is run again too; by default that error propagates. Raises
+    ConfigurationError for ``attempts < 1`` or negative delays.
     """
 
     attempts: int = DEFAULT_ATTEMPTS
     base_delay: float = DEFAULT_BASE_DELAY
     max_delay: float = DEFAULT_MAX_DELAY
+    idempotent: bool = False
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -85,7 +95,7 @@ def run_with_retries(
     name = getattr(fn, "__qualname__", repr(fn))
     for attempt in range(1, policy.attempts + 1):
         try:
-            with open_scope() as session:
+            with observability.attempt(attempt), open_scope() as session:
                 return fn(session)
         except Exception as error:
             wait = wait_before_retry(error, attempt, policy, dialect_name, name)
@@ -110,8 +120,9 @@ async def run_with_retries_async(
     name = getattr(fn, "__qualname__", repr(fn))
     for attempt in range(1, policy.attempts + 1):
         try:
-            async with open_scope() as session:
-                return await fn(session)
+            with observability.attempt(attempt):
+                async with open_scope() as session:
+                    return await fn(session)
         except Exception as error:
             wait = wait_before_retry(error, attempt, policy, dialect_name, name)
             if wait is None:
@@ -129,7 +140,7 @@ def wait_before_retry(
     wait before the next attempt (the retry is logged at INFO). Raises
     RetryExhaustedError, chaining ``error``, when that was the last attempt.
     """
-    reason = _transient_in_chain(error, dialect_name)
+    reason = retry_reason(error, dialect_name, policy)
     if reason is None:
         return None
     if attempt >= policy.attempts:
@@ -141,6 +152,7 @@ def wait_before_retry(
             last_error=error,
         ) from error
     wait = policy.delay(attempt)
+    observability.retried(reason, dialect_name)
     logger.info(
         "dbsession: %s: %s on attempt %d of %d; retrying in %.3fs",
         name,
@@ -150,6 +162,23 @@ def wait_before_retry(
         wait,
     )
     return wait
+
+
+def retry_reason(error: Exception, dialect_name: str, policy: RetryPolicy) -> str | None:
+    """Why ``error`` is worth another attempt under ``policy``, or None if it is not.
+
+    Transient database errors (``_classify.TRANSIENT``, anywhere in the chain) and a
+    connection lost before the commit are; a connection lost during the COMMIT only for
+    ``policy.idempotent``; a scope's own time budget running out never is.
+    """
+    if isinstance(error, ScopeTimeoutError):
+        return None
+    if isinstance(error, CommitOutcomeUnknownError):
+        return "connection lost during COMMIT (idempotent unit)" if policy.idempotent else None
+    reason = _transient_in_chain(error, dialect_name)
+    if reason is None and isinstance(error, ConnectionLostError):
+        return "connection lost before the commit"
+    return reason
 
 
 def _transient_in_chain(error: BaseException, dialect_name: str) -> str | None:

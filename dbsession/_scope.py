@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
+from . import observability
 from ._classify import transient_reason
 from ._context import Frame, entering_frame, pop, push, run_hooks
 from ._errors import ReadOnlyError, ScopeError, TransactionAbortedError
@@ -67,6 +68,23 @@ def _guard_error(what: str) -> ReadOnlyError:
     )
 
 
+def observe(frame: Frame) -> observability.Observation | None:
+    """Start observing the unit of work of ``frame`` (None when nothing is observed)."""
+    if not observability.enabled():
+        return None
+    return observability.begin(
+        frame.entered_by, frame.owner, frame.readonly, frame.isolation_level
+    )
+
+
+def observed_end(
+    observation: observability.Observation | None, committed: bool, error: BaseException | None
+) -> None:
+    """Finish observing a unit of work (a no-op when it was not observed)."""
+    if observation is not None:
+        observability.end(observation, "committed" if committed else "rolled back", error)
+
+
 class UnitOfWork:
     """``with UnitOfWork(maker, ...) as session``: a new session; commit when the block
     ends, roll back on any exception, always close.
@@ -79,7 +97,14 @@ class UnitOfWork:
     closed, even if an interrupt arrives while it closes.
     """
 
-    __slots__ = ("_make_session", "_owner", "_readonly", "_isolation_level", "_frame")
+    __slots__ = (
+        "_make_session",
+        "_owner",
+        "_readonly",
+        "_isolation_level",
+        "_frame",
+        "_observation",
+    )
 
     def __init__(
         self,
@@ -100,6 +125,7 @@ class UnitOfWork:
         frame.entered_by = entering_frame(1)
         self._frame = frame
         push(frame)
+        self._observation = observe(frame)
         return session
 
     def __exit__(
@@ -111,6 +137,7 @@ class UnitOfWork:
         frame = self._frame
         session: Session = frame.session  # type: ignore[assignment]
         committed = False
+        error = exc
         try:
             if exc is None:
                 refuse_doomed(frame)
@@ -118,7 +145,8 @@ class UnitOfWork:
                 committed = True
             else:
                 rollback_quietly(session)
-        except BaseException:
+        except BaseException as failure:
+            error = failure
             rollback_quietly(session)
             raise
         finally:
@@ -126,6 +154,7 @@ class UnitOfWork:
             try:
                 close_quietly(session)
             finally:
+                observed_end(self._observation, committed, error)
                 if committed:
                     run_hooks(frame.hooks, session)
 

@@ -119,6 +119,8 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         independent: bool = False,
         readonly: bool = False,
         isolation_level: str | None = None,
+        timeout: float | None = None,
+        replica: bool | None = None,
     ) -> AbstractAsyncContextManager[AsyncSession]:
         """Open a unit of work: an AsyncSession committed on success, rolled back on error.
 
@@ -127,7 +129,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         unchanged once the session is closed and its connection back in the pool;
         ``on_commit`` hooks run after a successful commit. Inside an open scope of this
         factory in the same task it joins that scope as a SAVEPOINT; ``independent``,
-        ``readonly`` and ``isolation_level`` mean what they mean for
+        ``readonly``, ``isolation_level``, ``timeout`` and ``replica`` mean what they mean for
         ``DbSessionFactory.session_scope``, and it raises what that raises.
         """
         return self._open_scope(
@@ -136,6 +138,8 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             independent=independent,
             readonly=readonly,
             isolation_level=isolation_level,
+            timeout=timeout,
+            replica=replica,
         )
 
     async def run_in_transaction(
@@ -237,12 +241,21 @@ def async_default_factory() -> AsyncDbSessionFactory:
 
 
 def async_session_scope(
-    *, independent: bool = False, readonly: bool = False, isolation_level: str | None = None
+    *,
+    independent: bool = False,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    timeout: float | None = None,
+    replica: bool | None = None,
 ) -> AbstractAsyncContextManager[AsyncSession]:
     """Open a unit of work on the process default async factory; see
     ``AsyncDbSessionFactory.session_scope``."""
     return async_default_factory().session_scope(
-        independent=independent, readonly=readonly, isolation_level=isolation_level
+        independent=independent,
+        readonly=readonly,
+        isolation_level=isolation_level,
+        timeout=timeout,
+        replica=replica,
     )
 
 

@@ -3,22 +3,29 @@ docstring of ``dbsession._errors``). The ones callers usually catch separately a
 importable from ``dbsession`` itself."""
 
 from ._errors import AlreadyInitializedError as AlreadyInitializedError
+from ._errors import BulkInsertError as BulkInsertError
+from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import ConnectionLostError as ConnectionLostError
 from ._errors import DatabaseBlockedError as DatabaseBlockedError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
 from ._errors import MigrationError as MigrationError
+from ._errors import MigrationLockTimeoutError as MigrationLockTimeoutError
 from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
 from ._errors import MissingDriverError as MissingDriverError
 from ._errors import NoActiveScopeError as NoActiveScopeError
 from ._errors import NotInitializedError as NotInitializedError
+from ._errors import PoolExhaustedError as PoolExhaustedError
 from ._errors import ReadOnlyError as ReadOnlyError
 from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
+from ._errors import ScopeTimeoutError as ScopeTimeoutError
 from ._errors import SharedConnectionError as SharedConnectionError
 from ._errors import SQLitePathError as SQLitePathError
+from ._errors import SQLiteWriteLockTimeoutError as SQLiteWriteLockTimeoutError
 from ._errors import TransactionAbortedError as TransactionAbortedError
 from ._errors import UnknownDialectError as UnknownDialectError
 from ._errors import UnknownRevisionError as UnknownRevisionError
@@ -26,21 +33,28 @@ from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevel
 
 __all__ = [
     "AlreadyInitializedError",
+    "CommitOutcomeUnknownError",
+    "BulkInsertError",
     "ConfigurationError",
+    "ConnectionLostError",
     "DatabaseBlockedError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "InvalidURLError",
     "MigrationError",
+    "MigrationLockTimeoutError",
     "MigrationsNotFoundError",
     "MissingDriverError",
     "NoActiveScopeError",
     "NotInitializedError",
+    "PoolExhaustedError",
     "ReadOnlyError",
     "RetryExhaustedError",
     "SQLitePathError",
+    "SQLiteWriteLockTimeoutError",
     "SchemaNotAtHeadError",
     "ScopeError",
+    "ScopeTimeoutError",
     "SharedConnectionError",
     "TransactionAbortedError",
     "UnknownDialectError",

@@ -14,13 +14,16 @@ path such as ``myapp.models:Base.metadata``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from logging.config import fileConfig
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from alembic import command
 from alembic.config import Config
@@ -29,13 +32,16 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
+from ._classify import error_code
 from ._config import make_settings, resolve_url, scrub
 from ._engine import make_engine
 from ._errors import (
     ConfigurationError,
     MigrationError,
+    MigrationLockTimeoutError,
     MigrationsNotFoundError,
     SchemaNotAtHeadError,
     UnknownRevisionError,
@@ -50,7 +56,8 @@ _URL_ATTRIBUTE = "dbsession_url"
 _METADATA_ATTRIBUTE = "dbsession_metadata"
 _LOCK_NAME = "dbsession_migrations"
 _PG_LOCK_KEY = 0x64627365  # "dbse"
-_LOCK_TIMEOUT_SECONDS = 600
+_LOCK_TIMEOUT_SECONDS = 600.0
+_LOCK_TIMEOUT_ENV = "DBSESSION_MIGRATION_LOCK_TIMEOUT"
 
 Migrations = str | os.PathLike[str] | None
 
@@ -188,6 +195,8 @@ def run_env() -> None:
             context.run_migrations()
         return
     with _connect(url) as connection, migration_lock(connection):
+        # On PostgreSQL the lock's transaction is open: Alembic runs every migration in
+        # it (transactional DDL), and its commit releases the lock.
         context.configure(connection=connection, **options)
         with context.begin_transaction():
             context.run_migrations()
@@ -206,57 +215,165 @@ def _connect(url: str | URL) -> Iterator[Connection]:
 
 
 @contextmanager
-def migration_lock(connection: Connection) -> Iterator[None]:
+def migration_lock(connection: Connection, timeout: float | None = None) -> Iterator[None]:
     """Hold the process-crossing migration lock for this database while the block runs.
 
-    PostgreSQL: a session advisory lock; MySQL/MariaDB: ``GET_LOCK``; SQLite: an
-    exclusive ``flock`` on ``<database>.migrations.lock``. In-memory SQLite needs none.
+    PostgreSQL: ``pg_advisory_xact_lock``, taken in the transaction the block runs in and
+    released by its commit or rollback, so it holds through any pooler (a session lock
+    taken in one transaction and released in another may meet two server sessions
+    behind PgBouncer in transaction mode); the block must run in that one transaction.
+    MySQL/MariaDB: ``GET_LOCK`` on a name scoped to the database, whose release is checked.
+    SQLite: an exclusive ``flock`` on ``<database file>.migrations.lock`` (URI-form URLs
+    too). In-memory SQLite needs none. Waits at most ``timeout`` seconds (default
+    DBSESSION_MIGRATION_LOCK_TIMEOUT, else 600), then raises MigrationLockTimeoutError
+    naming what holds the lock.
     """
+    limit = _lock_timeout(timeout)
     backend = connection.dialect.name
     if backend == "postgresql":
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
-        connection.commit()
-        try:
-            yield
-        finally:
-            connection.rollback()
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
-            connection.commit()
+        _pg_lock(connection, limit)
+        yield
     elif backend in ("mysql", "mariadb"):
+        name = _mysql_lock_name(connection)
         got = connection.execute(
-            text("SELECT GET_LOCK(:name, :timeout)"),
-            {"name": _LOCK_NAME, "timeout": _LOCK_TIMEOUT_SECONDS},
+            text("SELECT GET_LOCK(:name, :timeout)"), {"name": name, "timeout": limit}
         ).scalar()
         connection.commit()
         if got != 1:
-            raise MigrationError(
-                f"Timed out after {_LOCK_TIMEOUT_SECONDS} s waiting for another process's "
-                "migration to finish (MySQL GET_LOCK); retry when it is done."
+            raise MigrationLockTimeoutError(
+                f"Waited {limit:g} s for the migration lock {name!r}, held by "
+                f"{_mysql_holder(connection, name)}; retry when that migration is done, or "
+                f"raise {_LOCK_TIMEOUT_ENV}."
             )
         try:
             yield
         finally:
             connection.rollback()
-            connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": _LOCK_NAME})
+            released = connection.execute(
+                text("SELECT RELEASE_LOCK(:name)"), {"name": name}
+            ).scalar()
             connection.commit()
+            if released != 1:
+                raise MigrationError(
+                    f"The migration lock {name!r} was no longer held at the end "
+                    f"(RELEASE_LOCK returned {released!r}): the connection was lost or reset "
+                    "during the migration, so another process may have migrated at the same "
+                    "time. Check the schema with 'dbsession current' before going on."
+                )
     else:
-        with _file_lock(connection.engine.url.database):
+        with _file_lock(connection.engine.url.database, limit):
             yield
 
 
+def _lock_timeout(timeout: float | None) -> float:
+    if timeout is not None:
+        return float(timeout)
+    raw = os.environ.get(_LOCK_TIMEOUT_ENV)
+    try:
+        return float(raw) if raw else _LOCK_TIMEOUT_SECONDS
+    except ValueError:
+        raise ConfigurationError(
+            f"{_LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds."
+        ) from None
+
+
+def _pg_lock(connection: Connection, limit: float) -> None:
+    """Take the transaction-level advisory lock in the connection's (new) transaction."""
+    connection.execute(text(f"SET LOCAL lock_timeout = {max(1, int(limit * 1000))}"))
+    try:
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+    except DBAPIError as error:
+        if error_code(error, "postgresql") != "55P03":
+            raise
+        connection.rollback()
+        holder = connection.execute(_PG_HOLDER, {"key": _PG_LOCK_KEY}).first()
+        connection.rollback()
+        who = (
+            f"server process {holder.pid} ({holder.who}, {holder.state}, since {holder.since})"
+            if holder is not None
+            else "another session (gone now)"
+        )
+        raise MigrationLockTimeoutError(
+            f"Waited {limit:g} s for the migration lock (PostgreSQL advisory lock "
+            f"{_PG_LOCK_KEY}), held by {who}; retry when that migration is done, or raise "
+            f"{_LOCK_TIMEOUT_ENV}."
+        ) from None
+    connection.execute(text("SET LOCAL lock_timeout TO DEFAULT"))
+
+
+_PG_HOLDER = text(
+    "SELECT a.pid, coalesce(nullif(a.application_name, ''), a.usename) || '@' || "
+    "coalesce(host(a.client_addr), 'local') AS who, a.state, "
+    "date_trunc('second', a.xact_start) AS since "
+    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objid = :key LIMIT 1"
+)
+
+
+def _mysql_lock_name(connection: Connection) -> str:
+    """``dbsession_migrations:<database>``; GET_LOCK names are server-wide, at most 64 chars."""
+    database = str(connection.execute(text("SELECT DATABASE()")).scalar() or "")
+    name = f"{_LOCK_NAME}:{database}"
+    if len(name) > 64:
+        name = f"{_LOCK_NAME}:{hashlib.sha1(database.encode()).hexdigest()}"
+    return name
+
+
+def _mysql_holder(connection: Connection, name: str) -> str:
+    row = connection.execute(
+        text(
+            "SELECT p.ID, p.USER, p.HOST, p.TIME FROM information_schema.PROCESSLIST p "
+            "WHERE p.ID = IS_USED_LOCK(:name)"
+        ),
+        {"name": name},
+    ).first()
+    connection.commit()
+    if row is None:
+        return "another session (gone now)"
+    return f"connection {row[0]} ({row[1]}@{row[2]}, for {row[3]} s)"
+
+
 @contextmanager
-def _file_lock(database: str | None) -> Iterator[None]:
-    if not database or database.startswith("file:"):
+def _file_lock(database: str | None, limit: float) -> Iterator[None]:
+    path = _sqlite_file(database)
+    if path is None:
         yield
         return
     import fcntl
 
-    with open(f"{database}.migrations.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    deadline = time.monotonic() + limit
+    with open(f"{path}.migrations.lock", "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise MigrationLockTimeoutError(
+                        f"Waited {limit:g} s for the migration lock {path}.migrations.lock, "
+                        "held by another process migrating this SQLite file; retry when it "
+                        f"is done, or raise {_LOCK_TIMEOUT_ENV}."
+                    ) from None
+                time.sleep(0.05)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_file(database: str | None) -> str | None:
+    """The file a SQLite database lives in (plain path or ``file:`` URI); None in memory."""
+    if not database or database == ":memory:":
+        return None
+    if not database.startswith("file:"):
+        return database
+    path, _, query = database[len("file:") :].partition("?")
+    options = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    if options.get("mode") == "memory" or options.get("vfs") == "memdb" or not path:
+        return None
+    if path.startswith("//"):  # file://host/path: only an empty or localhost host is allowed
+        path = "/" + path[2:].partition("/")[2]
+    return unquote(path)
 
 
 def metadata_configured(config: Config) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from deploy_fixtures import pgbouncer, pgbouncer_session, replica, silent_server  # noqa: F401
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -116,8 +117,13 @@ def factory(backend_url: URL) -> Iterator[DbSessionFactory]:
 def db_url(backend_url: URL) -> Iterator[URL]:
     """The backend's database, migrated down to base and version table dropped afterwards."""
     yield backend_url
-    migrations.downgrade("base", url=backend_url, migrations=ALEMBIC_INI)
-    engine = create_engine(backend_url, poolclass=NullPool)
+    migrate_to_base(backend_url)
+
+
+def migrate_to_base(url: URL) -> None:
+    """Downgrade the database to base and drop Alembic's version table."""
+    migrations.downgrade("base", url=url, migrations=ALEMBIC_INI)
+    engine = create_engine(url, poolclass=NullPool)
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
 from dbsession import DbSessionFactory, create_session, default_factory, session_scope
+from dbsession._engine import DEFAULT_MAX_OVERFLOW, DEFAULT_POOL_SIZE
 from dbsession.errors import AlreadyInitializedError
 from dbsession.example.models import Supplier
 
@@ -140,9 +142,13 @@ def test_engine_options_are_passed_through_and_override_defaults(tmp_path: Path)
     factory.dispose()
 
 
-def test_pool_pre_ping_is_on_by_default(backend_url: URL) -> None:
+def test_pool_pre_ping_is_replaced_by_the_cheaper_liveness_check(backend_url: URL) -> None:
+    """No SELECT 1 per checkout (see test_opinions.py and the stale-pool tests), and the
+    pool size of the opinion."""
     factory = DbSessionFactory(backend_url)
-    assert factory.engine.pool._pre_ping is True
+    pool: Any = factory.engine.pool
+    assert pool._pre_ping is False
+    assert (pool.size(), pool._max_overflow) == (DEFAULT_POOL_SIZE, DEFAULT_MAX_OVERFLOW)
     factory.dispose()
 
 

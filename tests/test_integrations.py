@@ -8,9 +8,9 @@ annotations``: FastAPI reads the views' annotations, which name a local ``Depend
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import pytest
 from conftest import require_extra
@@ -27,6 +27,7 @@ APPS = {
     "flask": {"flask": "flask"},
 }
 Post = Callable[[str], int]  # path -> status
+T = TypeVar("T")
 
 
 def suppliers(factory: DbSessionFactory) -> list[str]:
@@ -122,18 +123,23 @@ def flask_post(factory: DbSessionFactory) -> Iterator[Post]:
     yield lambda path: client.post(path).status_code
 
 
-@pytest.fixture(params=list(APPS))
-def post(request: pytest.FixtureRequest, factory: DbSessionFactory) -> Iterator[Post]:
-    """POST to a tiny app whose views use ``factory``'s database."""
+def app_client(
+    request: pytest.FixtureRequest,
+    factory: DbSessionFactory,
+    apps: Mapping[str, Callable[[DbSessionFactory], Iterator[T]]],
+) -> Iterator[T]:
+    """The client ``apps[request.param](factory)`` yields, once the app's extras are there."""
     name: str = request.param
     for module, extra in APPS[name].items():
         require_extra(module, extra)
-    make: dict[str, Callable[[DbSessionFactory], Iterator[Post]]] = {
-        "fastapi": fastapi_post,
-        "fastapi-async": fastapi_async_post,
-        "flask": flask_post,
-    }
-    yield from make[name](factory)
+    yield from apps[name](factory)
+
+
+@pytest.fixture(params=list(APPS))
+def post(request: pytest.FixtureRequest, factory: DbSessionFactory) -> Iterator[Post]:
+    """POST to a tiny app whose views use ``factory``'s database."""
+    apps = {"fastapi": fastapi_post, "fastapi-async": fastapi_async_post, "flask": flask_post}
+    yield from app_client(request, factory, apps)
 
 
 def test_view_that_returns_is_committed_before_the_response(

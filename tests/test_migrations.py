@@ -112,21 +112,27 @@ def test_offline_mode_prints_the_sql(backend_url: URL, capsys: pytest.CaptureFix
     assert migrations.current(url=backend_url) is None  # nothing was run
 
 
-def test_four_processes_upgrading_at_once_migrate_once(db_url: URL, tmp_path: Path) -> None:
-    url = db_url.render_as_string(hide_password=False)
+def upgrade_at_once(url: URL, cwd: Path, count: int = 4) -> None:
+    """Run ``dbsession upgrade`` in ``count`` processes at once: all succeed, one migrates."""
+    shown = url.render_as_string(hide_password=False)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "dbsession", "--url", url, "--migrations", str(INI), "upgrade"],
-            cwd=tmp_path,
+            [sys.executable, "-m", "dbsession", "--url", shown, "--migrations", str(INI)]
+            + ["upgrade"],
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for _ in range(4)
+        for _ in range(count)
     ]
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], outputs
-    assert sum("Running upgrade" in out for out in outputs) == 1
+    assert [proc.returncode for proc in procs] == [0] * count, outputs
+    assert sum("Running upgrade" in out for out in outputs) == 1, outputs
+
+
+def test_four_processes_upgrading_at_once_migrate_once(db_url: URL, tmp_path: Path) -> None:
+    upgrade_at_once(db_url, tmp_path)
     engine = create_engine(db_url, poolclass=NullPool)
     with engine.connect() as conn:
         assert list(conn.scalars(text("SELECT version_num FROM alembic_version"))) == ["0001"]

@@ -11,18 +11,22 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
 
 from dbsession import Base, DbSessionFactory, ReadOnlyError, session_scope
+from dbsession._engine import read_only_engine
 from dbsession.errors import AlreadyInitializedError, UnsupportedIsolationLevelError
 from dbsession.example.models import Supplier
 
 
 def statements(engine: Engine) -> list[str]:
-    """Record every statement the engine (and its option views) executes from now on."""
+    """Record every statement the engine (its option views, and on SQLite its read-only
+    twin, where read-only scopes run) executes from now on."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", record)
+    twin = read_only_engine(engine)
+    for target in (engine, getattr(twin, "sync_engine", twin)) if twin else (engine,):
+        event.listen(target, "before_cursor_execute", record)
     return seen
 
 
@@ -56,12 +60,12 @@ def test_sql_write_in_a_read_only_scope_is_a_read_only_error(factory: DbSessionF
 
 def test_read_only_scope_reads_and_ends_with_a_rollback(factory: DbSessionFactory) -> None:
     ended: list[str] = []
-    event.listen(factory.engine, "commit", lambda conn: ended.append("commit"))
-    event.listen(factory.engine, "rollback", lambda conn: ended.append("rollback"))
     with factory.session_scope() as session:
         session.add(Supplier(name="visible"))
-    ended.clear()
     with factory.session_scope(readonly=True) as session:
+        bind = session.get_bind()  # on SQLite, the read-only twin engine
+        event.listen(bind, "commit", lambda conn: ended.append("commit"))
+        event.listen(bind, "rollback", lambda conn: ended.append("rollback"))
         assert session.scalars(text("SELECT name FROM supplier")).all() == ["visible"]
     assert ended == ["rollback"]
 
@@ -71,8 +75,9 @@ def test_connection_is_writable_again_after_a_read_only_scope(
 ) -> None:
     with one_connection.session_scope(readonly=True) as session:
         reader_pid = id(session.connection().connection.dbapi_connection)
+    shared = one_connection.engine.dialect.name != "sqlite"  # SQLite reads on a pool of its own
     with one_connection.session_scope() as session:
-        assert id(session.connection().connection.dbapi_connection) == reader_pid
+        assert (id(session.connection().connection.dbapi_connection) == reader_pid) is shared
         session.add(Supplier(name="written"))
     with other_connection.connect() as conn:
         assert conn.scalar(text("SELECT name FROM supplier")) == "written"

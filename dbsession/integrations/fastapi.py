@@ -7,6 +7,10 @@ after writes included), FastAPI re-raises the exception into the dependency, so 
 unit of work is rolled back before the error response is built. A commit that fails
 becomes an error response (FastAPI's exception handlers, else 500), never a success.
 
+``session: ReadOnlyDbSession`` (and ``AsyncReadOnlyDbSession``) is a read-only unit
+of work for path operations that only read: it never takes a write lock, so on
+SQLite a GET does not queue behind writers, and a write in it raises ReadOnlyError.
+
 ``session: AsyncDbSession`` is the same for ``async def`` path operations: an
 ``AsyncSession`` from ``dbsession.asyncio.async_session_scope()``. It needs
 ``pip install 'dbsession[async]'`` only when a request uses it; importing this
@@ -24,10 +28,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from .. import observability
 from .._factory import DbSessionFactory, session_scope
 
 if TYPE_CHECKING:
@@ -35,31 +40,39 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncDbSession",
+    "AsyncReadOnlyDbSession",
     "DbSession",
+    "ReadOnlyDbSession",
     "async_session_dependency",
+    "get_async_readonly_session",
     "get_async_session",
+    "get_readonly_session",
     "get_session",
     "session_dependency",
 ]
 
 
 def session_dependency(
-    factory: DbSessionFactory | None = None,
-) -> Callable[[], Iterator[Session]]:
+    factory: DbSessionFactory | None = None, *, readonly: bool = False
+) -> Callable[[Request], Iterator[Session]]:
     """Return a FastAPI dependency that yields a session inside ``factory.session_scope()``.
 
     Without ``factory`` it uses the process default (``DbSessionFactory.global_init()``,
     looked up on each request, so the app may initialise it in its lifespan). Use it
     as ``Annotated[Session, Depends(session_dependency(reports), scope="function")]``.
-    Opening the scope raises DatabaseUnreachableError when no connection can be had.
+    ``readonly=True`` gives ``session_scope(readonly=True)``: no write lock is taken
+    (on SQLite the request does not queue behind writers) and a write raises
+    ReadOnlyError. Opening the scope raises DatabaseUnreachableError when no
+    connection can be had.
     """
-    open_scope: Callable[[], AbstractContextManager[Session]] = (
+    open_scope: Callable[..., AbstractContextManager[Session]] = (
         session_scope if factory is None else factory.session_scope
     )
 
-    def get_session() -> Iterator[Session]:
+    def get_session(request: Request) -> Iterator[Session]:
         """Yield one unit of work: committed when the endpoint returns, rolled back if it raises."""
-        with open_scope() as session:
+        with open_scope(readonly=readonly) as session:
+            observability.name_current(request.scope.get("endpoint"))
             yield session
 
     return get_session
@@ -72,25 +85,35 @@ get_session = session_dependency()
 #: factory, committed before the response is sent.
 DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
+#: The read-only dependency on the process default factory.
+get_readonly_session = session_dependency(readonly=True)
+
+#: ``session: ReadOnlyDbSession`` in a path operation that only reads (a GET): a read-only
+#: unit of work on the process default factory; it takes no write lock.
+ReadOnlyDbSession = Annotated[Session, Depends(get_readonly_session, scope="function")]
+
 
 def async_session_dependency(
-    factory: AsyncDbSessionFactory | None = None,
-) -> Callable[[], AsyncIterator[AsyncSession]]:
+    factory: AsyncDbSessionFactory | None = None, *, readonly: bool = False
+) -> Callable[[Request], AsyncIterator[AsyncSession]]:
     """Return a FastAPI dependency that yields an AsyncSession inside one async unit of work.
 
     Without ``factory`` it uses the process default ``AsyncDbSessionFactory``, looked
     up on each request (initialise it in the app's lifespan). Use it as
     ``Annotated[AsyncSession, Depends(async_session_dependency(f), scope="function")]``.
+    ``readonly=True`` gives a read-only unit of work, as for ``session_dependency``.
     The first request raises ModuleNotFoundError when dbsession's async support is
     missing, and MissingDriverError (``pip install 'dbsession[async]'``) when its
     drivers are; DatabaseUnreachableError when no connection can be had.
     """
 
-    async def get_async_session() -> AsyncIterator[AsyncSession]:
+    async def get_async_session(request: Request) -> AsyncIterator[AsyncSession]:
         """Yield one async unit of work: committed when the endpoint returns, else rolled back."""
         from ..asyncio import async_default_factory  # the async extra, only when used
 
-        async with (factory or async_default_factory()).session_scope() as session:
+        owner = factory or async_default_factory()
+        async with owner.session_scope(readonly=readonly) as session:
+            observability.name_current(request.scope.get("endpoint"))
             yield session
 
     return get_async_session
@@ -102,3 +125,12 @@ get_async_session = async_session_dependency()
 #: ``session: AsyncDbSession`` in an ``async def`` path operation: one async unit of work
 #: on the process default async factory, committed before the response is sent.
 AsyncDbSession = Annotated[AsyncSession, Depends(get_async_session, scope="function")]
+
+#: The read-only async dependency on the process default AsyncDbSessionFactory.
+get_async_readonly_session = async_session_dependency(readonly=True)
+
+#: ``session: AsyncReadOnlyDbSession`` in an ``async def`` path operation that only reads:
+#: a read-only async unit of work on the process default async factory.
+AsyncReadOnlyDbSession = Annotated[
+    AsyncSession, Depends(get_async_readonly_session, scope="function")
+]

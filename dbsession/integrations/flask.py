@@ -28,6 +28,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 from sqlalchemy.orm import Session
 
+from .. import observability
 from .._factory import DbSessionFactory, default_factory
 from .._retry import UnitOfWorkFunction
 
@@ -62,16 +63,18 @@ def unit_of_work(
     def open_scope() -> AbstractContextManager[Session]:
         return (factory or default_factory()).session_scope(readonly=readonly)
 
-    def run(unit: Callable[[Session], R]) -> R:
-        with open_scope() as session:
-            return unit(session)
-
     def decorate(view: Callable[..., Any]) -> Any:
         if inspect.iscoroutinefunction(view):
             raise TypeError(
                 f"@unit_of_work cannot wrap the async view {view.__qualname__}: make it a "
                 "plain def view, or open a scope inside it."
             )
+
+        def run(unit: Callable[[Session], R]) -> R:
+            with open_scope() as session:
+                observability.name_current(view)
+                return unit(session)
+
         return UnitOfWorkFunction(view, run)
 
     if target is None or factory is not None:

@@ -3,6 +3,9 @@
 Sync path operations (FastAPI runs them in its thread pool); the session comes from
 ``dbsession.integrations.fastapi``: committed when the path operation returns, before
 the response is sent; rolled back when it raises, HTTPException included.
+
+The GET path operations only read: their ``ReadOnlyDbSession`` / ``AsyncReadOnlyDbSession``
+takes no write lock, so on SQLite they never queue behind (or hold up) the writers.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
 from dbsession import DbSessionFactory
-from dbsession.integrations.fastapi import DbSession
+from dbsession.integrations.fastapi import DbSession, ReadOnlyDbSession
 
 from .. import store_api
 
@@ -50,7 +53,7 @@ def create_customer(body: NewCustomer, session: DbSession) -> dict[str, Any]:
 
 
 @router.get("/customers/{customer_id}")
-def get_customer(customer_id: int, session: DbSession) -> dict[str, Any]:
+def get_customer(customer_id: int, session: ReadOnlyDbSession) -> dict[str, Any]:
     """Read one customer (404 if there is none)."""
     try:
         return store_api.get_customer(session, customer_id)
@@ -71,7 +74,7 @@ def place_order(body: NewOrder, session: DbSession) -> dict[str, Any]:
 
 
 @router.get("/orders")
-def list_orders(session: DbSession) -> list[dict[str, Any]]:
+def list_orders(session: ReadOnlyDbSession) -> list[dict[str, Any]]:
     """Every order, oldest first."""
     return store_api.list_orders(session)
 

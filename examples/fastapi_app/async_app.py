@@ -9,6 +9,9 @@ The units of work are the sync ones of ``examples.store_api``, run on the reques
 AsyncSession with ``AsyncSession.run_sync`` (SQLAlchemy runs them in a greenlet over
 the async driver, so they do not block the event loop). ``GET /customers/{id}`` shows
 the plain ``await session.get(...)`` style.
+
+The GET path operations only read: their ``ReadOnlyDbSession`` / ``AsyncReadOnlyDbSession``
+takes no write lock, so on SQLite they never queue behind (or hold up) the writers.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.example.models import Customer
-from dbsession.integrations.fastapi import AsyncDbSession
+from dbsession.integrations.fastapi import AsyncDbSession, AsyncReadOnlyDbSession
 
 from .. import store_api
 from .app import NewCustomer, NewOrder, conflict
@@ -39,7 +42,7 @@ async def create_customer(body: NewCustomer, session: AsyncDbSession) -> dict[st
 
 
 @router.get("/customers/{customer_id}")
-async def get_customer(customer_id: int, session: AsyncDbSession) -> dict[str, Any]:
+async def get_customer(customer_id: int, session: AsyncReadOnlyDbSession) -> dict[str, Any]:
     """Read one customer (404 if there is none)."""
     customer = await session.get(Customer, customer_id)
     if customer is None:
@@ -62,7 +65,7 @@ async def place_order(body: NewOrder, session: AsyncDbSession) -> dict[str, Any]
 
 
 @router.get("/orders")
-async def list_orders(session: AsyncDbSession) -> list[dict[str, Any]]:
+async def list_orders(session: AsyncReadOnlyDbSession) -> list[dict[str, Any]]:
     """Every order, oldest first."""
     return await session.run_sync(store_api.list_orders)
 

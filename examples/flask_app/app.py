@@ -1,5 +1,8 @@
 """The store API on Flask: each view is one unit of work through ``@unit_of_work()``.
 
+The GET views only read: ``@unit_of_work(readonly=True)`` takes no write lock, so on
+SQLite they never queue behind (or hold up) the writers.
+
 The session comes from ``dbsession.integrations.flask``: committed when the view
 returns, before Flask sends the response; rolled back when it raises, ``abort()``
 and exceptions turned into responses by an error handler included.
@@ -48,7 +51,7 @@ def create_customer(session: Session) -> Reply:
 
 
 @store.get("/customers/<int:customer_id>")
-@unit_of_work()
+@unit_of_work(readonly=True)
 def get_customer(session: Session, customer_id: int) -> dict[str, Any]:
     """Read one customer (404 if there is none)."""
     try:
@@ -75,7 +78,7 @@ def place_order(session: Session) -> Reply:
 
 
 @store.get("/orders")
-@unit_of_work()
+@unit_of_work(readonly=True)
 def list_orders(session: Session) -> list[dict[str, Any]]:
     """Every order, oldest first."""
     return store_api.list_orders(session)

@@ -1,0 +1,426 @@
+"""Seeing every unit of work: slow-scope warnings, per-call-site statistics, OpenTelemetry.
+
+dbsession owns the transaction boundaries, so it can say which unit of work held a
+transaction open, where it was opened, and whether the time went to the database or
+to something else (an HTTP call, a slow loop) while locks and a pooled connection
+were held. Three layers, each independent:
+
+- **Slow-scope warnings** (on by default, no dependency): a unit of work open longer
+  than ``slow_scope_seconds`` (default 5 s) logs one WARNING on the ``dbsession``
+  logger when it ends, with its duration, the ``file:line`` that opened it, and the
+  time spent in the database (SQLAlchemy cursor events) against the time outside it.
+  ``configure(slow_scope_seconds=None)`` turns it off.
+- **Statistics** (``configure(stats=True)``, or ``DBSESSION_STATS=1``): counts, outcomes
+  and duration percentiles per call site, from ``stats()``; ``DBSESSION_STATS=1`` also
+  prints the table when the process exits (handy in development).
+- **OpenTelemetry** (``pip install 'dbsession[otel]'``, then
+  ``configure(opentelemetry=True)``): one span per unit of work, SQLAlchemy's statement
+  spans (``opentelemetry-instrumentation-sqlalchemy``) nested under it, and the metrics
+  ``dbsession.unit.duration``, ``dbsession.commits``, ``dbsession.rollbacks``,
+  ``dbsession.retries`` and ``dbsession.pool.wait``. Nothing of OpenTelemetry is
+  imported otherwise.
+
+Only outermost units of work are observed; a scope joined to one is part of it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from ._context import call_site
+
+__all__ = ["ScopeStats", "configure", "format_stats", "reset_stats", "stats"]
+
+logger = logging.getLogger("dbsession")
+
+DEFAULT_SLOW_SCOPE_SECONDS = 5.0
+STATS_ENV = "DBSESSION_STATS"
+_SAMPLES = 1000  # durations kept per call site for the percentiles
+
+
+@dataclass
+class _Config:
+    slow_scope_seconds: float | None = DEFAULT_SLOW_SCOPE_SECONDS
+    stats: bool = False
+    tracer: Any = None
+    instruments: dict[str, Any] | None = None
+
+
+_config = _Config(stats=os.environ.get(STATS_ENV, "") not in ("", "0"))
+
+
+def configure(
+    *,
+    slow_scope_seconds: float | None = DEFAULT_SLOW_SCOPE_SECONDS,
+    stats: bool | None = None,
+    opentelemetry: bool = False,
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
+) -> None:
+    """Set what dbsession observes, for every factory of the process.
+
+    ``slow_scope_seconds``: warn about units of work open longer than this (None or 0:
+    never). ``stats``: collect per-call-site statistics (``stats()``); None keeps the
+    current setting. ``opentelemetry``: emit spans and metrics through the global
+    providers, or the ``tracer_provider`` / ``meter_provider`` given. Raises
+    ValueError for a negative threshold, MissingDriverError when OpenTelemetry is
+    asked for but not installed.
+    """
+    if slow_scope_seconds is not None and slow_scope_seconds < 0:
+        raise ValueError(f"slow_scope_seconds must be positive or None, got {slow_scope_seconds!r}")
+    _config.slow_scope_seconds = slow_scope_seconds or None
+    if stats is not None:
+        _config.stats = stats
+    _config.tracer = _config.instruments = None
+    if opentelemetry:
+        _config.tracer, _config.instruments = _make_otel(tracer_provider, meter_provider)
+    _update_listeners()
+
+
+def _make_otel(tracer_provider: Any, meter_provider: Any) -> tuple[Any, dict[str, Any]]:
+    try:
+        from opentelemetry import metrics, trace
+    except ImportError:
+        from ._errors import MissingDriverError
+
+        raise MissingDriverError(
+            "OpenTelemetry is not installed. Install it: pip install 'dbsession[otel]'."
+        ) from None
+    tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("dbsession")
+    meter = (meter_provider or metrics.get_meter_provider()).get_meter("dbsession")
+    instruments = {
+        "duration": meter.create_histogram(
+            "dbsession.unit.duration", unit="s", description="Duration of a unit of work"
+        ),
+        "commits": meter.create_counter("dbsession.commits", description="Units committed"),
+        "rollbacks": meter.create_counter("dbsession.rollbacks", description="Units rolled back"),
+        "retries": meter.create_counter(
+            "dbsession.retries", description="Units run again after a transient error"
+        ),
+        "pool_wait": meter.create_histogram(
+            "dbsession.pool.wait", unit="s", description="Time waiting for a pooled connection"
+        ),
+    }
+    return tracer, instruments
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_timed: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def watch(engine: Engine) -> None:
+    """Time the statements of ``engine`` whenever something is observed (called for every
+    engine dbsession builds; the listeners are attached only while observing)."""
+    _engines.add(engine)
+    _update_listeners()
+
+
+_listeners_lock = threading.Lock()
+
+
+def _update_listeners() -> None:
+    wanted = enabled()
+    with _listeners_lock:
+        _update_engines(wanted)
+
+
+def _update_engines(wanted: bool) -> None:
+    for engine in list(_engines):
+        if wanted and engine not in _timed:
+            event.listen(engine, "before_cursor_execute", _statement_started, retval=True)
+            event.listen(engine, "after_cursor_execute", _statement_finished)
+            _timed.add(engine)
+        elif not wanted and engine in _timed:
+            event.remove(engine, "before_cursor_execute", _statement_started)
+            event.remove(engine, "after_cursor_execute", _statement_finished)
+            _timed.discard(engine)
+
+
+def _statement_started(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    if context is not None and _current.get() is not None:
+        context._dbsession_started = time.perf_counter()
+    return statement, parameters
+
+
+def _statement_finished(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    began = getattr(context, "_dbsession_started", None)
+    if began is not None:
+        observation = _current.get()
+        if observation is not None:
+            observation.db_time += time.perf_counter() - began
+
+
+def enabled() -> bool:
+    """True if anything is observed (a unit of work then records its timings)."""
+    return bool(_config.slow_scope_seconds or _config.stats or _config.tracer)
+
+
+# --- one unit of work -----------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class Observation:
+    """The timings of one unit of work in progress: ``entered_by`` is the Python frame that
+    opened it (at ``line``) and ``owner`` its factory; the call site and the backend's
+    name are worked out from them only when something needs them."""
+
+    entered_by: FrameType | None
+    line: int
+    owner: object
+    started: float
+    readonly: bool
+    isolation_level: str | None
+    db_time: float = 0.0
+    pool_wait: float = 0.0
+    span: Any = None
+    span_token: Any = None
+    _site: str | None = None
+
+    @property
+    def site(self) -> str:
+        """``file:line`` of the code that opened the unit of work."""
+        if self._site is None:
+            file, line = call_site(self.entered_by)
+            if self.entered_by is not None and file == self.entered_by.f_code.co_filename:
+                line = self.line
+            self._site = f"{file}:{line}"
+        return self._site
+
+    def backend(self) -> str:
+        """The name of the backend (``sqlite``, ``postgresql``, ``mysql``)."""
+        url = getattr(self.owner, "url", None)
+        return url.get_backend_name() if url is not None else ""
+
+
+_current: ContextVar[Observation | None] = ContextVar("dbsession_observation", default=None)
+_attempt: ContextVar[int] = ContextVar("dbsession_attempt", default=1)
+
+
+def name_current(function: Any) -> None:
+    """Report the unit of work observed here at ``function``'s definition (for
+    integrations: the view or endpoint, rather than the framework code that runs it)."""
+    observation = _current.get()
+    code = getattr(function, "__code__", None)
+    if observation is not None and code is not None:
+        observation._site = f"{code.co_filename}:{code.co_firstlineno}"
+
+
+def begin(
+    entered_by: FrameType | None, owner: object, readonly: bool, isolation_level: str | None
+) -> Observation:
+    """Start observing a unit of work (call only when ``enabled()``)."""
+    line = entered_by.f_lineno if entered_by is not None else 0
+    observation = Observation(
+        entered_by, line, owner, time.perf_counter(), readonly, isolation_level
+    )
+    if _config.tracer is not None:
+        from opentelemetry import context, trace
+
+        observation.span = _config.tracer.start_span(
+            "dbsession.unit_of_work",
+            attributes={
+                "db.system": observation.backend(),
+                "dbsession.readonly": readonly,
+                "dbsession.isolation_level": isolation_level or "default",
+                "dbsession.nested": False,
+                "dbsession.retry_attempt": _attempt.get(),
+                "code.location": observation.site,
+            },
+        )
+        observation.span_token = context.attach(trace.set_span_in_context(observation.span))
+    _current.set(observation)
+    return observation
+
+
+def end(observation: Observation, outcome: str, error: BaseException | None) -> None:
+    """Finish observing: ``outcome`` is ``"committed"`` or ``"rolled back"``."""
+    duration = time.perf_counter() - observation.started
+    if _current.get() is observation:
+        _current.set(None)
+    threshold = _config.slow_scope_seconds
+    if threshold is not None and duration >= threshold:
+        _warn_slow(observation, duration, outcome)
+    if _config.stats:
+        _record(observation.site, duration, observation.db_time, outcome)
+    if observation.span is not None:
+        _end_span(observation, duration, outcome, error)
+    observation.entered_by = None  # do not keep the caller's frame (and its locals) alive
+
+
+def _warn_slow(observation: Observation, duration: float, outcome: str) -> None:
+    outside = max(duration - observation.db_time, 0.0)
+    verdict = (
+        "most of it OUTSIDE the database, with the transaction open: move that work "
+        "(HTTP calls, slow loops, waiting on locks) out of the scope"
+        if outside > duration / 2
+        else "most of it in the database: look at the statements"
+    )
+    logger.warning(
+        "dbsession: a unit of work opened at %s was open for %.2fs (%s): %.2fs in the "
+        "database, %.2fs outside it, %.2fs waiting for a pooled connection; %s. "
+        "(Threshold %.1fs: dbsession.observability.configure(slow_scope_seconds=...).)",
+        observation.site,
+        duration,
+        outcome,
+        observation.db_time,
+        outside,
+        observation.pool_wait,
+        verdict,
+        _config.slow_scope_seconds,
+    )
+
+
+def _end_span(
+    observation: Observation, duration: float, outcome: str, error: BaseException | None
+) -> None:
+    from opentelemetry import context, trace
+
+    span = observation.span
+    span.set_attribute("dbsession.outcome", outcome)
+    span.set_attribute("dbsession.db_time", observation.db_time)
+    span.set_attribute("dbsession.pool_wait", observation.pool_wait)
+    if error is not None:
+        span.set_attribute("exception.type", type(error).__qualname__)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__qualname__))
+    span.end()
+    try:
+        context.detach(observation.span_token)
+    except ValueError:  # ended in another context (a generator finished elsewhere)
+        pass
+    instruments = _config.instruments or {}
+    attributes = {"db.system": observation.backend(), "dbsession.outcome": outcome}
+    instruments["duration"].record(duration, attributes)
+    instruments["commits" if outcome == "committed" else "rollbacks"].add(1, attributes)
+
+
+def current() -> Observation | None:
+    """The unit of work observed in this context, if any."""
+    return _current.get()
+
+
+def add_pool_wait(seconds: float, backend: str) -> None:
+    """Count ``seconds`` waited for a pooled connection against the unit of work here."""
+    observation = _current.get()
+    if observation is not None:
+        observation.pool_wait += seconds
+    instruments = _config.instruments
+    if instruments is not None:
+        instruments["pool_wait"].record(seconds, {"db.system": backend})
+
+
+def retried(reason: str, backend: str) -> None:
+    """Count one retry of a unit of work (the metric ``dbsession.retries``)."""
+    instruments = _config.instruments
+    if instruments is not None:
+        instruments["retries"].add(1, {"db.system": backend, "dbsession.reason": reason})
+
+
+@contextmanager
+def attempt(number: int) -> Iterator[None]:
+    """Mark the units of work opened in the block as attempt ``number`` of a retried unit."""
+    token = _attempt.set(number)
+    try:
+        yield
+    finally:
+        _attempt.reset(token)
+
+
+# --- statistics per call site ----------------------------------------------------------
+
+
+@dataclass
+class ScopeStats:
+    """What one call site's units of work did: counts and durations in seconds."""
+
+    site: str
+    count: int = 0
+    committed: int = 0
+    rolled_back: int = 0
+    db_time: float = 0.0
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))
+
+    def percentile(self, fraction: float) -> float:
+        """The duration below which ``fraction`` of the recent units ended (0 < fraction <= 1)."""
+        ordered = sorted(self.durations)
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+_stats: dict[str, ScopeStats] = {}
+_stats_lock = threading.Lock()
+
+
+def _record(site: str, duration: float, db_time: float, outcome: str) -> None:
+    with _stats_lock:
+        entry = _stats.get(site)
+        if entry is None:
+            entry = _stats[site] = ScopeStats(site)
+        entry.count += 1
+        entry.db_time += db_time
+        if outcome == "committed":
+            entry.committed += 1
+        else:
+            entry.rolled_back += 1
+        entry.durations.append(duration)
+
+
+def stats() -> dict[str, ScopeStats]:
+    """A snapshot of the statistics per call site (empty unless ``configure(stats=True)``)."""
+    with _stats_lock:
+        return {
+            site: ScopeStats(s.site, s.count, s.committed, s.rolled_back, s.db_time,
+                             deque(s.durations, maxlen=_SAMPLES))
+            for site, s in _stats.items()
+        }
+
+
+def reset_stats() -> None:
+    """Forget the statistics collected so far."""
+    with _stats_lock:
+        _stats.clear()
+
+
+def format_stats() -> str:
+    """The statistics as a text table, busiest call site first."""
+    rows = sorted(stats().values(), key=lambda s: -s.count)
+    lines = [
+        f"{'units':>7} {'commit':>7} {'rollbk':>7} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'p99 ms':>8} {'db %':>5}  call site"
+    ]
+    for s in rows:
+        total = sum(s.durations) or 1.0
+        lines.append(
+            f"{s.count:>7} {s.committed:>7} {s.rolled_back:>7} "
+            f"{s.percentile(0.5) * 1000:>8.2f} {s.percentile(0.95) * 1000:>8.2f} "
+            f"{s.percentile(0.99) * 1000:>8.2f} {100 * min(s.db_time / total, 1):>5.0f}  {s.site}"
+        )
+    return "\n".join(lines)
+
+
+def _print_at_exit() -> None:
+    if _stats:
+        print("dbsession: units of work per call site\n" + format_stats())
+
+
+if _config.stats:
+    atexit.register(_print_at_exit)

@@ -1,0 +1,156 @@
+"""The engine's opinions at their price: liveness check instead of pre-ping, the pool size,
+the SQLite read-only twin, the plugin's joined sessionmaker made once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from server_helpers import server_pid
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from test_readonly import statements
+
+import dbsession._engine as engine_module
+from dbsession import DbSessionFactory, ReadOnlyError
+from dbsession._engine import read_only_engine
+from dbsession.example.models import Supplier
+
+SERVERS_ONLY = pytest.mark.backends("postgresql", "mysql")
+
+
+@pytest.fixture
+def pings(factory: DbSessionFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """Every ping the engine's dialect sends from now on, and whether it succeeded."""
+    dialect: Any = factory.engine.dialect
+    real = dialect.do_ping
+    seen: list[bool] = []
+
+    def do_ping(dbapi_connection: Any) -> bool:
+        seen.append(bool(real(dbapi_connection)))
+        return seen[-1]
+
+    monkeypatch.setattr(dialect, "do_ping", do_ping)
+    yield seen
+
+
+@SERVERS_ONLY
+def test_a_connection_in_use_is_not_pinged(factory: DbSessionFactory, pings: list[bool]) -> None:
+    for i in range(20):
+        with factory.session_scope() as session:
+            session.add(Supplier(name=f"s{i}"))
+    assert pings == []
+
+
+@SERVERS_ONLY
+def test_a_connection_idle_past_the_threshold_is_pinged_first(
+    factory: DbSessionFactory, pings: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with factory.session_scope() as session:
+        first = server_pid(session)
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE", 0.0)
+    with factory.session_scope() as session:
+        assert server_pid(session) == first  # pinged, alive, kept
+    assert pings == [True]
+
+
+@pytest.mark.backends("postgresql")
+def test_a_live_connection_with_a_message_waiting_is_pinged_and_kept(
+    factory: DbSessionFactory, other_connection: Engine, pings: list[bool]
+) -> None:
+    """A NOTIFY makes the idle socket readable, like a closed one: the ping tells them apart."""
+    with factory.engine.connect() as conn:
+        conn.execute(text("LISTEN dbsession_test"))
+        conn.commit()
+        listener = server_pid(conn)
+    with other_connection.connect() as conn:
+        conn.execute(text("NOTIFY dbsession_test"))
+        conn.commit()
+    idle: Any = factory.engine.pool._pool.queue[0]  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while engine_module._quiet(idle.dbapi_connection) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server sends the notification on its own time
+    with factory.engine.connect() as conn:
+        assert server_pid(conn) == listener
+    assert pings == [True]
+
+
+def test_overflow_connections_do_not_churn_with_8_threads(factory: DbSessionFactory) -> None:
+    opened: list[int] = []
+    event.listen(factory.engine, "connect", lambda *args: opened.append(1))
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def work(number: int) -> None:
+        try:
+            start.wait()
+            for i in range(25):
+                with factory.session_scope() as session:
+                    session.add(Supplier(name=f"t{number}-{i}"))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(opened) <= 8  # never more than the threads: none closed and reopened
+    with factory.session_scope(readonly=True) as session:
+        assert session.scalar(text("SELECT COUNT(*) FROM supplier")) == 200
+
+
+@pytest.mark.backends("sqlite")
+def test_sqlite_read_only_scopes_run_on_their_own_query_only_pool(
+    factory: DbSessionFactory,
+) -> None:
+    twin = read_only_engine(factory.engine)
+    assert isinstance(twin, Engine) and twin is read_only_engine(factory.engine)
+    seen = statements(factory.engine)
+    for _ in range(3):
+        with factory.session_scope(readonly=True) as session:
+            session.execute(text("SELECT COUNT(*) FROM supplier"))
+    assert seen == ["BEGIN", "SELECT COUNT(*) FROM supplier"] * 3  # no PRAGMA per scope
+    with pytest.raises(ReadOnlyError):
+        with factory.session_scope(readonly=True) as session:
+            session.execute(text("DELETE FROM supplier"))
+    with factory.session_scope() as session:  # writing scopes are not on that pool
+        session.add(Supplier(name="written"))
+    factory.dispose()
+    assert twin.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_no_read_only_twin_on_the_servers_nor_before_it_is_needed(backend_url: Any) -> None:
+    made = DbSessionFactory(backend_url)
+    try:
+        twin = read_only_engine(made.engine)
+        assert (twin is None) is (made.engine.dialect.name != "sqlite")
+    finally:
+        made.dispose()
+
+
+def test_the_plugin_joined_sessionmaker_is_made_once(factory: DbSessionFactory) -> None:
+    binding = factory._build()
+    with factory.engine.connect() as one, factory.engine.connect() as two:
+        first: Any = binding.joined_to(one).maker()
+        second: Any = binding.joined_to(two).maker()
+    assert first.class_ is second.class_
+    assert (first.kw["bind"], second.kw["bind"]) == (one, two)
+    assert first.kw["join_transaction_mode"] == "create_savepoint"
+
+
+@SERVERS_ONLY
+def test_the_servers_engines_have_no_connection_event_listeners(
+    factory: DbSessionFactory,
+) -> None:
+    """Any engine-level ConnectionEvents listener makes every statement go through
+    SQLAlchemy's event dispatch; the read-only hook lives on the read-only view only."""
+    with factory.session_scope(readonly=True) as session:
+        session.execute(text("SELECT 1"))
+    with factory.session_scope() as session:
+        session.add(Supplier(name="written"))
+    assert factory.engine._has_events is False
