@@ -21,6 +21,7 @@ from ._config import mask_url as mask_url
 from ._context import current_session as current_session
 from ._context import on_commit as on_commit
 from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DatabaseReadOnlyError as DatabaseReadOnlyError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import NoActiveScopeError as NoActiveScopeError
@@ -40,6 +41,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "Base",
     "ConfigurationError",
+    "DatabaseReadOnlyError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "DbSessionFactory",

@@ -7,12 +7,14 @@ the embedded SQLite file ``dbsession.sqlite3`` in the current directory.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -22,6 +24,7 @@ from ._errors import ConfigurationError, InvalidURLError
 ENV_VAR = "DATABASE_URL"
 DEFAULT_SQLITE_FILE = "dbsession.sqlite3"
 DEFAULT_SQLITE_BUSY_TIMEOUT = 5.0
+_MAX_BUSY_TIMEOUT = (2**31 - 1) // 1000
 
 # A bare "postgresql://" would mean psycopg2 to SQLAlchemy; we ship psycopg 3.
 _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
@@ -35,8 +38,10 @@ _DEFAULT_ASYNC_DRIVERS = {
 }
 _ASYNC_ONLY_DRIVERS = frozenset({"aiosqlite", "asyncpg", "aiomysql", "asyncmy"})
 _SCHEME_ALIASES = {"postgres": "postgresql"}
-_SECRET_WORDS = "pass|pwd|secret|token|key"
-_SECRET_QUERY_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
+# Query parameters whose values are secrets: these exact names, and names with these
+# endings (sslpassword, api_key, access_token), never a substring (foreign_keys is not).
+_SECRET_NAME = r"(?:pass|pwd|key|apikey|[^=&]*(?:password|passwd|secret|token|_pwd|_pass|_key))"
+_SECRET_QUERY_KEY = re.compile(rf"{_SECRET_NAME}\Z", re.IGNORECASE)
 _MASK = "***"
 #: What may sit between the app and PostgreSQL (``pooler=``); None: not said, assume the worst.
 POOLERS = ("transaction", "session", "none")
@@ -53,8 +58,17 @@ class Timeouts:
     dead_peer: float | None = 30.0
     read: float | None = 300.0
     ping: float | None = 5.0
+    #: A pooled server connection idle longer than this is pinged (bounded by ``ping``)
+    #: before use; one used more recently is pinged only if its socket has something to
+    #: say (closed, or an error waiting). 0 pings on every checkout, as pool_pre_ping.
+    ping_after_idle: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.ping_after_idle >= 0:
+            raise ConfigurationError(
+                "Timeouts(ping_after_idle=...) must be zero (ping on every checkout) or a "
+                f"positive number of seconds, got {self.ping_after_idle!r}."
+            )
         for name in ("connect", "dead_peer", "read", "ping"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -105,19 +119,25 @@ class Settings:
         )
 
 
+#: What a database URL may be given as: a string, a SQLAlchemy URL, or the path of a SQLite file.
+URLLike = str | URL | os.PathLike[str]
+
+
 def make_settings(
-    url: str | URL | None = None,
+    url: URLLike | None = None,
     *,
     expire_on_commit: bool | None = None,
     sqlite_busy_timeout: float | None = None,
     engine_options: Mapping[str, Any] | None = None,
-    replica_url: str | URL | None = None,
+    replica_url: URLLike | None = None,
     asyncio: bool = False,
     pooler: str | None = None,
     timeouts: Timeouts | None = None,
     max_replica_lag: float | None = None,
 ) -> Settings:
-    """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work.
+    """Resolve the URL and normalise the options; raise ConfigurationError if they cannot work
+    (a bad ``sqlite_busy_timeout`` or ``expire_on_commit``, ``connect_args`` that is not a
+    dict, an async-only driver on the sync side).
 
     With ``asyncio=True`` a URL that names no driver gets the backend's async driver
     (aiosqlite, psycopg, aiomysql); a driver named in the URL is always kept.
@@ -141,27 +161,66 @@ def make_settings(
             "it needs a postgresql replica_url."
         )
     resolved, source = resolve_url(url, asyncio=asyncio)
-    timeout = DEFAULT_SQLITE_BUSY_TIMEOUT if sqlite_busy_timeout is None else sqlite_busy_timeout
-    if timeout < 0:
+    replica = None if replica_url is None else _parse(replica_url, "replica_url")
+    if not asyncio:
+        for checked in (resolved, replica):
+            _refuse_async_driver(checked)
+    options = dict(engine_options or {})
+    connect_args = options.get("connect_args")
+    if connect_args is not None and not isinstance(connect_args, Mapping):
         raise ConfigurationError(
-            f"sqlite_busy_timeout must be zero or more seconds, got {timeout!r}."
+            f"connect_args must be a dict of driver options, got "
+            f"{type(connect_args).__name__}: pass connect_args={{'connect_timeout': 5}}."
         )
     return Settings(
         url=resolved,
         source=source,
-        expire_on_commit=bool(expire_on_commit),
-        sqlite_busy_timeout=float(timeout),
-        engine_options=dict(engine_options or {}),
+        expire_on_commit=_flag("expire_on_commit", expire_on_commit),
+        sqlite_busy_timeout=_busy_timeout(sqlite_busy_timeout),
+        engine_options=options,
         pooler=pooler,
         timeouts=timeouts if timeouts is not None else Timeouts(),
         max_replica_lag=None if max_replica_lag is None else float(max_replica_lag),
-        replica_url=None
-        if replica_url is None
-        else _with_default_driver(_parse(replica_url, "replica_url"), _drivers(asyncio)),
+        replica_url=None if replica is None else _with_default_driver(replica, _drivers(asyncio)),
     )
 
 
-def resolve_url(url: str | URL | None = None, *, asyncio: bool = False) -> tuple[URL, str]:
+def _flag(name: str, value: object) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ConfigurationError(
+        f"{name} must be True or False, got {value!r} ({type(value).__name__})."
+    )
+
+
+def _busy_timeout(value: object) -> float:
+    if value is None:
+        return DEFAULT_SQLITE_BUSY_TIMEOUT
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            f"sqlite_busy_timeout must be a number of seconds, got {type(value).__name__} "
+            f"{value!r}: pass e.g. sqlite_busy_timeout=5.0."
+        )
+    if not math.isfinite(value) or not 0 <= value <= _MAX_BUSY_TIMEOUT:
+        raise ConfigurationError(
+            f"sqlite_busy_timeout must be a number of seconds from 0 to {_MAX_BUSY_TIMEOUT} "
+            f"(SQLite counts milliseconds in 32 bits), got {value!r}: pass e.g. "
+            "sqlite_busy_timeout=5.0."
+        )
+    return float(value)
+
+
+def _refuse_async_driver(url: URL | None) -> None:
+    driver = None if url is None else url.drivername.partition("+")[2]
+    if url is not None and driver in _ASYNC_ONLY_DRIVERS:
+        raise ConfigurationError(
+            f"{mask_url(url)} names the async driver {driver!r}, which the "
+            f"sync DbSessionFactory cannot use: use dbsession.asyncio.AsyncDbSessionFactory, "
+            f"or {mask_url(sync_twin(url))} here."
+        )
+
+
+def resolve_url(url: URLLike | None = None, *, asyncio: bool = False) -> tuple[URL, str]:
     """Return the URL to use and where it came from: ``argument``, ``DATABASE_URL`` or ``default``.
 
     A URL without a driver gets the default one of its backend (the async one
@@ -208,11 +267,17 @@ def default_sqlite_url() -> URL:
     return URL.create("sqlite", database=str(Path.cwd() / DEFAULT_SQLITE_FILE))
 
 
+def is_secret_parameter(name: str) -> bool:
+    """True for a query parameter whose value is a secret: ``password``, ``sslpassword``,
+    ``api_key``, ``access_token``... (exact names and endings, not substrings)."""
+    return _SECRET_QUERY_KEY.match(name) is not None
+
+
 def mask_url(url: URL | str) -> str:
-    """Render a URL with its password, and secret-looking query values, replaced by ``***``."""
+    """Render a URL with its password, and secret query values, replaced by ``***``."""
     if isinstance(url, str):
         return _mask_raw(url)
-    secret_keys = [key for key in url.query if _SECRET_QUERY_KEY.search(key)]
+    secret_keys = [key for key in url.query if is_secret_parameter(key)]
     if secret_keys:
         url = url.update_query_dict({key: _MASK for key in secret_keys})
     return url.render_as_string(hide_password=True)
@@ -220,13 +285,9 @@ def mask_url(url: URL | str) -> str:
 
 def scrub(text: str, url: URL) -> str:
     """Remove the URL's password and secret query values from an arbitrary message."""
-    secrets = [url.password] if url.password else []
-    for key, value in url.query.items():
-        if _SECRET_QUERY_KEY.search(key):
-            secrets.extend([value] if isinstance(value, str) else value)
-    for secret in secrets:
-        if secret:
-            text = text.replace(str(secret), _MASK)
+    for secret in secrets_of(url):
+        for form in _spellings(secret):
+            text = text.replace(form, _MASK)
     return text
 
 
@@ -235,10 +296,33 @@ def first_line(error: BaseException, url: URL) -> str:
     return scrub((str(error).strip().splitlines() or [""])[0], url)
 
 
-def _parse(raw: str | URL, source: str) -> URL:
+def secrets_of(url: URL) -> list[str]:
+    """The URL's password and secret query values (what must never be shown)."""
+    secrets = [str(url.password)] if url.password else []
+    for key, value in url.query.items():
+        if is_secret_parameter(key):
+            secrets.extend([value] if isinstance(value, str) else value)
+    return [secret for secret in secrets if secret]
+
+
+def _spellings(secret: str) -> list[str]:
+    """A secret as it is, percent-encoded, and as a repr or bytes repr would show it."""
+    forms = {secret, quote(secret, safe=""), quote_plus(secret), repr(secret)[1:-1]}
+    forms.add(repr(secret.encode("utf-8", "surrogatepass"))[2:-1])
+    return sorted(forms, key=len, reverse=True)
+
+
+def _parse(raw: URLLike, source: str) -> URL:
     where = {"argument": "the url argument", "replica_url": "the replica_url argument"}.get(
         source, f"the {source} environment variable"
     )
+    if isinstance(raw, os.PathLike):  # a pathlib.Path: a SQLite file
+        return URL.create("sqlite", database=str(Path(raw).expanduser().absolute()))
+    if not isinstance(raw, (str, URL)):
+        raise InvalidURLError(
+            f"The database URL in {where} must be a str, a sqlalchemy URL or a pathlib.Path "
+            f"of a SQLite file, not {type(raw).__name__}: decode bytes first."
+        )
     if isinstance(raw, str):
         if not raw.strip():
             raise InvalidURLError(
@@ -258,7 +342,46 @@ def _parse(raw: str | URL, source: str) -> URL:
             ) from None
     else:
         parsed = raw
+    _refuse_misplaced_secret(parsed, where)
+    has_credentials = parsed.host or parsed.username or parsed.password
+    if parsed.get_backend_name() == "sqlite" and has_credentials:
+        raise InvalidURLError(
+            f"The SQLite URL in {where} names a user, password or host, which SQLite has "
+            "none of (not shown: part of a password may be in its path). Use "
+            "sqlite:///relative/file.db, "
+            "sqlite:////absolute/file.db or sqlite:// (in memory)."
+        )
+    if parsed.get_backend_name() == "sqlite" and (parsed.database or "").startswith("~"):
+        parsed = parsed.set(database=str(Path(parsed.database or "").expanduser()))
     return parsed
+
+
+def _misread_option(key: str, value: str | tuple[str, ...]) -> bool:
+    """A query option that is really a piece of the user, password or path: a name that is
+    empty or holds ``/ : @ ?``, or a value holding a second ``?``."""
+    values = [value] if isinstance(value, str) else list(value)
+    return not key or any(c in key for c in "/:@?") or any("?" in v for v in values)
+
+
+def _refuse_misplaced_secret(url: URL, where: str) -> None:
+    """Refuse a URL where an unencoded ``@`` in the password (or ``/`` in the user name)
+    moved part of the password into the host or database name, where it would be shown."""
+    host = url.host or ""
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite":
+        # "sqlite:///user:password@/path" puts the credentials in the file's path.
+        misread = ":" in database[: database.rfind("@") + 1]
+    else:  # "mysql://us/er:pw@db/app": host "us", database "er:pw@db/app"
+        misread = "@" in database or ":" in database
+    misread = misread or any(_misread_option(key, value) for key, value in url.query.items())
+    if "@" in host or misread:
+        raise InvalidURLError(
+            f"The database URL in {where} has an '@', '/' or '?' in its user name, password "
+            f"or path that is not percent-encoded, so part of the password would be read as "
+            f"the host, database name or an option (in a {url.drivername}:// URL). "
+            "Percent-encode the user name and password (urllib.parse.quote(password, "
+            "safe='')), e.g. '@' as %40 and '/' as %2F."
+        )
 
 
 def _with_default_driver(url: URL, drivers: Mapping[str, str]) -> URL:
@@ -271,11 +394,12 @@ def _with_default_driver(url: URL, drivers: Mapping[str, str]) -> URL:
 
 
 def _mask_raw(raw: str) -> str:
-    """Best-effort masking of a string that may not even parse as a URL."""
-    masked = re.sub(r"(://[^:/@]*:).*@", rf"\g<1>{_MASK}@", raw)
+    """Best-effort masking of a string that may not even parse as a URL: everything
+    between the user name and the last ``@`` (a newline or an ``@`` included) is hidden."""
+    masked = re.sub(r"(://[^:@]*:).*@", rf"\g<1>{_MASK}@", raw, flags=re.DOTALL)
     return re.sub(
-        rf"([?&][^=&]*(?:{_SECRET_WORDS})[^=&]*=)[^&]*",
+        rf"([?&]{_SECRET_NAME}=)[^&]*",
         rf"\g<1>{_MASK}",
         masked,
-        flags=re.IGNORECASE,
+        flags=re.IGNORECASE | re.DOTALL,
     )

@@ -5,7 +5,7 @@
   a pool of ``DEFAULT_POOL_SIZE`` kept connections (``DEFAULT_MAX_OVERFLOW`` more at a peak).
 - PostgreSQL and MySQL/MariaDB: a pooled connection is checked before use without a
   round trip (:func:`_install_liveness_check`): pinged only when its socket has something
-  to say (the server closed it, or sent an error) or it sat idle over ``PING_AFTER_IDLE``
+  to say (the server closed it, or sent an error) or it sat idle over ``Timeouts.ping_after_idle``
   seconds. SQLite has nothing to ping (no network).
 - PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
   (psycopg 3, PyMySQL); see ``_config``.
@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,10 +50,13 @@ from sqlalchemy.util import await_only
 
 from . import observability
 from ._classify import is_read_only_violation
-from ._config import Settings, first_line, mask_url, scrub
+from ._config import Settings, first_line, is_secret_parameter, mask_url, scrub, secrets_of
 from ._errors import (
     ConfigurationError,
+    DatabaseReadOnlyError,
     DatabaseUnreachableError,
+    DbSessionError,
+    InvalidURLError,
     MissingDriverError,
     ReadOnlyError,
     SQLitePathError,
@@ -152,10 +156,14 @@ def _build(
         **prepared_statement_args(url, settings.pooler),
         **options.get("connect_args", {}),
     }
-    if connect_args:
-        options["connect_args"] = connect_args
+    connector = None
+    if "creator" not in options:
+        connector = _Connector(settings, connect_args)
+        options["creator"] = connector
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
+    if connector is not None:
+        connector.engine = engine
     _install_fork_guard(engine)
     observability.watch(engine)
     _install_read_only_errors(engine)
@@ -169,10 +177,9 @@ def _build(
         # also disarms it for the next scope on the same connection.
         install_scope_timeouts(engine)
     else:
-        _install_connect_errors(engine, url, settings.source)
         install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
         if "pool_pre_ping" not in options:
-            _install_liveness_check(engine)
+            _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)
     return built
 
@@ -206,7 +213,15 @@ def _default_options(url: URL, given: Mapping[str, Any], *, asyncio: bool) -> di
 
 def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
     try:
-        return create(url, **options)
+        with warnings.catch_warnings():
+            # SQLAlchemy only warns of URL query options the driver ignores: a mistake.
+            warnings.simplefilter("error", exc.SAWarning)
+            return create(url, **options)
+    except exc.SAWarning as warning:
+        raise ConfigurationError(
+            f"The URL {settings.describe()} has an option the driver does not use: "
+            f"{first_line(warning, url)} Remove it or fix its name."
+        ) from None
     except exc.InvalidRequestError as error:  # a sync driver under create_async_engine
         raise ConfigurationError(
             f"{settings.describe()} cannot be used here: {scrub(str(error), url)} "
@@ -224,12 +239,31 @@ def _create(create: Callable[..., E], url: URL, settings: Settings, options: dic
             f"The driver {driver!r} for {url.get_backend_name()} is not installed "
             f"(module {error.name or driver!r} not found). Install it: {hint}."
         ) from None
-    except TypeError as error:
-        raise ConfigurationError(
-            f"Invalid engine option for {settings.describe()}: "
-            f"{scrub(str(error), url)}. Check the keyword arguments given to "
-            "global_init() or DbSessionFactory()."
+    except exc.ArgumentError as error:  # e.g. a SQLite URL with a user, password or host
+        raise InvalidURLError(
+            f"The URL {settings.describe()} cannot be used: {first_line(error, url)}. "
+            "SQLite URLs are sqlite:///relative/file.db or sqlite:////absolute/file.db."
+            if url.get_backend_name() == "sqlite"
+            else f"The URL {settings.describe()} cannot be used: {first_line(error, url)}."
         ) from None
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(
+            f"Invalid engine option{_suspects(str(error), url)} for {settings.describe()}: "
+            f"{first_line(error, url)}. Check the URL's query string and the keyword "
+            "arguments given to global_init() or DbSessionFactory()."
+        ) from None
+
+
+def _suspects(message: str, url: URL) -> str:
+    """`` 'name'`` for the URL query options whose name or value the driver's message
+    quotes (secret values are never looked at), else the empty string."""
+    named = [
+        key
+        for key, value in url.query.items()
+        if key in message
+        or (not is_secret_parameter(key) and isinstance(value, str) and repr(value) in message)
+    ]
+    return f" {', '.join(repr(key) for key in named)}" if named else ""
 
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -270,12 +304,10 @@ def _install_fork_guard(engine: Engine) -> None:
             )
 
 
-#: A pooled server connection idle longer than this many seconds is pinged before use.
-PING_AFTER_IDLE = 30.0
 _IDLE_SINCE = "dbsession_idle_since"
 
 
-def _install_liveness_check(engine: Engine) -> None:
+def _install_liveness_check(engine: Engine, ping_after_idle: float) -> None:
     """Replace a dead pooled connection before use, without a round trip per checkout.
 
     SQLAlchemy's ``pool_pre_ping`` sends ``SELECT 1`` on every checkout: one full round
@@ -283,7 +315,7 @@ def _install_liveness_check(engine: Engine) -> None:
     timeout) closes its socket, which the checkout sees for the cost of one ``poll()``.
     So a connection is pinged (``dialect.do_ping``) only when its socket is readable
     while idle (closed, or an error message waiting), or it has been idle for more than
-    ``PING_AFTER_IDLE`` seconds (a peer lost without a word, say behind a NAT that
+    ``ping_after_idle`` seconds (``Timeouts``; a peer lost without a word, say behind a NAT that
     forgot it); a failed ping raises DisconnectionError, on which the pool opens a new
     connection in its place. After any disconnect seen during a statement, SQLAlchemy
     itself invalidates every connection of the pool opened before it. A driver whose
@@ -302,7 +334,7 @@ def _install_liveness_check(engine: Engine) -> None:
         since = record.info.get(_IDLE_SINCE)
         if since is None:  # just opened
             return
-        if time.monotonic() - since < PING_AFTER_IDLE and _quiet(dbapi_connection):
+        if time.monotonic() - since < ping_after_idle and _quiet(dbapi_connection):
             return
         try:
             alive = dialect.do_ping(dbapi_connection)
@@ -460,14 +492,39 @@ def _install_read_only_errors(engine: Engine) -> None:
     @event.listens_for(engine, "handle_error")
     def read_only(context: ExceptionContext) -> BaseException | None:
         original = context.original_exception
-        if not is_read_only_violation(original, context.dialect.name):
+        name = context.dialect.name
+        if not is_read_only_violation(original, name):
             return None
-        return ReadOnlyError(
-            f"A write was refused because the transaction is read-only "
-            f"({context.dialect.name}: {first_line(original, engine.url)}). "
-            "session_scope(readonly=True) never writes: do this work in a writing "
-            "scope, session_scope()."
+        driver_says = f"{name}: {first_line(original, engine.url)}"
+        if _in_read_only_scope(context.connection):
+            return ReadOnlyError(
+                f"A write was refused because the transaction is read-only ({driver_says}). "
+                "session_scope(readonly=True) never writes: do this work in a writing "
+                "scope, session_scope()."
+            )
+        if name == "sqlite":
+            return SQLitePathError(
+                f"The SQLite database {engine.url.database!r} can only be read by this "
+                f"process ({driver_says}): the file or its folder is not writable, or the "
+                "URL opens it read-only (mode=ro, immutable=1). Fix the permissions or the URL."
+            )
+        return DatabaseReadOnlyError(
+            f"The {name} server refused a write in a writing scope because the database "
+            f"session is read-only ({driver_says}): the URL {mask_url(engine.url)} points at "
+            "a read-only server (a hot standby or replica, MySQL read_only) or a role or "
+            "database with default_transaction_read_only. Point it at the primary."
         )
+
+
+def _in_read_only_scope(connection: Connection | None) -> bool:
+    if connection is None:
+        return False
+    options = connection.get_execution_options()
+    return bool(
+        options.get(READONLY_OPTION)
+        or options.get("postgresql_readonly")
+        or options.get(SQLITE_BEGIN_OPTION) == "BEGIN"  # a read-only SQLite scope
+    )
 
 
 def _install_mysql_read_only(view: Engine) -> None:
@@ -480,21 +537,88 @@ def _install_mysql_read_only(view: Engine) -> None:
         connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
-def _install_connect_errors(engine: Engine, url: URL, source: str) -> None:
-    @event.listens_for(engine, "handle_error")
-    def unreachable(context: ExceptionContext) -> BaseException | None:
-        if context.connection is not None or context.is_pre_ping:
-            return None
-        if not isinstance(context.sqlalchemy_exception, exc.OperationalError):
-            return None
-        setting = "replica_url=" if source == "replica_url" else "DATABASE_URL or global_init"
-        server = "replica" if source == "replica_url" else "server"
-        return DatabaseUnreachableError(
-            f"Cannot connect to the {url.get_backend_name()} {server} at {_where(url)} "
-            f"(database {url.database!r}, user {url.username!r}): "
-            f"{first_line(context.original_exception, url)}. Check that the {server} is "
-            f"running and that the URL {mask_url(url)} ({setting}) is right."
+class _Secret(str):
+    """A password whose repr is masked: what pytest, debuggers and error trackers show of
+    the driver's keyword arguments in a traceback's frames. It is still the password."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+class _Connector:
+    """The pool's creator: every connection is opened through dbsession's own frame, so the
+    driver's connect failures are raised from here as named errors, without the driver's
+    frames, locals or chained exceptions (which hold the password), and the password in
+    the connect arguments has a masked repr in every frame that remains (SQLAlchemy's own
+    creator keeps them, unmasked, in its closure)."""
+
+    def __init__(self, settings: Settings, connect_args: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self.connect_args = dict(connect_args)
+        self.engine: Engine | None = None  # set once built; the pool connects only later
+
+    def __call__(self, connection_record: Any = None) -> Any:
+        assert self.engine is not None
+        dialect = self.engine.dialect
+        cargs, cparams = _masked_connect_args(self.engine.url, dialect, self.connect_args)
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except Exception as error:
+            failure = _connect_failure(error, dialect, self.settings, self.engine.url)
+        raise failure from None  # outside the except block: no driver frames, no context
+
+
+def _masked_connect_args(
+    url: URL, dialect: Any, connect_args: Mapping[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """The dialect's connect arguments for ``url`` plus ``connect_args`` (which win, as in
+    SQLAlchemy), the password and secret options wrapped so their repr is masked."""
+    cargs, cparams = dialect.create_connect_args(url)
+    secrets = set(secrets_of(url))
+    return list(cargs), {
+        key: _Secret(value)
+        if isinstance(value, str) and (value in secrets or is_secret_parameter(key))
+        else value
+        for key, value in {**cparams, **connect_args}.items()
+    }
+
+
+def _connect_failure(
+    error: Exception, dialect: Any, settings: Settings, url: URL
+) -> DbSessionError:
+    """The named error for a driver's refusal to open a connection."""
+    backend = url.get_backend_name()
+    where = f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
+    dbapi = dialect.loaded_dbapi
+    if backend == "sqlite" and isinstance(error, dbapi.Error):
+        return SQLitePathError(
+            f"Cannot open the SQLite database {url.database!r}: {first_line(error, url)}. "
+            "Check the path, its permissions and the URL's options (mode=, vfs=)."
         )
+    if isinstance(error, UnicodeError):
+        return ConfigurationError(
+            f"The {backend} driver cannot send the user name or password of "
+            f"{settings.describe()}: it has characters the driver's protocol cannot encode "
+            "(PyMySQL and aiomysql send them as latin-1). Use a password of ASCII or "
+            "latin-1 characters."
+        )
+    if isinstance(error, dbapi.OperationalError):
+        server = "replica" if settings.source == "replica_url" else "server"
+        return DatabaseUnreachableError(
+            f"Cannot connect to the {backend} {server} at {where} "
+            f"(database {url.database!r}, user {url.username!r}): "
+            f"{first_line(error, url)}. Check that the {server} is running and that the "
+            f"URL {settings.describe()} is right."
+        )
+    given = sorted({*url.query, *settings.engine_options.get("connect_args", {})})
+    return ConfigurationError(
+        f"The {backend} driver refused the connection options of {settings.describe()}"
+        f"{_suspects(str(error), url) or ''} ({type(error).__name__}: {first_line(error, url)})."
+        f" Fix the URL's query string or connect_args (options given: "
+        f"{', '.join(given) or 'none'})."
+    )
 
 
 def _where(url: URL) -> str:
@@ -525,14 +649,12 @@ def _check_sqlite_path(path: Path) -> None:
             f"The folder of the SQLite database {str(path)!r} does not exist: "
             f"create it (mkdir -p {str(folder)!r}) or point the URL at another file."
         )
-    if path.exists():
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise SQLitePathError(
-                f"The SQLite database file {str(path)!r} is not readable and writable "
-                "by this process: fix its permissions or point the URL elsewhere."
-            )
-        return
-    try:
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise SQLitePathError(
+            f"The SQLite database file {str(path)!r} is not readable and writable "
+            "by this process: fix its permissions or point the URL elsewhere."
+        )
+    try:  # also for an existing file: WAL creates -wal and -shm files beside it
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError:

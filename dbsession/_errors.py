@@ -17,6 +17,7 @@ anything this package raises on its own account::
     │   │                           sqlalchemy.exc.OperationalError)
     │   └── ConnectionLostError     an open connection broke under a transaction
     │       └── CommitOutcomeUnknownError  it broke during COMMIT: committed or not, unknown
+    ├── DatabaseReadOnlyError       the server refused a write outside a read-only scope
     ├── ScopeTimeoutError           a statement or lock wait overran session_scope(timeout=)
     │                               (also a SQLAlchemy OperationalError)
     ├── MigrationError              an Alembic command failed
@@ -41,8 +42,10 @@ anything this package raises on its own account::
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
-25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY); the driver's exception
-stays reachable as its ``__cause__``. Errors of SQLAlchemy and the drivers
+25006, MySQL/MariaDB 1792, SQLite SQLITE_READONLY) inside a read-only scope;
+in a writing scope the same error is a ``DatabaseReadOnlyError`` (a read-only
+server, role or database) or, for SQLite, a ``SQLitePathError``. The driver's
+exception stays reachable as the ``__cause__``. Errors of SQLAlchemy and the drivers
 that dbsession has nothing to add to (an ``IntegrityError`` from a flush, say)
 pass through unchanged. No message ever contains a password: URLs are always
 rendered masked.
@@ -136,6 +139,9 @@ class ScopeTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.Operationa
 
     Also a SQLAlchemy ``OperationalError`` (the error it replaces); the driver's is ``orig``.
     """
+class DatabaseReadOnlyError(DbSessionError):
+    """The server refused a write in a writing scope: it, the role or the database is
+    read-only (a hot standby, ``default_transaction_read_only``, MySQL ``read_only``)."""
 
 
 class UnsupportedIsolationLevelError(ConfigurationError):
@@ -238,6 +244,6 @@ class SchemaNotAtHeadError(MigrationError):
         self.head = head
         super().__init__(
             f"The database schema is at revision {current or '<base> (empty)'} but the "
-            f"migrations head is {head}. Run 'dbsession upgrade' (or 'alembic upgrade head', "
-            "or dbsession.migrations.upgrade()) before starting the app."
+            f"migrations head is {head}. Run 'dbsession upgrade' (or "
+            "dbsession.migrations.upgrade()) before starting the app."
         )

@@ -8,6 +8,7 @@ ended by ``global_dispose()``.
 
 from __future__ import annotations
 
+import os
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -177,6 +178,7 @@ class LazyFactory(Generic[B]):
         pooler: str | None = None,
         timeouts: Timeouts | None = None,
         max_replica_lag: float | None = None,
+        migrations: str | os.PathLike[str] | None = None,
         **engine_options: Any,
     ) -> F:
         """Configure and build the process-wide default factory, once; return it.
@@ -187,7 +189,10 @@ class LazyFactory(Generic[B]):
         options (call ``global_dispose()`` first to switch), and a ConfigurationError
         subclass if the URL or options cannot work. With ``require_migrated=True`` it
         raises SchemaNotAtHeadError, naming the current and the head revision, when the
-        schema is behind the migrations (see ``dbsession.migrations.require_head``).
+        schema is behind the migrations (see ``dbsession.migrations.require_head``);
+        ``migrations`` names the migrations folder or ``alembic.ini`` for that check
+        (default: found from the current folder, which systemd or ``gunicorn --chdir``
+        may have changed).
         """
         candidate = cls(
             url,
@@ -203,7 +208,7 @@ class LazyFactory(Generic[B]):
         if require_migrated:
             from .migrations import require_head  # Alembic is only imported when asked for
 
-            require_head(url=sync_twin(current.url))
+            require_head(url=sync_twin(current.url), migrations=migrations)
         return current
 
     def _build(self, *, replica: bool = False) -> B:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from ._classify import error_code
-from ._config import make_settings, resolve_url, scrub
+from ._config import make_settings, mask_url, resolve_url, scrub, sync_twin
 from ._engine import make_engine
 from ._errors import (
     ConfigurationError,
@@ -60,6 +61,7 @@ _LOCK_TIMEOUT_SECONDS = 600.0
 _LOCK_TIMEOUT_ENV = "DBSESSION_MIGRATION_LOCK_TIMEOUT"
 
 Migrations = str | os.PathLike[str] | None
+logger = logging.getLogger("dbsession")
 
 
 def make_config(
@@ -70,17 +72,28 @@ def make_config(
 ) -> Config:
     """Build the Alembic Config for a migrations folder or ``.ini`` file (see module docs).
 
-    Raises MigrationsNotFoundError when there is nothing to run.
+    A ``url`` given is resolved now: an empty one raises InvalidURLError (it never
+    falls back to ``DATABASE_URL``). Raises MigrationsNotFoundError when there is
+    nothing to run, MigrationError when the ``.ini`` file cannot be read.
     """
+    resolved = None if url is None else _resolve(url)
     location = _find_migrations(migrations)
     if location.suffix == ".ini":
         config = Config(str(location))
+        try:
+            config.get_main_option("script_location")
+        except Exception as error:  # configparser's errors: a '%' in the path, bad syntax
+            raise MigrationError(
+                f"Cannot read {location}: {type(error).__name__}: "
+                f"{str(error).splitlines()[0]}. Rename the folder or file (configparser "
+                "reads '%' as interpolation) or fix its syntax."
+            ) from None
     else:
         config = Config()
         config.set_main_option("script_location", str(location).replace("%", "%%"))
     config.attributes[MANAGED_ATTRIBUTE] = True
-    if url is not None:
-        config.attributes[_URL_ATTRIBUTE] = url
+    if resolved is not None:
+        config.attributes[_URL_ATTRIBUTE] = resolved
     if metadata is not None:
         config.attributes[_METADATA_ATTRIBUTE] = metadata
     return config
@@ -110,14 +123,42 @@ def downgrade(
     migrations: Migrations = None,
     sql: bool = False,
 ) -> None:
-    """Downgrade the database to ``revision`` (``"base"`` undoes every migration)."""
-    run_command(command.downgrade, make_config(migrations, url=url), revision, sql=sql)
+    """Downgrade the database to ``revision`` (``"base"`` undoes every migration).
+
+    The database is logged (masked, at WARNING) before anything is undone. Raises what
+    ``upgrade`` raises.
+    """
+    config = make_config(migrations, url=url)
+    logger.warning("dbsession: downgrading %s to %s", describe_target(url), revision)
+    run_command(command.downgrade, config, revision, sql=sql)
+
+
+def describe_target(url: str | URL | None) -> str:
+    """The masked URL the migration commands would act on, and where it came from."""
+    resolved, source = resolve_url(url)
+    return f"{mask_url(sync_twin(resolved))} (from {source})"
 
 
 def current(*, url: str | URL | None = None) -> str | None:
-    """Return the database's current revision, or None for an unmigrated database."""
-    with _connect(_resolve(url)) as connection:
+    """Return the database's current revision, or None for an unmigrated database.
+
+    Reads only: a SQLite file that does not exist is not created (None: no revision).
+    """
+    resolved = _resolve(url)
+    if missing_sqlite_file(resolved):
+        return None
+    with _connect(resolved) as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def missing_sqlite_file(url: str | URL | None) -> str | None:
+    """The path of the SQLite file ``url`` names if it does not exist yet, else None."""
+    resolved = _resolve(url)
+    database = resolved.database or ""
+    is_file = database not in ("", ":memory:") and not database.startswith("file:")
+    if resolved.get_backend_name() == "sqlite" and is_file and not Path(database).exists():
+        return database
+    return None
 
 
 def head(*, migrations: Migrations = None) -> str:
@@ -127,11 +168,16 @@ def head(*, migrations: Migrations = None) -> str:
     """
     script = ScriptDirectory.from_config(make_config(migrations))
     heads = script.get_heads()
-    if len(heads) != 1:
+    if not heads:
+        raise MigrationError(
+            f"The migrations folder {script.dir} has no revision yet: create the first "
+            "with 'dbsession revision --autogenerate -m first'."
+        )
+    if len(heads) > 1:
         raise MigrationError(
             f"The migrations folder {script.dir} has {len(heads)} heads {sorted(heads)}; "
-            "expected exactly one. Merge them with 'dbsession merge heads' "
-            "(alembic merge heads) or create the first revision."
+            "expected exactly one. Merge them with 'dbsession merge -m merge' (then "
+            "'dbsession upgrade')."
         )
     return heads[0]
 
@@ -142,8 +188,13 @@ def is_at_head(*, url: str | URL | None = None, migrations: Migrations = None) -
 
 
 def require_head(*, url: str | URL | None = None, migrations: Migrations = None) -> None:
-    """Raise SchemaNotAtHeadError, naming both revisions, unless the database is at head."""
-    at, newest = current(url=url), head(migrations=migrations)
+    """Raise SchemaNotAtHeadError, naming both revisions, unless the database is at head.
+
+    ``migrations`` is the folder or ``.ini`` file (see module docs): pass it when the
+    process does not start in the project folder (systemd, ``gunicorn --chdir``).
+    """
+    newest = head(migrations=migrations)
+    at = current(url=url)
     if at != newest:
         raise SchemaNotAtHeadError(at, newest)
 
@@ -168,7 +219,8 @@ def run_env() -> None:
     if config.config_file_name is not None and MANAGED_ATTRIBUTE not in config.attributes:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     metadata = _load_metadata(config)
-    url = _resolve(config.attributes.get(_URL_ATTRIBUTE) or _x_argument(context))
+    given = config.attributes.get(_URL_ATTRIBUTE)
+    url = _resolve(given if given is not None else _x_argument(context))
     is_sqlite = url.get_backend_name() == "sqlite"
     options: dict[str, Any] = {
         "target_metadata": metadata,
@@ -398,7 +450,9 @@ def run_command(fn: Any, config: Config, *args: Any, **kwargs: Any) -> Any:
 
 
 def _resolve(url: str | URL | None) -> URL:
-    return resolve_url(url)[0]
+    """The URL to migrate: migrations run outside any event loop, so an async driver's URL
+    (``sqlite+aiosqlite``, ``mysql+aiomysql``) becomes its sync twin."""
+    return sync_twin(resolve_url(url)[0])
 
 
 def _x_argument(context: Any) -> str | None:
@@ -421,39 +475,57 @@ def _find_migrations(migrations: Migrations) -> Path:
             return candidate.absolute()
     looked = ", ".join(str(c.absolute()) for c in candidates)
     raise MigrationsNotFoundError(
-        f"No migrations found (looked for {looked}). Run from the folder that holds "
-        f"alembic.ini, pass --migrations DIR (or set {MIGRATIONS_ENV}), or create a "
-        "migrations folder with 'dbsession init'."
+        f"No migrations found (looked for {looked}). Name the folder or .ini file: "
+        f"migrations= in Python, --migrations DIR on the command line, or {MIGRATIONS_ENV}; "
+        "or create a migrations folder with 'dbsession init'."
     )
 
 
 def _load_metadata(config: Config) -> MetaData | None:
-    path = (
-        config.attributes.get(_METADATA_ATTRIBUTE)
-        or os.environ.get(METADATA_ENV)
-        or config.get_main_option(METADATA_OPTION)
-    )
-    return load_metadata(path) if path else None
+    in_ini = f"{METADATA_OPTION} in {config.config_file_name}"
+    for source, path in (
+        ("--metadata", config.attributes.get(_METADATA_ATTRIBUTE)),
+        (METADATA_ENV, os.environ.get(METADATA_ENV)),
+        (in_ini, config.get_main_option(METADATA_OPTION)),
+    ):
+        if path:
+            return load_metadata(path, source=source)
+    return None
 
 
-def load_metadata(path: str) -> MetaData:
+def load_metadata(path: str, *, source: str = "the metadata setting") -> MetaData:
     """Import ``package.module:attribute.path`` and return the MetaData it names.
 
-    Raises ConfigurationError when the module or attribute does not exist or is not MetaData.
+    ``source`` names the setting the path came from, for the message. Raises
+    ConfigurationError when the path is malformed, the module cannot be imported (or
+    raises on import), or the attribute does not exist or is not a MetaData.
     """
     module_name, _, attribute = path.partition(":")
+    fix = f"Fix {source}: an absolute import path such as 'myapp.models:Base.metadata'"
+    if not module_name or module_name.startswith("."):
+        raise ConfigurationError(f"{source} is {path!r}, which names no module. {fix}.")
     try:
         target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"Cannot import {module_name!r} for the metadata {path!r} from {source} "
+            f"({error}); the current folder {os.getcwd()!r} and sys.path are searched: "
+            f"run from the folder that holds the package, or set PYTHONPATH. {fix}."
+        ) from None
+    except Exception as error:
+        raise ConfigurationError(
+            f"Importing {module_name!r} for the metadata {path!r} from {source} raised "
+            f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}. Fix that module "
+            "(run with --traceback to see where)."
+        ) from error
+    try:
         for part in filter(None, attribute.split(".")):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as error:
-        raise ConfigurationError(
-            f"Cannot load the metadata {path!r} ({error}). Set {METADATA_OPTION} in "
-            f"alembic.ini or {METADATA_ENV} to 'package.module:Base.metadata'."
-        ) from None
+    except AttributeError as error:
+        raise ConfigurationError(f"Cannot load the metadata {path!r} ({error}). {fix}.") from None
     if not isinstance(target, MetaData):
         raise ConfigurationError(
-            f"{path!r} is a {type(target).__name__}, not a MetaData: point it at "
+            f"{path!r} is a {type(target).__name__}, not a MetaData: point {source} at "
             "'package.module:Base.metadata'."
         )
     return target

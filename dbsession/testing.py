@@ -58,6 +58,7 @@ from ._config import async_twin, mask_url, resolve_url, sync_twin
 from ._context import DIVERT_HOOKS_KEY, Hook
 from ._errors import (
     DatabaseBlockedError,
+    DbSessionError,
     MigrationError,
     MigrationsNotFoundError,
     SharedConnectionError,
@@ -302,13 +303,31 @@ def dbsession_url(pytestconfig: pytest.Config) -> Iterator[URL]:
 
 @pytest.fixture(scope="session")
 def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
-    """The database under test with its schema prepared once per run (--dbsession-schema)."""
+    """The database under test with its schema prepared once per run (--dbsession-schema).
+
+    A database that cannot be used fails every test that needs it with one line naming
+    the setting it came from (no traceback, no password)."""
+    __tracebackhide__ = True
+    try:
+        return _prepare(dbsession_url, pytestconfig)
+    except DbSessionError as error:
+        given = pytestconfig.getoption("dbsession_url")
+        where = "--dbsession-url" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
+        pytest.fail(
+            f"dbsession: the test database {mask_url(dbsession_url)} (from {where}) cannot "
+            f"be used: {error}",
+            pytrace=False,
+        )
+
+
+def _prepare(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
     schema = _setting(pytestconfig, "dbsession_schema") or "auto"
     if schema not in SCHEMA_CHOICES:
         raise pytest.UsageError(
             f"--dbsession-schema={schema!r} is not one of {', '.join(SCHEMA_CHOICES)}."
         )
     if schema == "none":
+        _check_reachable(dbsession_url)
         return dbsession_url
     from . import migrations  # Alembic is only imported when a database is prepared
 
@@ -380,6 +399,14 @@ def _migrate_test_database(config: Config, url: URL) -> None:
         )
 
 
+def _check_reachable(url: URL) -> None:
+    factory = DbSessionFactory(sync_twin(url))
+    try:
+        factory.engine.connect().close()
+    finally:
+        factory.dispose()
+
+
 def _migrations_location(config: pytest.Config) -> Path | None:
     """The explicit setting, else alembic.ini or migrations/ in the rootdir (None: look in cwd)."""
     explicit = _setting(config, "dbsession_migrations")
@@ -398,6 +425,7 @@ def dbsession_factory(
     dbsession_database: URL, pytestconfig: pytest.Config
 ) -> Iterator[DbSessionFactory]:
     """The DbSessionFactory on the prepared test database, disposed at the end of the run."""
+    __tracebackhide__ = True
     run = _run_of(pytestconfig)
     yield run.factory
     run.connections.release(run.factory, _as_is)
@@ -535,6 +563,7 @@ def db_session(
     request: pytest.FixtureRequest, dbsession_factory: DbSessionFactory
 ) -> Iterator[Session]:
     """A Session in a transaction rolled back after the test; app session_scope()s join it."""
+    __tracebackhide__ = True
     connections = _run_of(request.config).connections
     yield from _rolled_back_session(
         dbsession_factory, _as_is, _hooks_of(request), "db_session", connections
@@ -580,6 +609,7 @@ def _rolled_back_session(
     One body for both sides: ``run`` is the identity on the sync side and runs the
     coroutine to completion on the plugin's event loop on the async side.
     """
+    __tracebackhide__ = True
     connection = connections.of(factory, run)
     users = _OneUser(fixture)
     try:

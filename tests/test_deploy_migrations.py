@@ -32,7 +32,11 @@ def _advisory_locks(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(
             conn.scalar(
-                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"),
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"
+                    " AND database = (SELECT oid FROM pg_database"
+                    " WHERE datname = current_database())"  # other runs share the server
+                ),
                 {"k": _PG_LOCK_KEY},
             )
         )

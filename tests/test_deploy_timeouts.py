@@ -29,6 +29,9 @@ from dbsession.errors import CommitOutcomeUnknownError, ConnectionLostError, Sco
 T = TypeVar("T")
 BOUND = 40.0  # seconds: every wait below must end well before this
 QUICK = Timeouts(connect=2, read=2, ping=1)
+#: Ping every pooled connection before use (the default pings one idle for 30 s, or whose
+#: socket speaks): a peer that went silent a moment ago is caught only by the ping.
+PING_ALWAYS = Timeouts(connect=2, read=2, ping=1, ping_after_idle=0)
 SLEEP = {"postgresql": "SELECT pg_sleep(10)", "mysql": "SELECT SLEEP(10)"}
 SLOW_SQLITE = (
     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
@@ -111,7 +114,7 @@ def test_a_pooled_connection_whose_peer_went_silent_does_not_hang_the_pre_ping(
     proxied: tuple[TcpProxy, URL],
 ) -> None:
     proxy, url = proxied
-    factory = DbSessionFactory(url, timeouts=QUICK)
+    factory = DbSessionFactory(url, timeouts=PING_ALWAYS)
     try:
         assert _query(factory) == 1  # a connection is now in the pool
         proxy.mode = "silent"
@@ -132,7 +135,7 @@ def test_async_pre_ping_of_a_silent_peer_is_bounded_too(proxied: tuple[TcpProxy,
             return (await session.execute(text("SELECT 1"))).scalar()
 
     async def main() -> list[Any]:
-        factory = AsyncDbSessionFactory(url, timeouts=QUICK)
+        factory = AsyncDbSessionFactory(url, timeouts=PING_ALWAYS)
         outcomes: list[Any] = []
         try:
             outcomes.append(await query(factory))

@@ -14,6 +14,7 @@ from sqlalchemy import text
 import dbsession
 from dbsession import (
     ConfigurationError,
+    DatabaseReadOnlyError,
     DatabaseUnreachableError,
     DbSessionError,
     DbSessionFactory,
@@ -56,6 +57,7 @@ def test_every_error_is_a_dbsession_error() -> None:
         SQLitePathError,
         AlreadyInitializedError,
         DatabaseUnreachableError,
+        DatabaseReadOnlyError,
         UnsupportedIsolationLevelError,
         ScopeError,
         NoActiveScopeError,

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from server_helpers import server_pid
 from sqlalchemy import event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from test_readonly import statements
 
 import dbsession._engine as engine_module
-from dbsession import DbSessionFactory, ReadOnlyError
+from dbsession import DbSessionFactory, ReadOnlyError, Timeouts
 from dbsession._engine import read_only_engine
 from dbsession.example.models import Supplier
 
@@ -25,6 +25,10 @@ SERVERS_ONLY = pytest.mark.backends("postgresql", "mysql")
 @pytest.fixture
 def pings(factory: DbSessionFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     """Every ping the engine's dialect sends from now on, and whether it succeeded."""
+    yield recorded_pings(factory, monkeypatch)
+
+
+def recorded_pings(factory: DbSessionFactory, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     dialect: Any = factory.engine.dialect
     real = dialect.do_ping
     seen: list[bool] = []
@@ -34,7 +38,7 @@ def pings(factory: DbSessionFactory, monkeypatch: pytest.MonkeyPatch) -> Iterato
         return seen[-1]
 
     monkeypatch.setattr(dialect, "do_ping", do_ping)
-    yield seen
+    return seen
 
 
 @SERVERS_ONLY
@@ -47,14 +51,19 @@ def test_a_connection_in_use_is_not_pinged(factory: DbSessionFactory, pings: lis
 
 @SERVERS_ONLY
 def test_a_connection_idle_past_the_threshold_is_pinged_first(
-    factory: DbSessionFactory, pings: list[bool], monkeypatch: pytest.MonkeyPatch
+    backend_url: URL, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with factory.session_scope() as session:
-        first = server_pid(session)
-    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE", 0.0)
-    with factory.session_scope() as session:
-        assert server_pid(session) == first  # pinged, alive, kept
-    assert pings == [True]
+    made = DbSessionFactory(backend_url, timeouts=Timeouts(ping_after_idle=0.2))
+    try:
+        pings = recorded_pings(made, monkeypatch)
+        with made.session_scope() as session:
+            first = server_pid(session)
+        time.sleep(0.3)
+        with made.session_scope() as session:
+            assert server_pid(session) == first  # pinged, alive, kept
+        assert pings == [True]
+    finally:
+        made.dispose()
 
 
 @pytest.mark.backends("postgresql")
@@ -114,7 +123,8 @@ def test_sqlite_read_only_scopes_run_on_their_own_query_only_pool(
     for _ in range(3):
         with factory.session_scope(readonly=True) as session:
             session.execute(text("SELECT COUNT(*) FROM supplier"))
-    assert seen == ["BEGIN", "SELECT COUNT(*) FROM supplier"] * 3  # no PRAGMA per scope
+    # BEGIN goes to the driver directly (not through cursor events); no PRAGMA per scope.
+    assert seen == ["SELECT COUNT(*) FROM supplier"] * 3
     with pytest.raises(ReadOnlyError):
         with factory.session_scope(readonly=True) as session:
             session.execute(text("DELETE FROM supplier"))
@@ -136,21 +146,24 @@ def test_no_read_only_twin_on_the_servers_nor_before_it_is_needed(backend_url: A
 def test_the_plugin_joined_sessionmaker_is_made_once(factory: DbSessionFactory) -> None:
     binding = factory._build()
     with factory.engine.connect() as one, factory.engine.connect() as two:
-        first: Any = binding.joined_to(one).maker()
-        second: Any = binding.joined_to(two).maker()
-    assert first.class_ is second.class_
-    assert (first.kw["bind"], second.kw["bind"]) == (one, two)
-    assert first.kw["join_transaction_mode"] == "create_savepoint"
+        first = binding.joined_to(one).maker()()
+        second = binding.joined_to(two).maker()()
+        assert type(first) is type(second)  # one Session subclass, not one per test
+        assert (first.get_bind(), second.get_bind()) == (one, two)
+        assert first.join_transaction_mode == "create_savepoint"
+        first.close()
+        second.close()
 
 
 @SERVERS_ONLY
-def test_the_servers_engines_have_no_connection_event_listeners(
+def test_the_read_only_and_timeout_hooks_live_on_their_views_not_the_engine(
     factory: DbSessionFactory,
 ) -> None:
-    """Any engine-level ConnectionEvents listener makes every statement go through
-    SQLAlchemy's event dispatch; the read-only hook lives on the read-only view only."""
+    """An engine-level ``begin`` listener runs for every scope: the read-only hook (and
+    a scope time budget) live on the views of the scopes that need them."""
     with factory.session_scope(readonly=True) as session:
         session.execute(text("SELECT 1"))
-    with factory.session_scope() as session:
+    with factory.session_scope(timeout=5) as session:
         session.add(Supplier(name="written"))
-    assert factory.engine._has_events is False
+    names = [fn.__qualname__ for fn in factory.engine.dispatch.begin]
+    assert not [n for n in names if "read_only" in n or "scope_timeouts" in n], names
