@@ -27,6 +27,7 @@ from ._scope import (
     refuse_doomed,
     rollback_quietly,
     savepoint_frame,
+    was_committed,
 )
 
 logger = logging.getLogger("dbsession")
@@ -80,13 +81,12 @@ class AsyncUnitOfWork:
     ) -> None:
         frame = self._frame
         session: AsyncSession = frame.session  # type: ignore[assignment]
-        committed = False
         error = exc
         try:
             if exc is None:
                 refuse_doomed(frame)
-                await session.run_sync(end_transaction, frame.readonly)
-                committed = True
+                # Run to completion: a cancellation never leaves a commit half-known.
+                await run_to_completion(session.run_sync(end_transaction, frame.readonly))
             else:
                 await run_to_completion(session.run_sync(rollback_quietly))
         except BaseException as failure:
@@ -94,13 +94,19 @@ class AsyncUnitOfWork:
             await run_to_completion(session.run_sync(rollback_quietly))
             raise
         finally:
-            pop(frame)
             try:
-                await run_to_completion(_close_quietly(session))
+                pop(frame)
             finally:
-                observed_end(self._observation, committed, error)
-                if committed:
-                    run_hooks(frame.hooks, session)
+                try:
+                    await run_to_completion(_close_quietly(session))
+                finally:
+                    try:
+                        committed = was_committed(session.sync_session)
+                        observed_end(self._observation, committed, error)
+                        if committed:
+                            run_hooks(frame.hooks, session)
+                    finally:
+                        pop(frame)  # again, if an interrupt cut the first one short
 
 
 class AsyncSavepoint:

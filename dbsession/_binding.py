@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import Engine
 
+from ._config import isolation_name
 from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
 from ._scope import GUARD_KEY
@@ -22,7 +23,7 @@ def normalize_isolation_level(level: str | None) -> str | None:
     transaction). Raises UnsupportedIsolationLevelError."""
     if level is None:
         return None
-    normalized = " ".join(str(level).replace("_", " ").upper().split())
+    normalized = isolation_name(level)
     if normalized == "AUTOCOMMIT":
         raise UnsupportedIsolationLevelError(
             "isolation_level='AUTOCOMMIT' cannot be used for a scope: a scope is one "

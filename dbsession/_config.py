@@ -19,7 +19,7 @@ from urllib.parse import quote, quote_plus
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from ._errors import ConfigurationError, InvalidURLError
+from ._errors import ConfigurationError, InvalidURLError, UnsupportedIsolationLevelError
 
 ENV_VAR = "DATABASE_URL"
 DEFAULT_SQLITE_FILE = "dbsession.sqlite3"
@@ -172,6 +172,7 @@ def make_settings(
             f"connect_args must be a dict of driver options, got "
             f"{type(connect_args).__name__}: pass connect_args={{'connect_timeout': 5}}."
         )
+    _refuse_autocommit(engine_options or {})
     return Settings(
         url=resolved,
         source=source,
@@ -218,6 +219,30 @@ def _refuse_async_driver(url: URL | None) -> None:
             f"sync DbSessionFactory cannot use: use dbsession.asyncio.AsyncDbSessionFactory, "
             f"or {mask_url(sync_twin(url))} here."
         )
+
+
+def isolation_name(level: object) -> str:
+    """An isolation level as SQLAlchemy spells it: ``"read_committed"`` -> ``"READ COMMITTED"``."""
+    return " ".join(str(level).replace("_", " ").upper().split())
+
+
+def _refuse_autocommit(engine_options: Mapping[str, Any]) -> None:
+    """Raise UnsupportedIsolationLevelError for AUTOCOMMIT as the engine's isolation level
+    (``isolation_level=`` or inside ``execution_options=``): it would switch every
+    scope's transaction off, so a failed scope would keep the writes it made."""
+    execution_options = engine_options.get("execution_options") or {}
+    for where, level in (
+        ("isolation_level=", engine_options.get("isolation_level")),
+        ("execution_options={'isolation_level': ...}", execution_options.get("isolation_level")),
+    ):
+        if level is not None and isolation_name(level) == "AUTOCOMMIT":
+            raise UnsupportedIsolationLevelError(
+                f"{where}'AUTOCOMMIT' as an engine option would switch off the transaction "
+                "of every scope (a failed scope would keep its writes). Remove it: for a "
+                "statement outside any transaction use factory.engine.connect()"
+                ".execution_options(isolation_level='AUTOCOMMIT'); for a scope's level use "
+                "session_scope(isolation_level='READ COMMITTED') or another level."
+            )
 
 
 def resolve_url(url: URLLike | None = None, *, asyncio: bool = False) -> tuple[URL, str]:

@@ -17,6 +17,11 @@ or when it was explicitly *lent* to the code that sees it (a web integration tha
 opens the scope in a dependency and runs the handler elsewhere). Anything else is
 invisible: ``current_session()`` raises NoActiveScopeError and a new scope is a new
 unit of work. Dead frames are pruned from the stack the next time it is pushed.
+
+The stack holds its frames *weakly*: the scope object (``UnitOfWork`` ...) that the
+``with`` statement keeps owns its frame. So a scope abandoned half-way (an interrupt
+that arrived before its ``__exit__`` could end it) leaves nothing behind once its
+``with`` statement is gone: no frame on the stack, and no session holding a connection.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -93,7 +99,13 @@ class Frame:
         return False
 
 
-_stack: ContextVar[tuple[Frame, ...]] = ContextVar("dbsession_scopes", default=())
+_stack: ContextVar[tuple[weakref.ref[Frame], ...]] = ContextVar("dbsession_scopes", default=())
+
+
+def frames() -> list[Frame]:
+    """The open scopes on this context's stack, innermost last, visible here or not."""
+    live = (ref() for ref in _stack.get())
+    return [frame for frame in live if frame is not None and frame.open]
 
 
 def entering_frame(depth: int) -> FrameType | None:
@@ -123,21 +135,20 @@ def call_site(python_frame: FrameType | None) -> tuple[str, int]:
 
 def push(frame: Frame) -> None:
     """Make ``frame`` the innermost scope of this context, dropping frames that have ended."""
-    _stack.set((*(f for f in _stack.get() if f.open), frame))
+    _stack.set((*(weakref.ref(f) for f in frames()), weakref.ref(frame)))
 
 
 def pop(frame: Frame) -> None:
     """End ``frame``: it is never visible again, here or in any context that copied it."""
     frame.open = False
     frame.entered_by = None
-    stack = _stack.get()
-    if frame in stack:
-        _stack.set(tuple(f for f in stack if f is not frame and f.open))
+    if any(ref() is frame for ref in _stack.get()):
+        _stack.set(tuple(weakref.ref(f) for f in frames()))
 
 
 def innermost(owner: object | None = None) -> Frame | None:
     """The innermost scope visible to the running code (of ``owner`` if given), or None."""
-    for frame in reversed(_stack.get()):
+    for frame in reversed(frames()):
         if (owner is None or frame.owner is owner) and frame.visible():
             return frame
     return None

@@ -151,14 +151,13 @@ def _build(
         **_default_options(url, settings.engine_options, asyncio=asyncio),
         **settings.engine_options,
     }
-    connect_args = {
+    defaults = {
         **driver_timeouts(url, settings.timeouts),
         **prepared_statement_args(url, settings.pooler),
-        **options.get("connect_args", {}),
     }
     connector = None
     if "creator" not in options:
-        connector = _Connector(settings, connect_args)
+        connector = _Connector(settings, options.pop("connect_args", None) or {}, defaults)
         options["creator"] = connector
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
@@ -554,15 +553,20 @@ class _Connector:
     the connect arguments has a masked repr in every frame that remains (SQLAlchemy's own
     creator keeps them, unmasked, in its closure)."""
 
-    def __init__(self, settings: Settings, connect_args: Mapping[str, Any]) -> None:
+    def __init__(
+        self, settings: Settings, connect_args: Mapping[str, Any], defaults: Mapping[str, Any]
+    ) -> None:
         self.settings = settings
         self.connect_args = dict(connect_args)
+        self.defaults = dict(defaults)
         self.engine: Engine | None = None  # set once built; the pool connects only later
 
     def __call__(self, connection_record: Any = None) -> Any:
         assert self.engine is not None
         dialect = self.engine.dialect
-        cargs, cparams = _masked_connect_args(self.engine.url, dialect, self.connect_args)
+        cargs, cparams = _masked_connect_args(
+            self.engine.url, dialect, self.connect_args, self.defaults
+        )
         try:
             return dialect.connect(*cargs, **cparams)
         except Exception as error:
@@ -571,17 +575,19 @@ class _Connector:
 
 
 def _masked_connect_args(
-    url: URL, dialect: Any, connect_args: Mapping[str, Any]
+    url: URL, dialect: Any, connect_args: Mapping[str, Any], defaults: Mapping[str, Any]
 ) -> tuple[list[Any], dict[str, Any]]:
-    """The dialect's connect arguments for ``url`` plus ``connect_args`` (which win, as in
-    SQLAlchemy), the password and secret options wrapped so their repr is masked."""
+    """dbsession's ``defaults`` (timeouts, prepared statements), overridden by the
+    dialect's connect arguments for ``url`` (its query string), overridden by
+    ``connect_args`` (as in SQLAlchemy); the password and secret options wrapped so their
+    repr is masked."""
     cargs, cparams = dialect.create_connect_args(url)
     secrets = set(secrets_of(url))
     return list(cargs), {
         key: _Secret(value)
         if isinstance(value, str) and (value in secrets or is_secret_parameter(key))
         else value
-        for key, value in {**cparams, **connect_args}.items()
+        for key, value in {**defaults, **cparams, **connect_args}.items()
     }
 
 
@@ -605,12 +611,13 @@ def _connect_failure(
             "latin-1 characters."
         )
     if isinstance(error, dbapi.OperationalError):
-        server = "replica" if settings.source == "replica_url" else "server"
+        replica = settings.source == "replica_url"
+        server, setting = ("replica", " (replica_url=)") if replica else ("server", "")
         return DatabaseUnreachableError(
             f"Cannot connect to the {backend} {server} at {where} "
             f"(database {url.database!r}, user {url.username!r}): "
             f"{first_line(error, url)}. Check that the {server} is running and that the "
-            f"URL {settings.describe()} is right."
+            f"URL {settings.describe()}{setting} is right."
         )
     given = sorted({*url.query, *settings.engine_options.get("connect_args", {})})
     return ConfigurationError(

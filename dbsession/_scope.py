@@ -11,7 +11,9 @@ pushed on the stack of active scopes (``_context``) while open, so
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -29,6 +31,8 @@ logger = logging.getLogger("dbsession")
 
 #: ``session.info`` key: how many read-only scopes joined to a writing one are open.
 GUARD_KEY = "dbsession_readonly_guard"
+#: ``session.info`` key: set by the database commit of the unit of work (``watch_commit``).
+COMMITTED_KEY = "dbsession_committed"
 _READING_WORDS = frozenset({"SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES", "TABLE", "DESCRIBE"})
 
 
@@ -136,13 +140,11 @@ class UnitOfWork:
     ) -> None:
         frame = self._frame
         session: Session = frame.session  # type: ignore[assignment]
-        committed = False
         error = exc
         try:
             if exc is None:
                 refuse_doomed(frame)
                 end_transaction(session, frame.readonly)
-                committed = True
             else:
                 rollback_quietly(session)
         except BaseException as failure:
@@ -150,13 +152,20 @@ class UnitOfWork:
             rollback_quietly(session)
             raise
         finally:
-            pop(frame)
+            # Each step in a finally of its own: an interrupt in one still runs the next.
             try:
-                close_quietly(session)
+                pop(frame)
             finally:
-                observed_end(self._observation, committed, error)
-                if committed:
-                    run_hooks(frame.hooks, session)
+                try:
+                    close_quietly(session)
+                finally:
+                    try:
+                        committed = was_committed(session)
+                        observed_end(self._observation, committed, error)
+                        if committed:
+                            run_hooks(frame.hooks, session)
+                    finally:
+                        pop(frame)  # again, if an interrupt cut the first one short
 
 
 def savepoint_frame(outer: Frame, *, readonly: bool, isolation_level: str | None) -> Frame:
@@ -218,7 +227,10 @@ class Savepoint:
         try:
             close_savepoint(self._frame.session, self._frame, self._transaction, exc)  # type: ignore[arg-type]
         finally:
-            pop(self._frame)
+            try:
+                pop(self._frame)
+            finally:
+                pop(self._frame)  # again, if an interrupt cut the first one short
 
 
 def open_savepoint(session: Session, frame: Frame) -> SessionTransaction:
@@ -302,13 +314,34 @@ def end_transaction(session: Session, readonly: bool) -> None:
     """End a scope's transaction that raised nothing: commit it, or for a read-only one
     flush (so pending ORM changes raise ReadOnlyError instead of vanishing) and roll back,
     keeping the loaded objects readable as a commit does (unless expire_on_commit)."""
+    watch_commit(session)
     if readonly:
         session.flush()
         if not session.expire_on_commit:
             session.expunge_all()
         session.rollback()
+        session.info[COMMITTED_KEY] = True  # a read-only scope that ended well counts as one
     else:
         session.commit()
+
+
+def watch_commit(session: Session) -> None:
+    """Record the next commit of ``session`` (the unit of work's own: its savepoints have
+    ended) in ``session.info``, from SQLAlchemy's ``after_commit`` event.
+
+    The recorder is a C function, so no interrupt can fall between the commit and the
+    record: the hooks of a committed transaction run even when an interrupt or a task
+    cancellation arrives while the commit returns its connection or the session closes.
+    """
+    event.listen(
+        session, "after_commit", functools.partial(operator.setitem, session.info, COMMITTED_KEY)
+    )
+
+
+def was_committed(session: Session) -> bool:
+    """True (once) if ``watch_commit`` saw ``session`` commit (or ``end_transaction`` end
+    a read-only scope without an error)."""
+    return session.info.pop(COMMITTED_KEY, None) is not None
 
 
 def rollback_quietly(session: Session) -> None:

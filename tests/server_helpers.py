@@ -50,3 +50,9 @@ def is_killed_connection_error(error: DBAPIError) -> bool:
 def suppliers(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return sorted(conn.scalars(text("SELECT name FROM supplier")))
+
+
+def checked_out(engine: Engine) -> int:
+    """How many connections of ``engine``'s pool are checked out now."""
+    count: int = engine.pool.checkedout()  # type: ignore[attr-defined]
+    return count

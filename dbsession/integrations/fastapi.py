@@ -16,6 +16,13 @@ SQLite a GET does not queue behind writers, and a write in it raises ReadOnlyErr
 ``pip install 'dbsession[async]'`` only when a request uses it; importing this
 module never imports ``dbsession.asyncio`` or an async driver.
 
+The handler runs in another context copy than the dependency (and a sync handler in a
+worker thread), so the dependency *lends* its scope to the request: inside the handler,
+``current_session()`` (``async_current_session()``), ``on_commit()`` and nested
+``session_scope()`` calls see the request's unit of work. The sync dependency is an
+``async def`` that opens and ends the sync scope in the thread pool, so the database
+I/O never blocks the event loop and the lent scope lives in the request's context.
+
 That ordering comes from ``Depends(..., scope="function")`` (FastAPI >= 0.121).
 With FastAPI's default scope (``"request"``) the exit code of a dependency with
 ``yield`` runs after the response was sent, so a client could get ``201`` for a
@@ -24,15 +31,18 @@ commit that then failed. See docs/web.md.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from .. import observability
+from .._context import Frame, innermost, lend
+from .._errors import ScopeError
 from .._factory import DbSessionFactory, session_scope
 
 if TYPE_CHECKING:
@@ -54,7 +64,7 @@ __all__ = [
 
 def session_dependency(
     factory: DbSessionFactory | None = None, *, readonly: bool = False
-) -> Callable[[Request], Iterator[Session]]:
+) -> Callable[[Request], AsyncIterator[Session]]:
     """Return a FastAPI dependency that yields a session inside ``factory.session_scope()``.
 
     Without ``factory`` it uses the process default (``DbSessionFactory.global_init()``,
@@ -69,13 +79,31 @@ def session_dependency(
         session_scope if factory is None else factory.session_scope
     )
 
-    def get_session(request: Request) -> Iterator[Session]:
+    async def get_session(request: Request) -> AsyncIterator[Session]:
         """Yield one unit of work: committed when the endpoint returns, rolled back if it raises."""
-        with open_scope(readonly=readonly) as session:
-            observability.name_current(request.scope.get("endpoint"))
+        scope = open_scope(readonly=readonly)
+        session, frame = await run_in_threadpool(_enter, scope, request.scope.get("endpoint"))
+        lend(frame)
+        try:
             yield session
+        except BaseException as error:
+            await run_in_threadpool(scope.__exit__, type(error), error, error.__traceback__)
+            raise
+        await run_in_threadpool(scope.__exit__, None, None, None)
 
     return get_session
+
+
+def _enter(scope: AbstractContextManager[Session], endpoint: object) -> tuple[Session, Frame]:
+    """Enter ``scope`` (in a worker thread) and return its session and its frame; the unit
+    of work is reported at ``endpoint`` (observability)."""
+    session = scope.__enter__()
+    observability.name_current(endpoint)
+    frame = innermost()
+    if frame is None or frame.session is not session:  # pragma: no cover - a dbsession bug
+        scope.__exit__(None, None, None)
+        raise ScopeError("dbsession: the request's scope is not visible where it was opened.")
+    return session, frame
 
 
 #: The dependency on the process default factory.
@@ -114,6 +142,9 @@ def async_session_dependency(
         owner = factory or async_default_factory()
         async with owner.session_scope(readonly=readonly) as session:
             observability.name_current(request.scope.get("endpoint"))
+            frame = innermost()
+            if frame is not None and frame.session is session:
+                lend(frame)  # the handler runs outside this generator's frame
             yield session
 
     return get_async_session
