@@ -104,7 +104,7 @@ class AsyncUnitOfWork:
                         committed = was_committed(session.sync_session)
                         observed_end(self._observation, committed, error)
                         if committed:
-                            run_hooks(frame.hooks)
+                            run_hooks(frame.hooks, session)
                     finally:
                         pop(frame)  # again, if an interrupt cut the first one short
 

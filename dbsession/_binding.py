@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import Engine
 
 from ._config import isolation_name
 from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
+from ._scope import GUARD_KEY
 
 E = TypeVar("E")
 M = TypeVar("M")
@@ -66,8 +67,8 @@ class Binding(Generic[E, M]):
         self._makers: dict[tuple[bool, str | None, float | None], M] = {}
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
-        self._joined: M | None = None
-        self._joined_template: M | None = None
+        self._joined: dict[bool, M] | None = None
+        self._joined_makers: dict[bool, M] | None = None
 
     def maker(
         self,
@@ -82,7 +83,7 @@ class Binding(Generic[E, M]):
         Raises UnsupportedIsolationLevelError if the backend has no such level.
         """
         if self._joined is not None:
-            return self._joined
+            return self._joined[readonly]
         key = (readonly, isolation_level, timeout)
         made = self._makers.get(key)
         if made is not None:
@@ -103,29 +104,43 @@ class Binding(Generic[E, M]):
                 self._makers[key] = made
             return made
 
-    def joined_to(self, connection: Any) -> Binding[E, M]:
+    def joined_to(
+        self,
+        connection: Any,
+        *,
+        info: dict[str, Any] | None = None,
+        wrap: Callable[[M], M] | None = None,
+    ) -> Binding[E, M]:
         """A Binding on the same engine whose every session joins ``connection``'s transaction.
 
         ``connection`` is a ``Connection`` (``AsyncConnection`` on the async side) whose
         transaction the caller owns. For dbsession.testing: a session's commit releases
         a SAVEPOINT and its rollback rolls back to it, while the outer transaction stays
-        open. Read-only and isolation level requests are not applied: the transaction
-        is already open.
+        open. Isolation level requests are not applied (the transaction is already
+        open); a read-only scope gets the read-only guard of ``ScopeSession``, so its
+        writes raise ReadOnlyError as they would in its own read-only transaction.
+        Every session starts with ``info`` in its ``Session.info``; ``wrap`` may wrap
+        each of the two sessionmakers (to check who asks for a session).
         """
+        # A sessionmaker makes a Session subclass of its own (with SQLAlchemy's class-level
+        # event set-up) when built: one per test was measurable. Made once per Binding.
+        makers = self._joined_makers
+        if makers is None:
+            makers = self._joined_makers = {
+                readonly: self._maker_type(
+                    join_transaction_mode="create_savepoint",
+                    info={GUARD_KEY: 1} if readonly else {},
+                    **self._session_options,
+                )
+                for readonly in (False, True)
+            }
         clone = copy.copy(self)
         clone._makers = {}
         clone._lock = threading.Lock()
-        with self._lock:
-            if self._joined_template is None:
-                self._joined_template = self._maker_type(
-                    join_transaction_mode="create_savepoint", **self._session_options
-                )
-            template: Any = self._joined_template
-        # A sessionmaker makes a Session subclass of its own (with SQLAlchemy's class-level
-        # event set-up) when built: one per test was measurable. A shallow copy shares it.
-        joined = copy.copy(template)
-        joined.kw = {**template.kw, "bind": connection}
-        clone._joined = joined
+        clone._joined = {}
+        for readonly, maker in makers.items():
+            bound = cast(M, _BoundMaker(maker, connection, info or {}))
+            clone._joined[readonly] = wrap(bound) if wrap else bound
         return clone
 
     def _check_level(self, level: str) -> None:
@@ -137,3 +152,15 @@ class Binding(Generic[E, M]):
                 f"Isolation level {level!r} is not supported by "
                 f"{self._sync_engine.dialect.name}; use one of: {', '.join(sorted(self._levels))}."
             )
+
+
+class _BoundMaker:
+    """A cached joined sessionmaker called with this test's connection and ``info``."""
+
+    def __init__(self, maker: Any, connection: Any, info: dict[str, Any]) -> None:
+        self._maker = maker
+        self._connection = connection
+        self._info = info
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self._maker(bind=self._connection, info=self._info, **kwargs)

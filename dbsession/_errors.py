@@ -26,8 +26,12 @@ anything this package raises on its own account::
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
     │   ├── NoActiveScopeError      current_session()/on_commit() outside any scope
-    │   └── TransactionAbortedError the outer transaction was lost inside a savepoint;
-    │                               the unit of work refuses to commit
+    │   ├── TransactionAbortedError the outer transaction was lost inside a savepoint;
+    │   │                           the unit of work refuses to commit
+    │   ├── DatabaseBlockedError    under the pytest plugin: the process default used by
+    │   │                           a test that did not ask for the database
+    │   └── SharedConnectionError   under the pytest plugin: another thread or a concurrent
+    │                               task asked for the test's one connection
     ├── PoolExhaustedError          no pooled connection free in time; names the holders
     │                               (also a sqlalchemy.exc.TimeoutError)
     ├── SQLiteWriteLockTimeoutError the SQLite write gate did not move for 2x the busy timeout
@@ -177,6 +181,16 @@ class TransactionAbortedError(ScopeError):
     or a killed connection rolls back the whole transaction on some backends), so the
     unit of work refuses to commit what is left of it. The cause is ``__cause__``;
     ``run_in_transaction`` retries the whole unit when that cause is transient."""
+
+
+class DatabaseBlockedError(ScopeError):
+    """Under the pytest plugin, a test that did not ask for the database (``db_session``,
+    ``async_db_session``, the ``dbsession`` mark) used the process default factory."""
+
+
+class SharedConnectionError(ScopeError):
+    """Under the pytest plugin, another thread, or an asyncio task running at the same
+    time as one already using it, asked for a session on the test's one connection."""
 
 
 class PoolExhaustedError(DbSessionError, sa_exc.TimeoutError):

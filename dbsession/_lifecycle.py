@@ -39,12 +39,15 @@ class Registry(Generic[F]):
         self._lock = threading.Lock()
         self.current: F | None = None
         self._disposed = False
+        self._pinned = False
 
     def install(self, candidate: F) -> F:
         """Make ``candidate`` the default unless one with the same settings is already
         there (returned instead). Raises AlreadyInitializedError for other settings."""
         with self._lock:
             current = self.current
+            if current is not None and self._pinned:
+                return current
             if current is None:
                 candidate._build()
                 self.current, self._disposed = candidate, False
@@ -80,22 +83,26 @@ class Registry(Generic[F]):
         """Forget the default and return it for disposal; afterwards the default is made
         lazily again only if ``allow_lazy``."""
         with self._lock:
+            if self._pinned:
+                return None
             current, self.current = self.current, None
             self._disposed = not allow_lazy
             return current
 
     @contextmanager
-    def replaced_by(self, factory: F) -> Iterator[None]:
-        """Make ``factory`` the default for the block (for dbsession.testing)."""
+    def replaced_by(self, factory: F, *, pinned: bool = False) -> Iterator[None]:
+        """Make ``factory`` the default for the block (for dbsession.testing). While
+        ``pinned``, ``global_init()`` returns it whatever the settings asked for and
+        ``global_dispose()`` leaves it alone (the plugin's test factory)."""
         with self._lock:
-            saved = (self.current, self._disposed)
-            self.current, self._disposed = factory, False
+            saved = (self.current, self._disposed, self._pinned)
+            self.current, self._disposed, self._pinned = factory, False, pinned or self._pinned
         try:
             yield
         finally:
             with self._lock:
                 if self.current is factory:
-                    self.current, self._disposed = saved
+                    self.current, self._disposed, self._pinned = saved
 
 
 class LazyFactory(Generic[B]):
@@ -267,10 +274,11 @@ class LazyFactory(Generic[B]):
     # join_transaction_mode="create_savepoint", so its commit releases a SAVEPOINT and
     # its rollback rolls back to it, while the connection's outer transaction (owned
     # by the caller) stays open. The factory is also its class's process default for
-    # the block, so the module-level scope functions join too. Yields the joined Binding.
+    # the block, so the module-level scope functions join too. ``options`` go to
+    # ``Binding.joined_to``. Yields the joined Binding.
     @contextmanager
-    def _joined(self, connection: Any) -> Iterator[B]:
-        bound = cast(B, self._build().joined_to(connection))
+    def _joined(self, connection: Any, **options: Any) -> Iterator[B]:
+        bound = cast(B, self._build().joined_to(connection, **options))
         with self._lock:
             saved, self._bindings = self._bindings, {False: bound, True: bound}
         try:

@@ -163,7 +163,7 @@ class UnitOfWork:
                         committed = was_committed(session)
                         observed_end(self._observation, committed, error)
                         if committed:
-                            run_hooks(frame.hooks)
+                            run_hooks(frame.hooks, session)
                     finally:
                         pop(frame)  # again, if an interrupt cut the first one short
 

@@ -7,6 +7,7 @@ from ._errors import BulkInsertError as BulkInsertError
 from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConnectionLostError as ConnectionLostError
+from ._errors import DatabaseBlockedError as DatabaseBlockedError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
@@ -22,6 +23,7 @@ from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
 from ._errors import ScopeTimeoutError as ScopeTimeoutError
+from ._errors import SharedConnectionError as SharedConnectionError
 from ._errors import SQLitePathError as SQLitePathError
 from ._errors import SQLiteWriteLockTimeoutError as SQLiteWriteLockTimeoutError
 from ._errors import TransactionAbortedError as TransactionAbortedError
@@ -35,6 +37,7 @@ __all__ = [
     "BulkInsertError",
     "ConfigurationError",
     "ConnectionLostError",
+    "DatabaseBlockedError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "InvalidURLError",
@@ -52,6 +55,7 @@ __all__ = [
     "SchemaNotAtHeadError",
     "ScopeError",
     "ScopeTimeoutError",
+    "SharedConnectionError",
     "TransactionAbortedError",
     "UnknownDialectError",
     "UnknownRevisionError",

@@ -145,11 +145,13 @@ def test_no_read_only_twin_on_the_servers_nor_before_it_is_needed(backend_url: A
 def test_the_plugin_joined_sessionmaker_is_made_once(factory: DbSessionFactory) -> None:
     binding = factory._build()
     with factory.engine.connect() as one, factory.engine.connect() as two:
-        first: Any = binding.joined_to(one).maker()
-        second: Any = binding.joined_to(two).maker()
-    assert first.class_ is second.class_
-    assert (first.kw["bind"], second.kw["bind"]) == (one, two)
-    assert first.kw["join_transaction_mode"] == "create_savepoint"
+        first = binding.joined_to(one).maker()()
+        second = binding.joined_to(two).maker()()
+        assert type(first) is type(second)  # one Session subclass, not one per test
+        assert (first.get_bind(), second.get_bind()) == (one, two)
+        assert first.join_transaction_mode == "create_savepoint"
+        first.close()
+        second.close()
 
 
 @SERVERS_ONLY

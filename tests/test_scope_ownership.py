@@ -241,7 +241,7 @@ def hooks_may_be_lost(injector: Injector) -> bool:
     return injector.function in {"run_hooks", "was_committed"} or injector.line in {
         "try:",
         "if was_committed(session):",
-        "run_hooks(frame.hooks)",
+        "run_hooks(frame.hooks, session)",
     }
 
 

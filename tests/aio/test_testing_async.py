@@ -8,8 +8,14 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from helpers import TOY_APP, run_inner, toy_rows, toy_table_dropped_after
 from sqlalchemy.engine import URL, Engine
+from test_testing import (
+    TOY_APP,
+    apps_own_database,
+    run_inner,
+    toy_rows,
+    toy_table_dropped_after,
+)
 
 from .conftest import _require_async_drivers
 
@@ -145,3 +151,84 @@ def test_sync_tests_never_import_the_async_side(
     code = "import sys, dbsession.testing; print(sorted(m for m in sys.modules if 'aio' in m))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]"]
+
+
+CONCURRENT_TESTS = """
+import asyncio
+
+import pytest
+
+import asynctoyapp
+from dbsession import ReadOnlyError, on_commit
+from dbsession.asyncio import async_session_scope
+from dbsession.errors import SharedConnectionError
+from toyapp import Item
+
+
+async def test_two_scopes_under_gather_one_is_refused_the_other_commits(async_db_session):
+    results = await asyncio.gather(
+        asynctoyapp.add_item("first"), asynctoyapp.add_item("second"), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, SharedConnectionError)]
+    assert len(refused) == 1 and results.count(None) == 1
+    assert "@pytest.mark.dbsession" in str(refused[0])
+    assert len(await asynctoyapp.names()) == 1  # the connection is intact
+
+
+async def test_tasks_awaited_one_after_the_other_share_the_test(async_db_session):
+    await asyncio.create_task(asynctoyapp.add_item("one"))
+    await asyncio.create_task(asynctoyapp.add_item("two"))
+    assert await asynctoyapp.names() == ["one", "two"]
+
+
+async def test_a_read_only_scope_refuses_writes(async_db_session):
+    with pytest.raises(ReadOnlyError):
+        async with async_session_scope(readonly=True) as session:
+            session.add(Item(name="refused"))
+    await asynctoyapp.add_item("after")
+    assert await asynctoyapp.names() == ["after"]
+
+
+async def test_on_commit_hooks_are_captured(async_db_session, dbsession_capture_on_commit):
+    ran = []
+    with dbsession_capture_on_commit(execute=True) as hooks:
+        async with async_session_scope() as session:
+            session.add(Item(name="hooked"))
+            on_commit(lambda: ran.append("hook"))
+        assert ran == [] and len(hooks) == 1
+    assert ran == ["hook"]
+"""
+
+
+def test_async_fidelity_concurrent_tasks_read_only_and_hooks(
+    pytester: pytest.Pytester, backend_url: URL, async_toy_project: Engine
+) -> None:
+    pytester.makepyfile(test_concurrent=CONCURRENT_TESTS)
+    run_inner(pytester, backend_url, "test_concurrent.py").assert_outcomes(passed=4)
+    assert toy_rows(async_toy_project) == 0
+
+
+@pytest.mark.backends("sqlite")  # about the plugin, not the backend
+def test_an_async_test_without_the_database_is_refused(
+    pytester: pytest.Pytester,
+    backend_url: URL,
+    async_toy_project: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app_db = apps_own_database(pytester, monkeypatch)
+    pytester.makepyfile(
+        test_forgot="""
+        import asyncio
+
+        import pytest
+
+        import asynctoyapp
+        from dbsession.errors import DatabaseBlockedError
+
+        def test_forgot_async_db_session():
+            with pytest.raises(DatabaseBlockedError, match="async_db_session"):
+                asyncio.run(asynctoyapp.add_item("forgot"))
+        """
+    )
+    run_inner(pytester, backend_url, "test_forgot.py").assert_outcomes(passed=1)
+    assert not app_db.exists()
