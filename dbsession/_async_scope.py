@@ -101,12 +101,13 @@ class AsyncUnitOfWork:
                     await run_to_completion(_close_quietly(session))
                 finally:
                     try:
-                        committed = was_committed(session.sync_session)
-                        observed_end(self._observation, committed, error)
-                        if committed:
+                        if was_committed(session.sync_session):
                             run_hooks(frame.hooks, session)
                     finally:
-                        pop(frame)  # again, if an interrupt cut the first one short
+                        try:
+                            observed_end(self._observation, error is None, error)
+                        finally:
+                            pop(frame)  # again, if an interrupt cut the first one short
 
 
 class AsyncSavepoint:

@@ -10,6 +10,7 @@ connections are out and which call sites hold them.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -21,13 +22,14 @@ from . import observability
 from ._errors import PoolExhaustedError
 
 _OUTSIDE = "outside any unit of work (create_session(), engine.connect())"
+_ENDED = "a unit of work that ended without returning it (an interrupted scope)"
 _made: dict[type[Pool], type[Pool]] = {}
 
 
 class _HolderTracking:
     """Mixed into a QueuePool class: timed checkouts, holders by call site."""
 
-    _dbsession_holders: dict[int, observability.Observation | None]
+    _dbsession_holders: dict[int, weakref.ref[observability.Observation] | None]
 
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
@@ -38,7 +40,10 @@ class _HolderTracking:
         finally:
             observability.add_pool_wait(time.perf_counter() - started, self._dbsession_backend)
         holders = self.__dict__.setdefault("_dbsession_holders", {})
-        holders[id(record)] = observability.current()  # its call site is worked out if needed
+        # Weakly: an observation holds its caller's frame (and so the session and this very
+        # connection); a strong reference here would keep an abandoned one alive for ever.
+        current = observability.current()
+        holders[id(record)] = None if current is None else weakref.ref(current)
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
@@ -47,7 +52,7 @@ class _HolderTracking:
 
     def _exhausted(self, error: exc.TimeoutError) -> PoolExhaustedError:
         holders = Counter(
-            _OUTSIDE if holder is None else holder.site
+            _holder_site(holder)
             for holder in list(self.__dict__.get("_dbsession_holders", {}).values())
         )
         held = "; ".join(f"{site} ({count})" for site, count in holders.most_common(10))
@@ -64,6 +69,13 @@ class _HolderTracking:
     def _dbsession_backend(self) -> str:
         pool: Any = self
         return str(pool._dialect.name) if hasattr(pool, "_dialect") else ""
+
+
+def _holder_site(holder: weakref.ref[observability.Observation] | None) -> str:
+    if holder is None:
+        return _OUTSIDE
+    observation = holder()
+    return _ENDED if observation is None else observation.site
 
 
 def pool_class_for(url: URL, *, asyncio: bool) -> type[Pool] | None:

@@ -160,12 +160,13 @@ class UnitOfWork:
                     close_quietly(session)
                 finally:
                     try:
-                        committed = was_committed(session)
-                        observed_end(self._observation, committed, error)
-                        if committed:
+                        if was_committed(session):
                             run_hooks(frame.hooks, session)
                     finally:
-                        pop(frame)  # again, if an interrupt cut the first one short
+                        try:
+                            observed_end(self._observation, error is None, error)
+                        finally:
+                            pop(frame)  # again, if an interrupt cut the first one short
 
 
 def savepoint_frame(outer: Frame, *, readonly: bool, isolation_level: str | None) -> Frame:

@@ -177,7 +177,7 @@ def enabled() -> bool:
 # --- one unit of work -----------------------------------------------------------------
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)
 class Observation:
     """The timings of one unit of work in progress: ``entered_by`` is the Python frame that
     opened it (at ``line``) and ``owner`` its factory; the call site and the backend's

@@ -236,7 +236,7 @@ def test_retries_are_counted_by_reason(
     _, reader = otel
     path = tmp_path / "busy.sqlite3"
     factory = DbSessionFactory(f"sqlite:///{path}", sqlite_busy_timeout=0.05)
-    factory.create_all()
+    factory.create_all(Supplier.metadata)
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")  # the write lock, held by another connection
     release = threading.Timer(0.3, holder.rollback)
