@@ -18,10 +18,12 @@ from sqlalchemy.engine import URL
 from dbsession import DbSessionFactory, SchemaNotAtHeadError, migrations
 from dbsession.cli import main as cli
 from dbsession.errors import InvalidURLError, MigrationError, MigrationsNotFoundError
+from dbsession.example.store import MIGRATIONS as EXAMPLE_MIGRATIONS
 
 SCRIPT = Path(sys.executable).parent / "dbsession"
 ROOT = Path(__file__).resolve().parents[1]
 INI = ROOT / "alembic.ini"
+EXAMPLE = EXAMPLE_MIGRATIONS  # the example's revisions (the template's first one is empty)
 SECRET = "CliPw-4b1e"
 
 MODELS = """
@@ -310,10 +312,10 @@ def test_global_init_require_migrated_takes_the_migrations_location(
         DbSessionFactory.global_init(url, require_migrated=True)
     DbSessionFactory.global_dispose(allow_lazy=True)
     with pytest.raises(SchemaNotAtHeadError):
-        DbSessionFactory.global_init(url, require_migrated=True, migrations=INI)
+        DbSessionFactory.global_init(url, require_migrated=True, migrations=EXAMPLE)
     DbSessionFactory.global_dispose(allow_lazy=True)
-    migrations.upgrade(url=url, migrations=INI)
-    factory = DbSessionFactory.global_init(url, require_migrated=True, migrations=INI)
+    migrations.upgrade(url=url, migrations=EXAMPLE)
+    factory = DbSessionFactory.global_init(url, require_migrated=True, migrations=EXAMPLE)
     with factory.engine.connect() as connection:
         assert connection.execute(text("SELECT COUNT(*) FROM customer")).scalar() == 0
 

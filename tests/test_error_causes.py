@@ -113,7 +113,7 @@ def test_the_plugin_migrates_an_async_driver_url(pytester: pytest.Pytester, tmp_
     """docs/testing.md: --dbsession-url may name an async driver, with migrations too."""
     pytester.makefile(
         ".ini",
-        alembic=f"[alembic]\nscript_location = {ROOT / 'migrations'}\n",
+        alembic=f"[alembic]\nscript_location = {ROOT / 'dbsession' / 'example' / 'migrations'}\n",
     )
     pytester.makepyfile(
         test_inner=textwrap.dedent(

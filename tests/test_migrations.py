@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from helpers import INI, TABLES, tables, upgrade_at_once
+from helpers import TABLES, tables, upgrade_at_once
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
@@ -22,6 +22,9 @@ from dbsession.cli import main as cli
 from dbsession.errors import MigrationsNotFoundError, UnknownRevisionError
 from dbsession.example.models import Base
 from dbsession.example.store import MIGRATIONS as EXAMPLE
+
+#: The template's own alembic.ini (its first revision is empty; the example's are packaged).
+TEMPLATE_INI = Path(__file__).resolve().parents[1] / "alembic.ini"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,13 +156,17 @@ def test_passwords_with_special_characters_reach_the_database(
 def test_password_never_appears_in_alembic_output(postgresql_url: URL, tmp_path: Path) -> None:
     marker = "Pw-MARKER-alembic"
     url = postgresql_url.set(password=marker).render_as_string(hide_password=False)
-    result = run("-m", "alembic", "-c", str(INI), "-x", f"url={url}", "upgrade", "head", cwd=ROOT)
+    result = run(
+        "-m", "alembic", "-c", str(TEMPLATE_INI), "-x", f"url={url}", "upgrade", "head", cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert "Running upgrade" in result.stderr
     assert marker not in result.stdout + result.stderr
-    result = run("-m", "alembic", "-c", str(INI), "-x", f"url={url}", "downgrade", "base", cwd=ROOT)
+    result = run(
+        "-m", "alembic", "-c", str(TEMPLATE_INI), "-x", f"url={url}", "downgrade", "base", cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
-    migrations.downgrade("base", url=postgresql_url, migrations=INI)
+    migrations.downgrade("base", url=postgresql_url, migrations=TEMPLATE_INI)
 
 
 def test_cli_without_migrations_folder_says_how_to_fix(
@@ -209,7 +216,7 @@ def test_template_workflow_new_model_autogenerate_upgrade(tmp_path: Path) -> Non
     copy.mkdir()
     for name in ("dbsession", "migrations"):
         shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(INI, copy / "alembic.ini")
+    shutil.copy(TEMPLATE_INI, copy / "alembic.ini")
     with open(copy / "dbsession" / "example" / "models.py", "a") as models:
         models.write(
             "\n\nclass Product(Base):\n"
