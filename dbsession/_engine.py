@@ -210,7 +210,22 @@ def _default_options(url: URL, given: Mapping[str, Any], *, asyncio: bool) -> di
     }
 
 
+#: The URL query options pysqlite and aiosqlite take (without ``uri=true``, which passes
+#: any other option on to SQLite itself).
+_SQLITE_QUERY_OPTIONS = frozenset(
+    {"timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements", "uri"}
+)
+
+
 def _create(create: Callable[..., E], url: URL, settings: Settings, options: dict[str, Any]) -> E:
+    if url.get_backend_name() == "sqlite" and "uri" not in url.query:
+        # SQLAlchemy 2.1 warns of these (caught below); 2.0 drops them without a word.
+        unknown = sorted(set(url.query) - _SQLITE_QUERY_OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"The URL {settings.describe()} has an option the driver does not use: "
+                f"{', '.join(unknown)}. Remove it or fix its name."
+            )
     try:
         with warnings.catch_warnings():
             # SQLAlchemy only warns of URL query options the driver ignores: a mistake.

@@ -124,8 +124,9 @@ def test_deadlock_between_two_threads_is_retried_and_both_complete(
     assert sorted(completed) == ["1->2", "2->1"]
     assert value(other_connection, 1) == 2 and value(other_connection, 2) == 2
     logged = retries(caplog)
-    assert len(logged) == 1
-    assert ("1213 deadlock" in logged[0]) or ("SQLSTATE 40P01" in logged[0])
+    # One deadlock victim retries; under load its retry can meet the other thread again.
+    assert len(logged) >= 1
+    assert all(("1213 deadlock" in line) or ("SQLSTATE 40P01" in line) for line in logged)
 
 
 def _hold_sqlite_write_lock(path: str) -> sqlite3.Connection:
