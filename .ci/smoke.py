@@ -98,9 +98,9 @@ def async_() -> None:
         factory = AsyncDbSessionFactory(url)
         await factory.create_all(Base.metadata)
         try:
-            async with factory.async_session_scope() as session:
+            async with factory.session_scope() as session:
                 session.add(Item(name="kept"))
-            async with factory.async_session_scope() as session:
+            async with factory.session_scope() as session:
                 names = (await session.scalars(select(Item.name))).all()
             check(list(names) == ["kept"], f"async unit of work on {url.split(':')[0]}: {names}")
         finally:
