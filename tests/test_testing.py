@@ -9,52 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import TOY_APP
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL, Engine
 
 pytest_plugins = ["pytester"]
 
-TOY_APP = '''
-"""A toy app: its functions commit inside dbsession's session_scope()."""
-
-from sqlalchemy import String, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from dbsession import DbSessionFactory, session_scope
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "toy_item"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(50), unique=True)
-
-
-def add_item(name):
-    with session_scope() as session:
-        session.add(Item(name=name))
-
-
-def add_item_on_the_class(name):
-    with session_scope() as session:
-        session.add(Item(name=name))
-
-
-def add_item_then_fail(name):
-    with session_scope() as session:
-        session.add(Item(name=name))
-        session.flush()
-        raise RuntimeError("payment declined")
-
-
-def names():
-    with session_scope() as session:
-        return sorted(session.scalars(select(Item.name)))
-'''
 
 TESTS = """
 import pytest

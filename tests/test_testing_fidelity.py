@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import TOY_APP
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, Engine
 from test_testing import (
     FIRST_REVISION,
-    TOY_APP,
     apps_own_database,
     run_inner,
     toy_rows,

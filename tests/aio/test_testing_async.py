@@ -8,9 +8,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from helpers import TOY_APP
 from sqlalchemy.engine import URL, Engine
 from test_testing import (
-    TOY_APP,
     apps_own_database,
     run_inner,
     toy_rows,
