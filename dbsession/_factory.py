@@ -17,7 +17,7 @@ from ._base import Base
 from ._binding import Binding
 from ._config import Settings, mask_url
 from ._engine import make_engine
-from ._lifecycle import LazyFactory, Registry, decorate
+from ._lifecycle import LazyFactory, Registry, decorate, run_options
 from ._retry import RetryPolicy, run_with_retries
 from ._scope import Savepoint, ScopeSession, UnitOfWork
 
@@ -144,8 +144,8 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         typing. Raises RetryExhaustedError (chaining the last error) when every attempt
         failed, UnsupportedIsolationLevelError for a bad level.
         """
-        options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
-        return self._run(lambda session: fn(session, *args, **kwargs), **options)  # type: ignore[arg-type]
+        options = run_options(kwargs)
+        return self._run(lambda session: fn(session, *args, **kwargs), **options)
 
     def _run(
         self,
@@ -208,8 +208,6 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             binding.engine.dispose()
             logger.debug("dbsession: engine disposed for %s", mask_url(binding.engine.url))
 
-
-_OPTIONS = ("retry", "readonly", "isolation_level")
 
 
 def _independent(independent: bool, nested: bool | None) -> bool:

@@ -314,3 +314,12 @@ def decorate(
         return UnitOfWorkFunction(function, lambda unit: run(unit, **options))
 
     return wrap if fn is None else wrap(fn)
+
+
+#: The keywords of ``run_in_transaction`` that are dbsession's, never passed to ``fn``.
+RUN_OPTIONS = ("retry", "readonly", "isolation_level")
+
+
+def run_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take dbsession's own keywords (``RUN_OPTIONS``) out of ``kwargs`` and return them."""
+    return {name: kwargs.pop(name) for name in RUN_OPTIONS if name in kwargs}

@@ -44,7 +44,7 @@ from ._config import Settings, mask_url
 from ._context import session_of_scope
 from ._engine import build_engine
 from ._errors import MissingDriverError
-from ._lifecycle import LazyFactory, Registry, decorate
+from ._lifecycle import LazyFactory, Registry, decorate, run_options
 from ._retry import RetryPolicy, run_with_retries_async
 from ._scope import ScopeSession
 
@@ -153,8 +153,8 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         ``isolation_level``), the same backoff (awaited with ``asyncio.sleep``, so
         other tasks run meanwhile). Raises what it raises; cancellation propagates.
         """
-        options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
-        return await self._run(lambda session: fn(session, *args, **kwargs), **options)  # type: ignore[arg-type]
+        options = run_options(kwargs)
+        return await self._run(lambda session: fn(session, *args, **kwargs), **options)
 
     async def _run(
         self,
@@ -216,8 +216,6 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             await binding.engine.dispose()
             logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
 
-
-_OPTIONS = ("retry", "readonly", "isolation_level")
 
 
 def _sync_engine(engine: AsyncEngine) -> Engine:
