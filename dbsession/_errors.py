@@ -95,6 +95,8 @@ class _TranslatedDBAPIError(sa_exc.DBAPIError):
     """A driver error that dbsession re-words: the message is dbsession's own line, the
     driver's exception stays reachable as ``orig`` (and as ``__cause__`` where chained)."""
 
+    args: tuple[Any, ...]
+
     def __init__(
         self,
         message: str,
