@@ -64,20 +64,20 @@ from ._errors import (
 )
 from ._pool import pool_class_for
 from ._pooler import install_connection_loss, prepared_statement_args
-from ._sqlite_gate import execute_raw, install_write_gate
+from ._sqlite_gate import install_deferred_begin, install_write_gate, writer_view
 from ._timeouts import (
     TIMEOUT_OPTION,
     check_timeout,
     driver_timeouts,
     install_ping_timeout,
     install_scope_timeouts,
+    install_timeout_errors,
 )
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
-#: Execution option read by the SQLite ``begin`` hook: ``"BEGIN"`` or ``"BEGIN IMMEDIATE"``.
-SQLITE_BEGIN_OPTION = "dbsession_sqlite_begin"
-#: Execution option of read-only views (read by the SQLite ``begin`` hook): read-only.
+#: Execution option of the engines of read-only scopes (MySQL/MariaDB views, SQLite's
+#: read-only twin): the errors they raise are read as a read-only scope's.
 READONLY_OPTION = "dbsession_readonly"
 
 _INSTALL_HINTS = {
@@ -166,15 +166,13 @@ def _build(
     _install_fork_guard(engine)
     observability.watch(engine)
     _install_read_only_errors(engine)
+    install_timeout_errors(engine)
     if is_sqlite:
-        _install_sqlite_opinions(
-            engine, url.database or "", settings.sqlite_busy_timeout, wal=wal
-        )
+        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=wal)
         if query_only:
             _install_query_only(engine)
-        # On the engine, not the timed views: the begin hook that arms a scope's deadline
-        # also disarms it for the next scope on the same connection.
-        install_scope_timeouts(engine)
+        else:
+            install_write_gate(engine, url.database or "", settings.sqlite_busy_timeout)
     else:
         install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
         if "pool_pre_ping" not in options:
@@ -397,8 +395,12 @@ class _TwinMaker:
                 self.twin = self._build()
                 self._build = None  # built once; a disposed engine's twin is only emptied
                 sync_twin: Engine = getattr(self.twin, "sync_engine", self.twin)
-                # A ConnectionEvents listener: on SQLite the engine has one already (begin).
+                # Engine.dispose() dispatches engine_disposed whatever _has_events says; the
+                # flag, which listening sets, only sends every statement of the engine
+                # through SQLAlchemy's event dispatch, which this listener does not need.
+                had_events = engine._has_events
                 event.listen(engine, "engine_disposed", lambda _: sync_twin.dispose())
+                engine._has_events = had_events
             return self.twin
 
 
@@ -420,6 +422,10 @@ def read_only_engine(sync_engine: Engine) -> Any:
 
 
 def _install_query_only(engine: Engine) -> None:
+    """The read-only twin: its transactions are readers, its connections query_only."""
+    install_deferred_begin(engine)
+    engine.update_execution_options(**{READONLY_OPTION: True})
+
     @event.listens_for(engine, "connect")
     def query_only(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         cursor = dbapi_connection.cursor()
@@ -436,15 +442,15 @@ def scope_options(
 
     ``timeout``: the scope's time budget in seconds, applied by ``_timeouts``.
 
-    SQLite writing scopes take the write lock at ``BEGIN IMMEDIATE``; read-only ones
-    use a plain ``BEGIN`` (WAL readers never wait) on the read-only twin engine
-    (:func:`read_only_engine`), whose connections are ``query_only`` already.
+    On SQLite the engine says how a transaction begins: writing scopes run on its
+    ``_sqlite_gate.writer_view``, which takes the write lock at ``BEGIN IMMEDIATE``;
+    read-only ones on its read-only twin (:func:`read_only_engine`), whose connections
+    are ``query_only``, begin a plain ``BEGIN`` (WAL readers never wait) and carry the
+    read-only option already.
     """
     options: dict[str, Any] = {}
     name = engine.dialect.name
-    if name == "sqlite":
-        options[SQLITE_BEGIN_OPTION] = "BEGIN" if readonly else "BEGIN IMMEDIATE"
-    elif readonly:
+    if readonly:
         options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
@@ -462,24 +468,29 @@ def scope_engine(
     timeout: float | None = None,
 ) -> Any:
     """The engine a scope of this kind runs on: ``engine`` (an ``Engine`` or
-    ``AsyncEngine`` whose events live on ``sync_engine``), or on SQLite for a read-only
-    scope its read-only twin, as a view with :func:`scope_options` set; on MySQL/MariaDB
+    ``AsyncEngine`` whose events live on ``sync_engine``), or on SQLite its writer view
+    or, for a read-only scope, its read-only twin; as a view with the
+    :func:`scope_options` it does not have already; on MySQL/MariaDB
     a read-only view also starts its transactions ``READ ONLY``, and a view with a time
     budget applies it (``_timeouts``). Listeners live on the views, never on the engine,
     so the scopes that do not need them pay nothing for them."""
     if readonly:
         engine = read_only_engine(sync_engine) or engine
+    elif sync_engine.dialect.name == "sqlite":
+        engine = writer_view(engine)
     options = scope_options(
         sync_engine, readonly=readonly, isolation_level=isolation_level, timeout=timeout
     )
+    has = engine.get_execution_options()
+    options = {key: value for key, value in options.items() if has.get(key) != value}
     if not options:
         return engine
     view = engine.execution_options(**options)
     sync_view = getattr(view, "sync_engine", view)
     if readonly and sync_engine.dialect.name in ("mysql", "mariadb"):
         _install_mysql_read_only(sync_view)
-    if timeout is not None and sync_engine.dialect.name != "sqlite":
-        install_scope_timeouts(sync_view)  # SQLite's is on the engine: see _build
+    if timeout is not None:
+        install_scope_timeouts(sync_view)
     return view
 
 
@@ -534,11 +545,7 @@ def _in_read_only_scope(connection: Connection | None) -> bool:
     if connection is None:
         return False
     options = connection.get_execution_options()
-    return bool(
-        options.get(READONLY_OPTION)
-        or options.get("postgresql_readonly")
-        or options.get(SQLITE_BEGIN_OPTION) == "BEGIN"  # a read-only SQLite scope
-    )
+    return bool(options.get(READONLY_OPTION) or options.get("postgresql_readonly"))
 
 
 def _install_mysql_read_only(view: Engine) -> None:
@@ -687,14 +694,10 @@ def _check_sqlite_path(path: Path) -> None:
         ) from None
 
 
-def _install_sqlite_opinions(
-    engine: Engine, database: str, busy_timeout: float, *, wal: bool
-) -> None:
-    begin_writer = install_write_gate(engine, database, busy_timeout)
-
+def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        # Take BEGIN away from pysqlite so SQLAlchemy's own begin hook below emits it.
+        # Take BEGIN away from pysqlite: the dialect's do_begin sends it (_sqlite_gate).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
@@ -721,12 +724,3 @@ def _install_sqlite_opinions(
                     await_only(outcome)
         except Exception:
             logger.debug("dbsession: interrupting the cancelled statement failed", exc_info=True)
-
-    @event.listens_for(engine, "begin")
-    def begin(connection: Connection) -> None:
-        options = connection.get_execution_options()
-        statement = options.get(SQLITE_BEGIN_OPTION, "BEGIN")
-        if statement == "BEGIN IMMEDIATE":
-            begin_writer(connection)  # the process's writers queue on the gate, not in SQLite
-        else:
-            execute_raw(connection, statement)

@@ -44,7 +44,6 @@ from ._errors import ConfigurationError, ScopeTimeoutError
 
 #: Execution option carrying a scope's time budget in seconds (``session_scope(timeout=)``).
 TIMEOUT_OPTION = "dbsession_timeout"
-_DEADLINE = "dbsession_deadline"
 _PROGRESS_STEPS = 1000
 _TIMED_STATEMENT = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|REPLACE|WITH)\b", re.IGNORECASE)
 
@@ -162,7 +161,8 @@ def _wait_readable(fd: int, deadline: float, connection: Any, write: bool = Fals
 
 
 def install_scope_timeouts(engine: Engine) -> None:
-    """Apply a scope's time budget (execution option ``TIMEOUT_OPTION``) to its transaction.
+    """Apply a scope's time budget (execution option ``TIMEOUT_OPTION``) to its transaction,
+    on ``engine``: a view with the option (listeners there cost the other scopes nothing).
 
     PostgreSQL: ``SET LOCAL statement_timeout`` and ``lock_timeout``. MySQL/MariaDB: each
     statement runs as ``SET STATEMENT max_statement_time=..., innodb_lock_wait_timeout=...
@@ -207,12 +207,20 @@ def install_scope_timeouts(engine: Engine) -> None:
             budget = connection.get_execution_options().get(TIMEOUT_OPTION)
             if budget is not None:
                 deadline = time.monotonic() + budget
-                connection.info[_DEADLINE] = deadline
                 _progress_handler(connection, lambda: int(time.monotonic() > deadline))
-            elif connection.info.pop(_DEADLINE, None) is not None:
-                _progress_handler(connection, None)
 
-    else:
+        @event.listens_for(engine, "commit")
+        @event.listens_for(engine, "rollback")
+        def disarm(connection: Connection) -> None:
+            _progress_handler(connection, None)  # the connection's next scope has no deadline
+
+
+
+def install_timeout_errors(engine: Engine) -> None:
+    """Raise ScopeTimeoutError for a statement of a timed scope that overran its budget
+    (once per engine: a dialect-level listener, which the timed views share)."""
+    name = backend_of(engine.dialect.name)
+    if name not in ("postgresql", "mysql", "sqlite"):
         return
 
     @event.listens_for(engine, "handle_error")

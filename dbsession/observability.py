@@ -32,14 +32,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from ._context import call_site
@@ -139,34 +138,39 @@ def _update_listeners() -> None:
         _update_engines(wanted)
 
 
+#: The dialect methods that run a statement on the driver's cursor: what they take is
+#: the unit of work's time in the database.
+_EXECUTE_METHODS = ("do_execute", "do_execute_no_params", "do_executemany")
+
+
 def _update_engines(wanted: bool) -> None:
+    # Timed by wrapping the dialect's methods rather than with before/after_cursor_execute
+    # listeners: any such listener sends every statement of the engine through SQLAlchemy's
+    # event dispatch (measured: +10% instructions per one-query unit of work on SQLite).
     for engine in list(_engines):
+        dialect = vars(engine.dialect)
         if wanted and engine not in _timed:
-            event.listen(engine, "before_cursor_execute", _statement_started, retval=True)
-            event.listen(engine, "after_cursor_execute", _statement_finished)
+            for name in _EXECUTE_METHODS:
+                dialect[name] = _timed_execute(getattr(engine.dialect, name))
             _timed.add(engine)
         elif not wanted and engine in _timed:
-            event.remove(engine, "before_cursor_execute", _statement_started)
-            event.remove(engine, "after_cursor_execute", _statement_finished)
+            for name in _EXECUTE_METHODS:
+                dialect.pop(name, None)
             _timed.discard(engine)
 
 
-def _statement_started(
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> tuple[str, Any]:
-    if context is not None and _current.get() is not None:
-        context._dbsession_started = time.perf_counter()
-    return statement, parameters
-
-
-def _statement_finished(
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    began = getattr(context, "_dbsession_started", None)
-    if began is not None:
+def _timed_execute(execute: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(*args: Any, **kwargs: Any) -> Any:
         observation = _current.get()
-        if observation is not None:
+        if observation is None:
+            return execute(*args, **kwargs)
+        began = time.perf_counter()
+        try:
+            return execute(*args, **kwargs)
+        finally:
             observation.db_time += time.perf_counter() - began
+
+    return timed
 
 
 def enabled() -> bool:
