@@ -131,11 +131,13 @@ def _run_of(config: pytest.Config) -> _Run:
     """The run's ``_Run``, made now if dbsession was not imported until this moment."""
     gate = config.stash[_GATE]
     if gate.run is None:
-        if config in _WAITING:
-            _WAITING.remove(config)
         from dbsession import testing
 
+        # A bad test URL raises here: the run then stays waiting, so every later import
+        # of dbsession raises too (none gets through without the catch).
         gate.run = testing._Run(config, gate)
+        if config in _WAITING:
+            _WAITING.remove(config)
     return gate.run
 
 
