@@ -243,6 +243,18 @@ def test_the_catch_holds_wherever_dbsession_is_first_imported(
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
 
 
+def test_a_test_url_that_cannot_be_parsed_fails_every_import_of_dbsession(
+    pytester: pytest.Pytester,
+) -> None:
+    """Not only the first: no module gets dbsession without the catch."""
+    uses_the_default = "import dbsession\n\ndef test_x():\n    dbsession.default_factory()\n"
+    pytester.makepyfile(test_a=uses_the_default, test_b=uses_the_default)
+    result = pytester.runpytest_subprocess("--dbsession-url=postgresql://u:hunter2@h:port/db")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*InvalidURLError*cannot be parsed*"])
+    assert "hunter2" not in result.stdout.str() + result.stderr.str()
+
+
 def test_naming_dbsession_testing_as_the_plugin_loads_the_entry_module_once(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
