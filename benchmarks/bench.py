@@ -1114,16 +1114,17 @@ def bench_lost_updates(backend: Backend, threads: int, per_thread: int, hot: int
 def bench_plugin(backend: Backend, count: int, rounds: int) -> None:
     """The plugin's db_session set-up and tear-down around one insert, against the
     savepoint fixture of SQLAlchemy's docs ("Joining a Session into an External Transaction")."""
-    from dbsession.testing import _as_is, _rolled_back_session
+    from dbsession.testing import _as_is, _Connections, _Hooks, _rolled_back_session
 
     factory = backend.dbsession()
     BenchBase.metadata.create_all(factory.engine)
     engine = factory.engine
+    connections = _Connections()  # as in the plugin: one connection kept from test to test
 
     def plugin() -> float:
         start = time.perf_counter()
         for i in range(count):
-            fixture = _rolled_back_session(factory, _as_is)
+            fixture = _rolled_back_session(factory, _as_is, _Hooks(), "db_session", connections)
             session = next(fixture)
             unit_body("insert", session, i)
             session.flush()
@@ -1155,6 +1156,7 @@ def bench_plugin(backend: Backend, count: int, rounds: int) -> None:
             for n, v, r in ratios(medians, "SQLAlchemy docs savepoint fixture")
         ],
     )
+    connections.release(factory, _as_is)
     factory.dispose()
 
 

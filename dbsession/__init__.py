@@ -9,6 +9,7 @@ catch separately are also here.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -76,3 +77,16 @@ def __getattr__(name: str) -> Any:
         )
         return getattr(_public_errors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tell_the_pytest_plugin() -> None:
+    """Inside a pytest run with dbsession's plugin, let it pin its factory as the process
+    default now, before the code that imported dbsession can reach that default (the
+    plugin's entry module imports no dbsession until then). Outside pytest, nothing."""
+    plugin = sys.modules.get("pytest_dbsession")
+    imported = getattr(plugin, "dbsession_imported", None)
+    if imported is not None:
+        imported()
+
+
+_tell_the_pytest_plugin()

@@ -1,58 +1,35 @@
-"""The dbsession pytest plugin: every test runs in a transaction that is rolled back at its end.
+"""The pytest plugin's implementation: the test URL, the plugin's factories, the gate's
+check, the rolled-back sessions.
 
-Registered through the ``pytest11`` entry point, so installing dbsession is enough;
-``import dbsession`` never imports this module. Fixtures:
+The plugin itself (options, mark, hooks, the fixtures pytest lists) is the top-level
+module ``pytest_dbsession``, registered through the ``pytest11`` entry point; it imports
+only pytest, and imports this module (and so SQLAlchemy) when dbsession is imported during
+the run or a test first uses a fixture. ``import dbsession`` never imports this module.
 
-- ``dbsession_url`` (session): ``--dbsession-url``, else ``DBSESSION_TEST_URL``, else
-  a temporary SQLite file for this run (never ``DATABASE_URL``). Under pytest-xdist
-  each worker gets a database of its own, created here and dropped at the end.
-- ``dbsession_database`` (session): that database with its schema prepared once:
-  Alembic migrations (``--dbsession-schema=migrations``), ``create_all()`` of
-  ``--dbsession-metadata`` (``create_all``), nothing (``none``), or ``auto``: the
-  migrations when the project has some, else ``create_all()``.
-- ``dbsession_factory`` (session): the DbSessionFactory on that database. With the
-  safety catch on it is also the process default for the whole run.
-- ``db_session`` (function): a Session on one connection whose outer transaction is
-  rolled back after the test; the app's own ``session_scope()`` calls join it as
-  SAVEPOINTs, so code that commits is undone too.
-- ``dbsession_capture_on_commit`` (function): captures the ``on_commit`` hooks that
-  the app's units of work register under ``db_session`` (they never run otherwise).
-- ``dbsession_event_loop`` (session), ``async_dbsession_factory`` (session),
-  ``async_db_session`` (function): the async twins, on one event loop of the
-  plugin's own. An ``async def`` test that uses them is run on that loop by the
-  plugin itself (no pytest-asyncio or anyio needed). The async drivers are only
-  imported when these fixtures are used.
-
-**The safety catch** (``dbsession_block``, on by default): while a test that did not
-ask for the database runs (``db_session``, ``async_db_session``, the factories, or
-``@pytest.mark.dbsession``), using the process default factory raises
-DatabaseBlockedError; ``global_init()`` returns the plugin's factory whatever URL the
-app gives it, so nothing reaches the app's own database.
-
-Every option also reads the ini setting of the same name with underscores
-(``dbsession_schema = create_all`` in ``[tool.pytest.ini_options]``); the command
-line wins.
+This module is no plugin of its own: naming it to pytest (``-p dbsession.testing``,
+``pytest_plugins = ["dbsession.testing"]``), as one could when it was the plugin, loads
+``pytest_dbsession`` (see ``pytest_plugins`` below), which is what ``-p dbsession`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import shutil
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
+
+from pytest_dbsession import DEFAULT_METADATA, SCHEMA_CHOICES, URL_ENV, Gate
 
 from ._config import async_twin, mask_url, resolve_url, sync_twin
 from ._context import DIVERT_HOOKS_KEY, Hook
@@ -72,47 +49,8 @@ if TYPE_CHECKING:  # the async side is imported only when its fixtures are used
 
     from .asyncio import AsyncDbSessionFactory
 
-URL_ENV = "DBSESSION_TEST_URL"
-SCHEMA_CHOICES = ("auto", "migrations", "create_all", "none")
-DEFAULT_METADATA = "dbsession:Base.metadata"
-#: The fixtures (and the mark) by which a test asks for the database.
-DATABASE_FIXTURES = frozenset(
-    {"db_session", "async_db_session", "dbsession_factory", "async_dbsession_factory"}
-)
-MARK = "dbsession"
-
-_OPTIONS = {
-    "dbsession_schema": (
-        f"How the test database gets its schema: {', '.join(SCHEMA_CHOICES)} "
-        "(default auto: the Alembic migrations when the project has some, else create_all)."
-    ),
-    "dbsession_metadata": (
-        f"Import path of the MetaData that create_all uses (default {DEFAULT_METADATA})."
-    ),
-    "dbsession_migrations": (
-        "The migrations folder or alembic.ini (default: DBSESSION_MIGRATIONS, else "
-        "alembic.ini or migrations/ in the rootdir or the current folder)."
-    ),
-}
-_BLOCK_HELP = (
-    "Refuse the process default factory in tests that did not ask for the database "
-    "(db_session, async_db_session, @pytest.mark.dbsession); default true."
-)
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add the --dbsession-* command-line options and their ini settings."""
-    group = parser.getgroup("dbsession", "dbsession: database under test")
-    group.addoption(
-        "--dbsession-url",
-        dest="dbsession_url",
-        default=None,
-        help=f"Database URL for the tests (default: {URL_ENV}, else a temporary SQLite file).",
-    )
-    for name, help_text in _OPTIONS.items():
-        group.addoption(f"--{name.replace('_', '-')}", dest=name, default=None, help=help_text)
-        parser.addini(name, help_text, default=None)
-    parser.addini("dbsession_block", _BLOCK_HELP, type="bool", default=True)
+#: Naming this module to pytest as a plugin loads the plugin's entry module instead.
+pytest_plugins: list[str] = ["pytest_dbsession"]
 
 
 def _setting(config: pytest.Config, name: str) -> str | None:
@@ -131,9 +69,10 @@ class _Gated:
     _test_run: _Run
 
     def _build(self, *, replica: bool = False) -> Any:
-        if not self._test_run.open:
+        gate = self._test_run.gate
+        if not gate.open:
             raise DatabaseBlockedError(
-                f"{self._test_run.test or 'Code outside any test'} used the database without "
+                f"{gate.test or 'Code outside any test'} used the database without "
                 "asking for it: the dbsession plugin refuses the process default factory "
                 "there, so nothing can reach the app's own database. Give the test the "
                 "db_session fixture (async_db_session for async code), or mark it "
@@ -149,12 +88,13 @@ class _TestFactory(_Gated, DbSessionFactory):
 
 class _Run:
     """What the plugin keeps for one run (one xdist worker): the URL, its factories, the
-    process defaults it pinned, and which test runs now."""
+    process defaults it pinned; ``gate`` tells which test runs now and whether it asked
+    for the database. Made, and with the catch on the factory pinned, when dbsession is
+    imported during the run (``pytest_dbsession.dbsession_imported``)."""
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.block = bool(config.getini("dbsession_block"))
-        self.open = not self.block
-        self.test: str | None = None
+    def __init__(self, config: pytest.Config, gate: Gate) -> None:
+        self.gate = gate
+        self.block = gate.block
         self.worker = os.environ.get("PYTEST_XDIST_WORKER")
         self._tmp: str | None = None
         self._stack = ExitStack()
@@ -211,13 +151,6 @@ class _Run:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-_RUN = pytest.StashKey[_Run]()
-
-
-def _run_of(config: pytest.Config) -> _Run:
-    return config.stash[_RUN]
-
-
 def _given_url(config: pytest.Config) -> str | None:
     """--dbsession-url (also before the command line is fully parsed), else DBSESSION_TEST_URL."""
     early = getattr(config, "known_args_namespace", None)
@@ -225,60 +158,14 @@ def _given_url(config: pytest.Config) -> str | None:
     return str(given) if given else os.environ.get(URL_ENV)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Choose the test URL and, with the catch on, pin the plugin's factory as the process
-    default before the first conftest.py is imported (an app made at import included)."""
-    if _RUN not in early_config.stash:
-        early_config.stash[_RUN] = _Run(early_config)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the mark; set up the run if no conftest loading did (``-p dbsession``)."""
-    config.addinivalue_line(
-        "markers",
-        f"{MARK}: the test uses the test database without db_session (its work commits "
-        "for real there); without it, or a database fixture, the process default is refused",
-    )
-    if _RUN not in config.stash:
-        config.stash[_RUN] = _Run(config)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Undo what pytest_configure did."""
-    run = config.stash.get(_RUN, None)
-    if run is not None:
-        run.close()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    """Open the database for a test that asked for it (fixture or mark), for its duration."""
-    run = _run_of(item.config)
-    asked = item.get_closest_marker(MARK) is not None or bool(
-        DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))
-    )
-    if "dbsession.asyncio" in sys.modules:
-        run.async_default()  # the app uses the async side: catch it there too
-    run.test, run.open = item.nodeid, asked or not run.block
-    try:
-        return (yield)
-    finally:
-        run.test, run.open = None, not run.block
-
-
 # ---------------------------------------------------------------------------------------
 # The database: its URL (one per xdist worker), its schema, its factories.
 
 
-@pytest.fixture(scope="session")
-def dbsession_url(pytestconfig: pytest.Config) -> Iterator[URL]:
-    """The database URL under test: --dbsession-url, else DBSESSION_TEST_URL, else temp SQLite.
-
-    Under pytest-xdist a server database of the worker's own (``<name>_<run>_gw0``) is
-    created here and dropped at the end; a SQLite file gets the worker id in its name.
-    """
-    run = _run_of(pytestconfig)
+def _database_url(run: _Run, pytestconfig: pytest.Config) -> Iterator[URL]:
+    """The ``dbsession_url`` fixture: the run's URL; under pytest-xdist a server database
+    of the worker's own is created here and dropped at the end."""
+    __tracebackhide__ = True
     if not run.created:
         yield run.url
         if run.worker is not None and run.url.get_backend_name() == "sqlite" and run.url.database:
@@ -301,12 +188,9 @@ def dbsession_url(pytestconfig: pytest.Config) -> Iterator[URL]:
         admin.dispose()
 
 
-@pytest.fixture(scope="session")
-def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
-    """The database under test with its schema prepared once per run (--dbsession-schema).
-
-    A database that cannot be used fails every test that needs it with one line naming
-    the setting it came from (no traceback, no password)."""
+def _prepared_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
+    """The ``dbsession_database`` fixture: a database that cannot be used fails the test
+    with one line naming the setting it came from (no traceback, no password)."""
     __tracebackhide__ = True
     try:
         return _prepare(dbsession_url, pytestconfig)
@@ -420,13 +304,9 @@ def _migrations_location(config: pytest.Config) -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def dbsession_factory(
-    dbsession_database: URL, pytestconfig: pytest.Config
-) -> Iterator[DbSessionFactory]:
-    """The DbSessionFactory on the prepared test database, disposed at the end of the run."""
+def _sync_factory(run: _Run) -> Iterator[DbSessionFactory]:
+    """The ``dbsession_factory`` fixture: the run's factory, disposed at the end."""
     __tracebackhide__ = True
-    run = _run_of(pytestconfig)
     yield run.factory
     run.connections.release(run.factory, _as_is)
     run.factory.dispose()
@@ -550,23 +430,13 @@ def _hooks_of(request: pytest.FixtureRequest) -> _Hooks:
     return stash[_HOOKS]
 
 
-@pytest.fixture
-def dbsession_capture_on_commit(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """``with dbsession_capture_on_commit(execute=True) as hooks:`` collects the on_commit
-    hooks of the units of work committed in the block (under db_session they never run
-    otherwise), and with ``execute=True`` runs them when the block ends."""
-    return _hooks_of(request).capture
-
-
-@pytest.fixture
-def db_session(
-    request: pytest.FixtureRequest, dbsession_factory: DbSessionFactory
+def _sync_session(
+    request: pytest.FixtureRequest, dbsession_factory: DbSessionFactory, run: _Run
 ) -> Iterator[Session]:
-    """A Session in a transaction rolled back after the test; app session_scope()s join it."""
+    """The ``db_session`` fixture (see ``_rolled_back_session``)."""
     __tracebackhide__ = True
-    connections = _run_of(request.config).connections
     yield from _rolled_back_session(
-        dbsession_factory, _as_is, _hooks_of(request), "db_session", connections
+        dbsession_factory, _as_is, _hooks_of(request), "db_session", run.connections
     )
 
 
@@ -629,45 +499,30 @@ def _rolled_back_session(
             run(connection.rollback())
 
 
-@pytest.fixture(scope="session")
-def dbsession_event_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop of the async fixtures, and of the async def tests that use them."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    try:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
-
-
-@pytest.fixture(scope="session")
-def async_dbsession_factory(
-    dbsession_database: URL,
-    dbsession_event_loop: asyncio.AbstractEventLoop,
-    pytestconfig: pytest.Config,
+def _async_factory(
+    run: _Run, dbsession_event_loop: asyncio.AbstractEventLoop
 ) -> Iterator[AsyncDbSessionFactory]:
-    """The AsyncDbSessionFactory on the prepared test database (its async driver)."""
-    run = _run_of(pytestconfig)
+    """The ``async_dbsession_factory`` fixture: the run's async factory, disposed at the end."""
     factory = run.async_default()
     yield factory
     run.connections.release(factory, dbsession_event_loop.run_until_complete)
     dbsession_event_loop.run_until_complete(factory.dispose())
 
 
-@pytest.fixture
-def async_db_session(
+def _async_session(
     request: pytest.FixtureRequest,
     async_dbsession_factory: AsyncDbSessionFactory,
     dbsession_event_loop: asyncio.AbstractEventLoop,
+    run: _Run,
 ) -> Iterator[AsyncSession]:
-    """An AsyncSession in a transaction rolled back after the test; app scopes join it."""
+    """The ``async_db_session`` fixture (see ``_rolled_back_session``)."""
     _refuse_foreign_runner(request.node)
     yield from _rolled_back_session(
         async_dbsession_factory,
         dbsession_event_loop.run_until_complete,
         _hooks_of(request),
         "async_db_session",
-        _run_of(request.config).connections,
+        run.connections,
     )
 
 
@@ -685,16 +540,3 @@ def _refuse_foreign_runner(node: pytest.Item) -> None:
                 "itself (with pytest-asyncio, keep asyncio_mode = strict).",
                 pytrace=False,
             )
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run an ``async def`` test that uses the async fixtures on the plugin's event loop."""
-    if "dbsession_event_loop" not in pyfuncitem.fixturenames:
-        return None
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    loop = cast(asyncio.AbstractEventLoop, pyfuncitem.funcargs["dbsession_event_loop"])
-    names = pyfuncitem._fixtureinfo.argnames
-    loop.run_until_complete(pyfuncitem.obj(**{name: pyfuncitem.funcargs[name] for name in names}))
-    return True

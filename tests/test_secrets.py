@@ -227,6 +227,7 @@ def test_the_pytest_failure_report_shows_no_password(
     assert "(from --dbsession-url)" in output
     assert MARKER not in output
     assert "dbsession/testing.py" not in output  # the plugin's frames are hidden
+    assert "pytest_dbsession.py" not in output
 
 
 # ---- one marker through every error path --------------------------------------------------

@@ -161,16 +161,111 @@ def test_fixtures_are_listed_by_pytest_fixtures_with_one_line_each(
     names = ("dbsession_url", "dbsession_database", "dbsession_factory", "db_session")
     async_names = ("dbsession_event_loop", "async_dbsession_factory", "async_db_session")
     for name in names + async_names:
-        result.stdout.re_match_lines([rf"^{name}\b.* -- .*testing\.py:\d+$", r"^    \S.+$"])
+        result.stdout.re_match_lines(
+            [rf"^{name}\b.* -- .*pytest_dbsession\.py:\d+$", r"^    \S.+$"]
+        )
     assert result.ret == 0
 
 
 def test_importing_dbsession_does_not_import_the_plugin() -> None:
-    code = (
-        "import sys, dbsession; print('dbsession.testing' in sys.modules, 'pytest' in sys.modules)"
-    )
+    names = ("dbsession.testing", "pytest_dbsession", "pytest")
+    code = f"import sys, dbsession; print(*(name in sys.modules for name in {names}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False"]
+
+
+UNRELATED_CONFTEST = """
+import sys
+
+def pytest_unconfigure(config):
+    loaded = [name for name in ("sqlalchemy", "dbsession") if name in sys.modules]
+    active = config.pluginmanager.has_plugin("dbsession")
+    with open("modules.txt", "w") as out:
+        out.write(f"plugin active: {active}; imported: {loaded}")
+"""
+
+
+def test_a_project_that_never_imports_dbsession_never_imports_sqlalchemy(
+    pytester: pytest.Pytester,
+) -> None:
+    """The plugin is active in every project of the environment, and costs one that does
+    not use dbsession nothing: neither SQLAlchemy nor dbsession is imported by the end."""
+    pytester.makeconftest(UNRELATED_CONFTEST)
+    pytester.makepyfile(test_unrelated="def test_x():\n    assert True\n")
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    assert (pytester.path / "modules.txt").read_text() == "plugin active: True; imported: []"
+
+
+APP_MADE_AT_IMPORT = """
+from dbsession import DbSessionFactory
+
+# An app made when its module is imported, with its own (here unreachable) database:
+APP = DbSessionFactory.global_init("postgresql://app:secret@nonexistent.invalid/app")
+"""
+
+CATCH_TESTS = """
+import pytest
+
+{import_at_top}
+
+
+def test_without_the_database_the_apps_factory_is_refused():
+    import app
+    from dbsession.errors import DatabaseBlockedError
+
+    with pytest.raises(DatabaseBlockedError, match="without asking for it"):
+        with app.APP.session_scope():
+            pass
+
+
+def test_the_app_made_at_import_has_the_plugins_factory(dbsession_factory):
+    import app
+
+    assert app.APP is dbsession_factory
+"""
+
+
+@pytest.mark.parametrize("first_import", ["conftest", "test module", "test body", "-p plugin"])
+def test_the_catch_holds_wherever_dbsession_is_first_imported(
+    pytester: pytest.Pytester, first_import: str
+) -> None:
+    """The plugin pins its factory the moment dbsession is imported (in a conftest.py, a
+    test module, a test), or at start-up when another plugin (``-p``) imported it before:
+    an app that calls global_init() at import gets the plugin's factory in every case."""
+    pytester.makepyfile(app=APP_MADE_AT_IMPORT, early_plugin="import dbsession")
+    args: list[str] = []
+    if first_import == "conftest":
+        pytester.makeconftest("import app")
+    elif first_import == "-p plugin":
+        args = ["-p", "early_plugin"]
+    top = "import app" if first_import in ("test module", "-p plugin") else ""
+    pytester.makepyfile(test_catch=CATCH_TESTS.format(import_at_top=top))
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
+
+
+def test_a_test_url_that_cannot_be_parsed_fails_every_import_of_dbsession(
+    pytester: pytest.Pytester,
+) -> None:
+    """Not only the first: no module gets dbsession without the catch."""
+    uses_the_default = "import dbsession\n\ndef test_x():\n    dbsession.default_factory()\n"
+    pytester.makepyfile(test_a=uses_the_default, test_b=uses_the_default)
+    result = pytester.runpytest_subprocess("--dbsession-url=postgresql://u:hunter2@h:port/db")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*InvalidURLError*cannot be parsed*"])
+    assert "hunter2" not in result.stdout.str() + result.stderr.str()
+
+
+def test_naming_dbsession_testing_as_the_plugin_loads_the_entry_module_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With plugin autoloading off, ``-p dbsession.testing`` (the plugin module before
+    issue 19) still gives the fixtures and the catch."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makepyfile(app=APP_MADE_AT_IMPORT)
+    pytester.makeconftest("import app")
+    pytester.makepyfile(test_catch=CATCH_TESTS.format(import_at_top=""))
+    pytester.runpytest_subprocess("-p", "dbsession.testing").assert_outcomes(passed=2)
+    pytester.runpytest_subprocess("-p", "dbsession").assert_outcomes(passed=2)
 
 
 def test_schema_from_the_projects_migrations_when_it_has_them(
