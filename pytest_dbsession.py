@@ -125,6 +125,8 @@ class Gate:
 _GATE = pytest.StashKey[Gate]()
 #: The configs whose catch is on and that wait for dbsession to be imported.
 _WAITING: list[pytest.Config] = []
+#: The gates of the runs whose catch is on.
+_BLOCKING: list[Gate] = []
 
 
 def _run_of(config: pytest.Config) -> _Run:
@@ -138,6 +140,8 @@ def _run_of(config: pytest.Config) -> _Run:
         gate.run = testing._Run(config, gate)
         if config in _WAITING:
             _WAITING.remove(config)
+        if "dbsession.asyncio" in sys.modules:
+            gate.run.async_default()  # imported before this run began (say by a plugin)
     return gate.run
 
 
@@ -149,6 +153,15 @@ def dbsession_imported() -> None:
         _run_of(config)
 
 
+def dbsession_asyncio_imported() -> None:
+    """Called at the end of ``dbsession/asyncio.py`` when this module is loaded: pin the
+    plugin's async factory as the async process default of every run with the catch on,
+    before the code that imported ``dbsession.asyncio`` can reach that default."""
+    for gate in _BLOCKING:
+        if gate.run is not None:
+            gate.run.async_default()
+
+
 def _start(config: pytest.Config) -> None:
     """Set up the run's gate; with the catch on, pin the plugin's factory now if dbsession
     is imported already, else as soon as it is (``dbsession_imported``)."""
@@ -157,6 +170,7 @@ def _start(config: pytest.Config) -> None:
     gate = config.stash[_GATE] = Gate(bool(config.getini("dbsession_block")))
     if not gate.block:
         return  # nothing to pin: the run is made when a fixture first needs it
+    _BLOCKING.append(gate)
     if "dbsession" in sys.modules:
         _run_of(config)
     else:
@@ -185,6 +199,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if config in _WAITING:
         _WAITING.remove(config)
     gate = config.stash.get(_GATE, None)
+    if gate in _BLOCKING:
+        _BLOCKING.remove(gate)
     if gate is not None and gate.run is not None:
         gate.run.close()
 

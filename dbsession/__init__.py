@@ -79,14 +79,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _tell_the_pytest_plugin() -> None:
+def _tell_the_pytest_plugin(imported: str = "dbsession_imported") -> None:
     """Inside a pytest run with dbsession's plugin, let it pin its factory as the process
     default now, before the code that imported dbsession can reach that default (the
-    plugin's entry module imports no dbsession until then). Outside pytest, nothing."""
+    plugin's entry module imports no dbsession until then). ``imported``: the plugin's
+    function to call (``dbsession_asyncio_imported`` from ``dbsession.asyncio``).
+    Outside pytest, nothing."""
     plugin = sys.modules.get("pytest_dbsession")
-    imported = getattr(plugin, "dbsession_imported", None)
-    if imported is not None:
-        imported()
+    tell = getattr(plugin, imported, None)
+    if tell is not None:
+        tell()
 
 
 _tell_the_pytest_plugin()

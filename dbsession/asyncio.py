@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from . import _tell_the_pytest_plugin
 from ._async_scope import AsyncSavepoint, AsyncUnitOfWork
 from ._base import Base
 from ._binding import Binding
@@ -319,3 +320,6 @@ def __getattr__(name: str) -> Any:
         )
         return globals()[_RENAMED[name]]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_tell_the_pytest_plugin("dbsession_asyncio_imported")  # pin the async default too

@@ -225,6 +225,55 @@ def test_the_app_made_at_import_has_the_plugins_factory(dbsession_factory):
 """
 
 
+ASYNC_APP_MADE_AT_IMPORT = """
+from dbsession.asyncio import AsyncDbSessionFactory
+
+APP = AsyncDbSessionFactory.global_init("postgresql+psycopg://app:secret@nonexistent.invalid/a")
+"""
+
+ASYNC_CATCH_TESTS = """
+import asyncio
+
+import pytest
+
+{import_at_top}
+
+
+def test_without_the_database_the_apps_async_factory_is_refused():
+    import app
+    from dbsession.errors import DatabaseBlockedError
+
+    async def unit():
+        async with app.APP.session_scope():
+            pass
+
+    with pytest.raises(DatabaseBlockedError, match="without asking for it"):
+        asyncio.run(unit())
+
+
+def test_the_async_app_made_at_import_has_the_plugins_factory(async_dbsession_factory):
+    import app
+
+    assert app.APP is async_dbsession_factory
+"""
+
+
+@pytest.mark.parametrize("first_import", ["conftest", "test module", "-p plugin"])
+def test_the_catch_holds_for_an_async_app_made_at_import(
+    pytester: pytest.Pytester, first_import: str
+) -> None:
+    """The async default is pinned the moment dbsession.asyncio is imported too."""
+    pytester.makepyfile(app=ASYNC_APP_MADE_AT_IMPORT, early_plugin="import dbsession.asyncio")
+    args: list[str] = []
+    if first_import == "conftest":
+        pytester.makeconftest("import app")
+    elif first_import == "-p plugin":
+        args = ["-p", "early_plugin"]
+    top = "import app" if first_import in ("test module", "-p plugin") else ""
+    pytester.makepyfile(test_catch=ASYNC_CATCH_TESTS.format(import_at_top=top))
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
+
+
 @pytest.mark.parametrize("first_import", ["conftest", "test module", "test body", "-p plugin"])
 def test_the_catch_holds_wherever_dbsession_is_first_imported(
     pytester: pytest.Pytester, first_import: str
