@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from ._config import isolation_name
 from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
-from ._scope import GUARD_KEY
+from ._scope import guard
 
 E = TypeVar("E")
 M = TypeVar("M")
@@ -128,9 +128,7 @@ class Binding(Generic[E, M]):
         if makers is None:
             makers = self._joined_makers = {
                 readonly: self._maker_type(
-                    join_transaction_mode="create_savepoint",
-                    info={GUARD_KEY: 1} if readonly else {},
-                    **self._session_options,
+                    join_transaction_mode="create_savepoint", **self._session_options
                 )
                 for readonly in (False, True)
             }
@@ -139,7 +137,7 @@ class Binding(Generic[E, M]):
         clone._lock = threading.Lock()
         clone._joined = {}
         for readonly, maker in makers.items():
-            bound = cast(M, _BoundMaker(maker, connection, info or {}))
+            bound = cast(M, _BoundMaker(maker, connection, info or {}, guarded=readonly))
             clone._joined[readonly] = wrap(bound) if wrap else bound
         return clone
 
@@ -155,12 +153,19 @@ class Binding(Generic[E, M]):
 
 
 class _BoundMaker:
-    """A cached joined sessionmaker called with this test's connection and ``info``."""
+    """A cached joined sessionmaker called with this test's connection and ``info``; the
+    sessions of a ``guarded`` one refuse writes (``_scope.guard``)."""
 
-    def __init__(self, maker: Any, connection: Any, info: dict[str, Any]) -> None:
+    def __init__(
+        self, maker: Any, connection: Any, info: dict[str, Any], *, guarded: bool
+    ) -> None:
         self._maker = maker
         self._connection = connection
         self._info = info
+        self._guarded = guarded
 
     def __call__(self, **kwargs: Any) -> Any:
-        return self._maker(bind=self._connection, info=self._info, **kwargs)
+        session = self._maker(bind=self._connection, info=self._info, **kwargs)
+        if self._guarded:
+            guard(getattr(session, "sync_session", session))
+        return session

