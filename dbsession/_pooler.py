@@ -26,11 +26,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
+from sqlalchemy.engine import URL, Engine, ExceptionContext
 
 from ._classify import backend_of, error_code
 from ._config import first_line
 from ._errors import CommitOutcomeUnknownError, ConnectionLostError
+from ._pool import info_of
 from ._timeouts import driver_name
 
 _COMMITTING = "dbsession_committing"
@@ -68,21 +69,45 @@ def is_lost_connection(error: BaseException, dialect_name: str) -> bool:
     return any(clue in message for clue in _LOST_CLUES)
 
 
+def _committing(connection: Any, committing: bool) -> None:
+    info = info_of(connection)
+    if info is None:
+        return
+    if committing:
+        info[_COMMITTING] = True
+    else:
+        info.pop(_COMMITTING, None)
+
+
 def install_connection_loss(engine: Engine, describe: str) -> None:
     """Raise ConnectionLostError / CommitOutcomeUnknownError for a connection lost under a
-    transaction on ``engine`` (``describe``: which server, masked, for the message)."""
+    transaction on ``engine`` (``describe``: which server, masked, for the message).
 
-    @event.listens_for(engine, "begin")
-    def began(connection: Connection) -> None:
-        connection.info.pop(_COMMITTING, None)
+    The dialect's ``do_commit`` marks the connection as committing until the driver's
+    COMMIT returned (a failed one leaves the mark for the error handler below, and the
+    next BEGIN or ROLLBACK clears it): wrapped methods of the dialect rather than
+    begin/commit/rollback listeners, which would send every statement of the engine
+    through SQLAlchemy's event dispatch.
+    """
+    dialect = engine.dialect
+    begin, commit, rollback = dialect.do_begin, dialect.do_commit, dialect.do_rollback
 
-    @event.listens_for(engine, "commit")
-    def committing(connection: Connection) -> None:
-        connection.info[_COMMITTING] = True
+    def do_begin(dbapi_connection: Any) -> None:
+        _committing(dbapi_connection, False)
+        begin(dbapi_connection)
 
-    @event.listens_for(engine, "rollback")
-    def rolling_back(connection: Connection) -> None:
-        connection.info.pop(_COMMITTING, None)
+    def do_commit(dbapi_connection: Any) -> None:
+        _committing(dbapi_connection, True)
+        commit(dbapi_connection)
+        _committing(dbapi_connection, False)
+
+    def do_rollback(dbapi_connection: Any) -> None:
+        _committing(dbapi_connection, False)
+        rollback(dbapi_connection)
+
+    setattr(dialect, "do_begin", do_begin)  # noqa: B010
+    setattr(dialect, "do_commit", do_commit)  # noqa: B010
+    setattr(dialect, "do_rollback", do_rollback)  # noqa: B010
 
     @event.listens_for(engine, "handle_error")
     def lost(context: ExceptionContext) -> BaseException | None:

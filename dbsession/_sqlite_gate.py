@@ -46,6 +46,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from ._errors import SQLiteWriteLockTimeoutError
+from ._pool import info_of
 
 __all__ = [
     "WriteGate",
@@ -302,18 +303,18 @@ def install_write_gate(engine: Engine, database: str, busy_timeout: float) -> No
 
     def do_commit(dbapi_connection: Any) -> None:
         commit(dbapi_connection)  # a failed COMMIT leaves the transaction open: keep the gate
-        _release(_info_of(dbapi_connection))
+        _release(info_of(dbapi_connection))
 
     def do_rollback(dbapi_connection: Any) -> None:
         try:
             rollback(dbapi_connection)
         except Exception:
-            _release(_info_of(dbapi_connection))
+            _release(info_of(dbapi_connection))
             raise
         # A cancelled ROLLBACK (BaseException) may still be running in aiosqlite's
         # thread: the gate stays until SQLAlchemy invalidates the connection, whose
         # hook below rolls back again, waiting for it.
-        _release(_info_of(dbapi_connection))
+        _release(info_of(dbapi_connection))
 
     # After the driver's COMMIT/ROLLBACK, not in the commit/rollback events, which
     # run before it: the next writer must find SQLite's lock free.
@@ -349,15 +350,6 @@ def install_deferred_begin(engine: Engine) -> None:
         execute_raw(dbapi_connection, "BEGIN")
 
     setattr(engine.dialect, "do_begin", do_begin)  # noqa: B010
-
-
-def _info_of(connection: Any) -> dict[Any, Any] | None:
-    """The pool record's ``info`` of a proxied connection; None for a raw one, or for
-    the ad-hoc proxy SQLAlchemy uses while first connecting (which has none)."""
-    try:
-        return connection.info if isinstance(connection, PoolProxiedConnection) else None
-    except NotImplementedError:
-        return None
 
 
 def _release(info: dict[Any, Any] | None) -> None:
