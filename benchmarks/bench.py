@@ -898,7 +898,7 @@ def bench_instructions(
                 *jobs,
             ],
             capture_output=True,
-            env={**os.environ, "PYTHONPATH": path},
+            env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"},  # same dicts each run
             check=True,
         )
         for dump in sorted(os.listdir(folder)):
