@@ -344,7 +344,13 @@ def refuse_doomed(frame: Frame) -> None:
 def end_transaction(session: Session, readonly: bool) -> None:
     """End a scope's transaction that raised nothing: commit it, or for a read-only one
     flush (so pending ORM changes raise ReadOnlyError instead of vanishing) and roll back,
-    keeping the loaded objects readable as a commit does (unless expire_on_commit)."""
+    keeping the loaded objects readable as a commit does (unless expire_on_commit).
+
+    SAVEPOINTs the block left open (``session.begin_nested()``) are released first:
+    SQLAlchemy reports each release as a commit, which must not count as the unit's.
+    """
+    while session.in_nested_transaction():
+        session.get_nested_transaction().commit()  # type: ignore[union-attr]
     watch_commit(session)
     if readonly:
         session.flush()

@@ -212,7 +212,8 @@ def install_scope_timeouts(engine: Engine) -> None:
         @event.listens_for(engine, "commit")
         @event.listens_for(engine, "rollback")
         def disarm(connection: Connection) -> None:
-            _progress_handler(connection, None)  # the connection's next scope has no deadline
+            if not connection.invalidated:  # else the pool discards the driver connection
+                _progress_handler(connection, None)  # its next scope has no deadline
 
 
 

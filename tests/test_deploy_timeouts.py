@@ -25,6 +25,7 @@ from dbsession._pooler import is_lost_connection
 from dbsession._retry import run_with_retries
 from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.errors import CommitOutcomeUnknownError, ConnectionLostError, ScopeTimeoutError
+from dbsession.example.models import Supplier
 
 T = TypeVar("T")
 #: Ping every pooled connection before use (the default pings one idle for 30 s, or whose
@@ -148,6 +149,24 @@ def test_a_statement_past_the_scope_timeout_raises_a_named_error_and_leaves_no_t
     if backend != "sqlite":  # the budget ended with its scope: a longer statement runs
         statement = {"postgresql": "SELECT pg_sleep(1.5)", "mysql": "SELECT SLEEP(1.5)"}
         assert within(BOUND, lambda: _query(factory, statement[backend])) is not None
+
+
+@pytest.mark.backends("sqlite")
+def test_a_timed_scope_whose_connection_was_invalidated_rolls_back_cleanly(
+    factory: DbSessionFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As after a disconnect or a cancelled statement: no failed rollback, the next
+    (untimed) scope on the pool runs and is not interrupted."""
+    with pytest.raises(RuntimeError):
+        with factory.session_scope(timeout=5) as session:
+            session.add(Supplier(name="lost"))
+            session.flush()
+            session.connection().invalidate()
+            raise RuntimeError("the app's error")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    with factory.session_scope() as session:
+        session.add(Supplier(name="next"))
+    assert _query(factory, "SELECT name FROM supplier") == "next"
 
 
 @pytest.mark.backends("postgresql", "mysql")

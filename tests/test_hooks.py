@@ -41,6 +41,32 @@ def test_hook_is_dropped_on_rollback(factory: DbSessionFactory) -> None:
     assert ran == []
 
 
+@pytest.mark.backends("sqlite", "postgresql")  # deferred constraints; MariaDB has none
+def test_hook_is_dropped_when_the_commit_fails_after_a_savepoint_left_open_was_released(
+    factory: DbSessionFactory,
+) -> None:
+    """SQLAlchemy reports the release of a SAVEPOINT the block left open as a commit; the
+    unit's own COMMIT failing after it (a deferred foreign key) runs no hook."""
+    deferred = "DEFERRABLE INITIALLY DEFERRED"
+    with factory.session_scope() as session:
+        session.execute(text("CREATE TABLE hook_parent (id INTEGER PRIMARY KEY)"))
+        session.execute(
+            text(f"CREATE TABLE hook_child (pid INTEGER REFERENCES hook_parent (id) {deferred})")
+        )
+    ran: list[str] = []
+    try:
+        with pytest.raises(Exception, match="(?i)foreign key"):
+            with factory.session_scope() as session:
+                on_commit(lambda: ran.append("hook"))
+                session.execute(text("INSERT INTO hook_child (pid) VALUES (99)"))
+                session.begin_nested()  # left open: released by the unit's commit
+        assert ran == []
+    finally:
+        with factory.session_scope() as session:
+            session.execute(text("DROP TABLE hook_child"))
+            session.execute(text("DROP TABLE hook_parent"))
+
+
 def test_hook_is_dropped_when_its_failed_commit_rolls_back(factory: DbSessionFactory) -> None:
     ran: list[str] = []
     with factory.session_scope() as session:

@@ -166,3 +166,21 @@ def test_the_read_only_and_timeout_hooks_live_on_their_views_not_the_engine(
         session.add(Supplier(name="written"))
     names = [fn.__qualname__ for fn in factory.engine.dispatch.begin]
     assert not [n for n in names if "read_only" in n or "scope_timeouts" in n], names
+
+
+def test_no_engine_sends_its_statements_through_sqlalchemys_event_dispatch(
+    factory: DbSessionFactory,
+) -> None:
+    """A connection-level listener on an engine (begin, commit, cursor events) makes
+    SQLAlchemy dispatch events around every statement of every scope: dbsession installs
+    none on its engines (nor on SQLite's read-only twin), whatever the scopes asked for."""
+    with factory.session_scope() as session:
+        session.add(Supplier(name="written"))
+    with factory.session_scope(readonly=True) as session:
+        session.execute(text("SELECT 1"))
+    with factory.session_scope(timeout=5) as session:
+        session.execute(text("SELECT 1"))
+    engines = [factory.engine, read_only_engine(factory.engine)]
+    assert [engine._has_events for engine in engines if engine is not None] == [False] * (
+        1 + (factory.url.get_backend_name() == "sqlite")
+    )
