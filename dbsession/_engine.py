@@ -697,8 +697,6 @@ def _check_sqlite_path(path: Path) -> None:
 def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        # Take BEGIN away from pysqlite: the dialect's do_begin sends it (_sqlite_gate).
-        dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA foreign_keys=ON")

@@ -286,7 +286,10 @@ def install_write_gate(engine: Engine, database: str, busy_timeout: float) -> No
 
     def do_begin(dbapi_connection: Any) -> None:
         info = dbapi_connection.info
-        if not info.pop(_WRITER, False):
+        writer = info.pop(_WRITER, False)
+        if _autocommit(dbapi_connection):
+            return
+        if not writer:
             execute_raw(dbapi_connection, "BEGIN")
             return
         if _HELD not in info:
@@ -347,9 +350,17 @@ def install_deferred_begin(engine: Engine) -> None:
     a reader, which takes no lock until it reads and never waits in WAL mode."""
 
     def do_begin(dbapi_connection: Any) -> None:
-        execute_raw(dbapi_connection, "BEGIN")
+        if not _autocommit(dbapi_connection):
+            execute_raw(dbapi_connection, "BEGIN")
 
     setattr(engine.dialect, "do_begin", do_begin)  # noqa: B010
+
+
+def _autocommit(connection: PoolProxiedConnection) -> bool:
+    """True if SQLAlchemy set the driver connection to AUTOCOMMIT (``isolation_level=
+    "AUTOCOMMIT"``): then no BEGIN, each statement commits by itself. Otherwise the
+    driver's own implicit BEGIN never fires, as do_begin has begun the transaction."""
+    return connection.dbapi_connection.isolation_level is None  # type: ignore[union-attr]
 
 
 def _release(info: dict[Any, Any] | None) -> None:

@@ -42,6 +42,17 @@ def test_sqlite_busy_timeout_is_configurable(tmp_path: Path) -> None:
     factory.dispose()
 
 
+def test_an_autocommit_connection_commits_each_statement_by_itself(
+    factory: DbSessionFactory,
+) -> None:
+    """What the errors recommend for work outside a transaction: closed without a
+    commit, its statements stay (on SQLite, no BEGIN is sent for it)."""
+    with factory.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("INSERT INTO supplier (name) VALUES ('auto')"))
+    with factory.session_scope(readonly=True) as session:
+        assert session.scalars(text("SELECT name FROM supplier")).all() == ["auto"]
+
+
 def test_sqlite_write_scope_takes_the_write_lock_at_begin(
     sqlite_factory: DbSessionFactory, tmp_path: Path
 ) -> None:
