@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from ._config import isolation_name
 from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
-from ._scope import guard
+from ._guard import guard
 
 E = TypeVar("E")
 M = TypeVar("M")

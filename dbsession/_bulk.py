@@ -33,6 +33,7 @@ from sqlalchemy.util import await_only
 
 from ._config import scrub
 from ._errors import BulkInsertError
+from ._guard import guarded, refusal
 
 #: Rows per multi-row VALUES statement, at most (fewer when the driver's limit of
 #: parameters per statement says so).
@@ -55,11 +56,14 @@ def bulk_insert(
 
     On the async side: ``await session.run_sync(bulk_insert, Table, rows)``.
 
-    Raises BulkInsertError (chaining the driver's error, if any) for a row that names
+    Raises ReadOnlyError inside a read-only scope joined to a writing one, and
+    BulkInsertError (chaining the driver's error, if any) for a row that names
     other columns than the first row, a column the table does not have, or a row the
     database refuses (a constraint, a value of the wrong type).
     """
     table = _table_of(table_or_model)
+    if guarded(session):  # PostgreSQL's COPY would pass the guard's SQL check unseen
+        raise refusal(f"bulk_insert into {table.name!r}")
     iterator = iter(rows)
     first = next(iterator, None)
     if first is None:

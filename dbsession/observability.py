@@ -199,6 +199,7 @@ class Observation:
         "span",
         "span_token",
         "_site",
+        "outer",
         "__weakref__",
     )
 
@@ -222,6 +223,7 @@ class Observation:
         self.span: Any = None
         self.span_token: Any = None
         self._site: str | None = None
+        self.outer: Observation | None = None  # the one observed here before (independent=True)
 
     @property
     def site(self) -> str:
@@ -283,6 +285,7 @@ def begin(
             },
         )
         observation.span_token = context.attach(trace.set_span_in_context(observation.span))
+    observation.outer = _current.get()
     _current.set(observation)
     return observation
 
@@ -291,7 +294,8 @@ def end(observation: Observation, outcome: str, error: BaseException | None) -> 
     """Finish observing: ``outcome`` is ``"committed"`` or ``"rolled back"``."""
     duration = time.perf_counter() - observation.started
     if _current.get() is observation:
-        _current.set(None)
+        _current.set(observation.outer)
+    observation.outer = None
     threshold = _config.slow_scope_seconds
     if threshold is not None and duration >= threshold:
         _warn_slow(observation, duration, outcome)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -16,6 +17,8 @@ from dbsession import (
     DbSessionFactory,
     NoActiveScopeError,
     ReadOnlyError,
+    _guard,
+    bulk_insert,
     current_session,
     session_scope,
 )
@@ -179,6 +182,60 @@ def test_read_only_scope_joined_to_a_writing_one_sees_its_writes_and_refuses_its
                 reader.execute(text("DELETE FROM supplier"))
         outer.add(Supplier(name="after"))  # the writing scope writes again
     assert names(other_connection) == {"uncommitted", "after"}
+
+
+WRITES_BELOW_THE_ORM_EVENTS: dict[str, Callable[[Session], object]] = {
+    "bulk_save_objects": lambda s: s.bulk_save_objects([Supplier(name="bulk")]),
+    "bulk_insert_mappings": lambda s: s.bulk_insert_mappings(Supplier, [{"name": "m"}]),
+    "bulk_update_mappings": lambda s: s.bulk_update_mappings(
+        Supplier, [{"id": s.scalars(select(Supplier.id)).first(), "name": "m"}]
+    ),
+    "ORM bulk insert": lambda s: s.execute(insert(Supplier), [{"name": "x"}, {"name": "y"}]),
+    "connection().execute": lambda s: s.connection().execute(
+        text("INSERT INTO supplier (name) VALUES ('raw')")
+    ),
+    "commented INSERT": lambda s: s.execute(
+        text("/* why */ INSERT INTO supplier (name) VALUES ('c')")
+    ),
+    "bulk_insert": lambda s: bulk_insert(s, Supplier, [{"name": "b"}]),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES_BELOW_THE_ORM_EVENTS))
+def test_a_joined_read_only_scope_refuses_writes_that_bypass_the_orm_events(
+    factory: DbSessionFactory, other_connection: Engine, write: str
+) -> None:
+    """The guard checks every statement sent on the connection while it is on, and
+    bulk_insert asks it (COPY sends none); after the block the scope writes again."""
+    with factory.session_scope() as outer:
+        outer.add(Supplier(name="kept"))
+        with pytest.raises(ReadOnlyError, match="refused inside session_scope"):
+            with factory.session_scope(readonly=True) as reader:
+                WRITES_BELOW_THE_ORM_EVENTS[write](reader)
+        outer.add(Supplier(name="after"))
+    assert names(other_connection) == {"kept", "after"}
+
+
+@pytest.mark.parametrize(
+    ("sql", "writes"),
+    [
+        ("SELECT 1", False),
+        ("  /* a */ -- b\n (SELECT 1)", False),
+        ("WITH v AS (SELECT 1 AS last_update) SELECT * FROM v", False),
+        ("SAVEPOINT sa_1", False),
+        ("RELEASE SAVEPOINT sa_1", False),
+        ("ROLLBACK TO SAVEPOINT sa_1", False),
+        ("WITH v (n) AS (SELECT 'x') INSERT INTO t (n) SELECT n FROM v", True),
+        ("/* why */ insert into t values (1)", True),
+        ("UPDATE t SET n = 1", True),
+        ("CREATE TABLE t (n INT)", True),
+        ("TRUNCATE t", True),
+    ],
+)
+def test_the_guard_judges_sql_by_its_first_word_past_comments_and_ctes(
+    sql: str, writes: bool
+) -> None:
+    assert _guard.writes(sql) is writes
 
 
 def test_nested_scope_cannot_change_the_isolation_level(factory: DbSessionFactory) -> None:

@@ -86,6 +86,20 @@ def test_a_scope_slow_in_the_database_is_told_apart(
     assert "most of it in the database" in message
 
 
+def test_an_independent_scope_inside_leaves_the_outer_scopes_database_time_counted(
+    factory: DbSessionFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    statement = sleep_in_database(factory, 0.6)
+    observability.configure(slow_scope_seconds=0.2)
+    with caplog.at_level(logging.WARNING, logger="dbsession"):
+        with factory.session_scope() as session:
+            with factory.session_scope(independent=True, readonly=True) as other:
+                other.execute(text("SELECT 1"))
+            session.execute(text(statement))  # after the inner one ended
+    (message,) = slow_warnings(caplog)
+    assert "most of it in the database" in message
+
+
 def test_fast_scopes_and_the_off_switch_log_nothing(
     factory: DbSessionFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
