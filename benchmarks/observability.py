@@ -11,6 +11,7 @@ observation hooks weigh most.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import statistics
@@ -109,6 +110,7 @@ def instructions(mode: str, units: int) -> int:
             capture_output=True,
             text=True,
             check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dicts in every run
         )
         found = re.search(r"Collected : (\d+)", done.stderr)
         assert found, done.stderr[-2000:]
