@@ -258,19 +258,19 @@ def test_the_async_app_made_at_import_has_the_plugins_factory(async_dbsession_fa
 """
 
 
-@pytest.mark.parametrize("first_import", ["conftest", "test module", "-p plugin"])
-def test_the_catch_holds_for_an_async_app_made_at_import(
-    pytester: pytest.Pytester, first_import: str
+def run_the_catch(
+    pytester: pytest.Pytester, app: str, tests: str, first_import: str, module: str
 ) -> None:
-    """The async default is pinned the moment dbsession.asyncio is imported too."""
-    pytester.makepyfile(app=ASYNC_APP_MADE_AT_IMPORT, early_plugin="import dbsession.asyncio")
+    """Run ``tests`` on the project module ``app``; ``module`` (dbsession's) is first
+    imported where ``first_import`` says. Both tests must pass."""
+    pytester.makepyfile(app=app, early_plugin=f"import {module}")
     args: list[str] = []
     if first_import == "conftest":
         pytester.makeconftest("import app")
     elif first_import == "-p plugin":
         args = ["-p", "early_plugin"]
     top = "import app" if first_import in ("test module", "-p plugin") else ""
-    pytester.makepyfile(test_catch=ASYNC_CATCH_TESTS.format(import_at_top=top))
+    pytester.makepyfile(test_catch=tests.format(import_at_top=top))
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
 
 
@@ -281,15 +281,17 @@ def test_the_catch_holds_wherever_dbsession_is_first_imported(
     """The plugin pins its factory the moment dbsession is imported (in a conftest.py, a
     test module, a test), or at start-up when another plugin (``-p``) imported it before:
     an app that calls global_init() at import gets the plugin's factory in every case."""
-    pytester.makepyfile(app=APP_MADE_AT_IMPORT, early_plugin="import dbsession")
-    args: list[str] = []
-    if first_import == "conftest":
-        pytester.makeconftest("import app")
-    elif first_import == "-p plugin":
-        args = ["-p", "early_plugin"]
-    top = "import app" if first_import in ("test module", "-p plugin") else ""
-    pytester.makepyfile(test_catch=CATCH_TESTS.format(import_at_top=top))
-    pytester.runpytest_subprocess(*args).assert_outcomes(passed=2)
+    run_the_catch(pytester, APP_MADE_AT_IMPORT, CATCH_TESTS, first_import, "dbsession")
+
+
+@pytest.mark.parametrize("first_import", ["conftest", "test module", "-p plugin"])
+def test_the_catch_holds_for_an_async_app_made_at_import(
+    pytester: pytest.Pytester, first_import: str
+) -> None:
+    """The async default is pinned the moment dbsession.asyncio is imported too."""
+    run_the_catch(
+        pytester, ASYNC_APP_MADE_AT_IMPORT, ASYNC_CATCH_TESTS, first_import, "dbsession.asyncio"
+    )
 
 
 def test_a_test_url_that_cannot_be_parsed_fails_every_import_of_dbsession(
