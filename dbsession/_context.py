@@ -133,21 +133,29 @@ def call_site(python_frame: FrameType | None) -> tuple[str, int]:
     return "<unknown>", 0
 
 
+def _open_refs(stack: tuple[weakref.ref[Frame], ...]) -> tuple[weakref.ref[Frame], ...]:
+    return tuple(ref for ref in stack if (frame := ref()) is not None and frame.open)
+
+
 def push(frame: Frame) -> None:
     """Make ``frame`` the innermost scope of this context, dropping frames that have ended."""
-    _stack.set((*(weakref.ref(f) for f in frames()), weakref.ref(frame)))
+    stack = _stack.get()
+    _stack.set((*_open_refs(stack), weakref.ref(frame)) if stack else (weakref.ref(frame),))
 
 
 def pop(frame: Frame) -> None:
     """End ``frame``: it is never visible again, here or in any context that copied it."""
     frame.open = False
     frame.entered_by = None
-    if any(ref() is frame for ref in _stack.get()):
-        _stack.set(tuple(weakref.ref(f) for f in frames()))
+    stack = _stack.get()
+    if stack and any(ref() is frame for ref in stack):
+        _stack.set(_open_refs(stack))
 
 
 def innermost(owner: object | None = None) -> Frame | None:
     """The innermost scope visible to the running code (of ``owner`` if given), or None."""
+    if not _stack.get():
+        return None
     for frame in reversed(frames()):
         if (owner is None or frame.owner is owner) and frame.visible():
             return frame

@@ -31,7 +31,6 @@ from sqlalchemy.engine import URL, Engine, ExceptionContext
 from ._classify import backend_of, error_code
 from ._config import first_line
 from ._errors import CommitOutcomeUnknownError, ConnectionLostError
-from ._pool import info_of
 from ._timeouts import driver_name
 
 _COMMITTING = "dbsession_committing"
@@ -69,50 +68,39 @@ def is_lost_connection(error: BaseException, dialect_name: str) -> bool:
     return any(clue in message for clue in _LOST_CLUES)
 
 
-def _committing(connection: Any, committing: bool) -> None:
-    info = info_of(connection)
-    if info is None:
-        return
-    if committing:
-        info[_COMMITTING] = True
-    else:
-        info.pop(_COMMITTING, None)
-
-
 def install_connection_loss(engine: Engine, describe: str) -> None:
     """Raise ConnectionLostError / CommitOutcomeUnknownError for a connection lost under a
     transaction on ``engine`` (``describe``: which server, masked, for the message).
 
     The dialect's ``do_commit`` marks the connection as committing until the driver's
-    COMMIT returned (a failed one leaves the mark for the error handler below, and the
-    next BEGIN or ROLLBACK clears it): wrapped methods of the dialect rather than
-    begin/commit/rollback listeners, which would send every statement of the engine
-    through SQLAlchemy's event dispatch.
+    COMMIT returned; a failed one leaves the mark for the error handler below, which
+    takes it whatever the error, and the next BEGIN clears any left over (an interrupt).
+    Wrapped methods of the dialect rather than begin/commit listeners, which would send
+    every statement of the engine through SQLAlchemy's event dispatch.
     """
     dialect = engine.dialect
-    begin, commit, rollback = dialect.do_begin, dialect.do_commit, dialect.do_rollback
+    begin, commit = dialect.do_begin, dialect.do_commit
 
     def do_begin(dbapi_connection: Any) -> None:
-        _committing(dbapi_connection, False)
+        dbapi_connection.info.pop(_COMMITTING, None)
         begin(dbapi_connection)
 
     def do_commit(dbapi_connection: Any) -> None:
-        _committing(dbapi_connection, True)
+        info = dbapi_connection.info
+        info[_COMMITTING] = True
         commit(dbapi_connection)
-        _committing(dbapi_connection, False)
-
-    def do_rollback(dbapi_connection: Any) -> None:
-        _committing(dbapi_connection, False)
-        rollback(dbapi_connection)
+        del info[_COMMITTING]
 
     setattr(dialect, "do_begin", do_begin)  # noqa: B010
     setattr(dialect, "do_commit", do_commit)  # noqa: B010
-    setattr(dialect, "do_rollback", do_rollback)  # noqa: B010
 
     @event.listens_for(engine, "handle_error")
     def lost(context: ExceptionContext) -> BaseException | None:
         connection = context.connection
-        if connection is None or context.is_pre_ping:
+        if connection is None:
+            return None
+        in_commit = bool(connection.info.pop(_COMMITTING, False))  # taken whatever the error
+        if context.is_pre_ping:
             return None
         original = context.original_exception
         if not isinstance(original, Exception) or not (
@@ -120,7 +108,6 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
         ):
             return None
         context.is_disconnect = True
-        in_commit = bool(connection.info.pop(_COMMITTING, False))
         why = f"({context.dialect.name}: {first_line(original, engine.url)})"
         if in_commit:
             return CommitOutcomeUnknownError(
