@@ -681,6 +681,10 @@ def wrappers(backend: Backend) -> tuple[dict[str, Scope], Callable[[], None]]:
         "dbsession session_scope()": factory.session_scope,
     }
     closers: list[Callable[[], None]] = [factory.dispose, bare.kw["bind"].dispose]
+    if backend.dialect == "postgresql":  # out of the box, prepared statements wait for pooler=
+        direct = DbSessionFactory(backend.url, pooler="none")
+        scopes["dbsession session_scope(), pooler='none'"] = direct.session_scope
+        closers.append(direct.dispose)
     url = backend.url.render_as_string(hide_password=False)
     try:
         from flask import Flask
