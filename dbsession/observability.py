@@ -202,6 +202,18 @@ class Observation:
         "outer",
         "__weakref__",
     )
+    entered_by: FrameType | None
+    lasti: int
+    owner: object
+    started: float
+    readonly: bool
+    isolation_level: str | None
+    db_time: float
+    pool_wait: float
+    span: Any
+    span_token: Any
+    _site: str | None
+    outer: Observation | None
 
     def __init__(
         self,
@@ -220,10 +232,10 @@ class Observation:
         self.isolation_level = isolation_level
         self.db_time = 0.0
         self.pool_wait = 0.0
-        self.span: Any = None
-        self.span_token: Any = None
-        self._site: str | None = None
-        self.outer: Observation | None = None  # the one observed here before (independent=True)
+        self.span = None
+        self.span_token = None
+        self._site = None
+        self.outer = None  # the one observed here before (an independent=True scope)
 
     @property
     def site(self) -> str:
