@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
-from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
 
 from . import observability
 from ._errors import PoolExhaustedError
@@ -70,15 +70,6 @@ class _HolderTracking:
     def _dbsession_backend(self) -> str:
         pool: Any = self
         return str(pool._dialect.name) if hasattr(pool, "_dialect") else ""
-
-
-def info_of(connection: Any) -> dict[Any, Any] | None:
-    """The pool record's ``info`` of a proxied connection; None for a raw one, or for
-    the ad-hoc proxy SQLAlchemy uses while first connecting (which has none)."""
-    try:
-        return connection.info if isinstance(connection, PoolProxiedConnection) else None
-    except NotImplementedError:
-        return None
 
 
 def _holder_site(holder: weakref.ref[observability.Observation] | None) -> str:

@@ -46,7 +46,6 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from ._errors import SQLiteWriteLockTimeoutError
-from ._pool import info_of
 
 __all__ = [
     "WriteGate",
@@ -286,11 +285,8 @@ def install_write_gate(engine: Engine, database: str, busy_timeout: float) -> No
 
     def do_begin(dbapi_connection: Any) -> None:
         info = dbapi_connection.info
-        writer = info.pop(_WRITER, False)
-        if _autocommit(dbapi_connection):
-            return
-        if not writer:
-            execute_raw(dbapi_connection, "BEGIN")
+        if not info.pop(_WRITER, False) or _autocommit(dbapi_connection):
+            begin_reader(dbapi_connection)
             return
         if _HELD not in info:
             if is_async:
@@ -306,18 +302,18 @@ def install_write_gate(engine: Engine, database: str, busy_timeout: float) -> No
 
     def do_commit(dbapi_connection: Any) -> None:
         commit(dbapi_connection)  # a failed COMMIT leaves the transaction open: keep the gate
-        _release(info_of(dbapi_connection))
+        _release(_info_of(dbapi_connection))
 
     def do_rollback(dbapi_connection: Any) -> None:
         try:
             rollback(dbapi_connection)
         except Exception:
-            _release(info_of(dbapi_connection))
+            _release(_info_of(dbapi_connection))
             raise
         # A cancelled ROLLBACK (BaseException) may still be running in aiosqlite's
         # thread: the gate stays until SQLAlchemy invalidates the connection, whose
         # hook below rolls back again, waiting for it.
-        _release(info_of(dbapi_connection))
+        _release(_info_of(dbapi_connection))
 
     # After the driver's COMMIT/ROLLBACK, not in the commit/rollback events, which
     # run before it: the next writer must find SQLite's lock free.
@@ -346,14 +342,15 @@ def install_write_gate(engine: Engine, database: str, busy_timeout: float) -> No
 
 
 def install_deferred_begin(engine: Engine) -> None:
-    """Begin every transaction of ``engine`` (a read-only twin) with a plain ``BEGIN``:
-    a reader, which takes no lock until it reads and never waits in WAL mode."""
+    """Begin every transaction of ``engine`` (a read-only twin) as a reader."""
+    setattr(engine.dialect, "do_begin", begin_reader)  # noqa: B010
 
-    def do_begin(dbapi_connection: Any) -> None:
-        if not _autocommit(dbapi_connection):
-            execute_raw(dbapi_connection, "BEGIN")
 
-    setattr(engine.dialect, "do_begin", do_begin)  # noqa: B010
+def begin_reader(connection: PoolProxiedConnection) -> None:
+    """A plain ``BEGIN``: a reader, which takes no lock until it reads and never waits in
+    WAL mode; nothing on a connection set to AUTOCOMMIT."""
+    if not _autocommit(connection):
+        execute_raw(connection, "BEGIN")
 
 
 def _autocommit(connection: PoolProxiedConnection) -> bool:
@@ -361,6 +358,15 @@ def _autocommit(connection: PoolProxiedConnection) -> bool:
     "AUTOCOMMIT"``): then no BEGIN, each statement commits by itself. Otherwise the
     driver's own implicit BEGIN never fires, as do_begin has begun the transaction."""
     return connection.dbapi_connection.isolation_level is None  # type: ignore[union-attr]
+
+
+def _info_of(connection: Any) -> dict[Any, Any] | None:
+    """The pool record's ``info`` of a proxied connection; None for a raw one, or for
+    the ad-hoc proxy SQLAlchemy uses while first connecting (which has none)."""
+    try:
+        return connection.info if isinstance(connection, PoolProxiedConnection) else None
+    except NotImplementedError:
+        return None
 
 
 def _release(info: dict[Any, Any] | None) -> None:
