@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._context import Frame, entering_frame, pop, push, run_hooks
 from ._scope import (
+    UnitOfWorkBase,
     close_savepoint,
     end_transaction,
-    observe,
     observed_end,
     open_savepoint,
     refuse_doomed,
@@ -33,7 +33,7 @@ from ._scope import (
 logger: logging.Logger = logging.getLogger("dbsession")
 
 
-class AsyncUnitOfWork:
+class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession]):
     """``async with AsyncUnitOfWork(maker, ...) as session``: the twin of ``UnitOfWork``.
 
     Any ``BaseException`` (``asyncio.CancelledError`` from a cancelled task or an
@@ -42,36 +42,10 @@ class AsyncUnitOfWork:
     during the rollback or close is held until they finish, then raised.
     """
 
-    __slots__ = (
-        "_make_session",
-        "_owner",
-        "_readonly",
-        "_isolation_level",
-        "_frame",
-        "_observation",
-    )
-
-    def __init__(
-        self,
-        make_session: Callable[[], AsyncSession],
-        *,
-        owner: object = None,
-        readonly: bool = False,
-        isolation_level: str | None = None,
-    ) -> None:
-        self._make_session = make_session
-        self._owner = owner
-        self._readonly = readonly
-        self._isolation_level = isolation_level
+    __slots__ = ()
 
     async def __aenter__(self) -> AsyncSession:
-        session = self._make_session()
-        frame = Frame(session, self._owner, self._readonly, self._isolation_level)
-        frame.entered_by = entering_frame(1)
-        self._frame = frame
-        push(frame)
-        self._observation = observe(frame)
-        return session
+        return self._open(entering_frame(1))
 
     async def __aexit__(
         self,

@@ -15,8 +15,8 @@ import functools
 import logging
 import operator
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
@@ -29,6 +29,8 @@ from ._errors import ScopeError, TransactionAbortedError
 from ._guard import guard, unguard
 
 logger: logging.Logger = logging.getLogger("dbsession")
+
+S = TypeVar("S")
 
 #: ``session.info`` key: set by the database commit of the unit of work (``watch_commit``).
 COMMITTED_KEY = "dbsession_committed"
@@ -67,17 +69,9 @@ def observed_end(
         observability.end(observation, "committed" if committed else "rolled back", error)
 
 
-class UnitOfWork:
-    """``with UnitOfWork(maker, ...) as session``: a new session; commit when the block
-    ends, roll back on any exception, always close.
-
-    Any ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``)
-    rolls back too, and is re-raised unchanged. If the commit itself fails, the
-    transaction is rolled back and the commit's error raised. A scope whose
-    transaction was lost in a savepoint raises TransactionAbortedError instead of
-    committing. After a commit, the ``on_commit`` hooks run once the session is
-    closed, even if an interrupt arrives while it closes.
-    """
+class UnitOfWorkBase(Generic[S]):
+    """What a unit of work keeps, sync (``UnitOfWork``) or async (``AsyncUnitOfWork``):
+    how to make its session, and once it is open, its scope frame and observation."""
 
     __slots__ = (
         "_make_session",
@@ -90,7 +84,7 @@ class UnitOfWork:
 
     def __init__(
         self,
-        make_session: Callable[[], Session],
+        make_session: Callable[[], S],
         *,
         owner: object = None,
         readonly: bool = False,
@@ -101,14 +95,33 @@ class UnitOfWork:
         self._readonly = readonly
         self._isolation_level = isolation_level
 
-    def __enter__(self) -> Session:
+    def _open(self, entered_by: FrameType | None) -> S:
+        """Make the session, push its frame (opened by ``entered_by``) and observe it."""
         session = self._make_session()
         frame = Frame(session, self._owner, self._readonly, self._isolation_level)
-        frame.entered_by = entering_frame(1)
+        frame.entered_by = entered_by
         self._frame = frame
         push(frame)
         self._observation = observe(frame)
         return session
+
+
+class UnitOfWork(UnitOfWorkBase[Session]):
+    """``with UnitOfWork(maker, ...) as session``: a new session; commit when the block
+    ends, roll back on any exception, always close.
+
+    Any ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``)
+    rolls back too, and is re-raised unchanged. If the commit itself fails, the
+    transaction is rolled back and the commit's error raised. A scope whose
+    transaction was lost in a savepoint raises TransactionAbortedError instead of
+    committing. After a commit, the ``on_commit`` hooks run once the session is
+    closed, even if an interrupt arrives while it closes.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> Session:
+        return self._open(entering_frame(1))
 
     def __exit__(
         self,
