@@ -39,7 +39,8 @@ class Binding(Generic[E, M]):
     ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind,
     made by ``maker_type`` (``sessionmaker`` or ``async_sessionmaker``) on
     ``_engine.scope_engine``: a view of the engine sharing its pool (read-only scopes
-    on SQLite: of the read-only twin engine, ``_engine.read_only_engine``); see
+    on SQLite: of the read-only twin engine, which ``make_twin`` builds on first use and
+    :meth:`engines` hands over for disposal with the engine); see
     ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
     dialect and events live (the engine itself on the sync side).
     """
@@ -52,8 +53,11 @@ class Binding(Generic[E, M]):
         *,
         expire_on_commit: bool,
         session_options: dict[str, Any],
+        make_twin: Callable[[], E] | None = None,
     ) -> None:
         self.engine = engine
+        self._make_twin = make_twin
+        self._twin: E | None = None
         self.expire_on_commit = expire_on_commit
         # close_resets_only=False: a session is dead after its scope; a use after the
         # block raises instead of quietly beginning a transaction nobody commits.
@@ -69,6 +73,18 @@ class Binding(Generic[E, M]):
         self._lock = threading.Lock()
         self._joined: dict[bool, M] | None = None
         self._joined_makers: dict[bool, M] | None = None
+
+    def read_only_engine(self) -> E | None:
+        """SQLite's read-only twin engine (built on first use), or None on a server."""
+        if self._twin is None and self._make_twin is not None:
+            with self._lock:
+                if self._twin is None:
+                    self._twin = self._make_twin()
+        return self._twin
+
+    def engines(self) -> list[E]:
+        """The engines built so far, to dispose: the engine and its twin if built."""
+        return [self.engine] if self._twin is None else [self.engine, self._twin]
 
     def maker(
         self,
@@ -90,6 +106,7 @@ class Binding(Generic[E, M]):
             return made
         if isolation_level is not None:
             self._check_level(isolation_level)
+        twin = self.read_only_engine() if readonly else None
         with self._lock:
             made = self._makers.get(key)
             if made is None:
@@ -99,6 +116,7 @@ class Binding(Generic[E, M]):
                     readonly=readonly,
                     isolation_level=isolation_level,
                     timeout=timeout,
+                    read_only_engine=twin,
                 )
                 made = self._maker_type(bind=bind, **self._session_options)
                 self._makers[key] = made
@@ -156,9 +174,7 @@ class _BoundMaker:
     """A cached joined sessionmaker called with this test's connection and ``info``; the
     sessions of a ``guarded`` one refuse writes (``_scope.guard``)."""
 
-    def __init__(
-        self, maker: Any, connection: Any, info: dict[str, Any], *, guarded: bool
-    ) -> None:
+    def __init__(self, maker: Any, connection: Any, info: dict[str, Any], *, guarded: bool) -> None:
         self._maker = maker
         self._connection = connection
         self._info = info

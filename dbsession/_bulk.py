@@ -29,7 +29,6 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_only
 
 from ._config import scrub
 from ._errors import BulkInsertError
@@ -188,11 +187,11 @@ def _parameter_limit(dialect: Dialect) -> int:
 
 
 def _copy(connection: Connection, sql: str, values: Iterable[Any]) -> int:
-    driver: Any = connection.connection.driver_connection
-    count = 0
-    if hasattr(driver, "__aenter__"):  # psycopg's AsyncConnection, reached through run_sync
+    pooled = connection.connection
+    run_async = getattr(pooled.dbapi_connection, "run_async", None)
+    if run_async is not None:  # psycopg's AsyncConnection, reached through run_sync
 
-        async def stream() -> int:
+        async def stream(driver: Any) -> int:
             done = 0
             async with driver.cursor() as cursor, cursor.copy(sql) as copy:
                 for row in values:
@@ -200,7 +199,9 @@ def _copy(connection: Connection, sql: str, values: Iterable[Any]) -> int:
                     done += 1
             return done
 
-        return int(await_only(stream()))
+        return int(run_async(stream))
+    driver: Any = pooled.driver_connection
+    count = 0
     with driver.cursor() as cursor, cursor.copy(sql) as copy:
         for row in values:
             copy.write_row(row)

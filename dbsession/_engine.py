@@ -1,70 +1,56 @@
-"""Building one engine per backend with dbsession's opinions applied.
+"""Building one engine per URL with dbsession's opinions applied.
+
+``build_engine`` composes what the other modules install, in this order: the pool
+(``_pool``: its size, and who holds its connections), the creator (``_connect``: masked
+secrets, named connect failures), driver timeouts (``_timeouts``), the fork guard and the
+liveness check (here), statement timing (``observability``), the read-only translation
+(``_readonly``), then per backend the SQLite opinions and write gate (``_sqlite``) or the
+lost-connection translation (``_pooler``). The dialect methods they hook run in the order
+``_seam.ORDER`` gives. ``scope_engine`` picks the engine (or view of it) a scope of one
+kind runs on.
 
 - every backend: a fork guard so a child process never reuses its parent's pooled
-  connections; connect failures raised as DatabaseUnreachableError naming host and port;
-  a pool of ``DEFAULT_POOL_SIZE`` kept connections (``DEFAULT_MAX_OVERFLOW`` more at a peak).
+  connections; a pool of ``DEFAULT_POOL_SIZE`` kept connections (``DEFAULT_MAX_OVERFLOW``
+  more at a peak).
 - PostgreSQL and MySQL/MariaDB: a pooled connection is checked before use without a
-  round trip (:func:`_install_liveness_check`): pinged only when its socket has something
-  to say (the server closed it, or sent an error) or it sat idle over ``Timeouts.ping_after_idle``
-  seconds. SQLite has nothing to ping (no network).
-- PostgreSQL and MySQL/MariaDB: a bare URL scheme gets the driver we ship
-  (psycopg 3, PyMySQL); see ``_config``.
-- SQLite: ``PRAGMA foreign_keys=ON``, WAL for files, a busy timeout, and
-  dbsession (not pysqlite) emits ``BEGIN`` on the raw connection, so SAVEPOINT
-  works and write sessions can ask for ``BEGIN IMMEDIATE``, which first takes the
-  database's in-process write gate (``_sqlite_gate``; docs/sqlite.md). In-memory databases use the
-  ``memdb`` VFS so several threads (several connections) see one database.
-  A statement interrupted by task cancellation is stopped and its transaction
-  ended at once (aiosqlite runs it in a thread of its own).
-- read-only transactions (:func:`scope_engine`): PostgreSQL through SQLAlchemy's
-  ``postgresql_readonly``; MySQL/MariaDB ``START TRANSACTION READ ONLY`` from a begin
-  hook on the read-only view only; SQLite on a read-only twin engine
-  (:func:`read_only_engine`), its own pool of connections set ``PRAGMA query_only``
-  once at connect. The backend's refusal of a write is raised as ReadOnlyError.
-
-``build_engine`` applies all of this to ``create_engine`` and, for
-``dbsession.asyncio``, to ``create_async_engine(...).sync_engine``.
+  round trip (:func:`_install_liveness_check`); a bare URL scheme gets the driver we ship
+  (psycopg 3, PyMySQL; see ``_config``).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import select
 import sqlite3
-import tempfile
-import threading
 import time
-import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc
-from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
-from sqlalchemy.util import await_only
 
 from . import observability
-from ._classify import is_read_only_violation
-from ._config import Settings, first_line, is_secret_parameter, mask_url, scrub, secrets_of
+from ._config import Settings, first_line, scrub
+from ._connect import Connector, suspects, where
 from ._errors import (
     ConfigurationError,
-    DatabaseReadOnlyError,
-    DatabaseUnreachableError,
-    DbSessionError,
     InvalidURLError,
     MissingDriverError,
-    ReadOnlyError,
-    SQLitePathError,
     UnknownDialectError,
 )
 from ._pool import pool_class_for
 from ._pooler import install_connection_loss, prepared_statement_args
-from ._sqlite_gate import install_deferred_begin, install_write_gate, writer_view
+from ._readonly import (
+    install_mysql_read_only,
+    install_query_only,
+    install_read_only_errors,
+    readonly_options,
+)
+from ._sqlite import install_opinions, install_write_gate, prepare_url, writer_view
 from ._timeouts import (
     TIMEOUT_OPTION,
     check_timeout,
@@ -75,10 +61,6 @@ from ._timeouts import (
 )
 
 logger: logging.Logger = logging.getLogger("dbsession")
-
-#: Execution option of the engines of read-only scopes (MySQL/MariaDB views, SQLite's
-#: read-only twin): the errors they raise are read as a read-only scope's.
-READONLY_OPTION = "dbsession_readonly"
 
 _INSTALL_HINTS = {
     "psycopg": "pip install 'dbsession[postgres]'",
@@ -102,15 +84,17 @@ E = TypeVar("E")
 
 def make_engine(settings: Settings) -> Engine:
     """Create the engine for ``settings``; raise a ConfigurationError if it cannot be built."""
-    return build_engine(settings, create_engine, lambda engine: engine)
+    return build_engine(settings, create_engine, lambda engine: engine)[0]
 
 
 def build_engine(
     settings: Settings, create: Callable[..., E], sync_engine_of: Callable[[E], Engine]
-) -> E:
+) -> tuple[E, Callable[[], E] | None]:
     """Create an engine with ``create`` (``create_engine`` or ``create_async_engine``) and
     install dbsession's opinions on ``sync_engine_of(engine)``, where the events live.
 
+    Returns the engine and, on SQLite, the builder of its read-only twin (``_readonly``),
+    which the caller builds on first use and disposes with the engine; None elsewhere.
     Raises UnknownDialectError, MissingDriverError, SQLitePathError or ConfigurationError
     when the URL or options cannot work.
     """
@@ -118,21 +102,20 @@ def build_engine(
     keeper: sqlite3.Connection | None = None
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
-        url, keeper = _prepare_sqlite_url(url)
+        url, keeper = prepare_url(url)
     asyncio = create is not create_engine
-    built = _build(settings, url, create, sync_engine_of, wal=keeper is None, asyncio=asyncio)
-    engine = sync_engine_of(built)
-    if keeper is not None:
-        weakref.finalize(engine, keeper.close)
-    if is_sqlite:
-        wal = keeper is None
-        _READ_ONLY_TWINS[engine] = _TwinMaker(
-            lambda: _build(
-                settings, url, create, sync_engine_of, wal=wal, asyncio=asyncio, query_only=True
-            )
+    wal = keeper is None
+
+    def build(query_only: bool = False) -> E:
+        return _build(
+            settings, url, create, sync_engine_of, wal=wal, asyncio=asyncio, query_only=query_only
         )
+
+    built = build()
+    if keeper is not None:
+        weakref.finalize(sync_engine_of(built), keeper.close)
     logger.info("dbsession: engine created for %s", settings.describe())
-    return built
+    return built, (lambda: build(query_only=True)) if is_sqlite else None
 
 
 def _build(
@@ -146,7 +129,6 @@ def _build(
     query_only: bool = False,
 ) -> E:
     """One engine on ``url`` (already prepared) with every opinion installed."""
-    is_sqlite = url.get_backend_name() == "sqlite"
     options = {
         **_default_options(url, settings.engine_options, asyncio=asyncio),
         **settings.engine_options,
@@ -157,24 +139,24 @@ def _build(
     }
     connector = None
     if "creator" not in options:
-        connector = _Connector(settings, options.pop("connect_args", None) or {}, defaults)
+        connector = Connector(settings, options.pop("connect_args", None) or {}, defaults)
         options["creator"] = connector
     built = _create(create, url, settings, options)
     engine = sync_engine_of(built)
     if connector is not None:
-        connector.engine = engine
+        connector.attach(engine)
     _install_fork_guard(engine)
     observability.watch(engine)
-    _install_read_only_errors(engine)
+    install_read_only_errors(engine)
     install_timeout_errors(engine)
-    if is_sqlite:
-        _install_sqlite_opinions(engine, settings.sqlite_busy_timeout, wal=wal)
+    if url.get_backend_name() == "sqlite":
+        install_opinions(engine, settings.sqlite_busy_timeout, wal=wal)
         if query_only:
-            _install_query_only(engine)
+            install_query_only(engine)
         else:
-            install_write_gate(engine, url.database or "", settings.sqlite_busy_timeout)
+            install_write_gate(engine, settings.sqlite_busy_timeout)
     else:
-        install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
+        install_connection_loss(engine, f"the {url.get_backend_name()} server {where(url)}")
         if "pool_pre_ping" not in options:
             _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)
@@ -260,22 +242,10 @@ def _create(create: Callable[..., E], url: URL, settings: Settings, options: dic
         ) from None
     except (TypeError, ValueError) as error:
         raise ConfigurationError(
-            f"Invalid engine option{_suspects(str(error), url)} for {settings.describe()}: "
+            f"Invalid engine option{suspects(str(error), url)} for {settings.describe()}: "
             f"{first_line(error, url)}. Check the URL's query string and the keyword "
             "arguments given to global_init() or DbSessionFactory()."
         ) from None
-
-
-def _suspects(message: str, url: URL) -> str:
-    """`` 'name'`` for the URL query options whose name or value the driver's message
-    quotes (secret values are never looked at), else the empty string."""
-    named = [
-        key
-        for key, value in url.query.items()
-        if key in message
-        or (not is_secret_parameter(key) and isinstance(value, str) and repr(value) in message)
-    ]
-    return f" {', '.join(repr(key) for key in named)}" if named else ""
 
 
 _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -381,77 +351,12 @@ def _quiet(dbapi_connection: Any) -> bool:
 _poll = getattr(select, "poll", None)
 
 
-class _TwinMaker:
-    """Builds, once and on first use, a SQLite engine's read-only twin (see read_only_engine)."""
-
-    def __init__(self, build: Callable[[], Any]) -> None:
-        self._build: Callable[[], Any] | None = build
-        self._lock = threading.Lock()
-        self.twin: Any = None
-
-    def get(self, engine: Engine) -> Any:
-        with self._lock:
-            if self.twin is None and self._build is not None:
-                self.twin = self._build()
-                self._build = None  # built once; a disposed engine's twin is only emptied
-                sync_twin: Engine = getattr(self.twin, "sync_engine", self.twin)
-                # Engine.dispose() dispatches engine_disposed whatever _has_events says; the
-                # flag, which listening sets, only sends every statement of the engine
-                # through SQLAlchemy's event dispatch, which this listener does not need.
-                had_events = engine._has_events
-                event.listen(engine, "engine_disposed", lambda _: sync_twin.dispose())
-                engine._has_events = had_events
-            return self.twin
-
-
-_READ_ONLY_TWINS: weakref.WeakKeyDictionary[Engine, _TwinMaker] = weakref.WeakKeyDictionary()
-
-
-def read_only_engine(sync_engine: Engine) -> Any:
-    """The engine read-only scopes of this SQLite engine run on, or None (another backend).
-
-    It is a second engine (``AsyncEngine`` for an async one) on the same database with
-    the same opinions and a pool of its own, whose connections are set ``PRAGMA
-    query_only=ON`` once, when opened. A read-only scope there costs a plain deferred
-    ``BEGIN`` and nothing else (WAL readers never wait), where switching a shared
-    connection to query_only and back cost two more statements per scope. Built on first
-    use, disposed with ``sync_engine``.
-    """
-    maker = _READ_ONLY_TWINS.get(sync_engine)
-    return None if maker is None else maker.get(sync_engine)
-
-
-def _install_query_only(engine: Engine) -> None:
-    """The read-only twin: its transactions are readers, its connections query_only."""
-    install_deferred_begin(engine)
-    engine.update_execution_options(**{READONLY_OPTION: True})
-
-    @event.listens_for(engine, "connect")
-    def query_only(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA query_only=ON")
-        finally:
-            cursor.close()
-
-
 def scope_options(
     engine: Engine, *, readonly: bool, isolation_level: str | None, timeout: float | None = None
 ) -> dict[str, Any]:
-    """The execution options of the engine a scope of this kind runs on.
-
-    ``timeout``: the scope's time budget in seconds, applied by ``_timeouts``.
-
-    On SQLite the engine says how a transaction begins: writing scopes run on its
-    ``_sqlite_gate.writer_view``, which takes the write lock at ``BEGIN IMMEDIATE``;
-    read-only ones on its read-only twin (:func:`read_only_engine`), whose connections
-    are ``query_only``, begin a plain ``BEGIN`` (WAL readers never wait) and carry the
-    read-only option already.
-    """
-    options: dict[str, Any] = {}
-    name = engine.dialect.name
-    if readonly:
-        options["postgresql_readonly" if name == "postgresql" else READONLY_OPTION] = True
+    """The execution options of the engine a scope of this kind runs on (``timeout``: the
+    scope's time budget in seconds, applied by ``_timeouts``)."""
+    options: dict[str, Any] = readonly_options(engine.dialect.name) if readonly else {}
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
     if timeout is not None:
@@ -466,17 +371,18 @@ def scope_engine(
     readonly: bool,
     isolation_level: str | None,
     timeout: float | None = None,
+    read_only_engine: Any = None,
 ) -> Any:
     """The engine a scope of this kind runs on: ``engine`` (an ``Engine`` or
     ``AsyncEngine`` whose events live on ``sync_engine``), or on SQLite its writer view
-    or, for a read-only scope, its read-only twin; as a view with the
-    :func:`scope_options` it does not have already; on MySQL/MariaDB
-    a read-only view also starts its transactions ``READ ONLY``, and a view with a time
-    budget applies it (``_timeouts``). Listeners live on the views, never on the engine,
-    so the scopes that do not need them pay nothing for them."""
-    if readonly:
-        engine = read_only_engine(sync_engine) or engine
-    elif sync_engine.dialect.name == "sqlite":
+    or, for a read-only scope, ``read_only_engine`` (its twin); as a view with the
+    :func:`scope_options` it does not have already; on MySQL/MariaDB a read-only view also
+    starts its transactions ``READ ONLY``, and a view with a time budget applies it
+    (``_timeouts``). Listeners live on the views, never on the engine, so the scopes that
+    do not need them pay nothing for them."""
+    if readonly and read_only_engine is not None:
+        engine = read_only_engine
+    elif not readonly and sync_engine.dialect.name == "sqlite":
         engine = writer_view(engine)
     options = scope_options(
         sync_engine, readonly=readonly, isolation_level=isolation_level, timeout=timeout
@@ -488,7 +394,7 @@ def scope_engine(
     view = engine.execution_options(**options)
     sync_view = getattr(view, "sync_engine", view)
     if readonly and sync_engine.dialect.name in ("mysql", "mariadb"):
-        _install_mysql_read_only(sync_view)
+        install_mysql_read_only(sync_view)
     if timeout is not None:
         install_scope_timeouts(sync_view)
     return view
@@ -511,214 +417,3 @@ def isolation_levels(engine: Engine) -> tuple[str, ...]:
         return tuple(engine.dialect.get_isolation_level_values(raw.dbapi_connection))
     finally:
         raw.close()
-
-
-def _install_read_only_errors(engine: Engine) -> None:
-    @event.listens_for(engine, "handle_error")
-    def read_only(context: ExceptionContext) -> BaseException | None:
-        original = context.original_exception
-        name = context.dialect.name
-        if not is_read_only_violation(original, name):
-            return None
-        driver_says = f"{name}: {first_line(original, engine.url)}"
-        if _in_read_only_scope(context.connection):
-            return ReadOnlyError(
-                f"A write was refused because the transaction is read-only ({driver_says}). "
-                "session_scope(readonly=True) never writes: do this work in a writing "
-                "scope, session_scope()."
-            )
-        if name == "sqlite":
-            return SQLitePathError(
-                f"The SQLite database {engine.url.database!r} can only be read by this "
-                f"process ({driver_says}): the file or its folder is not writable, or the "
-                "URL opens it read-only (mode=ro, immutable=1). Fix the permissions or the URL."
-            )
-        return DatabaseReadOnlyError(
-            f"The {name} server refused a write in a writing scope because the database "
-            f"session is read-only ({driver_says}): the URL {mask_url(engine.url)} points at "
-            "a read-only server (a hot standby or replica, MySQL read_only) or a role or "
-            "database with default_transaction_read_only. Point it at the primary."
-        )
-
-
-def _in_read_only_scope(connection: Connection | None) -> bool:
-    if connection is None:
-        return False
-    options = connection.get_execution_options()
-    return bool(options.get(READONLY_OPTION) or options.get("postgresql_readonly"))
-
-
-def _install_mysql_read_only(view: Engine) -> None:
-    """On the read-only view only: a ``begin`` listener on the engine itself would make
-    every statement of every scope go through SQLAlchemy's event dispatch (measured:
-    +12% instructions per unit of work on MariaDB), for the read-only scopes' sake."""
-
-    @event.listens_for(view, "begin")
-    def begin(connection: Connection) -> None:
-        connection.exec_driver_sql("START TRANSACTION READ ONLY")
-
-
-class _Secret(str):
-    """A password whose repr is masked: what pytest, debuggers and error trackers show of
-    the driver's keyword arguments in a traceback's frames. It is still the password."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-
-class _Connector:
-    """The pool's creator: every connection is opened through dbsession's own frame, so the
-    driver's connect failures are raised from here as named errors, without the driver's
-    frames, locals or chained exceptions (which hold the password), and the password in
-    the connect arguments has a masked repr in every frame that remains (SQLAlchemy's own
-    creator keeps them, unmasked, in its closure)."""
-
-    def __init__(
-        self, settings: Settings, connect_args: Mapping[str, Any], defaults: Mapping[str, Any]
-    ) -> None:
-        self.settings = settings
-        self.connect_args = dict(connect_args)
-        self.defaults = dict(defaults)
-        self.engine: Engine | None = None  # set once built; the pool connects only later
-
-    def __call__(self, connection_record: Any = None) -> Any:
-        assert self.engine is not None
-        dialect = self.engine.dialect
-        cargs, cparams = _masked_connect_args(
-            self.engine.url, dialect, self.connect_args, self.defaults
-        )
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except Exception as error:
-            failure = _connect_failure(error, dialect, self.settings, self.engine.url)
-        raise failure from None  # outside the except block: no driver frames, no context
-
-
-def _masked_connect_args(
-    url: URL, dialect: Any, connect_args: Mapping[str, Any], defaults: Mapping[str, Any]
-) -> tuple[list[Any], dict[str, Any]]:
-    """dbsession's ``defaults`` (timeouts, prepared statements), overridden by the
-    dialect's connect arguments for ``url`` (its query string), overridden by
-    ``connect_args`` (as in SQLAlchemy); the password and secret options wrapped so their
-    repr is masked."""
-    cargs, cparams = dialect.create_connect_args(url)
-    secrets = set(secrets_of(url))
-    return list(cargs), {
-        key: _Secret(value)
-        if isinstance(value, str) and (value in secrets or is_secret_parameter(key))
-        else value
-        for key, value in {**defaults, **cparams, **connect_args}.items()
-    }
-
-
-def _connect_failure(
-    error: Exception, dialect: Any, settings: Settings, url: URL
-) -> DbSessionError:
-    """The named error for a driver's refusal to open a connection."""
-    backend = url.get_backend_name()
-    where = f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
-    dbapi = dialect.loaded_dbapi
-    if backend == "sqlite" and isinstance(error, dbapi.Error):
-        return SQLitePathError(
-            f"Cannot open the SQLite database {url.database!r}: {first_line(error, url)}. "
-            "Check the path, its permissions and the URL's options (mode=, vfs=)."
-        )
-    if isinstance(error, UnicodeError):
-        return ConfigurationError(
-            f"The {backend} driver cannot send the user name or password of "
-            f"{settings.describe()}: it has characters the driver's protocol cannot encode "
-            "(PyMySQL and aiomysql send them as latin-1). Use a password of ASCII or "
-            "latin-1 characters."
-        )
-    if isinstance(error, dbapi.OperationalError):
-        replica = settings.source == "replica_url"
-        server, setting = ("replica", " (replica_url=)") if replica else ("server", "")
-        return DatabaseUnreachableError(
-            f"Cannot connect to the {backend} {server} at {where} "
-            f"(database {url.database!r}, user {url.username!r}): "
-            f"{first_line(error, url)}. Check that the {server} is running and that the "
-            f"URL {settings.describe()}{setting} is right."
-        )
-    given = sorted({*url.query, *settings.engine_options.get("connect_args", {})})
-    return ConfigurationError(
-        f"The {backend} driver refused the connection options of {settings.describe()}"
-        f"{_suspects(str(error), url) or ''} ({type(error).__name__}: {first_line(error, url)})."
-        f" Fix the URL's query string or connect_args (options given: "
-        f"{', '.join(given) or 'none'})."
-    )
-
-
-def _where(url: URL) -> str:
-    return f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
-
-
-def _default_port(url: URL) -> int:
-    return 5432 if url.get_backend_name() == "postgresql" else 3306
-
-
-def _prepare_sqlite_url(url: URL) -> tuple[URL, sqlite3.Connection | None]:
-    """Validate a file path, or turn an in-memory URL into a shared ``memdb`` one."""
-    database = url.database or ""
-    if database in ("", ":memory:"):
-        name = f"file:/dbsession-{uuid.uuid4().hex}?vfs=memdb"
-        keeper = sqlite3.connect(name, uri=True, check_same_thread=False)
-        return url.set(database=name).update_query_dict({"uri": "true"}), keeper
-    if database.startswith("file:"):
-        return url, None
-    _check_sqlite_path(Path(database).expanduser())
-    return url, None
-
-
-def _check_sqlite_path(path: Path) -> None:
-    folder = path.absolute().parent
-    if not folder.is_dir():
-        raise SQLitePathError(
-            f"The folder of the SQLite database {str(path)!r} does not exist: "
-            f"create it (mkdir -p {str(folder)!r}) or point the URL at another file."
-        )
-    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        raise SQLitePathError(
-            f"The SQLite database file {str(path)!r} is not readable and writable "
-            "by this process: fix its permissions or point the URL elsewhere."
-        )
-    try:  # also for an existing file: WAL creates -wal and -shm files beside it
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError:
-        raise SQLitePathError(
-            f"The folder {str(folder)!r} of the SQLite database is not writable by this "
-            "process (SQLite needs it for the database and its journal files): "
-            "fix its permissions or point the URL at a writable folder."
-        ) from None
-
-
-def _install_sqlite_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
-    @event.listens_for(engine, "connect")
-    def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-            if wal:
-                cursor.execute("PRAGMA journal_mode=WAL")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "handle_error")
-    def interrupt_on_cancel(context: ExceptionContext) -> None:
-        # A cancelled task (or KeyboardInterrupt) left a statement running in the
-        # driver's thread (aiosqlite): stop it and end its transaction now, so the
-        # write lock is released at once, not when the statement would have finished
-        # (nor, closed with a cursor still referenced, never).
-        if context.connection is None or isinstance(context.original_exception, Exception):
-            return
-        driver: Any = context.connection.connection.driver_connection
-        try:
-            for step in (driver.interrupt, driver.rollback):
-                outcome = step()
-                if inspect.isawaitable(outcome):
-                    await_only(outcome)
-        except Exception:
-            logger.debug("dbsession: interrupting the cancelled statement failed", exc_info=True)

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._base import Base
 from ._binding import Binding
 from ._config import Settings, mask_url
-from ._engine import make_engine
+from ._engine import build_engine
 from ._lifecycle import LazyFactory, Registry, decorate, run_options
 from ._retry import RetryPolicy, run_with_retries
 from ._scope import Savepoint, ScopeSession, UnitOfWork
@@ -66,13 +66,14 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         return None if self._settings.replica_url is None else self._build(replica=True).engine
 
     def _make(self, settings: Settings) -> SyncBinding:
-        engine = make_engine(settings)
+        engine, make_twin = build_engine(settings, create_engine, lambda built: built)
         return Binding(
             engine,
             engine,
             sessionmaker,
             expire_on_commit=settings.expire_on_commit,
             session_options={"class_": ScopeSession},
+            make_twin=make_twin,
         )
 
     def session_scope(
@@ -126,9 +127,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             replica=replica,
         )
 
-    def run_in_transaction(
-        self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> R:
+    def run_in_transaction(self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(session, *args, **kwargs)`` in a scope; retry it whole on a transient failure.
 
         Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
@@ -205,9 +204,9 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
     def dispose(self) -> None:
         """Close the pool's connections; the next use builds a new engine."""
         for binding in self._detach():
-            binding.engine.dispose()
+            for engine in binding.engines():
+                engine.dispose()
             logger.debug("dbsession: engine disposed for %s", mask_url(binding.engine.url))
-
 
 
 def _independent(independent: bool, nested: bool | None) -> bool:

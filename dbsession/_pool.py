@@ -1,16 +1,14 @@
 """Pools that know who holds their connections.
 
 dbsession's engines use a subclass of the pool class SQLAlchemy would have chosen
-(QueuePool, AsyncAdaptedQueuePool): each checkout is timed (``dbsession.pool.wait``
-and the slow-scope warning), each checked-out connection remembers the call site of
-the unit of work that took it, and when a checkout times out the error says how many
-connections are out and which call sites hold them.
+(QueuePool, AsyncAdaptedQueuePool; made by ``_seam.tracked_pool_class``): each checkout is
+timed (``dbsession.pool.wait`` and the slow-scope warning), each checked-out connection
+remembers the call site of the unit of work that took it, and when a checkout times out
+the error says how many connections are out and which call sites hold them.
 """
 
 from __future__ import annotations
 
-import functools
-import time
 import weakref
 from collections import Counter
 from typing import Any
@@ -21,55 +19,50 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
 
 from . import observability
 from ._errors import PoolExhaustedError
+from ._seam import dialect_class, max_overflow, tracked_pool_class
 
 _OUTSIDE = "outside any unit of work (create_session(), engine.connect())"
 _ENDED = "a unit of work that ended without returning it (an interrupted scope)"
-_made: dict[type[Pool], type[Pool]] = {}
+_HOLDERS = "_dbsession_holders"
+_made: dict[tuple[type[Pool], str], type[Pool]] = {}
+
+Holders = dict[int, "weakref.ref[observability.Observation] | None"]
 
 
-class _HolderTracking:
-    """Mixed into a QueuePool class: timed checkouts, holders by call site."""
+def _holders(pool: Pool) -> Holders:
+    holders: Holders = pool.__dict__.setdefault(_HOLDERS, {})
+    return holders
 
-    _dbsession_holders: dict[int, weakref.ref[observability.Observation] | None]
 
-    def _do_get(self) -> ConnectionPoolEntry:
-        started = time.perf_counter()
-        try:
-            record: ConnectionPoolEntry = super()._do_get()  # type: ignore[misc]
-        except exc.TimeoutError as error:
-            raise self._exhausted(error) from None
-        finally:
-            observability.add_pool_wait(time.perf_counter() - started, self._dbsession_backend)
-        holders = self.__dict__.setdefault("_dbsession_holders", {})
+class _Watcher:
+    """Times checkouts and records holders for the pools of one backend."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def waited(self, pool: Pool, seconds: float) -> None:
+        observability.add_pool_wait(seconds, self.backend)
+
+    def taken(self, pool: Pool, record: ConnectionPoolEntry) -> None:
         # Weakly: an observation holds its caller's frame (and so the session and this very
         # connection); a strong reference here would keep an abandoned one alive for ever.
         current = observability.current()
-        holders[id(record)] = None if current is None else weakref.ref(current)
-        return record
+        _holders(pool)[id(record)] = None if current is None else weakref.ref(current)
 
-    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        self.__dict__.get("_dbsession_holders", {}).pop(id(record), None)
-        super()._do_return_conn(record)  # type: ignore[misc]
+    def returned(self, pool: Pool, record: ConnectionPoolEntry) -> None:
+        _holders(pool).pop(id(record), None)
 
-    def _exhausted(self, error: exc.TimeoutError) -> PoolExhaustedError:
-        holders = Counter(
-            _holder_site(holder)
-            for holder in list(self.__dict__.get("_dbsession_holders", {}).values())
-        )
+    def exhausted(self, pool: Pool, error: exc.TimeoutError) -> Exception:
+        holders = Counter(_holder_site(holder) for holder in list(_holders(pool).values()))
         held = "; ".join(f"{site} ({count})" for site, count in holders.most_common(10))
-        pool: Any = self
+        queue: Any = pool
         return PoolExhaustedError(
-            f"No pooled connection became free within {pool.timeout():g}s: "
-            f"{pool.checkedout()} connections are checked out (pool_size={pool.size()}, "
-            f"max_overflow={pool._max_overflow}), held by units of work opened at: "
+            f"No pooled connection became free within {queue.timeout():g}s: "
+            f"{queue.checkedout()} connections are checked out (pool_size={queue.size()}, "
+            f"max_overflow={max_overflow(queue)}), held by units of work opened at: "
             f"{held or 'unknown'}. Shorten those units of work (no slow work inside a "
             "scope), or raise pool_size= / max_overflow=."
         )
-
-    @functools.cached_property
-    def _dbsession_backend(self) -> str:
-        pool: Any = self
-        return str(pool._dialect.name) if hasattr(pool, "_dialect") else ""
 
 
 def _holder_site(holder: weakref.ref[observability.Observation] | None) -> str:
@@ -83,12 +76,14 @@ def pool_class_for(url: URL, *, asyncio: bool) -> type[Pool] | None:
     """The holder-tracking subclass of the pool class SQLAlchemy would pick for ``url``,
     or None when that class is not a QueuePool (nothing is ever waited for)."""
     try:
-        base = url.get_dialect(_is_async=asyncio).get_pool_class(url)  # type: ignore[attr-defined]
+        dialect = dialect_class(url, asyncio=asyncio)
+        base = dialect.get_pool_class(url)
     except Exception:  # an unknown dialect is reported by create_engine itself
         return None
     if not issubclass(base, QueuePool):
         return None
-    made = _made.get(base)
+    key = (base, str(dialect.name))
+    made = _made.get(key)
     if made is None:
-        made = _made[base] = type(f"Tracked{base.__name__}", (_HolderTracking, base), {})
+        made = _made[key] = tracked_pool_class(base, _Watcher(key[1]))
     return made

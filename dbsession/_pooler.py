@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL, Engine, ExceptionContext
 from ._classify import backend_of, error_code
 from ._config import first_line
 from ._errors import CommitOutcomeUnknownError, ConnectionLostError
+from ._seam import Method, set_hook
 from ._timeouts import driver_name
 
 _COMMITTING = "dbsession_committing"
@@ -75,24 +76,30 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
     The dialect's ``do_commit`` marks the connection as committing until the driver's
     COMMIT returned; a failed one leaves the mark for the error handler below, which
     takes it whatever the error, and the next BEGIN clears any left over (an interrupt).
-    Wrapped methods of the dialect rather than begin/commit listeners, which would send
-    every statement of the engine through SQLAlchemy's event dispatch.
+    Hooks of the dialect's methods (``_seam``) rather than begin/commit listeners, which
+    would send every statement of the engine through SQLAlchemy's event dispatch. Were
+    SQLAlchemy to stop calling ``do_commit``, a connection lost during COMMIT would be
+    retried as lost before it: ``tests/test_seam.py`` fails first.
     """
-    dialect = engine.dialect
-    begin, commit = dialect.do_begin, dialect.do_commit
 
-    def do_begin(dbapi_connection: Any) -> None:
-        dbapi_connection.info.pop(_COMMITTING, None)
-        begin(dbapi_connection)
+    def clear_then_begin(begin: Method) -> Method:
+        def do_begin(dbapi_connection: Any) -> None:
+            dbapi_connection.info.pop(_COMMITTING, None)
+            begin(dbapi_connection)
 
-    def do_commit(dbapi_connection: Any) -> None:
-        info = dbapi_connection.info
-        info[_COMMITTING] = True
-        commit(dbapi_connection)
-        del info[_COMMITTING]
+        return do_begin
 
-    setattr(dialect, "do_begin", do_begin)  # noqa: B010
-    setattr(dialect, "do_commit", do_commit)  # noqa: B010
+    def mark_commit(commit: Method) -> Method:
+        def do_commit(dbapi_connection: Any) -> None:
+            info = dbapi_connection.info
+            info[_COMMITTING] = True
+            commit(dbapi_connection)
+            del info[_COMMITTING]
+
+        return do_commit
+
+    set_hook(engine, "do_begin", "commit_mark", clear_then_begin)
+    set_hook(engine, "do_commit", "commit_mark", mark_commit)
 
     @event.listens_for(engine, "handle_error")
     def lost(context: ExceptionContext) -> BaseException | None:

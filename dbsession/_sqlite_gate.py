@@ -36,26 +36,11 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.engine.base import OptionEngine
-from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.util import await_only
 
 from ._errors import SQLiteWriteLockTimeoutError
 
-__all__ = [
-    "WriteGate",
-    "execute_raw",
-    "gate_for",
-    "gate_key",
-    "install_deferred_begin",
-    "install_write_gate",
-    "writer_view",
-]
+__all__ = ["WriteGate", "busy_error", "gate_for", "gate_key"]
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -231,164 +216,17 @@ def busy_error(key: str, stall: float) -> sqlite3.OperationalError:
     return error
 
 
-_HELD = "dbsession_write_gate"
+def _reset_after_fork() -> None:
+    """In a forked child every gate is free: the threads that held or awaited one are
+    not there (gunicorn ``--preload`` with a background thread inside a writing scope),
+    and the child starts its engines on empty pools."""
+    global _GATES_LOCK
+    _GATES_LOCK = threading.Lock()
+    for gate in list(_GATES.values()):
+        gate._lock = threading.Lock()
+        gate._held = False
+        gate._waiters.clear()
 
 
-_WRITER = "dbsession_writer"
-
-
-class _WriterConnection(Connection):
-    """A connection of :func:`writer_view`: its transaction will begin as a writer."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.connection.info[_WRITER] = True  # read (and dropped) by do_begin
-
-
-class _WriterEngine(OptionEngine):
-    _connection_cls = _WriterConnection
-
-
-_WriterEngine._option_cls = _WriterEngine  # its own views are writers too
-
-
-def writer_view(engine: Any) -> Any:
-    """A view of the SQLite ``engine`` (an ``Engine`` or ``AsyncEngine`` with the write
-    gate) whose transactions are writers: the engine of writing scopes."""
-    sync_engine: Engine = getattr(engine, "sync_engine", engine)
-    view = _WriterEngine(sync_engine, {})
-    return view if sync_engine is engine else type(engine)(view)
-
-
-def install_write_gate(engine: Engine, database: str, busy_timeout: float) -> None:
-    """Make the writing transactions of ``engine`` (those of :func:`writer_view`) queue on
-    the gate of ``database``; the others begin a plain ``BEGIN`` (a reader until it writes).
-
-    The dialect's ``do_begin`` takes the gate (without blocking the event loop on an
-    async engine), then sends ``BEGIN IMMEDIATE`` on the driver connection: a method of
-    the dialect rather than a ``begin`` listener, which would send every statement of
-    every scope through SQLAlchemy's event dispatch (measured: +10% instructions per
-    one-query unit of work). A driver error raised there is wrapped by SQLAlchemy as any
-    statement's is (an ``OperationalError`` for ``SQLITE_BUSY``), so retries recognise it.
-    A writer gives up when the gate has not moved for twice ``busy_timeout``: its holder
-    may wait up to the busy timeout in SQLite for another process before its transaction
-    even begins, then gets as long again for its work. The gate is released once the
-    transaction has ended: after the driver's commit succeeded, after any rollback (the
-    pool's reset on return included), and when the connection is invalidated, closed,
-    detached or checked in still holding it.
-    """
-    gate = gate_for(gate_key(database))
-    stall = 2 * busy_timeout
-    dialect = engine.dialect
-    is_async = bool(dialect.is_async)
-    commit, rollback = dialect.do_commit, dialect.do_rollback
-
-    def do_begin(dbapi_connection: Any) -> None:
-        info = dbapi_connection.info
-        if not info.pop(_WRITER, False) or _autocommit(dbapi_connection):
-            begin_reader(dbapi_connection)
-            return
-        if _HELD not in info:
-            if is_async:
-                await_only(gate.acquire_async(stall))
-            else:
-                gate.acquire(stall)
-            info[_HELD] = gate
-        try:
-            execute_raw(dbapi_connection, "BEGIN IMMEDIATE")
-        except Exception:
-            _release(info)  # no transaction was opened
-            raise
-
-    def do_commit(dbapi_connection: Any) -> None:
-        commit(dbapi_connection)  # a failed COMMIT leaves the transaction open: keep the gate
-        _release(_info_of(dbapi_connection))
-
-    def do_rollback(dbapi_connection: Any) -> None:
-        try:
-            rollback(dbapi_connection)
-        except Exception:
-            _release(_info_of(dbapi_connection))
-            raise
-        # A cancelled ROLLBACK (BaseException) may still be running in aiosqlite's
-        # thread: the gate stays until SQLAlchemy invalidates the connection, whose
-        # hook below rolls back again, waiting for it.
-        _release(_info_of(dbapi_connection))
-
-    # After the driver's COMMIT/ROLLBACK, not in the commit/rollback events, which
-    # run before it: the next writer must find SQLite's lock free.
-    setattr(dialect, "do_begin", do_begin)  # noqa: B010
-    setattr(dialect, "do_commit", do_commit)  # noqa: B010
-    setattr(dialect, "do_rollback", do_rollback)  # noqa: B010
-
-    @event.listens_for(engine, "invalidate")
-    @event.listens_for(engine, "soft_invalidate")
-    @event.listens_for(engine, "detach")
-    def end_then_release(dbapi_connection: Any, record: Any, *_: Any) -> None:
-        # The connection leaves the pool's care: end its transaction before the gate
-        # moves (a closed SQLite connection with a statement still referenced stays
-        # open and keeps its lock).
-        try:
-            if _HELD in record.info and dbapi_connection is not None:
-                end_transaction(dbapi_connection)
-        finally:
-            _release(record.info)  # whatever happened: a gate never released is a deadlock
-
-    @event.listens_for(engine, "checkin")
-    @event.listens_for(engine, "close")
-    def release_left_over(dbapi_connection: Any, record: Any) -> None:
-        record.info.pop(_WRITER, None)  # a writer's connection closed before it began
-        end_then_release(dbapi_connection, record)
-
-
-def install_deferred_begin(engine: Engine) -> None:
-    """Begin every transaction of ``engine`` (a read-only twin) as a reader."""
-    setattr(engine.dialect, "do_begin", begin_reader)  # noqa: B010
-
-
-def begin_reader(connection: PoolProxiedConnection) -> None:
-    """A plain ``BEGIN``: a reader, which takes no lock until it reads and never waits in
-    WAL mode; nothing on a connection set to AUTOCOMMIT."""
-    if not _autocommit(connection):
-        execute_raw(connection, "BEGIN")
-
-
-def _autocommit(connection: PoolProxiedConnection) -> bool:
-    """True if SQLAlchemy set the driver connection to AUTOCOMMIT (``isolation_level=
-    "AUTOCOMMIT"``): then no BEGIN, each statement commits by itself. Otherwise the
-    driver's own implicit BEGIN never fires, as do_begin has begun the transaction."""
-    return connection.dbapi_connection.isolation_level is None  # type: ignore[union-attr]
-
-
-def _info_of(connection: Any) -> dict[Any, Any] | None:
-    """The pool record's ``info`` of a proxied connection; None for a raw one, or for
-    the ad-hoc proxy SQLAlchemy uses while first connecting (which has none)."""
-    try:
-        return connection.info if isinstance(connection, PoolProxiedConnection) else None
-    except NotImplementedError:
-        return None
-
-
-def _release(info: dict[Any, Any] | None) -> None:
-    gate = info.pop(_HELD, None) if info is not None else None
-    if gate is not None:
-        gate.release()
-
-
-def end_transaction(dbapi_connection: Any) -> None:
-    """Roll back whatever the driver connection has open, finalising its statements
-    first; failures are logged, never raised (the connection is being dropped)."""
-    try:
-        dbapi_connection.rollback()
-    except Exception:
-        logger.debug("dbsession: rolling back a dropped SQLite connection failed", exc_info=True)
-
-
-def execute_raw(connection: PoolProxiedConnection, statement: str) -> None:
-    """Run a parameterless ``statement`` on the driver connection of the pool's
-    ``connection``, without SQLAlchemy's execution path."""
-    cursor = connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(statement)
-    finally:
-        cursor.close()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)

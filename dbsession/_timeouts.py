@@ -36,11 +36,12 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
-from sqlalchemy.util import await_only
 
 from ._classify import backend_of, error_code
 from ._config import Timeouts, first_line
+from ._connect import call_driver
 from ._errors import ConfigurationError, ScopeTimeoutError
+from ._seam import set_hook
 
 #: Execution option carrying a scope's time budget in seconds (``session_scope(timeout=)``).
 TIMEOUT_OPTION = "dbsession_timeout"
@@ -92,17 +93,16 @@ def install_ping_timeout(engine: Engine, timeouts: Timeouts) -> None:
     if timeouts.ping is None or engine.dialect.driver != "psycopg":
         return
     limit = timeouts.ping
-    dialect: Any = engine.dialect
 
     def do_ping(dbapi_connection: Any) -> bool:
-        _ping(dbapi_connection, limit)
+        run_async = getattr(dbapi_connection, "run_async", None)
+        if run_async is not None:  # psycopg's AsyncConnection, under SQLAlchemy's adapter
+            run_async(lambda connection: _ping_async(connection, limit))
+        else:
+            _ping(dbapi_connection, limit)
         return True
 
-    def do_ping_async(dbapi_connection: Any) -> bool:
-        await_only(_ping_async(dbapi_connection.driver_connection, limit))
-        return True
-
-    dialect.do_ping = do_ping_async if dialect.is_async else do_ping
+    set_hook(engine, "do_ping", "ping_timeout", lambda _: do_ping)
 
 
 async def _ping_async(connection: Any, limit: float) -> None:
@@ -216,7 +216,6 @@ def install_scope_timeouts(engine: Engine) -> None:
                 _progress_handler(connection, None)  # its next scope has no deadline
 
 
-
 def install_timeout_errors(engine: Engine) -> None:
     """Raise ScopeTimeoutError for a statement of a timed scope that overran its budget
     (once per engine: a dialect-level listener, which the timed views share)."""
@@ -244,10 +243,7 @@ def install_timeout_errors(engine: Engine) -> None:
 
 
 def _progress_handler(connection: Connection, handler: Any) -> None:
-    driver: Any = connection.connection.driver_connection
-    outcome = driver.set_progress_handler(handler, _PROGRESS_STEPS)
-    if outcome is not None and hasattr(outcome, "__await__"):
-        await_only(outcome)
+    call_driver(connection.connection, "set_progress_handler", handler, _PROGRESS_STEPS)
 
 
 def _is_timeout(error: BaseException, backend: str) -> bool:

@@ -105,13 +105,14 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
 
     def _make(self, settings: Settings) -> AsyncBinding:
         _require_greenlet()
-        engine = build_engine(settings, create_async_engine, _sync_engine)
+        engine, make_twin = build_engine(settings, create_async_engine, _sync_engine)
         return Binding(
             engine,
             engine.sync_engine,
             async_sessionmaker,
             expire_on_commit=settings.expire_on_commit,
             session_options={"sync_session_class": ScopeSession},
+            make_twin=make_twin,
         )
 
     def session_scope(
@@ -214,9 +215,9 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         """Close the pool's connections; the next use builds a new engine. Call it from
         the event loop the connections were opened in."""
         for binding in self._detach():
-            await binding.engine.dispose()
+            for engine in binding.engines():
+                await engine.dispose()
             logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
-
 
 
 def _sync_engine(engine: AsyncEngine) -> Engine:
@@ -258,9 +259,7 @@ def async_session_scope(
     )
 
 
-async def async_run_in_transaction(
-    fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
-) -> T:
+async def async_run_in_transaction(fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """``await fn(session, *args, **kwargs)`` in a unit of work on the process default async
     factory, retried whole on transient failures; see
     ``AsyncDbSessionFactory.run_in_transaction``."""

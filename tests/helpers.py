@@ -49,7 +49,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from dbsession import NAMING_CONVENTION, DbSessionFactory, RetryPolicy, Timeouts, migrations
-from dbsession._engine import read_only_engine
 from dbsession.example.store import MIGRATIONS as EXAMPLE_MIGRATIONS
 
 T = TypeVar("T")
@@ -122,15 +121,14 @@ def suppliers(engine: Engine) -> list[str]:
 # --- Statements an engine runs -------------------------------------------------------------
 
 
-def statements(engine: Engine) -> list[str]:
-    """Record every statement the engine (its option views, and on SQLite its read-only
-    twin, where read-only scopes run) executes from now on."""
+def statements(engine: Engine, twin: Any = None) -> list[str]:
+    """Record every statement the engine (its option views, and ``twin``: SQLite's
+    read-only twin, where read-only scopes run) executes from now on."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    twin = read_only_engine(engine)
     for target in (engine, getattr(twin, "sync_engine", twin)) if twin else (engine,):
         event.listen(target, "before_cursor_execute", record)
     return seen

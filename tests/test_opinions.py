@@ -15,7 +15,6 @@ from sqlalchemy.engine import URL, Engine
 
 import dbsession._engine as engine_module
 from dbsession import DbSessionFactory, ReadOnlyError, Timeouts
-from dbsession._engine import read_only_engine
 from dbsession.example.models import Supplier
 
 SERVERS_ONLY = pytest.mark.backends("postgresql", "mysql")
@@ -116,9 +115,9 @@ def test_overflow_connections_do_not_churn_with_8_threads(factory: DbSessionFact
 def test_sqlite_read_only_scopes_run_on_their_own_query_only_pool(
     factory: DbSessionFactory,
 ) -> None:
-    twin = read_only_engine(factory.engine)
-    assert isinstance(twin, Engine) and twin is read_only_engine(factory.engine)
-    seen = statements(factory.engine)
+    twin = factory._build().read_only_engine()
+    assert isinstance(twin, Engine) and twin is factory._build().read_only_engine()
+    seen = statements(factory.engine, twin)
     for _ in range(3):
         with factory.session_scope(readonly=True) as session:
             session.execute(text("SELECT COUNT(*) FROM supplier"))
@@ -136,7 +135,7 @@ def test_sqlite_read_only_scopes_run_on_their_own_query_only_pool(
 def test_no_read_only_twin_on_the_servers_nor_before_it_is_needed(backend_url: Any) -> None:
     made = DbSessionFactory(backend_url)
     try:
-        twin = read_only_engine(made.engine)
+        twin = made._build().read_only_engine()
         assert (twin is None) is (made.engine.dialect.name != "sqlite")
     finally:
         made.dispose()
@@ -180,7 +179,7 @@ def test_no_engine_sends_its_statements_through_sqlalchemys_event_dispatch(
         session.execute(text("SELECT 1"))
     with factory.session_scope(timeout=5) as session:
         session.execute(text("SELECT 1"))
-    engines = [factory.engine, read_only_engine(factory.engine)]
+    engines = [factory.engine, factory._build().read_only_engine()]
     assert [engine._has_events for engine in engines if engine is not None] == [False] * (
         1 + (factory.url.get_backend_name() == "sqlite")
     )

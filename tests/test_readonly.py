@@ -86,7 +86,9 @@ def test_replica_serves_read_only_scopes_and_the_primary_the_rest(
     try:
         assert routed.replica_engine is not None
         assert routed.replica_engine is not routed.engine
-        on_primary, on_replica = statements(routed.engine), statements(routed.replica_engine)
+        on_primary = statements(routed.engine)
+        twin = routed._build(replica=True).read_only_engine()
+        on_replica = statements(routed.replica_engine, twin)
         with routed.session_scope() as session:
             session.add(Supplier(name="via primary"))
         assert any("INSERT" in s for s in on_primary) and on_replica == []

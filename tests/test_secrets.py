@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,35 +164,46 @@ def test_unreachable_is_raised_from_dbsessions_frame_without_the_drivers_frames(
     error = caught.value
     assert error.__cause__ is None and error.__suppress_context__
     files = [entry.filename for entry in traceback.extract_tb(error.__traceback__)]
-    assert files[-1].endswith(os.path.join("dbsession", "_engine.py"))
+    assert files[-1].endswith(os.path.join("dbsession", "_connect.py"))
     assert not any(os.sep + "psycopg" + os.sep in name for name in files)
     assert_no_secret(texts_of(error, frames=True), MARKER)
 
 
 @pytest.mark.backends("mysql")
-def test_a_mysql_password_that_is_not_latin1_is_a_named_error_sync_and_async(
-    backend_url: URL,
+@pytest.mark.parametrize("password", [f"é{MARKER}", f"€{MARKER}"], ids=["latin-1", "not latin-1"])
+def test_a_non_ascii_mysql_password_set_by_the_mysql_client_connects_sync_and_async(
+    backend_url: URL, password: str
 ) -> None:
-    url = backend_url.set(password=f"€{MARKER}")
-    with pytest.raises(ConfigurationError, match="latin-1") as caught:
+    """The ``mysql`` client (utf8mb4) sends a new password as UTF-8, and the server keeps
+    the hash of those bytes: PyMySQL and aiomysql sent it as latin-1 (\u00e9 refused as
+    "Access denied", \u20ac not sendable at all)."""
+    user = f"dbs_{uuid.uuid4().hex[:8]}"
+    admin = DbSessionFactory(backend_url)
+    with admin.engine.connect() as connection:  # a utf8mb4 connection, as the mysql client
+        connection.execute(text(f"CREATE USER '{user}'@'%' IDENTIFIED BY :pw"), {"pw": password})
+        connection.execute(text(f"GRANT ALL ON {backend_url.database}.* TO '{user}'@'%'"))
+    url = backend_url.set(username=user, password=password)
+    try:
         _connect(DbSessionFactory(url))
-    assert caught.value.__cause__ is None and caught.value.__context__ is None
-    assert_no_secret(texts_of(caught.value), MARKER, "€")
+        from dbsession.asyncio import AsyncDbSessionFactory
 
-    from dbsession.asyncio import AsyncDbSessionFactory
+        async def connect_async() -> int:
+            factory = AsyncDbSessionFactory(async_twin(url))
+            try:
+                async with factory.engine.connect() as connection:
+                    return int((await connection.execute(text("SELECT 1"))).scalar_one())
+            finally:
+                await factory.dispose()
 
-    async def connect_async() -> None:
-        factory = AsyncDbSessionFactory(async_twin(url))
-        try:
-            async with factory.engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
-        finally:
-            await factory.dispose()
-
-    with pytest.raises(ConfigurationError, match="latin-1") as caught:
-        asyncio.run(connect_async())
-    assert caught.value.__cause__ is None
-    assert_no_secret(texts_of(caught.value), MARKER, "€")
+        assert asyncio.run(connect_async()) == 1
+        wrong = DbSessionFactory(url.set(password=f"ü{MARKER}x"))
+        with pytest.raises(DatabaseUnreachableError, match="Access denied") as caught:
+            _connect(wrong)
+        assert_no_secret(texts_of(caught.value), MARKER)
+    finally:
+        with admin.engine.connect() as connection:
+            connection.execute(text(f"DROP USER '{user}'@'%'"))
+        admin.dispose()
 
 
 INNER_TESTS = """

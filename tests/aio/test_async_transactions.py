@@ -173,7 +173,8 @@ def test_replica_serves_read_only_scopes_and_the_primary_the_rest(
             assert routed.replica_engine is not None
             assert routed.replica_engine is not routed.engine
             on_primary = statements(routed.engine.sync_engine)
-            on_replica = statements(routed.replica_engine.sync_engine)
+            twin = routed._build(replica=True).read_only_engine()
+            on_replica = statements(routed.replica_engine.sync_engine, twin)
             async with routed.session_scope() as session:
                 session.add(Supplier(name="via primary"))
             async with routed.session_scope(readonly=True) as session:

@@ -1,0 +1,171 @@
+"""The one seam between dbsession and SQLAlchemy's internals.
+
+Everything else in the package uses SQLAlchemy's public API and events. What no public
+API serves without a cost on every statement lives here, each touch point tested by
+``tests/test_seam.py`` (run on the floor and the newest SQLAlchemy) so that an upgrade
+that stops calling one fails there, never silently:
+
+- **Dialect methods** (``do_begin``, ``do_commit``, ``do_rollback``, ``do_ping`` and the
+  ``do_execute*`` trio). A ``begin``/``commit``/``before_cursor_execute`` listener would
+  send every statement of the engine through SQLAlchemy's event dispatch (measured: +10%
+  instructions per one-query unit of work), so each engine's dialect gets one wrapper per
+  method that runs its hooks in the order :data:`ORDER` gives. :func:`set_hook` is the only
+  writer of dialect attributes, and it refuses a method the dialect class no longer has.
+- **Writer connections** (SQLite): a view of an engine whose connections flag their pooled
+  connection before ``BEGIN`` (``do_begin`` sees only that), via ``OptionEngine`` and its
+  ``_connection_cls``. The public ways cost more: a ``begin`` or ``engine_connect``
+  listener on the view (event dispatch for every statement of every writing scope), or a
+  second engine sharing the pool (split apart by ``dispose()`` and ``fork()``).
+- **The dialect of a URL** as ``create_async_engine`` picks it (``URL.get_dialect``'s
+  ``_is_async``): the pool class to subclass.
+- **Pool checkouts** (``QueuePool._do_get``/``_do_return_conn``, ``_max_overflow``): the
+  time spent waiting for a connection, who holds each one, and the timeout's error. The
+  ``checkout``/``checkin`` events come after the wait and never see the timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sqlalchemy import exc
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine.base import OptionEngine
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
+
+__all__ = [
+    "ORDER",
+    "PoolWatcher",
+    "dialect_class",
+    "flagged_view",
+    "max_overflow",
+    "set_hook",
+    "tracked_pool_class",
+]
+
+Method = Callable[..., Any]
+#: A hook: given the next function of the chain (the dialect's own method, innermost),
+#: the function that replaces it.
+Hook = Callable[[Method], Method]
+
+#: Every hooked dialect method and its hooks by name, outermost first: what runs around
+#: what. ``sqlite_begin`` and ``ping_timeout`` replace the dialect's own method.
+ORDER: dict[str, tuple[str, ...]] = {
+    "do_begin": ("commit_mark", "sqlite_begin"),
+    "do_commit": ("sqlite_gate", "commit_mark"),
+    "do_rollback": ("sqlite_gate",),
+    "do_ping": ("ping_timeout",),
+    "do_execute": ("statement_timer",),
+    "do_execute_no_params": ("statement_timer",),
+    "do_executemany": ("statement_timer",),
+}
+
+_hooks: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Hook]]] = weakref.WeakKeyDictionary()
+_hooks_lock = threading.Lock()
+
+
+def set_hook(engine: Engine, method: str, name: str, hook: Hook | None) -> None:
+    """Install (or with None remove) the hook ``name`` on ``method`` of ``engine``'s dialect,
+    and rebuild that method's chain in :data:`ORDER`.
+
+    Raises RuntimeError if the dialect class has no such method (SQLAlchemy changed it:
+    the hook would never run).
+    """
+    dialect = engine.dialect
+    own = getattr(type(dialect), method, None)
+    if not callable(own) or name not in ORDER.get(method, ()):
+        raise RuntimeError(
+            f"dbsession cannot hook {type(dialect).__name__}.{method} ({name}): SQLAlchemy "
+            "no longer has that method; this SQLAlchemy version is not supported."
+        )
+    with _hooks_lock:
+        methods = _hooks.setdefault(dialect, {})
+        installed = methods.setdefault(method, {})
+        if hook is None:
+            installed.pop(name, None)
+        else:
+            installed[name] = hook
+        chain: Method = own.__get__(dialect)
+        for hook_name in reversed(ORDER[method]):
+            wrap = installed.get(hook_name)
+            if wrap is not None:
+                chain = wrap(chain)
+        if installed:
+            vars(dialect)[method] = chain
+        else:
+            vars(dialect).pop(method, None)
+
+
+class _FlaggingConnection(Connection):
+    """A connection of :func:`flagged_view`: flags its pooled connection when made."""
+
+    _dbsession_flag = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection.info[self._dbsession_flag] = True
+
+
+_views: dict[str, type[OptionEngine]] = {}
+
+
+def flagged_view(engine: Engine, flag: str) -> Engine:
+    """A view of ``engine`` (sharing its pool, dialect and options) whose every connection
+    sets ``info[flag] = True`` on its pooled connection as it is made, before any
+    ``BEGIN`` (its own views do the same)."""
+    view_class = _views.get(flag)
+    if view_class is None:
+        connection_class = type(
+            "FlaggingConnection", (_FlaggingConnection,), {"_dbsession_flag": flag}
+        )
+        view_class = type("FlaggingEngine", (OptionEngine,), {"_connection_cls": connection_class})
+        view_class._option_cls = view_class
+        _views[flag] = view_class
+    return view_class(engine, {})
+
+
+class PoolWatcher(Protocol):
+    """What a tracked pool reports (``_pool`` implements it)."""
+
+    def waited(self, pool: Pool, seconds: float) -> None: ...
+    def taken(self, pool: Pool, record: ConnectionPoolEntry) -> None: ...
+    def returned(self, pool: Pool, record: ConnectionPoolEntry) -> None: ...
+    def exhausted(self, pool: Pool, error: exc.TimeoutError) -> Exception: ...
+
+
+def tracked_pool_class(base: type[QueuePool], watcher: PoolWatcher) -> type[QueuePool]:
+    """A subclass of ``base`` that tells ``watcher`` of each checkout's wait, each
+    connection taken and returned, and raises ``watcher.exhausted()`` on a checkout timeout."""
+
+    class Tracked(base):  # type: ignore[valid-type,misc]
+        def _do_get(self) -> ConnectionPoolEntry:
+            started = time.perf_counter()
+            try:
+                record: ConnectionPoolEntry = super()._do_get()
+            except exc.TimeoutError as error:
+                raise watcher.exhausted(self, error) from None
+            finally:
+                watcher.waited(self, time.perf_counter() - started)
+            watcher.taken(self, record)
+            return record
+
+        def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+            watcher.returned(self, record)
+            super()._do_return_conn(record)
+
+    Tracked.__name__ = Tracked.__qualname__ = f"Tracked{base.__name__}"
+    return Tracked
+
+
+def dialect_class(url: URL, *, asyncio: bool) -> Any:
+    """The dialect class of ``url`` as ``create_engine`` (``asyncio``:
+    ``create_async_engine``) would pick it: psycopg's URL names both."""
+    return url.get_dialect(_is_async=asyncio)
+
+
+def max_overflow(pool: QueuePool) -> int:
+    """The pool's ``max_overflow`` (SQLAlchemy has no public getter)."""
+    return int(pool._max_overflow)
