@@ -250,3 +250,68 @@ def test_in_memory_database_an_open_reader_blocks_a_writers_commit() -> None:
             assert list(reader.scalars(text("SELECT n FROM t"))) == [2]
     finally:
         factory.dispose()
+
+
+def test_a_relative_sqlite_url_names_one_file_whatever_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path is resolved once, as bare SQLAlchemy does: a later ``os.chdir`` cannot
+    send the connections opened after it to another file."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    factory = DbSessionFactory("sqlite:///relative.sqlite3")
+    try:
+        with factory.session_scope() as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+            session.execute(text("INSERT INTO t VALUES (1)"))
+        monkeypatch.chdir(second)
+        factory.engine.dispose()  # the next scope opens a new connection
+        with factory.session_scope() as session:
+            session.execute(text("INSERT INTO t VALUES (2)"))
+        assert not (second / "relative.sqlite3").exists()
+        with sqlite3.connect(first / "relative.sqlite3") as raw:
+            assert raw.execute("SELECT n FROM t ORDER BY n").fetchall() == [(1,), (2,)]
+    finally:
+        factory.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_a_child_forked_while_a_thread_writes_starts_with_a_free_gate(tmp_path: Path) -> None:
+    """gunicorn --preload with a background thread inside a writing scope: the child
+    inherited the gate as held for ever, and every write in it failed."""
+    factory = DbSessionFactory(f"sqlite:///{tmp_path / 'fork.sqlite3'}", sqlite_busy_timeout=1)
+    inside, leave = threading.Event(), threading.Event()
+
+    def write_slowly() -> None:
+        with factory.session_scope() as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+            inside.set()
+            leave.wait(30)
+
+    writer = threading.Thread(target=write_slowly)
+    writer.start()
+    try:
+        assert inside.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: its own engine on another file, the same process gate code
+            code = 1
+            try:
+                child = DbSessionFactory(
+                    f"sqlite:///{tmp_path / 'fork.sqlite3'}", sqlite_busy_timeout=1
+                )
+                factory.engine.dispose(close=False)
+                gate = gate_for(gate_key(str(tmp_path / "fork.sqlite3")))
+                gate.acquire(stall=1)  # free in the child, though the parent's thread holds it
+                gate.release()
+                code = 0 if child is not None else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        writer.join()
+        factory.dispose()
