@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from ._config import isolation_name
 from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
 from ._guard import guard
+from ._timeouts import check_timeout, end_budget, start_budget
 
 E = TypeVar("E")
 M = TypeVar("M")
@@ -68,7 +71,7 @@ class Binding(Generic[E, M]):
         }
         self._sync_engine = sync_engine
         self._maker_type = maker_type
-        self._makers: dict[tuple[bool, str | None, float | None], M] = {}
+        self._makers: dict[tuple[bool, str | None, bool], M] = {}
         self._levels: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._joined: dict[bool, M] | None = None
@@ -92,15 +95,22 @@ class Binding(Generic[E, M]):
         readonly: bool = False,
         isolation_level: str | None = None,
         timeout: float | None = None,
+        timed: bool = False,
     ) -> M:
         """The sessionmaker for this kind of scope; ``isolation_level`` already normalized,
-        ``timeout`` the scope's time budget in seconds (see ``_timeouts``).
+        ``timeout`` the scope's time budget in seconds (see ``_timeouts``): then a maker
+        of sessions that apply it, made from the one ``timed`` maker of that kind.
 
-        Raises UnsupportedIsolationLevelError if the backend has no such level.
+        Raises UnsupportedIsolationLevelError if the backend has no such level,
+        ConfigurationError for a timeout that is not a positive number.
         """
         if self._joined is not None:
             return self._joined[readonly]
-        key = (readonly, isolation_level, timeout)
+        if timeout is not None:
+            seconds = check_timeout(timeout)
+            maker = self.maker(readonly=readonly, isolation_level=isolation_level, timed=True)
+            return cast(M, functools.partial(cast(Any, maker), dbsession_budget=seconds))
+        key = (readonly, isolation_level, timed)
         made = self._makers.get(key)
         if made is not None:
             return made
@@ -115,10 +125,13 @@ class Binding(Generic[E, M]):
                     self._sync_engine,
                     readonly=readonly,
                     isolation_level=isolation_level,
-                    timeout=timeout,
+                    timed=timed,
                     read_only_engine=twin,
                 )
-                made = self._maker_type(bind=bind, **self._session_options)
+                options = self._session_options
+                if timed:
+                    options = {**options, **_timed_session_options(options)}
+                made = self._maker_type(bind=bind, **options)
                 self._makers[key] = made
             return made
 
@@ -168,6 +181,35 @@ class Binding(Generic[E, M]):
                 f"Isolation level {level!r} is not supported by "
                 f"{self._sync_engine.dialect.name}; use one of: {', '.join(sorted(self._levels))}."
             )
+
+
+_timed_classes: dict[type[Any], type[Any]] = {}
+
+
+def _timed_session_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The session class options of a timed maker: a subclass of the session class whose
+    sessions start a scope's budget (``_timeouts.start_budget``) when made and end it when
+    closed (``class_`` on the sync side, ``sync_session_class`` on the async one)."""
+    name = "sync_session_class" if "sync_session_class" in options else "class_"
+    base = options.get(name, Session)
+    timed = _timed_classes.get(base)
+    if timed is None:
+        timed = _timed_classes[base] = type(f"Timed{base.__name__}", (_TimedMixin, base), {})
+    return {name: timed}
+
+
+class _TimedMixin:
+    """Mixed into a Session class: the session carries a scope's time budget."""
+
+    def __init__(self, *args: Any, dbsession_budget: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dbsession_budget = start_budget(dbsession_budget)
+
+    def close(self) -> None:
+        try:
+            super().close()  # type: ignore[misc]
+        finally:
+            end_budget(self._dbsession_budget)
 
 
 class _BoundMaker:

@@ -53,7 +53,6 @@ from ._readonly import (
 from ._sqlite import install_opinions, install_write_gate, prepare_url, writer_view
 from ._timeouts import (
     TIMEOUT_OPTION,
-    check_timeout,
     driver_timeouts,
     install_ping_timeout,
     install_scope_timeouts,
@@ -352,15 +351,15 @@ _poll = getattr(select, "poll", None)
 
 
 def scope_options(
-    engine: Engine, *, readonly: bool, isolation_level: str | None, timeout: float | None = None
+    engine: Engine, *, readonly: bool, isolation_level: str | None, timed: bool = False
 ) -> dict[str, Any]:
-    """The execution options of the engine a scope of this kind runs on (``timeout``: the
-    scope's time budget in seconds, applied by ``_timeouts``)."""
+    """The execution options of the engine a scope of this kind runs on (``timed``: its
+    scopes have a time budget, which ``_timeouts`` applies)."""
     options: dict[str, Any] = readonly_options(engine.dialect.name) if readonly else {}
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
-    if timeout is not None:
-        options[TIMEOUT_OPTION] = check_timeout(timeout)
+    if timed:
+        options[TIMEOUT_OPTION] = True
     return options
 
 
@@ -370,7 +369,7 @@ def scope_engine(
     *,
     readonly: bool,
     isolation_level: str | None,
-    timeout: float | None = None,
+    timed: bool = False,
     read_only_engine: Any = None,
 ) -> Any:
     """The engine a scope of this kind runs on: ``engine`` (an ``Engine`` or
@@ -385,7 +384,7 @@ def scope_engine(
     elif not readonly and sync_engine.dialect.name == "sqlite":
         engine = writer_view(engine)
     options = scope_options(
-        sync_engine, readonly=readonly, isolation_level=isolation_level, timeout=timeout
+        sync_engine, readonly=readonly, isolation_level=isolation_level, timed=timed
     )
     has = engine.get_execution_options()
     options = {key: value for key, value in options.items() if has.get(key) != value}
@@ -395,7 +394,7 @@ def scope_engine(
     sync_view = getattr(view, "sync_engine", view)
     if readonly and sync_engine.dialect.name in ("mysql", "mariadb"):
         install_mysql_read_only(sync_view)
-    if timeout is not None:
+    if timed:
         install_scope_timeouts(sync_view)
     return view
 

@@ -31,9 +31,10 @@ from sqlalchemy.engine import URL, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from ._connect import call_driver
-from ._errors import SQLitePathError
+from ._errors import ScopeTimeoutError, SQLitePathError
 from ._seam import Method, flagged_view, set_hook
-from ._sqlite_gate import gate_for, gate_key
+from ._sqlite_gate import busy_error, gate_for, gate_key
+from ._timeouts import current_budget
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -122,7 +123,8 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
     statement's is (an ``OperationalError`` for ``SQLITE_BUSY``), so retries recognise it.
     A writer gives up when the gate has not moved for twice ``busy_timeout``: its holder
     may wait up to the busy timeout in SQLite for another process before its transaction
-    even begins, then gets as long again for its work. The gate is released once the
+    even begins, then gets as long again for its work. A timed scope's writer also gives
+    up when its budget runs out (ScopeTimeoutError). The gate is released once the
     transaction has ended: after the driver's COMMIT succeeded (not in the commit event,
     which runs before it: the next writer must find SQLite's lock free), after any
     rollback (the pool's reset on return included), and when the connection is
@@ -137,11 +139,23 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
             begin_reader(dbapi_connection)
             return
         if _HELD not in info:
+            budget = current_budget()
+            until = None if budget is None else budget.until
             run_async = getattr(dbapi_connection.dbapi_connection, "run_async", None)
             if run_async is not None:
-                run_async(lambda _: gate.acquire_async(stall))
+                held = run_async(lambda _: gate.acquire_async(stall, until))
             else:
-                gate.acquire(stall)
+                held = gate.acquire(stall, until)
+            if not held:
+                assert budget is not None
+                raise ScopeTimeoutError(
+                    f"session_scope(timeout={budget.seconds:g}) ran out of time waiting for the "
+                    f"write lock of the SQLite database {gate.key!r}, which another writer of "
+                    "this process held; the scope is rolled back. Allow more time with a "
+                    "larger timeout=, or keep writing transactions short.",
+                    orig=busy_error(gate.key, budget.seconds),
+                    statement="BEGIN IMMEDIATE",
+                )
             info[_HELD] = gate
         try:
             execute_raw(dbapi_connection, "BEGIN IMMEDIATE")

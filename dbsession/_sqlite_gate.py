@@ -32,6 +32,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -156,35 +157,45 @@ class WriteGate:
             )
         return False
 
-    def acquire(self, stall: float) -> None:
-        """Block this thread until it holds the gate (see the class for what it raises)."""
+    def acquire(self, stall: float, until: float | None = None) -> bool:
+        """Block this thread until it holds the gate (True), or until the ``time.monotonic()``
+        deadline ``until`` has passed (False: it left the queue). See the class for what
+        it raises."""
         waiter = self._enter_or_queue(lambda: _Waiter(threading.Event()))
         if waiter is None:
-            return
+            return True
         assert waiter.event is not None
         try:
             seen = self._handoffs
-            while not waiter.event.wait(stall):
+            while not waiter.event.wait(_wait_for(stall, until)):
+                if _passed(until):
+                    return self._give_up(waiter, None)
                 if self._give_up(waiter, seen, stall):
-                    return
+                    return True
                 seen = self._handoffs
+            return True
         except BaseException:
             self._give_up(waiter, None)
             raise
 
-    async def acquire_async(self, stall: float) -> None:
-        """Wait (without blocking the event loop) until this task holds the gate."""
+    async def acquire_async(self, stall: float, until: float | None = None) -> bool:
+        """Wait (without blocking the event loop) until this task holds the gate; as
+        :meth:`acquire` otherwise."""
         loop = asyncio.get_running_loop()
         waiter = self._enter_or_queue(lambda: _Waiter(loop=loop, future=loop.create_future()))
         if waiter is None:
-            return
+            return True
         assert waiter.future is not None
         try:
             seen = self._handoffs
             while True:
-                done, _ = await asyncio.wait({waiter.future}, timeout=stall)
-                if done or self._give_up(waiter, seen, stall):
-                    return
+                done, _ = await asyncio.wait({waiter.future}, timeout=_wait_for(stall, until))
+                if done:
+                    return True
+                if _passed(until):
+                    return self._give_up(waiter, None)
+                if self._give_up(waiter, seen, stall):
+                    return True
                 seen = self._handoffs
         except BaseException:
             self._give_up(waiter, None)
@@ -203,6 +214,14 @@ class WriteGate:
             if waiter.wake():
                 return
         self._held = False
+
+
+def _wait_for(stall: float, until: float | None) -> float:
+    return stall if until is None else max(0.0, min(stall, until - time.monotonic()))
+
+
+def _passed(until: float | None) -> bool:
+    return until is not None and time.monotonic() >= until
 
 
 def busy_error(key: str, stall: float) -> sqlite3.OperationalError:

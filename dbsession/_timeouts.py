@@ -32,6 +32,8 @@ import math
 import re
 import select
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
@@ -43,10 +45,57 @@ from ._connect import call_driver
 from ._errors import ConfigurationError, ScopeTimeoutError
 from ._seam import set_hook
 
-#: Execution option carrying a scope's time budget in seconds (``session_scope(timeout=)``).
+#: Execution option of the views timed scopes run on (one per kind of scope, whatever the
+#: budget): their listeners apply the budget of the scope open in this context.
 TIMEOUT_OPTION = "dbsession_timeout"
 _PROGRESS_STEPS = 1000
-_TIMED_STATEMENT = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|REPLACE|WITH)\b", re.IGNORECASE)
+#: The statements MariaDB runs under ``SET STATEMENT ... FOR``: after any comments and
+#: opening parentheses (SQLAlchemy's ``union()`` of LIMITed selects begins with one).
+_TIMED_STATEMENT = re.compile(
+    r"(?:\s|/\*.*?\*/|--[^\n]*(?:\n|$)|#[^\n]*(?:\n|$)|\()*"
+    r"(SELECT|INSERT|UPDATE|DELETE|REPLACE|WITH|VALUES|TABLE)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+@dataclass(eq=False)
+class Budget:
+    """The time budget of one timed scope: ``seconds``, and its ``time.monotonic()``
+    deadline ``until``, counted from the scope's start (a SQLite writer's wait for the
+    write gate included)."""
+
+    seconds: float
+    until: float
+    outer: Budget | None = None
+    open: bool = True
+
+
+_budget: ContextVar[Budget | None] = ContextVar("dbsession_budget", default=None)
+
+
+def start_budget(seconds: float) -> Budget:
+    """Make ``seconds`` the budget of the scope starting in this context, until
+    :func:`end_budget`. A budget is a value, not a view or sessionmaker: any number of
+    distinct budgets costs the same, in memory and per scope."""
+    budget = Budget(seconds, time.monotonic() + seconds, _budget.get())
+    _budget.set(budget)
+    return budget
+
+
+def end_budget(budget: Budget) -> None:
+    """The scope of ``budget`` ended (in whatever context): the one open before it, if any,
+    applies again here."""
+    budget.open = False
+    if _budget.get() is budget:
+        _budget.set(budget.outer)
+
+
+def current_budget() -> Budget | None:
+    """The budget of the timed scope open in this context, or None."""
+    budget = _budget.get()
+    while budget is not None and not budget.open:
+        budget = budget.outer
+    return budget
 
 
 def check_timeout(timeout: float) -> float:
@@ -161,8 +210,9 @@ def _wait_readable(fd: int, deadline: float, connection: Any, write: bool = Fals
 
 
 def install_scope_timeouts(engine: Engine) -> None:
-    """Apply a scope's time budget (execution option ``TIMEOUT_OPTION``) to its transaction,
-    on ``engine``: a view with the option (listeners there cost the other scopes nothing).
+    """Apply the budget of the timed scope open in this context (:func:`current_budget`)
+    to the transactions of ``engine``: the view (execution option ``TIMEOUT_OPTION``)
+    timed scopes of one kind run on (listeners there cost the other scopes nothing).
 
     PostgreSQL: ``SET LOCAL statement_timeout`` and ``lock_timeout``. MySQL/MariaDB: each
     statement runs as ``SET STATEMENT max_statement_time=..., innodb_lock_wait_timeout=...
@@ -175,9 +225,9 @@ def install_scope_timeouts(engine: Engine) -> None:
 
         @event.listens_for(engine, "begin")
         def set_local(connection: Connection) -> None:
-            budget = connection.get_execution_options().get(TIMEOUT_OPTION)
+            budget = current_budget()
             if budget is not None:
-                ms = max(1, int(budget * 1000))
+                ms = max(1, int(budget.seconds * 1000))
                 connection.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
 
@@ -192,11 +242,12 @@ def install_scope_timeouts(engine: Engine) -> None:
             context: Any,
             executemany: bool,
         ) -> tuple[str, Any]:
-            budget = connection.get_execution_options().get(TIMEOUT_OPTION)
+            budget = current_budget()
             if budget is not None and _TIMED_STATEMENT.match(statement):
+                seconds = budget.seconds
                 statement = (
-                    f"SET STATEMENT max_statement_time={float(budget)!r}, "
-                    f"innodb_lock_wait_timeout={max(1, math.ceil(budget))} FOR {statement}"
+                    f"SET STATEMENT max_statement_time={seconds!r}, "
+                    f"innodb_lock_wait_timeout={max(1, math.ceil(seconds))} FOR {statement}"
                 )
             return statement, parameters
 
@@ -204,9 +255,9 @@ def install_scope_timeouts(engine: Engine) -> None:
 
         @event.listens_for(engine, "begin")
         def arm(connection: Connection) -> None:
-            budget = connection.get_execution_options().get(TIMEOUT_OPTION)
+            budget = current_budget()
             if budget is not None:
-                deadline = time.monotonic() + budget
+                deadline = budget.until
                 _progress_handler(connection, lambda: int(time.monotonic() > deadline))
 
         @event.listens_for(engine, "commit")
@@ -228,12 +279,16 @@ def install_timeout_errors(engine: Engine) -> None:
         connection = context.connection
         if connection is None or context.is_pre_ping:
             return None
-        budget = connection.get_execution_options().get(TIMEOUT_OPTION)
+        budget = current_budget()
         original = context.original_exception
-        if budget is None or not _is_timeout(original, name):
+        if (
+            budget is None
+            or not connection.get_execution_options().get(TIMEOUT_OPTION)
+            or not _is_timeout(original, name)
+        ):
             return None
         return ScopeTimeoutError(
-            f"session_scope(timeout={budget!r}) ran out of time ({name}: "
+            f"session_scope(timeout={budget.seconds:g}) ran out of time ({name}: "
             f"{first_line(original, engine.url)}); the scope is rolled back. Allow more "
             "time with a larger timeout=, or make the statement (or the lock holder) faster.",
             statement=context.statement,

@@ -259,3 +259,92 @@ def test_pooler_errors_are_read_as_lost_connections() -> None:
         psycopg.InternalError("received 2 results from command 'COMMIT'"), "postgresql"
     )
     assert not is_lost_connection(psycopg.InternalError("something else"), "postgresql")
+
+
+@pytest.mark.backends("mysql")
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "/* a comment first */ SELECT SLEEP(10)",
+        "-- a comment line\nSELECT SLEEP(10)",
+        "(SELECT SLEEP(10) LIMIT 1) UNION (SELECT 2 LIMIT 1)",
+    ],
+    ids=["block comment", "line comment", "union of limited selects"],
+)
+def test_every_mariadb_statement_of_a_timed_scope_is_bounded(
+    factory: DbSessionFactory, sql: str
+) -> None:
+    """SQLAlchemy's own ``union()`` of LIMITed selects starts with ``(``; a statement may
+    start with a comment: both ran unbounded under ``timeout=1``."""
+    error = within(BOUND, lambda: _timed_out(factory, sql))
+    assert "timeout=1" in str(error)
+
+
+def test_distinct_budgets_share_one_sessionmaker_and_view_per_kind(
+    factory: DbSessionFactory,
+) -> None:
+    """The remaining request budget passed as timeout= (a new value every time) made a
+    sessionmaker and an engine view for each value, kept for ever (177 MB over 5,000)."""
+    binding = factory._build()
+    for n in range(200):
+        with factory.session_scope(timeout=5 + n / 1000) as session:
+            session.execute(text("SELECT 1"))
+        with factory.session_scope(timeout=5 + n / 1000, readonly=True) as session:
+            session.execute(text("SELECT 1"))
+    assert len(binding._makers) == 2  # one timed maker per kind of scope, whatever the values
+    counted = (  # about a second on SQLite: no budget is left behind in this context
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000000) "
+        "SELECT count(*) FROM n"
+    )
+    with factory.session_scope() as session:
+        assert session.execute(text(counted)).scalar_one() == 2000000
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_timed_sqlite_writer_waits_for_the_write_gate_only_within_its_budget(
+    backend_url: URL, side: str
+) -> None:
+    """``session_scope(timeout=1)`` waited 8 s for the write gate, then committed: the
+    budget bounds the gate wait too, with ScopeTimeoutError while the holder still holds."""
+    import threading
+
+    factory = DbSessionFactory(backend_url, sqlite_busy_timeout=30)
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with factory.session_scope() as session:
+            session.execute(text("CREATE TABLE IF NOT EXISTS held (n INTEGER)"))
+            inside.set()
+            leave.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        if side == "sync":
+
+            def write() -> None:
+                with factory.session_scope(timeout=0.5) as session:
+                    session.execute(text("INSERT INTO held VALUES (1)"))
+
+        else:
+
+            def write() -> None:
+                async def main() -> None:
+                    made = AsyncDbSessionFactory(backend_url.set(drivername="sqlite+aiosqlite"))
+                    try:
+                        async with made.session_scope(timeout=0.5) as session:
+                            await session.execute(text("INSERT INTO held VALUES (1)"))
+                    finally:
+                        await made.dispose()
+
+                asyncio.run(main())
+
+        with pytest.raises(ScopeTimeoutError, match="write lock"):
+            within(BOUND, write)
+        assert not leave.is_set() and holder.is_alive()  # it gave up; the holder still held
+    finally:
+        leave.set()
+        holder.join()
+        factory.dispose()
