@@ -23,6 +23,7 @@ import ast
 import asyncio
 import inspect
 import os
+import re
 import subprocess
 import sys
 import types
@@ -184,3 +185,20 @@ if __name__ == "__main__":
         print(errors_table(), end="")
     else:
         run_page(Path(sys.argv[1]))
+
+
+def test_the_layout_page_names_every_module_and_nothing_gone() -> None:
+    """docs/layout.md is the map a reader opens first: every module of the package (and
+    the plugin's entry module) has its line, and no line names a module that is gone."""
+    root = Path(__file__).resolve().parent.parent
+    layout = (root / "docs" / "layout.md").read_text()
+    package = root / "dbsession"
+    modules = {
+        path.name
+        for path in package.glob("*.py")
+        if path.name not in ("__main__.py", "_version.py")
+    } | {"pytest_dbsession.py"}
+    package_part = layout[: layout.index("\ntests/")]  # the test tree's files come after
+    named = set(re.findall(r"^\s*(\w+\.py)\s", package_part, flags=re.MULTILINE))
+    assert sorted(modules - named) == []
+    assert sorted(named - modules) == []
