@@ -17,17 +17,15 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._context import Frame, entering_frame, pop, push, run_hooks
+from ._context import Frame, entering_frame, pop, push
 from ._scope import (
     UnitOfWorkBase,
     close_savepoint,
     end_transaction,
-    observed_end,
     open_savepoint,
     refuse_doomed,
     rollback_quietly,
     savepoint_frame,
-    was_committed,
 )
 
 logger: logging.Logger = logging.getLogger("dbsession")
@@ -69,19 +67,9 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession]):
             raise
         finally:
             try:
-                pop(frame)
+                await run_to_completion(_close_quietly(session))
             finally:
-                try:
-                    await run_to_completion(_close_quietly(session))
-                finally:
-                    try:
-                        if was_committed(session.sync_session):
-                            run_hooks(frame.hooks, session)
-                    finally:
-                        try:
-                            observed_end(self._observation, error is None, error)
-                        finally:
-                            pop(frame)  # again, if an interrupt cut the first one short
+                self._finish(session, error)
 
 
 class AsyncSavepoint:
@@ -94,7 +82,7 @@ class AsyncSavepoint:
 
     async def __aenter__(self) -> AsyncSession:
         frame = self._frame
-        frame.entered_by = entering_frame(1)
+        frame.claim(entering_frame(1))
         session: AsyncSession = frame.session  # type: ignore[assignment]
         self._transaction = await session.run_sync(open_savepoint, frame)
         push(frame)

@@ -16,7 +16,7 @@ import logging
 import operator
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
@@ -27,6 +27,9 @@ from ._classify import transient_reason
 from ._context import Frame, entering_frame, pop, push, run_hooks
 from ._errors import ScopeError, TransactionAbortedError
 from ._guard import guard, unguard
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -56,9 +59,7 @@ event.listen(
 
 def observe(frame: Frame) -> observability.Observation | None:
     """Start observing the unit of work of ``frame`` (None when nothing is observed)."""
-    return observability.begin(
-        frame.entered_by, frame.owner, frame.readonly, frame.isolation_level
-    )
+    return observability.begin(frame.entered_by, frame.owner, frame.readonly, frame.isolation_level)
 
 
 def observed_end(
@@ -99,11 +100,28 @@ class UnitOfWorkBase(Generic[S]):
         """Make the session, push its frame (opened by ``entered_by``) and observe it."""
         session = self._make_session()
         frame = Frame(session, self._owner, self._readonly, self._isolation_level)
-        frame.entered_by = entered_by
+        frame.claim(entered_by)
         self._frame = frame
         push(frame)
         self._observation = observe(frame)
         return session
+
+    def _finish(self, session: Session | AsyncSession, error: BaseException | None) -> None:
+        """The last step of both exits, once the session is closed (``error`` is what ended
+        the scope, None after a commit): end the scope's visibility, run the on_commit
+        hooks if the unit of work committed, end its observation. Each step runs even if
+        an interrupt cuts the one before it short."""
+        try:
+            pop(self._frame)
+        finally:
+            try:
+                if was_committed(session):
+                    run_hooks(self._frame.hooks, session)
+            finally:
+                try:
+                    observed_end(self._observation, error is None, error)
+                finally:
+                    pop(self._frame)  # again, if an interrupt cut the first one short
 
 
 class UnitOfWork(UnitOfWorkBase[Session]):
@@ -143,21 +161,10 @@ class UnitOfWork(UnitOfWorkBase[Session]):
             rollback_quietly(session)
             raise
         finally:
-            # Each step in a finally of its own: an interrupt in one still runs the next.
             try:
-                pop(frame)
+                close_quietly(session)
             finally:
-                try:
-                    close_quietly(session)
-                finally:
-                    try:
-                        if was_committed(session):
-                            run_hooks(frame.hooks, session)
-                    finally:
-                        try:
-                            observed_end(self._observation, error is None, error)
-                        finally:
-                            pop(frame)  # again, if an interrupt cut the first one short
+                self._finish(session, error)
 
 
 def savepoint_frame(outer: Frame, *, readonly: bool, isolation_level: str | None) -> Frame:
@@ -204,7 +211,7 @@ class Savepoint:
 
     def __enter__(self) -> Session:
         frame = self._frame
-        frame.entered_by = entering_frame(1)
+        frame.claim(entering_frame(1))
         session: Session = frame.session  # type: ignore[assignment]
         self._transaction = open_savepoint(session, frame)
         push(frame)
@@ -340,7 +347,7 @@ def watch_commit(session: Session) -> None:
         event.listen(session, "after_commit", record)
 
 
-def was_committed(session: Session) -> bool:
+def was_committed(session: Session | AsyncSession) -> bool:
     """True (once) if ``watch_commit`` saw ``session`` commit (or ``end_transaction`` end
     a read-only scope without an error)."""
     return session.info.pop(COMMITTED_KEY, None) is not None
