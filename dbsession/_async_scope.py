@@ -21,9 +21,8 @@ from ._context import Frame, entering_frame, pop, push
 from ._scope import (
     UnitOfWorkBase,
     close_savepoint,
-    end_transaction,
+    commit_unit,
     open_savepoint,
-    refuse_doomed,
     rollback_quietly,
     savepoint_frame,
 )
@@ -56,9 +55,8 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession]):
         error = exc
         try:
             if exc is None:
-                refuse_doomed(frame)
                 # Run to completion: a cancellation never leaves a commit half-known.
-                await run_to_completion(session.run_sync(end_transaction, frame.readonly))
+                await run_to_completion(session.run_sync(commit_unit, frame))
             else:
                 await run_to_completion(session.run_sync(rollback_quietly))
         except BaseException as failure:

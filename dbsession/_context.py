@@ -66,6 +66,8 @@ class Frame:
     and ``suspends`` record its owner (see ``claim``); ``open`` turns False when it
     ends, in whatever context that happens. ``doomed`` holds the error that lost the
     transaction inside a savepoint: the outermost scope then refuses to commit.
+    ``failed`` (outermost scope only) lists the statements that failed while it was
+    open: ``(connection, error, innermost savepoint then open)``.
     """
 
     session: object
@@ -79,6 +81,7 @@ class Frame:
     thread: int = 0
     suspends: FrameType | None = None
     doomed: BaseException | None = None
+    failed: list[tuple[object, BaseException, object]] | None = None
 
     @property
     def root(self) -> Frame:

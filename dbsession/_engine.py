@@ -64,6 +64,7 @@ from ._errors import (
 )
 from ._pool import pool_class_for
 from ._pooler import install_connection_loss, prepared_statement_args
+from ._scope import note_failed_statement
 from ._sqlite_gate import install_deferred_begin, install_write_gate, writer_view
 from ._timeouts import (
     TIMEOUT_OPTION,
@@ -165,6 +166,7 @@ def _build(
         connector.engine = engine
     _install_fork_guard(engine)
     observability.watch(engine)
+    event.listen(engine, "handle_error", note_failed_statement)
     _install_read_only_errors(engine)
     install_timeout_errors(engine)
     if is_sqlite:
