@@ -25,6 +25,7 @@ from ._errors import ConfigurationError as ConfigurationError
 from ._errors import DatabaseReadOnlyError as DatabaseReadOnlyError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
+from ._errors import NeedsRollbackError as NeedsRollbackError
 from ._errors import NoActiveScopeError as NoActiveScopeError
 from ._errors import ReadOnlyError as ReadOnlyError
 from ._errors import RetryExhaustedError as RetryExhaustedError
@@ -48,6 +49,7 @@ __all__ = [
     "DatabaseUnreachableError",
     "DbSessionError",
     "DbSessionFactory",
+    "NeedsRollbackError",
     "NoActiveScopeError",
     "ReadOnlyError",
     "RetryExhaustedError",

@@ -17,17 +17,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._context import Frame, entering_frame, pop, push, run_hooks
+from ._context import Frame, entering_frame, pop, push
 from ._scope import (
     UnitOfWorkBase,
     close_savepoint,
-    end_transaction,
-    observed_end,
+    commit_unit,
     open_savepoint,
-    refuse_doomed,
     rollback_quietly,
     savepoint_frame,
-    was_committed,
 )
 
 logger: logging.Logger = logging.getLogger("dbsession")
@@ -58,9 +55,8 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession]):
         error = exc
         try:
             if exc is None:
-                refuse_doomed(frame)
                 # Run to completion: a cancellation never leaves a commit half-known.
-                await run_to_completion(session.run_sync(end_transaction, frame.readonly))
+                await run_to_completion(session.run_sync(commit_unit, frame))
             else:
                 await run_to_completion(session.run_sync(rollback_quietly))
         except BaseException as failure:
@@ -69,19 +65,9 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession]):
             raise
         finally:
             try:
-                pop(frame)
+                await run_to_completion(_close_quietly(session))
             finally:
-                try:
-                    await run_to_completion(_close_quietly(session))
-                finally:
-                    try:
-                        if was_committed(session.sync_session):
-                            run_hooks(frame.hooks, session)
-                    finally:
-                        try:
-                            observed_end(self._observation, error is None, error)
-                        finally:
-                            pop(frame)  # again, if an interrupt cut the first one short
+                self._finish(session, error)
 
 
 class AsyncSavepoint:
@@ -94,7 +80,7 @@ class AsyncSavepoint:
 
     async def __aenter__(self) -> AsyncSession:
         frame = self._frame
-        frame.entered_by = entering_frame(1)
+        frame.claim(entering_frame(1))
         session: AsyncSession = frame.session  # type: ignore[assignment]
         self._transaction = await session.run_sync(open_savepoint, frame)
         push(frame)

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -15,6 +16,7 @@ from ._config import isolation_name
 from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
 from ._guard import guard
+from ._scope import note_failed_statement
 from ._timeouts import check_timeout, end_budget, start_budget
 
 E = TypeVar("E")
@@ -59,6 +61,8 @@ class Binding(Generic[E, M]):
         make_twin: Callable[[], E] | None = None,
     ) -> None:
         self.engine = engine
+        # A scope's code that catches a failed statement's error must not commit the rest.
+        event.listen(sync_engine, "handle_error", note_failed_statement)
         self._make_twin = make_twin
         self._twin: E | None = None
         self.expire_on_commit = expire_on_commit

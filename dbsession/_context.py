@@ -2,21 +2,25 @@
 
 Pure Python with no I/O, so the sync scopes and the async ones drive it alike.
 
-**Ownership.** A scope belongs to the code running inside its ``with`` block: the
-thread or asyncio task that opened it, and only while the Python frame that entered
-it is still running below the caller. The stack itself lives in a ``ContextVar``,
-which is *copied* into child tasks, ``copy_context().run``, ``asyncio.to_thread`` and
-thread pools, and which a generator suspended inside a scope leaves set for its
-consumer. So a frame found on the stack is trusted only when it is
+**Ownership.** A scope belongs to the code running inside its ``with`` block. The
+stack itself lives in a ``ContextVar``, which is *copied* into child tasks,
+``copy_context().run``, ``asyncio.to_thread`` and thread pools, and which a generator
+suspended inside a scope leaves set for its consumer. So the owner is recorded once,
+when the scope is entered: the thread, and the entering Python frame when that frame
+can suspend (a generator, a coroutine or an async generator). A frame found on the
+stack is trusted only when it is
 
-- still open (its scope has not ended, wherever it ended), and
-- entered by a Python frame that is on the current call stack (which is false in
-  another thread, in another task, and for the consumer of a suspended generator),
+- still open (its scope has not ended, wherever it ended),
+- in the thread that entered it, and
+- if it was entered by a frame that can suspend, while that frame is running (not
+  while a child task runs and its parent coroutine waits, nor while a generator's
+  consumer runs and the generator waits at a ``yield``),
 
 or when it was explicitly *lent* to the code that sees it (a web integration that
-opens the scope in a dependency and runs the handler elsewhere). Anything else is
-invisible: ``current_session()`` raises NoActiveScopeError and a new scope is a new
-unit of work. Dead frames are pruned from the stack the next time it is pushed.
+opens the scope in a dependency and runs the handler elsewhere). Each test is O(1):
+no walk of the call stack, whatever its depth. Anything else is invisible:
+``current_session()`` raises NoActiveScopeError and a new scope is a new unit of
+work. Dead frames are pruned from the stack the next time it is pushed.
 
 The stack holds its frames *weakly*: the scope object (``UnitOfWork`` ...) that the
 ``with`` statement keeps owns its frame. So a scope abandoned half-way (an interrupt
@@ -30,10 +34,12 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from inspect import CO_ASYNC_GENERATOR, CO_COROUTINE, CO_GENERATOR, CO_ITERABLE_COROUTINE
 from types import FrameType
 from typing import TypeVar
 
@@ -47,6 +53,8 @@ Hook = Callable[[], object]
 S = TypeVar("S")
 
 _CONTEXTLIB_FILES = frozenset({contextlib.__file__})
+_SUSPENDS = CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERABLE_COROUTINE
+_LENT = -1  # the thread of a lent frame: any code that sees the context
 
 
 @dataclass(eq=False)
@@ -54,9 +62,12 @@ class Frame:
     """One active scope: its session, the factory that opened it, and its pending hooks.
 
     ``parent`` is set for a savepoint joined to an outer scope. ``entered_by`` is the
-    Python frame that entered the scope; ``open`` turns False when it ends, in whatever
-    context that happens. ``doomed`` holds the error that lost the transaction inside
-    a savepoint: the outermost scope then refuses to commit.
+    Python frame that entered the scope (for observability's call site); ``thread``
+    and ``suspends`` record its owner (see ``claim``); ``open`` turns False when it
+    ends, in whatever context that happens. ``doomed`` holds the error that lost the
+    transaction inside a savepoint: the outermost scope then refuses to commit.
+    ``failed`` (outermost scope only) lists the statements that failed while it was
+    open: ``(connection, error, innermost savepoint then open)``.
     """
 
     session: object
@@ -67,8 +78,10 @@ class Frame:
     hooks: list[Hook] = field(default_factory=list)
     entered_by: FrameType | None = None
     open: bool = True
-    lent: bool = False
+    thread: int = 0
+    suspends: FrameType | None = None
     doomed: BaseException | None = None
+    failed: list[tuple[object, BaseException, object]] | None = None
 
     @property
     def root(self) -> Frame:
@@ -77,6 +90,19 @@ class Frame:
         while frame.parent is not None:
             frame = frame.parent
         return frame
+
+    @property
+    def lent(self) -> bool:
+        """True once ``lend`` made the scope visible to any code that sees its context."""
+        return self.thread == _LENT
+
+    def claim(self, entered_by: FrameType | None) -> None:
+        """Record the owner: the running thread, and ``entered_by`` (the Python frame that
+        runs the ``with`` statement) if it can suspend while the scope is open."""
+        self.entered_by = entered_by
+        self.thread = threading.get_ident()
+        if entered_by is not None and entered_by.f_code.co_flags & _SUSPENDS:
+            self.suspends = entered_by
 
     def hand_up(self) -> None:
         """A savepoint was released: its hooks now wait for the parent's commit."""
@@ -88,15 +114,13 @@ class Frame:
         """True if the running code may use this scope (see the module docstring)."""
         if not self.open:
             return False
-        if self.lent:
-            return True
-        target = self.entered_by
-        python_frame: FrameType | None = sys._getframe(1)
-        while python_frame is not None:
-            if python_frame is target:
-                return True
-            python_frame = python_frame.f_back
-        return False
+        thread = self.thread
+        if thread != threading.get_ident():
+            return thread == _LENT
+        suspends = self.suspends
+        # A generator or coroutine frame has no caller while it waits (at a yield or an
+        # await); while it runs in this thread, the running code is called from it.
+        return suspends is None or suspends.f_back is not None
 
 
 _stack: ContextVar[tuple[weakref.ref[Frame], ...]] = ContextVar("dbsession_scopes", default=())
@@ -146,7 +170,7 @@ def push(frame: Frame) -> None:
 def pop(frame: Frame) -> None:
     """End ``frame``: it is never visible again, here or in any context that copied it."""
     frame.open = False
-    frame.entered_by = None
+    frame.entered_by = frame.suspends = None
     stack = _stack.get()
     if stack and any(ref() is frame for ref in stack):
         _stack.set(_open_refs(stack))
@@ -164,8 +188,10 @@ def innermost(owner: object | None = None) -> Frame | None:
 
 def lend(frame: Frame) -> None:
     """Make ``frame`` visible to whatever code sees this context until its scope ends
-    (for integrations that open a scope in one context and run the handler in another)."""
-    frame.lent = True
+    (for integrations that open a scope in one context and run the handler in another):
+    the owner becomes that context, whatever thread or task runs it."""
+    frame.thread = _LENT
+    frame.suspends = None
     push(frame)
 
 

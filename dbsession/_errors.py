@@ -27,7 +27,10 @@ anything this package raises on its own account::
     ├── ScopeError                  a scope used in a way that cannot work
     │   ├── NoActiveScopeError      current_session()/on_commit() outside any scope
     │   ├── TransactionAbortedError the outer transaction was lost inside a savepoint;
-    │   │                           the unit of work refuses to commit
+    │   │   │                       the unit of work refuses to commit
+    │   │   └── NeedsRollbackError  a database error was caught inside the scope, or
+    │   │                           session.rollback() called: it refuses to commit (also
+    │   │                           a sqlalchemy.exc.PendingRollbackError)
     │   ├── DatabaseBlockedError    under the pytest plugin: the process default used by
     │   │                           a test that did not ask for the database
     │   └── SharedConnectionError   under the pytest plugin: another thread or a concurrent
@@ -185,6 +188,14 @@ class TransactionAbortedError(ScopeError):
     or a killed connection rolls back the whole transaction on some backends), so the
     unit of work refuses to commit what is left of it. The cause is ``__cause__``;
     ``run_in_transaction`` retries the whole unit when that cause is transient."""
+
+
+class NeedsRollbackError(TransactionAbortedError, sa_exc.PendingRollbackError):
+    """A statement of the unit of work failed with a database error that the code inside
+    the scope caught (or the code called ``session.rollback()``), so the scope refuses to
+    commit: everything is rolled back and no on_commit hook runs. The caught error is
+    ``__cause__``. Wrap an optional statement in a joined ``session_scope()`` to keep
+    the rest of the unit when it fails."""
 
 
 class DatabaseBlockedError(ScopeError):

@@ -11,22 +11,24 @@ pushed on the stack of active scopes (``_context``) while open, so
 
 from __future__ import annotations
 
-import functools
 import logging
-import operator
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import observability
 from ._classify import transient_reason
-from ._context import Frame, entering_frame, pop, push, run_hooks
-from ._errors import ScopeError, TransactionAbortedError
+from ._context import Frame, entering_frame, frames, pop, push, run_hooks
+from ._errors import NeedsRollbackError, ScopeError, TransactionAbortedError
 from ._guard import guard, unguard
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -37,21 +39,54 @@ COMMITTED_KEY = "dbsession_committed"
 
 
 class ScopeSession(Session):
-    """The Session class of dbsession's sessionmakers: a plain SQLAlchemy Session that
-    refuses writes while a read-only scope joined to a writing one is open."""
+    """The Session class of dbsession's sessionmakers: a plain SQLAlchemy Session, except
+    while a scope's unit of work owns it (``in_scope``):
 
-    #: What each commit of the session calls (a no-op); ``watch_commit`` sets it for the
-    #: unit of work's own commit. Class-level, so no per-session event set-up is paid.
-    _dbsession_on_commit: Callable[[], object] = staticmethod(tuple)
+    - ``commit()`` only flushes: the unit of work commits when its scope ends, so code
+      that calls ``session.commit()`` itself (SQLModel- and tutorial-style helpers)
+      keeps the unit all or nothing;
+    - ``rollback()`` rolls the whole transaction back and dooms the unit: its scope then
+      refuses to commit (NeedsRollbackError).
+    """
+
+    #: True while the session belongs to an open unit of work (set by ``UnitOfWork``).
+    _dbsession_in_scope: bool = False
+    #: Set by ``rollback()`` called inside the scope.
+    _dbsession_rolled_back: bool = False
+    #: Set by ``watch_commit``: the next commit is the unit of work's own.
+    _dbsession_watch: bool = False
+
+    def commit(self) -> None:
+        """Inside a scope: flush, and leave the commit to the end of the scope. Outside
+        one: ``Session.commit()``."""
+        if self._dbsession_in_scope:
+            self.flush()
+            return
+        super().commit()
+
+    def rollback(self) -> None:
+        """``Session.rollback()``; inside a scope it also dooms the unit of work, whose
+        scope then raises NeedsRollbackError instead of committing."""
+        if self._dbsession_in_scope:
+            self._dbsession_rolled_back = True
+        super().rollback()
 
 
-# Only C functions run from the commit to its record (see watch_commit); the partial
-# because SQLAlchemy keeps a weak reference to a listener, which a methodcaller refuses.
-event.listen(
-    ScopeSession,
-    "after_commit",
-    functools.partial(operator.methodcaller("_dbsession_on_commit")),
-)
+@event.listens_for(ScopeSession, "after_commit")
+def record_commit(session: Session) -> None:
+    """Record the unit of work's own commit in ``session.info`` (class-level, so no
+    per-session event set-up is paid: an instance-level listener costs SQLAlchemy a
+    dispatcher of the session's own, 6% of a one-query unit of work).
+
+    The window is not closed: SQLAlchemy runs Python code between the database's COMMIT
+    and this listener (it ends the transaction's state and dispatches the event). An
+    interrupt (``KeyboardInterrupt``, an exception from a signal handler) that lands in
+    that code leaves a committed unit unrecorded, and its on_commit hooks do not run.
+    Task cancellation cannot land there: the async scope runs its commit to completion
+    in a task of its own.
+    """
+    if session._dbsession_watch:  # type: ignore[attr-defined]
+        session.info[COMMITTED_KEY] = True
 
 
 def observe(frame: Frame) -> observability.Observation | None:
@@ -96,12 +131,31 @@ class UnitOfWorkBase(Generic[S]):
     def _open(self, entered_by: FrameType | None) -> S:
         """Make the session, push its frame (opened by ``entered_by``) and observe it."""
         session = self._make_session()
+        owned: Any = getattr(session, "sync_session", session)
+        owned._dbsession_in_scope = True
         frame = Frame(session, self._owner, self._readonly, self._isolation_level)
-        frame.entered_by = entered_by
+        frame.claim(entered_by)
         self._frame = frame
         push(frame)
         self._observation = observe(frame)
         return session
+
+    def _finish(self, session: Session | AsyncSession, error: BaseException | None) -> None:
+        """The last step of both exits, once the session is closed (``error`` is what ended
+        the scope, None after a commit): end the scope's visibility, run the on_commit
+        hooks if the unit of work committed, end its observation. Each step runs even if
+        an interrupt cuts the one before it short."""
+        try:
+            pop(self._frame)
+        finally:
+            try:
+                if was_committed(session):
+                    run_hooks(self._frame.hooks, session)
+            finally:
+                try:
+                    observed_end(self._observation, error is None, error)
+                finally:
+                    pop(self._frame)  # again, if an interrupt cut the first one short
 
 
 class UnitOfWork(UnitOfWorkBase[Session]):
@@ -132,8 +186,7 @@ class UnitOfWork(UnitOfWorkBase[Session]):
         error = exc
         try:
             if exc is None:
-                refuse_doomed(frame)
-                end_transaction(session, frame.readonly)
+                commit_unit(session, frame)
             else:
                 rollback_quietly(session)
         except BaseException as failure:
@@ -141,21 +194,10 @@ class UnitOfWork(UnitOfWorkBase[Session]):
             rollback_quietly(session)
             raise
         finally:
-            # Each step in a finally of its own: an interrupt in one still runs the next.
             try:
-                pop(frame)
+                close_quietly(session)
             finally:
-                try:
-                    close_quietly(session)
-                finally:
-                    try:
-                        if was_committed(session):
-                            run_hooks(frame.hooks, session)
-                    finally:
-                        try:
-                            observed_end(self._observation, error is None, error)
-                        finally:
-                            pop(frame)  # again, if an interrupt cut the first one short
+                self._finish(session, error)
 
 
 def savepoint_frame(outer: Frame, *, readonly: bool, isolation_level: str | None) -> Frame:
@@ -202,7 +244,7 @@ class Savepoint:
 
     def __enter__(self) -> Session:
         frame = self._frame
-        frame.entered_by = entering_frame(1)
+        frame.claim(entering_frame(1))
         session: Session = frame.session  # type: ignore[assignment]
         self._transaction = open_savepoint(session, frame)
         push(frame)
@@ -239,10 +281,22 @@ def close_savepoint(
     session: Session, frame: Frame, transaction: SessionTransaction, exc: BaseException | None
 ) -> None:
     """Release the SAVEPOINT of ``frame`` after a clean exit (its hooks go up to the
-    parent), or roll it back after ``exc``; raise whatever the release raised."""
+    parent), or roll it back after ``exc``; raise whatever the release raised. A clean
+    exit after a statement in the scope failed (the error was caught) rolls back to the
+    SAVEPOINT and raises NeedsRollbackError: the outer unit of work can catch it and go
+    on; after ``session.rollback()`` inside it, that raises at once (the whole unit is
+    already rolled back)."""
     try:
         if exc is None:
+            if getattr(session, "_dbsession_rolled_back", False):
+                raise NeedsRollbackError(
+                    "session.rollback() was called inside a joined scope: it rolled back "
+                    "the whole unit of work, not only the joined scope. Raise an exception "
+                    "out of the joined scope instead to undo only its part."
+                )
             try:
+                if frame.root.failed:
+                    refuse_failed(session, frame, transaction)
                 session.flush()
                 transaction.commit()
             except BaseException as error:
@@ -300,6 +354,93 @@ def refuse_doomed(frame: Frame) -> None:
         ) from frame.doomed
 
 
+def commit_unit(session: Session, frame: Frame) -> None:
+    """End the unit of work of ``frame`` whose block raised nothing: refuse to commit
+    (TransactionAbortedError, NeedsRollbackError) if it must not, else ``end_transaction``."""
+    if isinstance(session, ScopeSession):
+        session._dbsession_in_scope = False
+        if session._dbsession_rolled_back:
+            raise NeedsRollbackError(
+                "The unit of work cannot commit: session.rollback() was called inside its "
+                "scope, which rolled back the whole transaction. Nothing was saved. To undo "
+                "only part of a unit, put that part in a joined session_scope() and raise."
+            )
+    refuse_doomed(frame)
+    if frame.failed and not frame.readonly:
+        refuse_failed(session, frame, None)
+    end_transaction(session, frame.readonly)
+
+
+def refuse_failed(session: Session, frame: Frame, savepoint: SessionTransaction | None) -> None:
+    """Raise NeedsRollbackError if a statement of ``session`` failed inside the unit of
+    work of ``frame`` (``savepoint``: inside that joined scope) and the error was caught:
+    on PostgreSQL that transaction is already aborted, and no backend may report a
+    commit of it as if every statement had run."""
+    failed = frame.root.failed
+    if not failed:
+        return
+    error = _caught(session, failed, savepoint)
+    if error is None:
+        return
+    where = "unit of work" if savepoint is None else "joined scope"
+    raise NeedsRollbackError(
+        f"The {where} cannot commit: a statement in it failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}) and the error was caught "
+        "inside the scope. Everything in it was rolled back. To let an optional statement "
+        "fail and keep the rest, run it in a joined scope: 'with session_scope(): ...' "
+        "inside the try, and catch the error outside it."
+    ) from error
+
+
+def _caught(
+    session: Session,
+    failed: list[tuple[object, BaseException, object]],
+    savepoint: SessionTransaction | None,
+) -> BaseException | None:
+    """The last error in ``failed`` that still stands for ``session``'s transaction (or
+    for ``savepoint`` and the savepoints inside it), or None. A failure inside a savepoint
+    that has since ended (rolled back, or released by code of the app's own) is settled."""
+    transaction = session.get_transaction()
+    if transaction is None or not transaction.is_active:
+        return failed[-1][1]  # a flush failed: SQLAlchemy itself awaits the rollback
+    connection = session.connection()
+    for failed_on, error, nested in reversed(failed):
+        if failed_on is not connection:
+            continue  # another connection's statement (engine.connect() in the scope)
+        if savepoint is None:
+            if nested is None or getattr(nested, "is_active", False):
+                return error
+            continue
+        inner: Any = nested
+        while inner is not None and inner is not savepoint:
+            inner = inner.parent
+        if inner is savepoint and (nested is savepoint or nested.is_active):  # type: ignore[attr-defined]
+            return error
+    return None
+
+
+def note_failed_statement(context: ExceptionContext) -> None:
+    """``handle_error`` listener (one per engine, run only when a statement fails): note
+    a database error on the outermost scope of every unit of work visible here, so
+    that a scope whose code catches it refuses to commit (``refuse_failed``)."""
+    error = context.sqlalchemy_exception
+    connection = context.connection
+    if connection is None or context.is_pre_ping or not isinstance(error, DBAPIError):
+        return
+    for frame in frames():
+        if not frame.visible():
+            continue
+        session = getattr(frame.session, "sync_session", frame.session)
+        root = frame.root
+        if not isinstance(session, Session) or (root.failed and root.failed[-1][1] is error):
+            continue
+        noted = (connection, error, session.get_nested_transaction())
+        if root.failed is None:
+            root.failed = [noted]
+        else:
+            root.failed.append(noted)
+
+
 def end_transaction(session: Session, readonly: bool) -> None:
     """End a scope's transaction that raised nothing: commit it, or for a read-only one
     flush (so pending ORM changes raise ReadOnlyError instead of vanishing) and roll back,
@@ -323,22 +464,20 @@ def end_transaction(session: Session, readonly: bool) -> None:
 
 def watch_commit(session: Session) -> None:
     """Record the next commit of ``session`` (the unit of work's own: its savepoints have
-    ended) in ``session.info``, from SQLAlchemy's ``after_commit`` event.
-
-    The recorder is a C function, so no interrupt can fall between the commit and the
-    record: the hooks of a committed transaction run even when an interrupt or a task
-    cancellation arrives while the commit returns its connection or the session closes.
-    A ``ScopeSession`` calls it from its class-level listener (an instance-level listener
-    costs SQLAlchemy a dispatcher of the session's own: 6% of a one-query unit of work).
-    """
-    record = functools.partial(operator.setitem, session.info, COMMITTED_KEY)
+    ended) in ``session.info``: a ``ScopeSession`` through ``record_commit``, another
+    Session through a listener of its own (the slow way)."""
     if isinstance(session, ScopeSession):
-        session._dbsession_on_commit = functools.partial(record, True)
-    else:  # not a session of dbsession's makers: the slow way
-        event.listen(session, "after_commit", record)
+        session._dbsession_watch = True
+    else:
+        event.listen(session, "after_commit", record_commit_of_any)
 
 
-def was_committed(session: Session) -> bool:
+def record_commit_of_any(session: Session) -> None:
+    """``record_commit`` for a Session that is not a ``ScopeSession``."""
+    session.info[COMMITTED_KEY] = True
+
+
+def was_committed(session: Session | AsyncSession) -> bool:
     """True (once) if ``watch_commit`` saw ``session`` commit (or ``end_transaction`` end
     a read-only scope without an error)."""
     return session.info.pop(COMMITTED_KEY, None) is not None

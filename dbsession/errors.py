@@ -15,6 +15,7 @@ from ._errors import MigrationError as MigrationError
 from ._errors import MigrationLockTimeoutError as MigrationLockTimeoutError
 from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
 from ._errors import MissingDriverError as MissingDriverError
+from ._errors import NeedsRollbackError as NeedsRollbackError
 from ._errors import NoActiveScopeError as NoActiveScopeError
 from ._errors import NotInitializedError as NotInitializedError
 from ._errors import PoolExhaustedError as PoolExhaustedError
@@ -45,6 +46,7 @@ __all__ = [
     "MigrationLockTimeoutError",
     "MigrationsNotFoundError",
     "MissingDriverError",
+    "NeedsRollbackError",
     "NoActiveScopeError",
     "NotInitializedError",
     "PoolExhaustedError",

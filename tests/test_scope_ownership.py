@@ -236,12 +236,19 @@ def interrupted(unit: Callable[[], None], target: int | None) -> tuple[Injector,
 
 
 def hooks_may_be_lost(injector: Injector) -> bool:
-    """The known window: an interrupt on the cleanup's own ``try:`` lines, or while the
-    hooks are being looked up and run, after the commit (pure Python cannot close it)."""
-    return injector.function in {"run_hooks", "was_committed"} or injector.line in {
+    """The known windows: an interrupt in ``record_commit`` (SQLAlchemy runs Python between
+    COMMIT and it: its docstring), on the cleanup's own ``try:`` lines or its call of
+    the shared finishing step, or while the hooks are being looked up and run, after the
+    commit (pure Python cannot close it)."""
+    return injector.function in {
+        "run_hooks",
+        "was_committed",
+        "record_commit",
+    } or injector.line in {
         "try:",
+        "self._finish(session, error)",
         "if was_committed(session):",
-        "run_hooks(frame.hooks, session)",
+        "run_hooks(self._frame.hooks, session)",
     }
 
 

@@ -17,8 +17,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, insert, text, update
 from sqlalchemy.engine import URL
 
 import dbsession
-from dbsession import DbSessionFactory, Timeouts
-from dbsession import _seam
+from dbsession import DbSessionFactory, Timeouts, _seam
 from dbsession._seam import ORDER, flagged_view, set_hook
 from dbsession.errors import PoolExhaustedError
 

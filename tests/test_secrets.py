@@ -24,7 +24,6 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from dbsession import (
-    ConfigurationError,
     DatabaseUnreachableError,
     DbSessionError,
     DbSessionFactory,

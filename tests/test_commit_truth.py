@@ -1,0 +1,336 @@
+"""Issue 24: a scope never reports a commit that did not happen.
+
+- A database error caught inside a scope marks the unit of work as needing rollback: on
+  PostgreSQL the transaction is aborted and COMMIT is answered with ROLLBACK without an
+  error, so the scope used to exit normally and run its on_commit hooks for nothing;
+  SQLite and MariaDB kept the other writes. Now every backend refuses to commit
+  (NeedsRollbackError), and a joined scope around the optional statement keeps the rest.
+- ``session.commit()`` inside a scope only flushes: the unit commits when the scope
+  ends, so a helper that commits cannot break all-or-nothing (it used to commit the
+  outer unit in the middle, and a joined scope then failed with ResourceClosedError).
+  ``session.rollback()`` inside a scope dooms the unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from helpers import pool_checked_out as checked_out
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import IntegrityError, PendingRollbackError
+from sqlalchemy.orm import Session
+from test_testing import run_inner, toy_rows, toy_table_dropped_after
+
+from dbsession import (
+    DbSessionFactory,
+    NeedsRollbackError,
+    TransactionAbortedError,
+    current_session,
+    default_factory,
+    on_commit,
+    session_scope,
+)
+from dbsession.example.models import Supplier
+
+pytest_plugins = ["pytester"]
+
+DUPLICATE = text("INSERT INTO supplier (name) VALUES ('first')")
+
+
+def names(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.scalars(text("SELECT name FROM supplier")))
+
+
+@pytest.fixture
+def one_supplier(factory: DbSessionFactory) -> DbSessionFactory:
+    """The factory, with supplier 1 already there (the optional insert collides with it)."""
+    with factory.session_scope() as session:
+        session.add(Supplier(name="first"))
+    return factory
+
+
+# --- a database error caught inside the scope ------------------------------------------
+
+
+def test_a_caught_integrity_error_makes_the_scope_refuse_to_commit(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    hooks: list[str] = []
+    with pytest.raises(NeedsRollbackError, match="caught inside the scope") as raised:
+        with one_supplier.session_scope() as session:
+            session.add(Supplier(name="kept?"))
+            session.flush()
+            try:
+                session.execute(DUPLICATE)  # the optional extra statement
+            except IntegrityError:
+                pass  # the app carries on
+            on_commit(lambda: hooks.append("sent"))
+    assert isinstance(raised.value.__cause__, IntegrityError)
+    assert isinstance(raised.value, PendingRollbackError)  # SQLAlchemy's own class
+    assert isinstance(raised.value, TransactionAbortedError)
+    assert hooks == []  # no hook runs for a unit that was not committed
+    assert names(other_connection) == {"first"}  # everything rolled back, on every backend
+    assert checked_out(one_supplier.engine) == 0
+
+
+def test_a_joined_scope_around_the_optional_statement_keeps_the_rest(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    hooks: list[str] = []
+    with one_supplier.session_scope() as session:
+        session.add(Supplier(name="kept"))
+        session.flush()
+        try:
+            with one_supplier.session_scope():  # a SAVEPOINT
+                session.execute(DUPLICATE)
+        except IntegrityError:
+            pass
+        session.add(Supplier(name="after"))
+        on_commit(lambda: hooks.append("sent"))
+    assert names(other_connection) == {"first", "kept", "after"}
+    assert hooks == ["sent"]
+
+
+def test_an_error_caught_inside_a_joined_scope_refuses_that_scope_only(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with one_supplier.session_scope() as session:
+        session.add(Supplier(name="kept"))
+        with pytest.raises(NeedsRollbackError, match="joined scope"):
+            with one_supplier.session_scope() as inner:
+                inner.add(Supplier(name="lost with its savepoint"))
+                inner.flush()
+                try:
+                    inner.execute(DUPLICATE)
+                except IntegrityError:
+                    pass
+        session.add(Supplier(name="after"))
+    assert names(other_connection) == {"first", "kept", "after"}
+
+
+def test_an_error_caught_after_its_own_joined_scope_still_dooms_the_unit(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with pytest.raises(NeedsRollbackError):
+        with one_supplier.session_scope() as session:
+            with one_supplier.session_scope() as inner:
+                inner.add(Supplier(name="released"))
+            try:
+                session.execute(DUPLICATE)  # outside the joined scope: the whole unit
+            except IntegrityError:
+                pass
+    assert names(other_connection) == {"first"}
+
+
+def test_an_error_on_another_connection_does_not_doom_the_unit(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with one_supplier.session_scope() as session:
+        session.add(Supplier(name="kept"))
+        session.flush()
+        if one_supplier.url.get_backend_name() != "sqlite":  # SQLite: one writer at a time
+            with one_supplier.engine.connect() as conn, pytest.raises(IntegrityError):
+                conn.execute(DUPLICATE)
+    assert names(other_connection) == {"first", "kept"}
+
+
+def test_a_caught_error_in_a_read_only_scope_changes_nothing(
+    one_supplier: DbSessionFactory,
+) -> None:
+    with one_supplier.session_scope(readonly=True) as session:
+        try:
+            session.execute(text("SELECT no_such_column FROM supplier"))
+        except Exception:  # noqa: BLE001 - whatever the backend raises
+            pass
+    with one_supplier.session_scope() as session:  # nothing was left behind
+        assert session.execute(text("SELECT count(*) FROM supplier")).scalar_one() == 1
+
+
+def test_a_failed_unit_leaves_no_mark_on_the_next_one(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with pytest.raises(NeedsRollbackError):
+        with one_supplier.session_scope() as session:
+            try:
+                session.execute(DUPLICATE)
+            except IntegrityError:
+                pass
+    with one_supplier.engine.connect() as conn:  # outside any scope: nobody to refuse
+        with pytest.raises(IntegrityError):
+            conn.execute(DUPLICATE)
+    for name in ("next", "and the next"):  # the same pooled connections, clean units
+        with one_supplier.session_scope() as session:
+            session.add(Supplier(name=name))
+    assert names(other_connection) == {"first", "next", "and the next"}
+
+
+def test_run_in_transaction_does_not_retry_a_caught_integrity_error(
+    one_supplier: DbSessionFactory,
+) -> None:
+    attempts: list[int] = []
+
+    def unit(session: Session) -> None:
+        attempts.append(1)
+        assert current_session() is session
+        try:
+            session.execute(DUPLICATE)
+        except IntegrityError:
+            pass
+
+    with pytest.raises(NeedsRollbackError):
+        one_supplier.run_in_transaction(unit)
+    assert len(attempts) == 1
+
+
+# --- session.commit() and session.rollback() inside a scope -----------------------------
+
+
+def test_session_commit_inside_a_scope_only_flushes(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    with pytest.raises(RuntimeError, match="payment declined"):
+        with factory.session_scope() as session:
+            session.add(Supplier(name="half"))
+            session.commit()  # a SQLModel-style helper
+            assert session.scalars(Supplier.__table__.select()).all()  # flushed, visible
+            raise RuntimeError("payment declined")
+    assert names(other_connection) == set()  # all or nothing
+
+
+def test_session_commit_inside_a_joined_scope_leaves_the_commit_to_the_outer_one(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    hooks: list[str] = []
+    with pytest.raises(RuntimeError, match="outer fails"):
+        with factory.session_scope() as session:
+            session.add(Supplier(name="outer"))
+            with factory.session_scope() as inner:
+                inner.add(Supplier(name="inner"))
+                on_commit(lambda: hooks.append("sent"))
+                inner.commit()
+            raise RuntimeError("outer fails")
+    assert names(other_connection) == set()
+    assert hooks == []
+    with factory.session_scope() as session:
+        session.add(Supplier(name="a"))
+        with factory.session_scope() as inner:
+            inner.add(Supplier(name="b"))
+            inner.commit()
+        session.commit()
+        session.add(Supplier(name="c"))
+    assert names(other_connection) == {"a", "b", "c"}
+
+
+def test_session_rollback_inside_a_scope_dooms_the_unit(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    hooks: list[str] = []
+    with pytest.raises(NeedsRollbackError, match=r"session\.rollback\(\)"):
+        with factory.session_scope() as session:
+            session.add(Supplier(name="before"))
+            session.flush()
+            session.rollback()
+            session.add(Supplier(name="after"))
+            on_commit(lambda: hooks.append("sent"))
+    assert names(other_connection) == set()
+    assert hooks == []
+    with pytest.raises(NeedsRollbackError, match="joined scope"):
+        with factory.session_scope() as session:
+            session.add(Supplier(name="outer"))
+            with factory.session_scope() as inner:
+                inner.rollback()
+    assert names(other_connection) == set()
+    assert checked_out(factory.engine) == 0
+
+
+def test_outside_a_scope_commit_and_rollback_are_sqlalchemys(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    with factory.create_session() as session:
+        session.add(Supplier(name="committed"))
+        session.commit()
+        session.add(Supplier(name="rolled back"))
+        session.rollback()
+    with factory.session_scope() as session:
+        session.add(Supplier(name="in a scope"))
+    assert names(other_connection) == {"committed", "in a scope"}
+
+
+def test_the_module_level_scope_follows_the_same_rules(backend_url: URL) -> None:
+    DbSessionFactory.global_init(backend_url)
+    engine = default_factory().engine
+    Supplier.metadata.create_all(engine)
+    try:
+        with pytest.raises(RuntimeError):
+            with session_scope() as session:
+                session.add(Supplier(name="x"))
+                session.commit()
+                raise RuntimeError
+        with session_scope() as session:
+            assert session.execute(text("SELECT count(*) FROM supplier")).scalar_one() == 0
+    finally:
+        Supplier.metadata.drop_all(engine)
+
+
+# --- the same rules under the pytest plugin's db_session --------------------------------
+
+PLUGIN_TESTS = """
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+import toyapp
+from dbsession import NeedsRollbackError, on_commit, session_scope
+
+
+def test_a_helper_that_commits_stays_all_or_nothing(db_session):
+    with pytest.raises(RuntimeError):
+        with session_scope() as session:
+            session.add(toyapp.Item(name="half"))
+            session.commit()
+            raise RuntimeError("payment declined")
+    assert toyapp.names() == []
+    with session_scope() as session:
+        session.add(toyapp.Item(name="outer"))
+        with session_scope() as inner:
+            inner.add(toyapp.Item(name="inner"))
+            inner.commit()
+    assert toyapp.names() == ["inner", "outer"]
+
+
+def test_a_caught_database_error_refuses_the_commit(db_session, dbsession_capture_on_commit):
+    toyapp.add_item("first")
+    with dbsession_capture_on_commit() as hooks:
+        with pytest.raises(NeedsRollbackError):
+            with session_scope() as session:
+                session.add(toyapp.Item(name="lost"))
+                session.flush()
+                try:
+                    session.execute(text("INSERT INTO toy_item (name) VALUES ('first')"))
+                except IntegrityError:
+                    pass
+                on_commit(lambda: None)
+    assert hooks == []
+    assert toyapp.names() == ["first"]
+    toyapp.add_item("second")  # the test's transaction is usable
+    assert toyapp.names() == ["first", "second"]
+"""
+
+
+@pytest.fixture
+def toy_app(pytester: pytest.Pytester, other_connection: Engine) -> Iterator[Engine]:
+    from helpers import TOY_APP
+
+    pytester.makepyfile(toyapp=TOY_APP)
+    yield from toy_table_dropped_after(other_connection)
+
+
+def test_under_db_session_the_same_rules_hold(
+    pytester: pytest.Pytester, backend_url: URL, toy_app: Engine
+) -> None:
+    pytester.makepyfile(test_rules=PLUGIN_TESTS)
+    run_inner(pytester, backend_url).assert_outcomes(passed=2)
+    assert toy_rows(toy_app) == 0
