@@ -24,6 +24,7 @@ from ._errors import PoolExhaustedError
 
 _OUTSIDE = "outside any unit of work (create_session(), engine.connect())"
 _ENDED = "a unit of work that ended without returning it (an interrupted scope)"
+_UNRECORDED = "unrecorded call sites (observability is off: configure(slow_scope_seconds=5))"
 _made: dict[type[Pool], type[Pool]] = {}
 
 
@@ -74,7 +75,7 @@ class _HolderTracking:
 
 def _holder_site(holder: weakref.ref[observability.Observation] | None) -> str:
     if holder is None:
-        return _OUTSIDE
+        return _OUTSIDE if observability.enabled() else _UNRECORDED
     observation = holder()
     return _ENDED if observation is None else observation.site
 

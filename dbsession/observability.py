@@ -34,7 +34,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any
@@ -401,6 +401,23 @@ def _end_span(
 def current() -> Observation | None:
     """The unit of work observed in this context, if any."""
     return _current.get()
+
+
+def lend(observation: Observation | None) -> Token[Observation | None] | None:
+    """Make ``observation`` the unit of work observed in this context (for integrations
+    that open a scope in one context and run the handler in another: its statements, pool
+    waits and checkouts are then the scope's); ``unlend`` the token it returns when the
+    scope has ended. A no-op (None) for a unit of work that is not observed."""
+    return None if observation is None else _current.set(observation)
+
+
+def unlend(token: Token[Observation | None] | None) -> None:
+    """Undo ``lend`` (a no-op for None, or in another context than the one it was lent in)."""
+    if token is not None:
+        try:
+            _current.reset(token)
+        except ValueError:
+            pass
 
 
 def add_pool_wait(seconds: float, backend: str) -> None:
