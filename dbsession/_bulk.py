@@ -82,10 +82,14 @@ def bulk_insert(
     if first is None:
         return 0
     keys = list(first)
-    columns = _columns(table, keys)
-    constants = [identity] if identity is not None and identity[0].key not in keys else []
-    given = [*keys, *(column.key for column, _ in constants)]
-    defaults = _python_defaults(table, given)
+    if exact_target:
+        columns = _columns(table, keys)
+        constants = [identity] if identity is not None and identity[0].key not in keys else []
+        given = [*keys, *(column.key for column, _ in constants)]
+        defaults = _python_defaults(table, given)
+    else:  # joined-table inheritance: the ORM's insert() fills each table
+        _attributes(table_or_model, keys)
+        columns, constants, defaults = [], [], []
     dialect = session.get_bind().dialect
     all_rows = itertools.chain([first], iterator)
     try:
@@ -151,8 +155,8 @@ def _context_free(function: Any) -> bool:
         return False
     try:
         parameters = inspect.signature(wrapped).parameters.values()
-    except (TypeError, ValueError):
-        return False
+    except (TypeError, ValueError):  # a builtin: SQLAlchemy wrapped it for the same reason
+        return True
     return not any(
         p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         for p in parameters
@@ -190,6 +194,16 @@ def _table_of(table_or_model: Table | type[Any]) -> Table:
             "pass Model or Model.__table__."
         )
     return local
+
+
+def _attributes(model: Any, keys: Sequence[str]) -> None:
+    known = sa_inspect(model).column_attrs.keys()
+    unknown = [key for key in keys if key not in known]
+    if unknown:
+        raise BulkInsertError(
+            f"bulk_insert() into {model.__name__}: no attribute "
+            f"{', '.join(map(repr, unknown))} (attributes: {', '.join(known)})."
+        )
 
 
 def _columns(table: Table, keys: Sequence[str]) -> list[Column[Any]]:

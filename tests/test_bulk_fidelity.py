@@ -21,6 +21,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    ForeignKey,
     Integer,
     LargeBinary,
     MetaData,
@@ -74,6 +75,21 @@ class Dog(Animal):
     __mapper_args__ = {"polymorphic_identity": "dog"}
 
 
+class Person(FidelityBase):
+    __tablename__ = "fidelity_person"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(60))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "person"}
+
+
+class Engineer(Person):  # joined-table inheritance: two tables per row
+    __tablename__ = "fidelity_engineer"
+    id: Mapped[int] = mapped_column(ForeignKey("fidelity_person.id"), primary_key=True)
+    language: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "engineer"}
+
+
 class Special(FidelityBase):
     __tablename__ = "fidelity_special"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -124,6 +140,15 @@ def test_a_single_table_subclass_gets_its_discriminator(tables: DbSessionFactory
     with tables.session_scope(readonly=True) as session:
         assert sorted(d.name for d in session.scalars(select(Dog))) == ["fido", "rex"]
         assert set(session.scalars(select(Animal.kind))) == {"dog"}
+
+
+def test_a_joined_table_subclass_fills_both_tables(tables: DbSessionFactory) -> None:
+    rows = [{"id": 1, "name": "ada", "language": "python"}]
+    with tables.session_scope() as session:
+        assert bulk_insert(session, Engineer, rows) == 1
+    with tables.session_scope(readonly=True) as session:
+        (engineer,) = session.scalars(select(Engineer))
+        assert (engineer.name, engineer.language, engineer.kind) == ("ada", "python", "engineer")
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["top-level", "joined"])
