@@ -26,8 +26,11 @@ too (PyMySQL sends the values inside the statement): each stays under the server
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import inspect
 import itertools
+import operator
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -287,7 +290,9 @@ def _send(
     count = 0
     iterator = iter(values)
     if dialect.name in ("mysql", "mariadb"):  # the values travel inside the statement
-        pages: Iterator[list[Any]] = _pages_by_bytes(iterator, per_page, _packet(connection))
+        pages: Iterator[list[Any]] = _pages_by_bytes(
+            iterator, per_page, _packet(connection), columns
+        )
     else:
         pages = iter(lambda: list(itertools.islice(iterator, per_page)), [])
     for page in pages:
@@ -309,32 +314,55 @@ def _packet(connection: Connection) -> int:
 
 
 def _pages_by_bytes(
-    rows: Iterator[tuple[Any, ...]], per_page: int, packet: int
+    rows: Iterator[tuple[Any, ...]], per_page: int, packet: int, columns: Sequence[Column[Any]]
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """Pages of at most ``per_page`` rows whose statement stays under ``packet`` bytes,
-    counting each value at its largest once escaped and encoded (a row larger than that
-    alone goes in a page of its own, which the server may refuse, as it would insert())."""
+    """Pages of at most ``per_page`` rows whose statement stays under ``packet`` bytes: a
+    page found too big is halved until it fits (a row too big alone still goes, and the
+    server refuses it, as it would refuse insert())."""
     budget = max(packet - _STATEMENT_SLACK, packet // 2)
-    page: list[tuple[Any, ...]] = []
-    size = 0
-    for row in rows:
-        row_size = sum(map(_inlined_size, row))
-        if page and (len(page) == per_page or size + row_size > budget):
-            yield page
-            page, size = [], 0
-        page.append(row)
-        size += row_size
-    if page:
+    sized = [index for index, column in enumerate(columns) if not _fixed_width(column)]
+    per_row = _FIXED_BYTES * (len(columns) - len(sized)) + _QUOTES_BYTES * len(sized)
+    while page := list(itertools.islice(rows, per_page)):
+        yield from _fitting(page, budget, sized, per_row)
+
+
+def _fitting(
+    page: list[tuple[Any, ...]], budget: int, sized: Sequence[int], per_row: int
+) -> Iterator[list[tuple[Any, ...]]]:
+    if len(page) > 1 and _most_bytes(page, sized) + per_row * len(page) > budget:
+        half = len(page) // 2
+        yield from _fitting(page[:half], budget, sized, per_row)
+        yield from _fitting(page[half:], budget, sized, per_row)
+    else:
         yield page
 
 
-def _inlined_size(value: Any) -> int:
-    """The most bytes ``value`` takes inside a statement PyMySQL builds."""
-    if isinstance(value, str):  # quotes and backslashes doubled; UTF-8 up to 4 bytes
-        return (2 if value.isascii() else 4) * len(value) + 4
-    if isinstance(value, bytes | bytearray | memoryview):
-        return 2 * len(value) + 12  # _binary'...'
-    return 80  # None, numbers, dates, decimals
+#: Most bytes a number, date, time or NULL takes inside a statement; the quotes and
+#: ``_binary`` prefix of a text or bytes value.
+_FIXED_BYTES = 80
+_QUOTES_BYTES = 16
+_FIXED_TYPES = (int, float, bool, decimal.Decimal, datetime.date, datetime.time, datetime.timedelta)
+
+
+def _fixed_width(column: Column[Any]) -> bool:
+    try:
+        return issubclass(column.type.python_type, _FIXED_TYPES)
+    except NotImplementedError:
+        return False
+
+
+def _most_bytes(page: list[tuple[Any, ...]], sized: Sequence[int]) -> int:
+    """At least the bytes the text and bytes values of ``page`` (columns ``sized``) take
+    inside a statement PyMySQL builds: a character at most 4 (UTF-8, or an ASCII quote
+    or backslash doubled), a byte at most 2. At C speed."""
+    total = 0
+    for index in sized:
+        values = map(operator.itemgetter(index), page)
+        try:
+            total += 4 * sum(map(len, filter(None, values)))
+        except TypeError:  # something else than text or bytes in a text column
+            total += sum(_FIXED_BYTES + 4 * len(str(row[index])) for row in page)
+    return total
 
 
 def _parameter_limit(dialect: Dialect) -> int:
