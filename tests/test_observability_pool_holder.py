@@ -4,6 +4,7 @@ slow-scope warning names it), not as a connection held "outside any unit of work
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -81,3 +82,34 @@ def test_a_request_holding_the_pool_is_named_by_its_endpoint(
         assert f"held by units of work opened at: {site_of(hold_endpoint)} (1)" in message
     else:  # nothing was recorded, and the error says so rather than guess
         assert "unrecorded call sites (observability is off" in message
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_sync_endpoint_s_time_in_the_database_counts_for_its_unit_of_work(
+    tiny_pool: DbSessionFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler runs in another thread than the one that opened the request's scope:
+    its statements are still the unit of work's time in the database."""
+    sleep = (
+        "SELECT pg_sleep(0.4)"
+        if tiny_pool.url.get_backend_name() == "postgresql"
+        else "SELECT SLEEP(0.4)"
+    )
+    api = FastAPI()
+    db = Depends(session_dependency(tiny_pool), scope="function")
+
+    @api.get("/report")
+    def report_endpoint(session: Session = db) -> str:
+        session.execute(text(sleep))
+        return "done"
+
+    observability.configure(slow_scope_seconds=0.2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dbsession"):
+            with TestClient(api) as client:
+                assert client.get("/report").status_code == 200
+    finally:
+        observability.configure()
+    (message,) = [m for m in caplog.messages if "unit of work opened at" in m]
+    assert site_of(report_endpoint) in message
+    assert "most of it in the database" in message

@@ -5,10 +5,12 @@ observability does escapes a scope."""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 
+import pytest
 from helpers import Planned, observability_configurations, reconfiguring
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -77,3 +79,27 @@ def test_configure_inside_a_traced_unit_of_work_leaves_its_outcome_alone(
     finally:
         observability.configure()
     assert kept_names(factory.engine) == {"traced"}
+
+
+class _BrokenTracer:
+    def start_span(self, *args: object, **kwargs: object) -> object:
+        raise RuntimeError("exporter down")
+
+
+class _BrokenTracerProvider:
+    def get_tracer(self, *args: object, **kwargs: object) -> _BrokenTracer:
+        return _BrokenTracer()
+
+
+def test_a_tracer_that_raises_is_logged_and_the_scope_commits(
+    factory: DbSessionFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    observability.configure(opentelemetry=True, tracer_provider=_BrokenTracerProvider())
+    try:
+        with caplog.at_level(logging.ERROR, logger="dbsession"):
+            with factory.session_scope() as session:
+                session.add(Supplier(name="untraced"))
+    finally:
+        observability.configure()
+    assert kept_names(factory.engine) == {"untraced"}
+    assert any("could not start a span" in m for m in caplog.messages)
