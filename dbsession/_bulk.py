@@ -13,31 +13,47 @@ session's own connection, so they commit or roll back with the scope:
 - Any other driver: SQLAlchemy's ``executemany``.
 
 Values go through each column type's bind processing first (JSON serialised, dates
-and decimals as SQLAlchemy sends them to that driver), so the rows read back are the
-ones ``session.execute(insert(table), rows)`` would have stored.
+and decimals as SQLAlchemy sends them to that driver), a single-table-inheritance
+subclass gets its discriminator, and columns left out get their scalar or plain
+callable Python default, so the rows read back are the ones
+``session.execute(insert(table), rows)`` would have stored. What the fast paths cannot
+reproduce exactly (a type's ``bind_expression``, a default that is an SQL expression,
+a sequence or a function of the execution context, joined-table inheritance) goes
+through SQLAlchemy's own ``insert()`` instead. MySQL/MariaDB pages are sized by bytes
+too (PyMySQL sends the values inside the statement): each stays under the server's
+``max_allowed_packet``, read once per connection.
 """
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import inspect
 import itertools
+import operator
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Column, Table, insert
+from sqlalchemy import Column, Table, bindparam, insert
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ._classify import is_read_only_violation
 from ._config import scrub
-from ._errors import BulkInsertError
+from ._errors import BulkInsertError, ReadOnlyError
 from ._guard import guarded, refusal
 
 #: Rows per multi-row VALUES statement, at most (fewer when the driver's limit of
 #: parameters per statement says so).
 PAGE_ROWS = 1000
 _PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+#: ``connection.info`` key (per pooled driver connection): the server's max_allowed_packet.
+_PACKET_KEY = "dbsession_max_allowed_packet"
+#: Bytes of a statement's own text, and of each value's quoting, counted on top of values.
+_STATEMENT_SLACK = 64 * 1024
 
 
 def bulk_insert(
@@ -60,7 +76,7 @@ def bulk_insert(
     other columns than the first row, a column the table does not have, or a row the
     database refuses (a constraint, a value of the wrong type).
     """
-    table = _table_of(table_or_model)
+    table, identity, exact_target = _target(table_or_model)
     if guarded(session):  # PostgreSQL's COPY would pass the guard's SQL check unseen
         raise refusal(f"bulk_insert into {table.name!r}")
     iterator = iter(rows)
@@ -68,18 +84,105 @@ def bulk_insert(
     if first is None:
         return 0
     keys = list(first)
-    columns = _columns(table, keys)
-    defaults = _python_defaults(table, keys)
-    all_columns = columns + [column for column, _ in defaults]
+    if exact_target:
+        columns = _columns(table, keys)
+        constants = [identity] if identity is not None and identity[0].key not in keys else []
+        given = [*keys, *(column.key for column, _ in constants)]
+        defaults = _python_defaults(table, given)
+    else:  # joined-table inheritance: the ORM's insert() fills each table
+        _attributes(table_or_model, keys)
+        columns, constants, defaults = [], [], []
     dialect = session.get_bind().dialect
-    values = _values(dialect, keys, all_columns, defaults, itertools.chain([first], iterator))
+    all_rows = itertools.chain([first], iterator)
     try:
         with session.begin_nested():  # flushes pending changes first
+            if not exact_target or not _fast_path_is_exact(dialect, columns, defaults):
+                return _insert(session, table_or_model, exact_target, keys, constants, all_rows)
+            defaults = constants + defaults
+            all_columns = columns + [column for column, _ in defaults]
+            values = _values(dialect, keys, all_columns, defaults, all_rows)
             return _send(session.connection(), table, all_columns, values)
+    except ReadOnlyError:
+        raise
     except DBAPIError as error:
+        if error.connection_invalidated:  # the connection was lost, not a row refused
+            raise
         raise _refused(table, error.orig or error, session) from error
     except dialect.loaded_dbapi.Error as error:  # psycopg's COPY, outside SQLAlchemy
+        if is_read_only_violation(error, dialect.name):
+            raise ReadOnlyError(
+                f"bulk_insert() into {table.name} was refused: the transaction is read-only "
+                "(session_scope(readonly=True) never writes). Do it in a writing scope.",
+                orig=error,
+            ) from error
         raise _refused(table, error, session) from error
+
+
+def _target(
+    table_or_model: Table | type[Any],
+) -> tuple[Table, tuple[Column[Any], Any] | None, bool]:
+    """The table rows go to; for a single-table-inheritance subclass, its discriminator
+    column and value; False when the model spans several tables (joined inheritance)."""
+    table = _table_of(table_or_model)
+    if isinstance(table_or_model, Table):
+        return table, None, True
+    mapper: Any = sa_inspect(table_or_model)
+    if mapper.local_table is not mapper.persist_selectable:
+        return table, None, False
+    on = mapper.polymorphic_on
+    if isinstance(on, Column) and mapper.polymorphic_identity is not None and on.table is table:
+        return table, (on, mapper.polymorphic_identity), True
+    return table, None, True
+
+
+def _fast_path_is_exact(
+    dialect: Dialect, columns: Sequence[Column[Any]], defaults: Sequence[tuple[Column[Any], Any]]
+) -> bool:
+    """True unless a column's type wraps its value in SQL (``bind_expression``) or a
+    default needs SQL or the execution context (then SQLAlchemy's insert() does it)."""
+    for column in [*columns, *(column for column, _ in defaults)]:
+        impl = column.type.dialect_impl(dialect)
+        if impl.bind_expression(bindparam(column.key, type_=column.type)) is not None:
+            return False
+    return all(
+        default.is_scalar or _context_free(getattr(default, "arg", None)) for _, default in defaults
+    )
+
+
+def _context_free(function: Any) -> bool:
+    """True if SQLAlchemy wrapped ``function`` because it takes no argument (a default
+    taking the execution context is kept as it is)."""
+    wrapped = getattr(function, "__wrapped__", None)
+    if wrapped is None:
+        return False
+    try:
+        parameters = inspect.signature(wrapped).parameters.values()
+    except (TypeError, ValueError):  # a builtin: SQLAlchemy wrapped it for the same reason
+        return True
+    return not any(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in parameters
+    )
+
+
+def _insert(
+    session: Session,
+    table_or_model: Table | type[Any],
+    exact_target: bool,
+    keys: Sequence[str],
+    constants: Sequence[tuple[Column[Any], Any]],
+    rows: Iterable[Mapping[str, Any]],
+) -> int:
+    """SQLAlchemy's own ``insert()`` (an executemany): exact whatever the table."""
+    extra = {column.key: value for column, value in constants}
+    mappings = [
+        {**dict(zip(keys, row, strict=True)), **extra} for row in _values(None, keys, [], [], rows)
+    ]
+    if exact_target:
+        session.connection().execute(insert(_table_of(table_or_model)), mappings)
+    else:  # joined-table inheritance: the ORM fills every table of the model
+        session.execute(insert(table_or_model), mappings)
+    return len(mappings)
 
 
 def _table_of(table_or_model: Table | type[Any]) -> Table:
@@ -95,6 +198,16 @@ def _table_of(table_or_model: Table | type[Any]) -> Table:
     return local
 
 
+def _attributes(model: Any, keys: Sequence[str]) -> None:
+    known = sa_inspect(model).column_attrs.keys()
+    unknown = [key for key in keys if key not in known]
+    if unknown:
+        raise BulkInsertError(
+            f"bulk_insert() into {model.__name__}: no attribute "
+            f"{', '.join(map(repr, unknown))} (attributes: {', '.join(known)})."
+        )
+
+
 def _columns(table: Table, keys: Sequence[str]) -> list[Column[Any]]:
     unknown = [key for key in keys if key not in table.c]
     if unknown:
@@ -106,28 +219,28 @@ def _columns(table: Table, keys: Sequence[str]) -> list[Column[Any]]:
 
 
 def _python_defaults(table: Table, keys: Sequence[str]) -> list[tuple[Column[Any], Any]]:
-    """The columns not given that have a scalar or callable Python default, and the default."""
-    found = []
-    for column in table.c:
-        default: Any = column.default
-        if column.key in keys or default is None:
-            continue
-        if default.is_scalar or default.is_callable:
-            found.append((column, default))
-    return found
+    """The columns not given that have a Python-side default (``default=``), and it."""
+    return [
+        (column, column.default)
+        for column in table.c
+        if column.key not in keys and column.default is not None
+    ]
 
 
 def _values(
-    dialect: Dialect,
+    dialect: Dialect | None,
     keys: Sequence[str],
     columns: Sequence[Column[Any]],
     defaults: Sequence[tuple[Column[Any], Any]],
     rows: Iterable[Mapping[str, Any]],
 ) -> Iterator[tuple[Any, ...]]:
-    """Each row as a tuple in ``columns`` order, bind-processed for ``dialect``."""
-    processors: list[Callable[[Any], Any] | None] = [
-        column.type.dialect_impl(dialect).bind_processor(dialect) for column in columns
-    ]
+    """Each row as a tuple in ``columns`` order, bind-processed for ``dialect`` (as given
+    when ``dialect`` is None). ``defaults``: constants, and ColumnDefaults."""
+    processors: list[Callable[[Any], Any] | None] = (
+        [column.type.dialect_impl(dialect).bind_processor(dialect) for column in columns]
+        if dialect is not None
+        else []
+    )
     width = len(keys)
     plain = not defaults and not any(processors)
     for index, row in enumerate(rows):
@@ -143,13 +256,17 @@ def _values(
         if plain:
             yield tuple(given)
             continue
-        given.extend(
-            default.arg if default.is_scalar else default.arg(None) for _, default in defaults
-        )
+        given.extend(_default_value(default) for _, default in defaults)
         yield tuple(  # None too: JSON stores it as JSON null, as SQLAlchemy does
             value if process is None else process(value)
             for value, process in zip(given, processors, strict=True)
         )
+
+
+def _default_value(default: Any) -> Any:
+    if not hasattr(default, "is_scalar"):  # a constant: the discriminator
+        return default
+    return default.arg if default.is_scalar else default.arg(None)
 
 
 def _send(
@@ -171,11 +288,80 @@ def _send(
     full_page = head + ", ".join([one] * per_page)
     count = 0
     iterator = iter(values)
-    while page := list(itertools.islice(iterator, per_page)):
+    if dialect.name in ("mysql", "mariadb"):  # the values travel inside the statement
+        pages: Iterator[list[Any]] = _pages_by_bytes(
+            iterator, per_page, _packet(connection), columns
+        )
+    else:
+        pages = iter(lambda: list(itertools.islice(iterator, per_page)), [])
+    for page in pages:
         sql = full_page if len(page) == per_page else head + ", ".join([one] * len(page))
         connection.exec_driver_sql(sql, tuple(itertools.chain.from_iterable(page)))
         count += len(page)
     return count
+
+
+def _packet(connection: Connection) -> int:
+    """The server's max_allowed_packet, asked once per pooled connection."""
+    info = connection.connection.info
+    packet = info.get(_PACKET_KEY)
+    if packet is None:
+        packet = info[_PACKET_KEY] = int(
+            connection.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
+        )
+    return int(packet)
+
+
+def _pages_by_bytes(
+    rows: Iterator[tuple[Any, ...]], per_page: int, packet: int, columns: Sequence[Column[Any]]
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Pages of at most ``per_page`` rows whose statement stays under ``packet`` bytes: a
+    page found too big is halved until it fits (a row too big alone still goes, and the
+    server refuses it, as it would refuse insert())."""
+    budget = max(packet - _STATEMENT_SLACK, packet // 2)
+    sized = [index for index, column in enumerate(columns) if not _fixed_width(column)]
+    per_row = _FIXED_BYTES * (len(columns) - len(sized)) + _QUOTES_BYTES * len(sized)
+    while page := list(itertools.islice(rows, per_page)):
+        yield from _fitting(page, budget, sized, per_row)
+
+
+def _fitting(
+    page: list[tuple[Any, ...]], budget: int, sized: Sequence[int], per_row: int
+) -> Iterator[list[tuple[Any, ...]]]:
+    if len(page) > 1 and _most_bytes(page, sized) + per_row * len(page) > budget:
+        half = len(page) // 2
+        yield from _fitting(page[:half], budget, sized, per_row)
+        yield from _fitting(page[half:], budget, sized, per_row)
+    else:
+        yield page
+
+
+#: Most bytes a number, date, time or NULL takes inside a statement; the quotes and
+#: ``_binary`` prefix of a text or bytes value.
+_FIXED_BYTES = 80
+_QUOTES_BYTES = 16
+_FIXED_TYPES = (int, float, bool, decimal.Decimal, datetime.date, datetime.time, datetime.timedelta)
+
+
+def _fixed_width(column: Column[Any]) -> bool:
+    try:
+        return issubclass(column.type.python_type, _FIXED_TYPES)
+    except NotImplementedError:
+        return False
+
+
+def _most_bytes(page: list[tuple[Any, ...]], sized: Sequence[int]) -> int:
+    """At least the bytes the text and bytes values of ``page`` (columns ``sized``) take
+    inside a statement PyMySQL builds: a character at most 4 (UTF-8, or an ASCII quote
+    or backslash doubled), a byte at most 2. At C speed."""
+    total = 0
+    for index in sized:
+        values = map(operator.itemgetter(index), page)
+        try:
+            total += 4 * sum(map(len, filter(None, values)))
+        except TypeError:  # something else than text or bytes in a text column
+            total += sum(_FIXED_BYTES + 4 * len(str(row[index])) for row in page)
+    return total
 
 
 def _parameter_limit(dialect: Dialect) -> int:

@@ -23,6 +23,7 @@ from ._seam import dialect_class, max_overflow, tracked_pool_class
 
 _OUTSIDE = "outside any unit of work (create_session(), engine.connect())"
 _ENDED = "a unit of work that ended without returning it (an interrupted scope)"
+_UNRECORDED = "unrecorded call sites (observability is off: configure(slow_scope_seconds=5))"
 _HOLDERS = "_dbsession_holders"
 _made: dict[tuple[type[Pool], str], type[Pool]] = {}
 
@@ -67,7 +68,7 @@ class _Watcher:
 
 def _holder_site(holder: weakref.ref[observability.Observation] | None) -> str:
     if holder is None:
-        return _OUTSIDE
+        return _OUTSIDE if observability.enabled() else _UNRECORDED
     observation = holder()
     return _ENDED if observation is None else observation.site
 

@@ -34,7 +34,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any
@@ -53,8 +53,12 @@ STATS_ENV = "DBSESSION_STATS"
 _SAMPLES = 1000  # durations kept per call site for the percentiles
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Config:
+    """What is observed. Never changed in place: ``configure`` swaps in a new one, and a
+    unit of work ends under the one it began with (a span begun under OpenTelemetry is
+    ended with the instruments of that same configuration)."""
+
     slow_scope_seconds: float | None = DEFAULT_SLOW_SCOPE_SECONDS
     stats: bool = False
     tracer: Any = None
@@ -81,14 +85,18 @@ def configure(
     ValueError for a negative threshold, MissingDriverError when OpenTelemetry is
     asked for but not installed.
     """
+    global _config
     if slow_scope_seconds is not None and slow_scope_seconds < 0:
         raise ValueError(f"slow_scope_seconds must be positive or None, got {slow_scope_seconds!r}")
-    _config.slow_scope_seconds = slow_scope_seconds or None
-    if stats is not None:
-        _config.stats = stats
-    _config.tracer = _config.instruments = None
+    tracer = instruments = None
     if opentelemetry:
-        _config.tracer, _config.instruments = _make_otel(tracer_provider, meter_provider)
+        tracer, instruments = _make_otel(tracer_provider, meter_provider)
+    _config = _Config(
+        slow_scope_seconds=slow_scope_seconds or None,
+        stats=_config.stats if stats is None else stats,
+        tracer=tracer,
+        instruments=instruments,
+    )
     _update_listeners()
 
 
@@ -172,7 +180,8 @@ def _timed_execute(execute: Callable[..., Any]) -> Callable[..., Any]:
 def enabled() -> bool:
     """True if anything is observed (a unit of work then records its timings; ``begin``
     asks the same)."""
-    return bool(_config.slow_scope_seconds or _config.stats or _config.tracer)
+    config = _config
+    return bool(config.slow_scope_seconds or config.stats or config.tracer)
 
 
 # --- one unit of work -----------------------------------------------------------------
@@ -196,6 +205,7 @@ class Observation:
         "span_token",
         "_site",
         "outer",
+        "config",
         "__weakref__",
     )
     entered_by: FrameType | None
@@ -210,6 +220,7 @@ class Observation:
     span_token: Any
     _site: str | None
     outer: Observation | None
+    config: _Config
 
     def __init__(
         self,
@@ -232,6 +243,7 @@ class Observation:
         self.span_token = None
         self._site = None
         self.outer = None  # the one observed here before (an independent=True scope)
+        self.config = _config
 
     @property
     def site(self) -> str:
@@ -274,47 +286,66 @@ def name_current(function: Any) -> None:
 def begin(
     entered_by: FrameType | None, owner: object, readonly: bool, isolation_level: str | None
 ) -> Observation | None:
-    """Start observing a unit of work; None when nothing is observed."""
-    if not (_config.slow_scope_seconds or _config.stats or _config.tracer):
+    """Start observing a unit of work; None when nothing is observed. Never raises: if the
+    tracer fails, that is logged and the unit of work goes on untraced."""
+    config = _config
+    if not (config.slow_scope_seconds or config.stats or config.tracer):
         return None
     observation = Observation(entered_by, owner, time.perf_counter(), readonly, isolation_level)
-    if _config.tracer is not None:
-        from opentelemetry import context, trace
-
-        observation.span = _config.tracer.start_span(
-            "dbsession.unit_of_work",
-            attributes={
-                "db.system": observation.backend(),
-                "dbsession.readonly": readonly,
-                "dbsession.isolation_level": isolation_level or "default",
-                "dbsession.nested": False,
-                "dbsession.retry_attempt": _attempt.get(),
-                "code.location": observation.site,
-            },
-        )
-        observation.span_token = context.attach(trace.set_span_in_context(observation.span))
+    observation.config = config
+    if config.tracer is not None:
+        try:
+            _start_span(observation, config.tracer)
+        except Exception:
+            logger.exception("dbsession: observability could not start a span; not traced")
+            observation.span = None
     observation.outer = _current.get()
     _current.set(observation)
     return observation
 
 
+def _start_span(observation: Observation, tracer: Any) -> None:
+    from opentelemetry import context, trace
+
+    observation.span = tracer.start_span(
+        "dbsession.unit_of_work",
+        attributes={
+            "db.system": observation.backend(),
+            "dbsession.readonly": observation.readonly,
+            "dbsession.isolation_level": observation.isolation_level or "default",
+            "dbsession.nested": False,
+            "dbsession.retry_attempt": _attempt.get(),
+            "code.location": observation.site,
+        },
+    )
+    observation.span_token = context.attach(trace.set_span_in_context(observation.span))
+
+
 def end(observation: Observation, outcome: str, error: BaseException | None) -> None:
-    """Finish observing: ``outcome`` is ``"committed"`` or ``"rolled back"``."""
+    """Finish observing: ``outcome`` is ``"committed"`` or ``"rolled back"``, as the
+    database decided. Never raises (a scope's outcome is the database's alone): a failure
+    to report is logged on the ``dbsession`` logger. Reported under the configuration the
+    unit of work began with, whatever ``configure`` did meanwhile."""
     duration = time.perf_counter() - observation.started
     if _current.get() is observation:
         _current.set(observation.outer)
     observation.outer = None
-    threshold = _config.slow_scope_seconds
-    if threshold is not None and duration >= threshold:
-        _warn_slow(observation, duration, outcome)
-    if _config.stats:
-        _record(observation.site, duration, observation.db_time, outcome)
-    if observation.span is not None:
-        _end_span(observation, duration, outcome, error)
-    observation.entered_by = None  # do not keep the caller's frame (and its locals) alive
+    config = observation.config
+    try:
+        threshold = config.slow_scope_seconds
+        if threshold is not None and duration >= threshold:
+            _warn_slow(observation, duration, outcome, threshold)
+        if config.stats:
+            _record(observation.site, duration, observation.db_time, outcome)
+        if observation.span is not None:
+            _end_span(observation, duration, outcome, error, config.instruments or {})
+    except Exception:
+        logger.exception("dbsession: observability failed to report a unit of work (%s)", outcome)
+    finally:
+        observation.entered_by = None  # do not keep the caller's frame (and its locals) alive
 
 
-def _warn_slow(observation: Observation, duration: float, outcome: str) -> None:
+def _warn_slow(observation: Observation, duration: float, outcome: str, threshold: float) -> None:
     outside = max(duration - observation.db_time, 0.0)
     verdict = (
         "most of it OUTSIDE the database, with the transaction open: move that work "
@@ -333,12 +364,16 @@ def _warn_slow(observation: Observation, duration: float, outcome: str) -> None:
         outside,
         observation.pool_wait,
         verdict,
-        _config.slow_scope_seconds,
+        threshold,
     )
 
 
 def _end_span(
-    observation: Observation, duration: float, outcome: str, error: BaseException | None
+    observation: Observation,
+    duration: float,
+    outcome: str,
+    error: BaseException | None,
+    instruments: dict[str, Any],
 ) -> None:
     from opentelemetry import context, trace
 
@@ -354,7 +389,6 @@ def _end_span(
         context.detach(observation.span_token)
     except ValueError:  # ended in another context (a generator finished elsewhere)
         pass
-    instruments = _config.instruments or {}
     attributes = {"db.system": observation.backend(), "dbsession.outcome": outcome}
     instruments["duration"].record(duration, attributes)
     instruments["commits" if outcome == "committed" else "rollbacks"].add(1, attributes)
@@ -363,6 +397,23 @@ def _end_span(
 def current() -> Observation | None:
     """The unit of work observed in this context, if any."""
     return _current.get()
+
+
+def lend(observation: Observation | None) -> Token[Observation | None] | None:
+    """Make ``observation`` the unit of work observed in this context (for integrations
+    that open a scope in one context and run the handler in another: its statements, pool
+    waits and checkouts are then the scope's); ``unlend`` the token it returns when the
+    scope has ended. A no-op (None) for a unit of work that is not observed."""
+    return None if observation is None else _current.set(observation)
+
+
+def unlend(token: Token[Observation | None] | None) -> None:
+    """Undo ``lend`` (a no-op for None, or in another context than the one it was lent in)."""
+    if token is not None:
+        try:
+            _current.reset(token)
+        except ValueError:
+            pass
 
 
 def add_pool_wait(seconds: float, backend: str) -> None:

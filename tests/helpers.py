@@ -548,3 +548,67 @@ def awkward_rows(count: int) -> list[dict[str, Any]]:
 def stored(engine: Engine, table: Table) -> list[tuple[Any, ...]]:
     with engine.connect() as conn:
         return [tuple(row)[1:] for row in conn.execute(select(table).order_by(table.c.id))]
+
+
+# --- observability.configure() at random moments ---------------------------------------------
+
+
+class Planned(Exception):
+    """Raised inside a scope on purpose: the scope must roll back."""
+
+
+def observability_configurations() -> list[Callable[[], None]]:
+    """Every kind of observability configuration, OpenTelemetry spans and metrics included."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from dbsession import observability
+
+    def otel(slow: float | None, stats: bool) -> Callable[[], None]:
+        def apply() -> None:
+            observability.configure(
+                slow_scope_seconds=slow,
+                stats=stats,
+                opentelemetry=True,
+                tracer_provider=TracerProvider(),
+                meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+            )
+
+        return apply
+
+    return [
+        otel(None, False),
+        lambda: observability.configure(),
+        lambda: observability.configure(slow_scope_seconds=None, stats=False),
+        lambda: observability.configure(slow_scope_seconds=0.0001),
+        lambda: observability.configure(slow_scope_seconds=None, stats=True),
+        otel(0.0001, True),
+    ]
+
+
+def reconfigure_until(stop: threading.Event, seed: int) -> None:
+    """Switch between the configurations at random moments until ``stop`` is set."""
+    chooser = random.Random(seed)
+    options = observability_configurations()
+    while not stop.is_set():
+        chooser.choice(options)()
+        time.sleep(chooser.uniform(0, 0.003))
+
+
+@contextmanager
+def reconfiguring(seed: int) -> Iterator[None]:
+    """Run the block while another thread reconfigures observability at random moments;
+    the default configuration (statistics off) is restored afterwards."""
+    from dbsession import observability
+
+    stop = threading.Event()
+    thread = threading.Thread(target=reconfigure_until, args=(stop, seed))
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        observability.configure(stats=False)
+        observability.reset_stats()

@@ -85,28 +85,38 @@ def session_dependency(
     async def get_session(request: Request) -> AsyncIterator[Session]:
         """Yield one unit of work: committed when the endpoint returns, rolled back if it raises."""
         scope = open_scope(readonly=readonly)
-        session, frame = await run_in_threadpool(_enter, scope, request.scope.get("endpoint"))
+        session, frame, observation = await run_in_threadpool(
+            _enter, scope, request.scope.get("endpoint")
+        )
         lend(frame)
+        # The handler's statements, pool waits and checkouts are the request's unit of work
+        # (PoolExhaustedError names its endpoint as the holder).
+        lent = observability.lend(observation)
         try:
-            yield session
-        except BaseException as error:
-            await run_in_threadpool(scope.__exit__, type(error), error, error.__traceback__)
-            raise
-        await run_in_threadpool(scope.__exit__, None, None, None)
+            try:
+                yield session
+            except BaseException as error:
+                await run_in_threadpool(scope.__exit__, type(error), error, error.__traceback__)
+                raise
+            await run_in_threadpool(scope.__exit__, None, None, None)
+        finally:
+            observability.unlend(lent)
 
     return get_session
 
 
-def _enter(scope: AbstractContextManager[Session], endpoint: object) -> tuple[Session, Frame]:
-    """Enter ``scope`` (in a worker thread) and return its session and its frame; the unit
-    of work is reported at ``endpoint`` (observability)."""
+def _enter(
+    scope: AbstractContextManager[Session], endpoint: object
+) -> tuple[Session, Frame, observability.Observation | None]:
+    """Enter ``scope`` (in a worker thread) and return its session, its frame and its
+    observation; the unit of work is reported at ``endpoint`` (observability)."""
     session = scope.__enter__()
     observability.name_current(endpoint)
     frame = innermost()
     if frame is None or frame.session is not session:  # pragma: no cover - a dbsession bug
         scope.__exit__(None, None, None)
         raise ScopeError("dbsession: the request's scope is not visible where it was opened.")
-    return session, frame
+    return session, frame, observability.current()
 
 
 #: The dependency on the process default factory.
