@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from . import observability
 from ._connect import call_driver
 from ._errors import ScopeTimeoutError, SQLitePathError
 from ._seam import Method, flagged_view, set_hook
@@ -142,10 +144,14 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
             budget = current_budget()
             until = None if budget is None else budget.until
             run_async = getattr(dbapi_connection.dbapi_connection, "run_async", None)
-            if run_async is not None:
-                held = run_async(lambda _: gate.acquire_async(stall, until))
-            else:
-                held = gate.acquire(stall, until)
+            started = time.perf_counter()
+            try:
+                if run_async is not None:
+                    held = run_async(lambda _: gate.acquire_async(stall, until))
+                else:
+                    held = gate.acquire(stall, until)
+            finally:
+                observability.add_lock_wait(time.perf_counter() - started)
             if not held:
                 assert budget is not None
                 raise ScopeTimeoutError(

@@ -201,6 +201,7 @@ class Observation:
         "isolation_level",
         "db_time",
         "pool_wait",
+        "lock_wait",
         "span",
         "span_token",
         "_site",
@@ -216,6 +217,7 @@ class Observation:
     isolation_level: str | None
     db_time: float
     pool_wait: float
+    lock_wait: float
     span: Any
     span_token: Any
     _site: str | None
@@ -239,6 +241,7 @@ class Observation:
         self.isolation_level = isolation_level
         self.db_time = 0.0
         self.pool_wait = 0.0
+        self.lock_wait = 0.0
         self.span = None
         self.span_token = None
         self._site = None
@@ -346,21 +349,30 @@ def end(observation: Observation, outcome: str, error: BaseException | None) -> 
 
 
 def _warn_slow(observation: Observation, duration: float, outcome: str, threshold: float) -> None:
-    outside = max(duration - observation.db_time, 0.0)
-    verdict = (
-        "most of it OUTSIDE the database, with the transaction open: move that work "
-        "(HTTP calls, slow loops, waiting on locks) out of the scope"
-        if outside > duration / 2
-        else "most of it in the database: look at the statements"
-    )
+    locked = observation.lock_wait
+    outside = max(duration - observation.db_time - locked, 0.0)
+    if locked > duration / 2:
+        verdict = (
+            "most of it WAITING FOR SQLite's WRITE LOCK, which other writers of this process "
+            "held: keep writing units of work short"
+        )
+    elif outside > duration / 2:
+        verdict = (
+            "most of it OUTSIDE the database, with the transaction open: move that work "
+            "(HTTP calls, slow loops, waiting on locks) out of the scope"
+        )
+    else:
+        verdict = "most of it in the database: look at the statements"
     logger.warning(
         "dbsession: a unit of work opened at %s was open for %.2fs (%s): %.2fs in the "
-        "database, %.2fs outside it, %.2fs waiting for a pooled connection; %s. "
+        "database, %.2fs waiting for the write lock, %.2fs outside it, %.2fs waiting for "
+        "a pooled connection; %s. "
         "(Threshold %.1fs: dbsession.observability.configure(slow_scope_seconds=...).)",
         observation.site,
         duration,
         outcome,
         observation.db_time,
+        locked,
         outside,
         observation.pool_wait,
         verdict,
@@ -414,6 +426,13 @@ def unlend(token: Token[Observation | None] | None) -> None:
             _current.reset(token)
         except ValueError:
             pass
+
+
+def add_lock_wait(seconds: float) -> None:
+    """Count ``seconds`` waited for SQLite's write lock against the unit of work here."""
+    observation = _current.get()
+    if observation is not None:
+        observation.lock_wait += seconds
 
 
 def add_pool_wait(seconds: float, backend: str) -> None:

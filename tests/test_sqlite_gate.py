@@ -315,3 +315,37 @@ def test_a_child_forked_while_a_thread_writes_starts_with_a_free_gate(tmp_path: 
         leave.set()
         writer.join()
         factory.dispose()
+
+
+def test_the_slow_scope_warning_names_a_wait_for_the_write_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It blamed "work outside the database" for a writer's wait for the write gate."""
+    from dbsession import observability
+
+    factory = DbSessionFactory(f"sqlite:///{tmp_path / 'slow.sqlite3'}")
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with factory.session_scope() as session:
+            session.execute(text("CREATE TABLE t (n INTEGER)"))
+            inside.set()
+            leave.wait(10)
+
+    observability.configure(slow_scope_seconds=0.2)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        threading.Timer(0.6, leave.set).start()
+        with caplog.at_level("WARNING", logger="dbsession"):
+            with factory.session_scope() as session:
+                session.execute(text("INSERT INTO t VALUES (1)"))
+        holder.join()
+        waiter = [r.getMessage() for r in caplog.records if "test_sqlite_gate.py" in r.getMessage()]
+        assert any("WAITING FOR SQLite's WRITE LOCK" in message for message in waiter), waiter
+    finally:
+        leave.set()
+        holder.join()
+        observability.configure()
+        factory.dispose()
