@@ -76,4 +76,3 @@ def __getattr__(name: str) -> Any:
         )
         return getattr(_public_errors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-

@@ -141,6 +141,8 @@ class ScopeTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.Operationa
 
     Also a SQLAlchemy ``OperationalError`` (the error it replaces); the driver's is ``orig``.
     """
+
+
 class DatabaseReadOnlyError(DbSessionError):
     """The server refused a write in a writing scope: it, the role or the database is
     read-only (a hot standby, ``default_transaction_read_only``, MySQL ``read_only``)."""
@@ -203,6 +205,8 @@ class PoolExhaustedError(DbSessionError, sa_exc.TimeoutError):
 
 class NotInitializedError(ConfigurationError):
     """The process default factory was disposed; call ``global_init()`` before using it again."""
+
+
 class BulkInsertError(DbSessionError):
     """``bulk_insert()`` was given a row naming unknown or other columns than the first,
     or the database refused a row; none of the call's rows is kept. The driver's error,

@@ -56,9 +56,7 @@ event.listen(
 
 def observe(frame: Frame) -> observability.Observation | None:
     """Start observing the unit of work of ``frame`` (None when nothing is observed)."""
-    return observability.begin(
-        frame.entered_by, frame.owner, frame.readonly, frame.isolation_level
-    )
+    return observability.begin(frame.entered_by, frame.owner, frame.readonly, frame.isolation_level)
 
 
 def observed_end(

@@ -276,9 +276,21 @@ def _migrate_test_database(config: Config, url: URL) -> None:
             migrations.migration_lock(connection),
         ):
             config.attributes["connection"] = connection
-            migrations.run_command(command.upgrade, config, "head")
-            if connection.in_transaction():
-                connection.commit()
+            failed: str | None = None
+            try:
+                migrations.run_command(command.upgrade, config, "head")
+            except DbSessionError:
+                raise
+            except Exception as error:  # a migration's own: SQL, Python
+                failed = f"{type(error).__name__}: {first_line(error, url)}"
+            else:
+                if connection.in_transaction():
+                    connection.commit()
+        if failed is not None:
+            raise MigrationError(
+                f"upgrade to head failed in a migration: {failed} (run the migrations on "
+                "that database yourself to see the traceback)"
+            )
     finally:
         factory.dispose()
         if saved is None:

@@ -150,9 +150,7 @@ def test_sqlite_busy_is_retried_until_the_lock_is_released(
 
     try:
         with released_on_first_retry(holder.rollback):
-            assert (
-                made.transactional(retry=THREE)(add)() == "done"
-            )
+            assert made.transactional(retry=THREE)(add)() == "done"
         logged = retries(caplog)
         assert len(logged) == 1 and "SQLITE_BUSY" in logged[0]
     finally:

@@ -277,10 +277,7 @@ def test_deadlock_between_two_tasks_is_retried_and_both_complete(
             on_commit(lambda: completed.append(f"{first}->{second}"))
 
         await asyncio.gather(
-            *(
-                async_factory.transactional(retry=FAST)(cross)(a, b)
-                for a, b in [(1, 2), (2, 1)]
-            )
+            *(async_factory.transactional(retry=FAST)(cross)(a, b) for a, b in [(1, 2), (2, 1)])
         )
 
     run(body())
