@@ -122,6 +122,8 @@ class Gate:
         self.open = not block
         self.test: str | None = None
         self.run: _Run | None = None
+        #: The fixtures that use the database: the plugin's, and those set up on them.
+        self.database_fixtures = set(DATABASE_FIXTURES)
 
     def refusal(self) -> str | None:
         """Why the process default may not connect now (None: it may). dbsession asks
@@ -275,6 +277,35 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return (yield)
     finally:
         gate.test, gate.open = None, not gate.block
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
+    """A fixture of a wider scope than a test that uses the database (run-wide test data)
+    may use it in its teardown too, whichever test's end finalizes it."""
+    gate = request.config.stash.get(_GATE, None)
+    if (
+        gate is None
+        or fixturedef.scope == "function"
+        or not gate.database_fixtures.intersection(fixturedef.argnames)
+    ):
+        return (yield)
+    saved: list[bool] = []
+
+    def open_database() -> None:
+        saved.append(gate.open)
+        gate.open = True
+
+    def restore() -> None:
+        if saved:
+            gate.open = saved.pop()
+
+    # Finalizers run last in, first out: open_database, the fixture's teardown, restore.
+    fixturedef.addfinalizer(restore)
+    result = yield
+    gate.database_fixtures.add(fixturedef.argname)
+    fixturedef.addfinalizer(open_database)
+    return result
 
 
 # ---------------------------------------------------------------------------------------

@@ -445,3 +445,52 @@ def test_a_failing_migration_fails_the_run_once_in_one_line(
     assert 'near "THIS": syntax error' in failures[0]
     assert "Traceback" not in output and "raise " not in output
     assert len(output.splitlines()) < 10 * 6 + 40  # one short block per test
+
+
+RUN_WIDE_CONFTEST = '''
+import pytest
+from sqlalchemy import delete
+
+import toyapp
+
+
+@pytest.fixture(scope="session")
+def seeded(dbsession_factory):
+    """Seeded once for the run, committed for real; deleted when the run ends."""
+    with dbsession_factory.session_scope() as session:
+        session.add_all([toyapp.Item(name="ada"), toyapp.Item(name="grace")])
+    yield ["ada", "grace"]
+    with dbsession_factory.session_scope() as session:
+        session.execute(delete(toyapp.Item))
+'''
+
+RUN_WIDE_TESTS = """
+import toyapp
+
+
+def test_the_seeded_rows_are_there(seeded, db_session):
+    assert toyapp.names() == seeded
+
+
+def test_a_test_may_change_them_its_change_is_rolled_back(seeded, db_session):
+    db_session.query(toyapp.Item).filter_by(name="ada").delete()
+    toyapp.add_item("charles")
+    assert toyapp.names() == ["charles", "grace"]
+
+
+def test_the_next_test_sees_them_as_seeded(seeded, db_session):
+    assert toyapp.names() == seeded
+
+
+def test_the_last_test_does_not_use_the_database():
+    pass  # the seed's teardown runs at its end, and may use the database
+"""
+
+
+def test_run_wide_test_data_is_seeded_once_and_gone_after_the_run(
+    pytester: pytest.Pytester, backend_url: URL, toy_app: Engine
+) -> None:
+    pytester.makeconftest(RUN_WIDE_CONFTEST)
+    pytester.makepyfile(test_seeded=RUN_WIDE_TESTS)
+    run_inner(pytester, backend_url).assert_outcomes(passed=4)
+    assert toy_rows(toy_app) == 0
