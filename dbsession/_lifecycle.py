@@ -49,7 +49,7 @@ class Registry(Generic[F]):
         self.current: F | None = None
         self._disposed = False
         self._pinned = False
-        #: While ``block()`` runs: asked before the default connects (see ``refuse``).
+        #: While ``block()`` runs: asked before the default connects (see ``_check``).
         self._refuse: Callable[[], str | None] | None = None
 
     def install(self, candidate: F) -> F:
@@ -120,9 +120,10 @@ class Registry(Generic[F]):
     @contextmanager
     def block(self, refuse: Callable[[], str | None]) -> Iterator[None]:
         """While the block runs, ask ``refuse()`` each time the process default is about
-        to open a unit of work, a session, or a connection of its engine's pool: a string
-        is raised as DatabaseBlockedError with that message, None lets it through.
-        Building the default (``factory.engine``) is never refused: it opens nothing."""
+        to open a unit of work, and at each checkout of a connection from its engine's
+        pool: a string is raised as DatabaseBlockedError with that message, None lets it
+        through. Building the default (``factory.engine``) is never refused: it opens
+        nothing."""
         with self._lock:
             saved, self._refuse = self._refuse, refuse
         current = self.current
@@ -134,7 +135,7 @@ class Registry(Generic[F]):
             with self._lock:
                 self._refuse = saved
 
-    def refuse(self, factory: object) -> None:
+    def _check(self, factory: object) -> None:
         """Raise DatabaseBlockedError if ``factory`` is the default and a ``block()`` refuses
         it now (a no-op outside ``block()``)."""
         check = self._refuse
@@ -145,13 +146,13 @@ class Registry(Generic[F]):
 
 
 def _guard_connections(registry: Registry[Any], factory: LazyFactory[Any]) -> None:
-    """Have every pool ``factory`` built so far ask ``registry.refuse`` at each checkout
+    """Have every pool ``factory`` built so far ask ``registry._check`` at each checkout
     (a new or a pooled connection), once per engine; ``_build`` does the same for the
     engines it builds later while ``factory`` is pinned or blocked."""
     owner = weakref.ref(factory)
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        registry.refuse(owner())
+        registry._check(owner())
 
     for binding in list(factory._bindings.values()):
         engine = getattr(binding.engine, "sync_engine", binding.engine)
@@ -318,7 +319,7 @@ class LazyFactory(Generic[B]):
             return join(outer, readonly=readonly, isolation_level=level)
         registry = self.registry
         if registry._refuse is not None:
-            registry.refuse(self)
+            registry._check(self)
         on_replica = use_replica(
             self, self._settings, readonly=readonly, replica=replica, isolation_level=level
         )
