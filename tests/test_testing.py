@@ -229,6 +229,7 @@ ASYNC_APP_MADE_AT_IMPORT = """
 from dbsession.asyncio import AsyncDbSessionFactory
 
 APP = AsyncDbSessionFactory.global_init("postgresql+psycopg://app:secret@nonexistent.invalid/a")
+ENGINE = APP.engine  # building is not using: allowed at import
 """
 
 ASYNC_CATCH_TESTS = """
