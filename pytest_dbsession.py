@@ -29,13 +29,14 @@ imports dbsession pays nothing for the plugin. Fixtures:
 
 **The safety catch** (``dbsession_block``, on by default): while a test that did not
 ask for the database runs (``db_session``, ``async_db_session``, the factories, or
-``@pytest.mark.dbsession``), using the process default factory raises
-DatabaseBlockedError; ``global_init()`` returns the plugin's factory whatever URL the
+``@pytest.mark.dbsession``), a unit of work or a connection of the process default
+factory raises DatabaseBlockedError (building it, ``factory.engine``, does not); ``global_init()`` returns the plugin's factory whatever URL the
 app gives it, so nothing reaches the app's own database. The plugin's factory becomes
-the process default the moment dbsession is imported (``dbsession/__init__.py`` tells
-this module), or at start-up if it was imported before: in either case before any
-code can reach the process default, a ``conftest.py`` that builds its app at import
-included.
+the process default (``Registry.pin``, ``Registry.block``: dbsession's public seam)
+the moment dbsession is imported (an import hook of this module sees it; dbsession
+knows nothing of its plugin), or at start-up if it was imported before: in either
+case before any code can reach the process default, a ``conftest.py`` that builds
+its app at import included.
 
 Every option also reads the ini setting of the same name with underscores
 (``dbsession_schema = create_all`` in ``[tool.pytest.ini_options]``); the command
@@ -44,6 +45,7 @@ line wins.
 
 from __future__ import annotations
 
+import importlib.abc
 import inspect
 import sys
 from collections.abc import Callable, Iterator
@@ -120,6 +122,22 @@ class Gate:
         self.open = not block
         self.test: str | None = None
         self.run: _Run | None = None
+        #: The fixtures that use the database: the plugin's, and those set up on them.
+        self.database_fixtures = set(DATABASE_FIXTURES)
+
+    def refusal(self) -> str | None:
+        """Why the process default may not connect now (None: it may). dbsession asks
+        this through ``Registry.block`` each time the default is about to connect."""
+        if self.open:
+            return None
+        return (
+            f"{self.test or 'Code outside any test'} used the database without asking for "
+            "it: the dbsession plugin refuses the process default factory there, so nothing "
+            "can reach the app's own database. Give the test the db_session fixture "
+            "(async_db_session for async code), or mark it @pytest.mark.dbsession to commit "
+            "for real to the test database; dbsession_block = false in the pytest ini "
+            "settings turns this check off."
+        )
 
 
 _GATE = pytest.StashKey[Gate]()
@@ -145,32 +163,72 @@ def _run_of(config: pytest.Config) -> _Run:
     return gate.run
 
 
-def dbsession_imported() -> None:
-    """Called at the end of ``dbsession/__init__.py`` when this module is loaded: pin the
-    plugin's factory as the process default of every waiting run, before the code that
-    imported dbsession can reach that default."""
-    for config in list(_WAITING):
-        _run_of(config)
+def _dbsession_imported(name: str) -> None:
+    """Run by ``_ImportWatch`` right after ``dbsession`` (or ``dbsession.asyncio``) is
+    executed, before the code that imported it goes on: pin the plugin's factory (its
+    async twin) as the process default of every run with the catch on."""
+    if name == "dbsession":
+        for config in list(_WAITING):
+            _run_of(config)
+    else:
+        for gate in _BLOCKING:
+            if gate.run is not None:
+                gate.run.async_default()
 
 
-def dbsession_asyncio_imported() -> None:
-    """Called at the end of ``dbsession/asyncio.py`` when this module is loaded: pin the
-    plugin's async factory as the async process default of every run with the catch on,
-    before the code that imported ``dbsession.asyncio`` can reach that default."""
-    for gate in _BLOCKING:
-        if gate.run is not None:
-            gate.run.async_default()
+class _ImportWatch(importlib.abc.MetaPathFinder):
+    """On ``sys.meta_path`` while a run with the catch on waits for dbsession: it finds
+    nothing itself, but when ``dbsession`` or ``dbsession.asyncio`` is imported it wraps
+    the real loader so that ``_dbsession_imported`` runs right after the module. So
+    dbsession knows nothing of its plugin, and a project that never imports it pays one
+    string comparison per import."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _WATCHED:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenPin(spec.loader, fullname)
+                return spec
+        return None
+
+
+_WATCHED = ("dbsession", "dbsession.asyncio")
+_WATCH = _ImportWatch()
+
+
+class _ThenPin(importlib.abc.Loader):
+    """The real loader of a watched module, then ``_dbsession_imported``."""
+
+    def __init__(self, loader: Any, name: str) -> None:
+        self._loader = loader
+        self._name = name
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = module.__spec__.loader = self._loader  # its real loader
+        self._loader.exec_module(module)
+        _dbsession_imported(self._name)
 
 
 def _start(config: pytest.Config) -> None:
     """Set up the run's gate; with the catch on, pin the plugin's factory now if dbsession
-    is imported already, else as soon as it is (``dbsession_imported``)."""
+    is imported already, else as soon as it is (``_ImportWatch``)."""
     if _GATE in config.stash:
         return
     gate = config.stash[_GATE] = Gate(bool(config.getini("dbsession_block")))
     if not gate.block:
         return  # nothing to pin: the run is made when a fixture first needs it
     _BLOCKING.append(gate)
+    if _WATCH not in sys.meta_path:
+        sys.meta_path.insert(0, _WATCH)
     if "dbsession" in sys.modules:
         _run_of(config)
     else:
@@ -201,6 +259,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     gate = config.stash.get(_GATE, None)
     if gate in _BLOCKING:
         _BLOCKING.remove(gate)
+    if not _BLOCKING and _WATCH in sys.meta_path:
+        sys.meta_path.remove(_WATCH)
     if gate is not None and gate.run is not None:
         gate.run.close()
 
@@ -212,13 +272,40 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     asked = item.get_closest_marker(MARK) is not None or bool(
         DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))
     )
-    if gate.run is not None and "dbsession.asyncio" in sys.modules:
-        gate.run.async_default()  # the app uses the async side: catch it there too
     gate.test, gate.open = item.nodeid, asked or not gate.block
     try:
         return (yield)
     finally:
         gate.test, gate.open = None, not gate.block
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Any:
+    """A fixture of a wider scope than a test that uses the database (run-wide test data)
+    may use it in its teardown too, whichever test's end finalizes it."""
+    gate = request.config.stash.get(_GATE, None)
+    if (
+        gate is None
+        or fixturedef.scope == "function"
+        or not gate.database_fixtures.intersection(fixturedef.argnames)
+    ):
+        return (yield)
+    saved: list[bool] = []
+
+    def open_database() -> None:
+        saved.append(gate.open)
+        gate.open = True
+
+    def restore() -> None:
+        if saved:
+            gate.open = saved.pop()
+
+    # Finalizers run last in, first out: open_database, the fixture's teardown, restore.
+    fixturedef.addfinalizer(restore)
+    result = yield
+    gate.database_fixtures.add(fixturedef.argname)
+    fixturedef.addfinalizer(open_database)
+    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,7 +335,7 @@ def dbsession_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
     __tracebackhide__ = True
     from dbsession import testing
 
-    return testing._prepared_database(dbsession_url, pytestconfig)
+    return testing._prepared_database(_run_of(pytestconfig), dbsession_url, pytestconfig)
 
 
 @pytest.fixture(scope="session")
@@ -330,6 +417,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if not inspect.iscoroutinefunction(pyfuncitem.obj):
         return None
     loop = cast("asyncio.AbstractEventLoop", pyfuncitem.funcargs["dbsession_event_loop"])
-    names = pyfuncitem._fixtureinfo.argnames
-    loop.run_until_complete(pyfuncitem.obj(**{name: pyfuncitem.funcargs[name] for name in names}))
+    given = pyfuncitem.funcargs
+    names = inspect.signature(pyfuncitem.obj).parameters
+    loop.run_until_complete(
+        pyfuncitem.obj(**{name: given[name] for name in names if name in given})
+    )
     return True

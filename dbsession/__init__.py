@@ -9,7 +9,6 @@ catch separately are also here.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
@@ -79,18 +78,3 @@ def __getattr__(name: str) -> Any:
         )
         return getattr(_public_errors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _tell_the_pytest_plugin(imported: str = "dbsession_imported") -> None:
-    """Inside a pytest run with dbsession's plugin, let it pin its factory as the process
-    default now, before the code that imported dbsession can reach that default (the
-    plugin's entry module imports no dbsession until then). ``imported``: the plugin's
-    function to call (``dbsession_asyncio_imported`` from ``dbsession.asyncio``).
-    Outside pytest, nothing."""
-    plugin = sys.modules.get("pytest_dbsession")
-    tell = getattr(plugin, imported, None)
-    if tell is not None:
-        tell()
-
-
-_tell_the_pytest_plugin()

@@ -40,7 +40,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
     Raises ConfigurationError subclasses when the URL or options cannot work.
     """
 
-    _registry = Registry["DbSessionFactory"]("DbSessionFactory")
+    registry = Registry["DbSessionFactory"]("DbSessionFactory")
 
     @classmethod
     def global_dispose(cls, *, allow_lazy: bool = False) -> None:
@@ -51,7 +51,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         made up from the environment. ``allow_lazy=True`` (for tests) lets the next
         use initialise the default lazily from ``DATABASE_URL`` again.
         """
-        factory = cls._registry.take(allow_lazy=allow_lazy)
+        factory = cls.registry.take(allow_lazy=allow_lazy)
         if factory is not None:
             factory.dispose()
 
@@ -226,7 +226,7 @@ def default_factory() -> DbSessionFactory:
     """The process default factory: the one ``global_init()`` made, else one made now from
     ``DATABASE_URL`` (or the embedded SQLite file). Raises NotInitializedError after
     ``DbSessionFactory.global_dispose()``, ConfigurationError for a bad DATABASE_URL."""
-    return DbSessionFactory._registry.get(DbSessionFactory.global_init)
+    return DbSessionFactory.registry.get(DbSessionFactory.global_init)
 
 
 def session_scope(

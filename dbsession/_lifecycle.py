@@ -8,19 +8,22 @@ ended by ``global_dispose()``.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
-from sqlalchemy.engine import URL
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine
 
 from ._binding import Binding, normalize_isolation_level
 from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
-from ._context import innermost
-from ._errors import AlreadyInitializedError, NotInitializedError
+from ._context import DIVERT_HOOKS_KEY, Hook, innermost
+from ._errors import AlreadyInitializedError, DatabaseBlockedError, NotInitializedError
 from ._replica import refuse_for_savepoint, use_replica
 from ._retry import RetryPolicy, UnitOfWorkFunction
 
@@ -31,8 +34,14 @@ F = TypeVar("F", bound="LazyFactory[Any]")
 
 
 class Registry(Generic[F]):
-    """The process default factory of one factory class: none yet (made lazily from the
-    environment on first use), one, or disposed (use raises NotInitializedError)."""
+    """The process default factory of one factory class (``DbSessionFactory.registry``,
+    ``AsyncDbSessionFactory.registry``): none yet (made lazily from the environment on
+    first use), one, or disposed (use raises NotInitializedError).
+
+    Test harnesses (dbsession's pytest plugin) use two public seams: ``pin(factory)``
+    makes their factory the default whatever the app asks ``global_init()`` for, and
+    ``block(refuse)`` refuses the default's connections while ``refuse()`` gives a reason.
+    """
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -40,6 +49,8 @@ class Registry(Generic[F]):
         self.current: F | None = None
         self._disposed = False
         self._pinned = False
+        #: While ``block()`` runs: asked before the default connects (see ``_check``).
+        self._refuse: Callable[[], str | None] | None = None
 
     def install(self, candidate: F) -> F:
         """Make ``candidate`` the default unless one with the same settings is already
@@ -90,19 +101,68 @@ class Registry(Generic[F]):
             return current
 
     @contextmanager
-    def replaced_by(self, factory: F, *, pinned: bool = False) -> Iterator[None]:
-        """Make ``factory`` the default for the block (for dbsession.testing). While
-        ``pinned``, ``global_init()`` returns it whatever the settings asked for and
-        ``global_dispose()`` leaves it alone (the plugin's test factory)."""
+    def pin(self, factory: F) -> Iterator[F]:
+        """Make ``factory`` the process default while the block runs, whatever else asks:
+        ``global_init()`` returns it (whatever URL and options it is given),
+        ``global_dispose()`` leaves it alone, and the module functions use it. The
+        default before the block is back afterwards. Pins nest. Yields ``factory``."""
         with self._lock:
             saved = (self.current, self._disposed, self._pinned)
-            self.current, self._disposed, self._pinned = factory, False, pinned or self._pinned
+            self.current, self._disposed, self._pinned = factory, False, True
+        _guard_connections(self, factory)
         try:
-            yield
+            yield factory
         finally:
             with self._lock:
                 if self.current is factory:
                     self.current, self._disposed, self._pinned = saved
+
+    @contextmanager
+    def block(self, refuse: Callable[[], str | None]) -> Iterator[None]:
+        """While the block runs, ask ``refuse()`` each time the process default is about
+        to open a unit of work, and at each checkout of a connection from its engine's
+        pool: a string is raised as DatabaseBlockedError with that message, None lets it
+        through. Building the default (``factory.engine``) is never refused: it opens
+        nothing."""
+        with self._lock:
+            saved, self._refuse = self._refuse, refuse
+        current = self.current
+        if current is not None:
+            _guard_connections(self, current)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._refuse = saved
+
+    def _check(self, factory: object) -> None:
+        """Raise DatabaseBlockedError if ``factory`` is the default and a ``block()`` refuses
+        it now (a no-op outside ``block()``)."""
+        check = self._refuse
+        if check is not None and self.current is factory:
+            reason = check()
+            if reason is not None:
+                raise DatabaseBlockedError(reason)
+
+
+def _guard_connections(registry: Registry[Any], factory: LazyFactory[Any]) -> None:
+    """Have every pool ``factory`` built so far ask ``registry._check`` at each checkout
+    (a new or a pooled connection), once per engine; ``_build`` does the same for the
+    engines it builds later while ``factory`` is pinned or blocked."""
+    owner = weakref.ref(factory)
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        registry._check(owner())
+
+    for binding in list(factory._bindings.values()):
+        engine = getattr(binding.engine, "sync_engine", binding.engine)
+        if engine not in _GUARDED:
+            _GUARDED.add(engine)
+            event.listen(engine, "checkout", checkout)
+
+
+#: The engines whose checkouts ask their registry (see _guard_connections).
+_GUARDED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 class LazyFactory(Generic[B]):
@@ -110,11 +170,13 @@ class LazyFactory(Generic[B]):
     for one URL (a ``Binding``): one for the primary, one for the replica if configured.
 
     Subclasses set ``_asyncio`` (which default drivers a bare URL gets) and
-    ``_registry`` (their process default), and implement ``_make``.
+    ``registry`` (their process default), and implement ``_make``.
     """
 
     _asyncio: ClassVar[bool] = False
-    _registry: ClassVar[Registry[Any]]
+    #: The process default of this class: ``global_init()`` configures it; test harnesses
+    #: pin and block it (``Registry.pin``, ``Registry.block``).
+    registry: ClassVar[Registry[Any]]
 
     def __init__(
         self,
@@ -204,7 +266,7 @@ class LazyFactory(Generic[B]):
             max_replica_lag=max_replica_lag,
             **engine_options,
         )
-        current: F = cls._registry.install(candidate)
+        current: F = cls.registry.install(candidate)
         if require_migrated:
             from .migrations import require_head  # Alembic is only imported when asked for
 
@@ -226,7 +288,10 @@ class LazyFactory(Generic[B]):
             if built is None:
                 built = self._make(self._settings.for_replica() if replica else self._settings)
                 self._bindings[replica] = built
-            return built
+        registry = type(self).registry
+        if registry.current is self and (registry._pinned or registry._refuse is not None):
+            _guard_connections(registry, self)
+        return built
 
     def _open_scope(
         self,
@@ -252,6 +317,9 @@ class LazyFactory(Generic[B]):
         if outer is not None:
             refuse_for_savepoint(timeout=timeout, replica=replica)
             return join(outer, readonly=readonly, isolation_level=level)
+        registry = self.registry
+        if registry._refuse is not None:
+            registry._check(self)
         on_replica = use_replica(
             self, self._settings, readonly=readonly, replica=replica, isolation_level=level
         )
@@ -267,23 +335,35 @@ class LazyFactory(Generic[B]):
             return None
         return retry if retry is not None else RetryPolicy()
 
-    # Private hook for dbsession.testing (the pytest plugin); not public API.
-    # SQLAlchemy's "Joining a Session into an External Transaction" recipe: while the
-    # block runs, every session this factory makes (its scopes, create_session) is
-    # bound to ``connection`` (an AsyncConnection for the async factory) with
-    # join_transaction_mode="create_savepoint", so its commit releases a SAVEPOINT and
-    # its rollback rolls back to it, while the connection's outer transaction (owned
-    # by the caller) stays open. The factory is also its class's process default for
-    # the block, so the module-level scope functions join too. ``options`` go to
-    # ``Binding.joined_to``. Yields the joined Binding.
     @contextmanager
-    def _joined(self, connection: Any, **options: Any) -> Iterator[B]:
+    def bound_to(
+        self: F,
+        connection: Any,
+        *,
+        on_commit: Callable[[list[Hook]], object] | None = None,
+        on_session: Callable[[Any], object] | None = None,
+    ) -> Iterator[F]:
+        """While the block runs, every session this factory makes joins ``connection``'s
+        transaction; yields the factory itself (an app that holds it joins too).
+
+        ``connection`` is a ``Connection`` (an ``AsyncConnection`` for the async factory)
+        in a transaction that the caller owns and ends. This is SQLAlchemy's "Joining a
+        Session into an External Transaction" recipe: a unit of work's commit releases a
+        SAVEPOINT and its rollback rolls back to it, and the outer transaction stays
+        open. Read-only scopes still refuse writes; isolation levels are not applied
+        (the transaction is already open). Nothing is committed, so the ``on_commit``
+        hooks of each unit of work are passed to ``on_commit`` (default: dropped).
+        ``on_session`` is called with each new session before it is handed out (to
+        check who asks; if it raises, the session is closed and the error propagates).
+        """
+        options: dict[str, Any] = {"info": {DIVERT_HOOKS_KEY: on_commit or _drop}}
+        if on_session is not None:
+            options["wrap"] = functools.partial(_Checked, on_session)
         bound = cast(B, self._build().joined_to(connection, **options))
         with self._lock:
             saved, self._bindings = self._bindings, {False: bound, True: bound}
         try:
-            with type(self)._registry.replaced_by(self):
-                yield bound
+            yield self
         finally:
             with self._lock:
                 if self._bindings.get(False) is bound:
@@ -298,6 +378,27 @@ class LazyFactory(Generic[B]):
         with self._lock:
             bindings, self._bindings = self._bindings, {}
         return list(bindings.values())
+
+
+def _drop(hooks: list[Hook]) -> None:
+    """The ``on_commit`` hooks of a unit of work joined to an outer transaction: dropped."""
+
+
+class _Checked:
+    """A sessionmaker whose every session is shown to ``check`` before it is handed out."""
+
+    def __init__(self, check: Callable[[Any], object], maker: Callable[..., Any]) -> None:
+        self._check = check
+        self._maker = maker
+
+    def __call__(self, **kwargs: Any) -> Any:
+        session = self._maker(**kwargs)
+        try:
+            self._check(session)
+        except BaseException:
+            getattr(session, "sync_session", session).close()  # never used: nothing to await
+            raise
+        return session
 
 
 def decorate(

@@ -37,7 +37,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from . import _tell_the_pytest_plugin
 from ._async_scope import AsyncSavepoint, AsyncUnitOfWork
 from ._base import Base
 from ._binding import Binding
@@ -82,14 +81,14 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
     """
 
     _asyncio: ClassVar[bool] = True
-    _registry = Registry["AsyncDbSessionFactory"]("AsyncDbSessionFactory")
+    registry = Registry["AsyncDbSessionFactory"]("AsyncDbSessionFactory")
 
     @classmethod
     async def global_dispose(cls, *, allow_lazy: bool = False) -> None:
         """Dispose the process default async factory (if any) and forget it; see
         ``DbSessionFactory.global_dispose``. Call it from the event loop the connections
         were opened in (the app's shutdown hook)."""
-        factory = cls._registry.take(allow_lazy=allow_lazy)
+        factory = cls.registry.take(allow_lazy=allow_lazy)
         if factory is not None:
             await factory.dispose()
 
@@ -237,7 +236,7 @@ def _require_greenlet() -> None:
 def async_default_factory() -> AsyncDbSessionFactory:
     """The process default async factory (see ``dbsession.default_factory``). Raises
     NotInitializedError after ``AsyncDbSessionFactory.global_dispose()``."""
-    return AsyncDbSessionFactory._registry.get(AsyncDbSessionFactory.global_init)
+    return AsyncDbSessionFactory.registry.get(AsyncDbSessionFactory.global_init)
 
 
 def async_session_scope(
@@ -319,6 +318,3 @@ def __getattr__(name: str) -> Any:
         )
         return globals()[_RENAMED[name]]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_tell_the_pytest_plugin("dbsession_asyncio_imported")  # pin the async default too

@@ -21,20 +21,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from pytest_dbsession import DEFAULT_METADATA, SCHEMA_CHOICES, URL_ENV, Gate
 
-from ._config import async_twin, mask_url, resolve_url, sync_twin
-from ._context import DIVERT_HOOKS_KEY, Hook
+from ._config import async_twin, first_line, mask_url, resolve_url, sync_twin
+from ._context import Hook
 from ._errors import (
-    DatabaseBlockedError,
     DbSessionError,
     MigrationError,
     MigrationsNotFoundError,
@@ -62,35 +61,13 @@ def _setting(config: pytest.Config, name: str) -> str | None:
 # The run's state: the test URL, the plugin's factories, and whether the database is open.
 
 
-class _Gated:
-    """Mixin of the plugin's factories: they build nothing, and so open no connection,
-    unless the running test asked for the database (or the catch is off)."""
-
-    _test_run: _Run
-
-    def _build(self, *, replica: bool = False) -> Any:
-        gate = self._test_run.gate
-        if not gate.open:
-            raise DatabaseBlockedError(
-                f"{gate.test or 'Code outside any test'} used the database without "
-                "asking for it: the dbsession plugin refuses the process default factory "
-                "there, so nothing can reach the app's own database. Give the test the "
-                "db_session fixture (async_db_session for async code), or mark it "
-                "@pytest.mark.dbsession to commit for real to the test database; "
-                "dbsession_block = false in the pytest ini settings turns this check off."
-            )
-        return super()._build(replica=replica)  # type: ignore[misc]
-
-
-class _TestFactory(_Gated, DbSessionFactory):
-    """The plugin's DbSessionFactory on the test database."""
-
-
 class _Run:
     """What the plugin keeps for one run (one xdist worker): the URL, its factories, the
-    process defaults it pinned; ``gate`` tells which test runs now and whether it asked
-    for the database. Made, and with the catch on the factory pinned, when dbsession is
-    imported during the run (``pytest_dbsession.dbsession_imported``)."""
+    process defaults it pinned, and why the test database cannot be used if it cannot
+    (``failure``, one line, found once for the whole run). ``gate`` tells which test runs
+    now and whether it asked for the database. Made, and with the catch on the factory
+    pinned and blocked (``Registry.pin``, ``Registry.block``), when dbsession is imported
+    during the run (``pytest_dbsession._ImportWatch``)."""
 
     def __init__(self, config: pytest.Config, gate: Gate) -> None:
         self.gate = gate
@@ -99,14 +76,18 @@ class _Run:
         self._tmp: str | None = None
         self._stack = ExitStack()
         self.connections = _Connections()
+        self.failure: str | None = None
         self.url, self.created = self._choose_url(config)
-        self.factory = _TestFactory(sync_twin(self.url))
-        self.factory._test_run = self
+        self.factory = DbSessionFactory(sync_twin(self.url))
         self.async_factory: AsyncDbSessionFactory | None = None
+        self._catch(DbSessionFactory.registry, self.factory)
+
+    def _catch(self, registry: Any, factory: Any) -> None:
+        """With the catch on: ``factory`` is the process default for the whole run, and
+        refuses to connect while the gate is closed."""
         if self.block:
-            self._stack.enter_context(
-                DbSessionFactory._registry.replaced_by(self.factory, pinned=True)
-            )
+            self._stack.enter_context(registry.pin(factory))
+            self._stack.enter_context(registry.block(self.gate.refusal))
 
     def _choose_url(self, config: pytest.Config) -> tuple[URL, bool]:
         """The test URL, and whether the plugin must create (and drop) that database."""
@@ -132,15 +113,8 @@ class _Run:
         if self.async_factory is None:
             from .asyncio import AsyncDbSessionFactory
 
-            class _AsyncTestFactory(_Gated, AsyncDbSessionFactory):
-                """The plugin's AsyncDbSessionFactory on the test database."""
-
-            made = _AsyncTestFactory(async_twin(self.url))
-            made._test_run = self
-            self.async_factory = made
-            if self.block:
-                registry = AsyncDbSessionFactory._registry
-                self._stack.enter_context(registry.replaced_by(made, pinned=True))
+            self.async_factory = AsyncDbSessionFactory(async_twin(self.url))
+            self._catch(AsyncDbSessionFactory.registry, self.async_factory)
         return self.async_factory
 
     def close(self) -> None:
@@ -164,7 +138,8 @@ def _given_url(config: pytest.Config) -> str | None:
 
 def _database_url(run: _Run, pytestconfig: pytest.Config) -> Iterator[URL]:
     """The ``dbsession_url`` fixture: the run's URL; under pytest-xdist a server database
-    of the worker's own is created here and dropped at the end."""
+    of the worker's own is created here and dropped at the end, through dbsession's own
+    engine (its connector masks the password in every error)."""
     __tracebackhide__ = True
     if not run.created:
         yield run.url
@@ -172,36 +147,70 @@ def _database_url(run: _Run, pytestconfig: pytest.Config) -> Iterator[URL]:
             run.factory.dispose()
             Path(run.url.database).unlink(missing_ok=True)
         return
-    given = resolve_url(_given_url(pytestconfig))[0]
-    admin = create_engine(sync_twin(given), poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    name = admin.dialect.identifier_preparer.quote(str(run.url.database))
+    _fail_if_failed(run)
+    admin = DbSessionFactory(
+        sync_twin(resolve_url(_given_url(pytestconfig))[0]), poolclass=NullPool
+    )
+    name = admin.engine.dialect.identifier_preparer.quote(str(run.url.database))
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-            connection.execute(text(f"CREATE DATABASE {name}"))
+        failed = _admin(admin, f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
+        if failed is not None:
+            _fail(run, pytestconfig, run.url, failed)
         yield run.url
     finally:
         run.factory.dispose()
-        force = " WITH (FORCE)" if admin.dialect.name == "postgresql" else ""
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
+        force = " WITH (FORCE)" if admin.engine.dialect.name == "postgresql" else ""
+        dropped = None if run.failure else _admin(admin, f"DROP DATABASE IF EXISTS {name}{force}")
         admin.dispose()
+        if dropped is not None:
+            raise dropped
 
 
-def _prepared_database(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
+def _admin(admin: DbSessionFactory, *statements: str) -> Exception | None:
+    """Run ``statements`` outside any transaction; return the error that stopped them."""
+    try:
+        with admin.engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            for statement in statements:
+                connection.execute(text(statement))
+    except Exception as error:  # told in one line by _fail, or raised at the end
+        return error
+    return None
+
+
+def _prepared_database(run: _Run, dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
     """The ``dbsession_database`` fixture: a database that cannot be used fails the test
-    with one line naming the setting it came from (no traceback, no password)."""
+    with one line naming the setting it came from (no traceback, no password); found
+    once, it fails every later test that needs the database with the same line."""
     __tracebackhide__ = True
+    _fail_if_failed(run)
     try:
         return _prepare(dbsession_url, pytestconfig)
-    except DbSessionError as error:
-        given = pytestconfig.getoption("dbsession_url")
-        where = "--dbsession-url" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
-        pytest.fail(
-            f"dbsession: the test database {mask_url(dbsession_url)} (from {where}) cannot "
-            f"be used: {error}",
-            pytrace=False,
-        )
+    except pytest.UsageError:
+        raise
+    except Exception as error:
+        failed = error
+    _fail(run, pytestconfig, dbsession_url, failed)  # outside except: no chained context
+
+
+def _fail_if_failed(run: _Run) -> None:
+    __tracebackhide__ = True
+    if run.failure is not None:
+        pytest.fail(run.failure, pytrace=False)
+
+
+def _fail(run: _Run, pytestconfig: pytest.Config, url: URL, error: Exception) -> NoReturn:
+    """Fail the test, and every later one that needs the database, with one line."""
+    __tracebackhide__ = True
+    given = pytestconfig.getoption("dbsession_url")
+    where = "--dbsession-url" if given else URL_ENV if os.environ.get(URL_ENV) else "default"
+    reason = first_line(error, url)
+    if not isinstance(error, DbSessionError):  # a migration's own error, say
+        reason = f"{type(error).__name__}: {reason}"
+    run.failure = (
+        f"dbsession: the test database {mask_url(url)} (from {where}) cannot be used: {reason}"
+    )
+    pytest.fail(run.failure, pytrace=False)
 
 
 def _prepare(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
@@ -237,16 +246,16 @@ def _prepare(dbsession_url: URL, pytestconfig: pytest.Config) -> URL:
     return dbsession_url
 
 
-#: What an env.py must mention to be handed the test database (see _migrate_test_database).
-_URL_SOURCES = ("run_env", "sqlalchemy.url", "get_main_option", "get_section", "attributes")
-
-
 def _migrate_test_database(config: Config, url: URL) -> None:
-    """Upgrade the test database, and only it, to head, whatever kind of env.py the
-    project has: dbsession's ``run_env()`` reads the URL from the config's attributes;
-    a stock Alembic env.py reads ``sqlalchemy.url``, set here to the test URL (and
-    ``DATABASE_URL`` is the test URL while it runs). An env.py that reads none of them
-    is refused before it runs; one that migrated something else is caught afterwards.
+    """Upgrade the test database, and only it, to head, whatever the project's env.py.
+
+    As Alembic's cookbook does, env.py is handed the connection to migrate
+    (``config.attributes["connection"]``, which dbsession's ``run_env()`` uses), with
+    ``sqlalchemy.url`` and ``DATABASE_URL`` set to the test URL for an env.py that
+    builds its own engine. While it runs, every connection opened and every statement
+    sent, by any engine of the process, must be for the test database: anything else
+    (an env.py that reads the app's settings) raises MigrationError before it connects
+    or runs a statement, so nothing reaches another database.
     """
     from alembic import command
     from alembic.script import ScriptDirectory
@@ -254,22 +263,36 @@ def _migrate_test_database(config: Config, url: URL) -> None:
     from . import migrations
 
     env_py = Path(ScriptDirectory.from_config(config).dir) / "env.py"
-    source = env_py.read_text(encoding="utf-8") if env_py.is_file() else ""
-    if not any(word in source for word in _URL_SOURCES):
-        raise MigrationError(
-            f"dbsession will not run {env_py}: it reads its database URL from none of "
-            "sqlalchemy.url, config.attributes or dbsession's run_env(), so it would "
-            "migrate some other database than the test one. Make it read "
-            "config.get_main_option('sqlalchemy.url'), or use --dbsession-schema create_all."
-        )
     config.set_main_option(
         "sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%")
     )
+    factory = DbSessionFactory(url, poolclass=NullPool)
     saved = os.environ.get("DATABASE_URL")
     os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
     try:
-        migrations.run_command(command.upgrade, config, "head")
+        with (
+            _only_into(url, env_py),
+            factory.engine.connect() as connection,
+            migrations.migration_lock(connection),
+        ):
+            config.attributes["connection"] = connection
+            failed: str | None = None
+            try:
+                migrations.run_command(command.upgrade, config, "head")
+            except DbSessionError:
+                raise
+            except Exception as error:  # a migration's own: SQL, Python
+                failed = f"{type(error).__name__}: {first_line(error, url)}"
+            else:
+                if connection.in_transaction():
+                    connection.commit()
+        if failed is not None:
+            raise MigrationError(
+                f"upgrade to head failed in a migration: {failed} (run the migrations on "
+                "that database yourself to see the traceback)"
+            )
     finally:
+        factory.dispose()
         if saved is None:
             del os.environ["DATABASE_URL"]
         else:
@@ -278,9 +301,86 @@ def _migrate_test_database(config: Config, url: URL) -> None:
     if migrations.current(url=url) != head:
         raise MigrationError(
             f"{env_py} ran but the test database {mask_url(url)} is not at the head "
-            f"revision {head}: the env.py migrated another database. Make it read "
-            "config.get_main_option('sqlalchemy.url') (dbsession sets it to the test URL)."
+            f"revision {head}. Make it migrate config.attributes['connection'] (as "
+            "dbsession's run_env() does) or config.get_main_option('sqlalchemy.url')."
         )
+
+
+#: The connect arguments that say which database a connection is for.
+_ADDRESS = ("host", "port", "dbname", "database", "db", "unix_socket")
+
+
+@contextmanager
+def _only_into(url: URL, env_py: Path) -> Iterator[None]:
+    """While the block runs, refuse (MigrationError) a connection opened for, and a
+    statement sent to, any other database than ``url``'s, by any engine."""
+
+    def refuse(target: str) -> NoReturn:
+        raise MigrationError(
+            f"{env_py} was about to migrate {target}, not the test database "
+            f"{mask_url(url)}; nothing was run there. Make it use "
+            "config.attributes['connection'] (dbsession's run_env() does) or "
+            "config.get_main_option('sqlalchemy.url'), which dbsession sets to the test "
+            "database, instead of the app's settings."
+        )
+
+    def before_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        same = dialect.name == url.get_dialect().name
+        if same:
+            expected = dialect.create_connect_args(
+                url.set(drivername=f"{dialect.name}+{dialect.driver}")
+            )
+            same = _address(*expected) == _address(cargs, cparams)
+        if not same:
+            refuse(_describe(dialect.name, cargs, cparams))
+
+    def before_statement(connection: Any, *args: Any) -> None:
+        if not _same_database(connection.engine.url, url):
+            refuse(mask_url(connection.engine.url))
+
+    event.listen(Engine, "do_connect", before_connect)
+    event.listen(Engine, "before_cursor_execute", before_statement)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "before_cursor_execute", before_statement)
+        event.remove(Engine, "do_connect", before_connect)
+
+
+def _address(cargs: Any, cparams: Any) -> tuple[Any, ...]:
+    """Which database a driver's connect arguments name (SQLite: the file's real path)."""
+    files = [
+        os.path.realpath(arg) if isinstance(arg, str) and arg != ":memory:" else arg
+        for arg in cargs
+    ]
+    return (*files, *(str(cparams.get(key)) for key in _ADDRESS))
+
+
+def _describe(backend: str, cargs: Any, cparams: Any) -> str:
+    """A connection's target for a message: the file, or host, port and database."""
+    if cargs:
+        return f"the {backend} database {cargs[0]}"
+    where = {key: cparams[key] for key in _ADDRESS if cparams.get(key) is not None}
+    return f"the {backend} database " + ", ".join(f"{k}={v}" for k, v in where.items())
+
+
+def _same_database(one: URL, other: URL) -> bool:
+    """Whether two URLs name the same database (drivers, users and options aside)."""
+
+    def where(url: URL) -> tuple[Any, ...]:
+        backend = url.get_backend_name()
+        database = url.database
+        if (
+            backend == "sqlite"
+            and database
+            and database != ":memory:"
+            and not database.startswith("file:")
+        ):
+            database = os.path.realpath(database)
+        port = url.port or {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}.get(backend)
+        return backend, url.host or "localhost", port, database
+
+    return where(one) == where(other)
 
 
 def _check_reachable(url: URL) -> None:
@@ -348,23 +448,18 @@ class _OneUser:
     """Who may have a session on the test's connection: one thread or asyncio task at a
     time. A DBAPI connection serves one caller; two units of work open at once would
     interleave their SAVEPOINTs, or their packets (MariaDB: a corrupt protocol). A
-    thread or task that comes while another one's session is open is refused; one that
-    comes after it was closed (a request that FastAPI runs in its thread pool while the
-    test waits for the response) is served."""
+    thread or task that comes while another one's session is in a transaction is
+    refused; one that comes after it ended (a request that FastAPI runs in its thread
+    pool while the test waits for the response) is served."""
 
     def __init__(self, fixture: str) -> None:
         self._fixture = fixture
         self._lock = threading.Lock()
         self._users: list[tuple[_Owner, Any]] = []
 
-    def wrap(self, maker: Any) -> Any:
-        """A callable like ``maker`` that checks the caller before making a session."""
-        return _CheckedMaker(maker, self)
-
-    @contextmanager
-    def admitted(self) -> Iterator[Callable[[Any], None]]:
-        """Hold the check while a session is made; the block's callable records it.
-        Raises SharedConnectionError when another thread or task has a session open."""
+    def admit(self, session: Any) -> None:
+        """Record ``session`` (``bound_to``'s ``on_session``). Raises
+        SharedConnectionError when another thread or task has a session in use."""
         owner = _owner()
         with self._lock:
             self._users = [(o, s) for o, s in self._users if not _finished(o, s)]
@@ -378,7 +473,7 @@ class _OneUser:
                     f"{self._fixture} and mark the test @pytest.mark.dbsession: every "
                     f"{kind} then gets a session of its own that commits for real."
                 )
-            yield lambda session: self._users.append((owner, session))
+            self._users.append((owner, session))
 
     def forget(self, session: Any) -> None:
         """Stop counting ``session`` as a user (the fixture's own, used by the test)."""
@@ -397,26 +492,12 @@ def _owner() -> _Owner:
     return threading.get_ident(), task
 
 
-class _CheckedMaker:
-    """A joined sessionmaker whose sessions one thread or task at a time gets."""
-
-    def __init__(self, maker: Any, users: _OneUser) -> None:
-        self._maker = maker
-        self._users = users
-
-    def __call__(self, **kwargs: Any) -> Any:
-        with self._users.admitted() as record:
-            session = self._maker(**kwargs)
-            record(session)
-        return session
-
-
 def _finished(owner: _Owner, session: Any) -> bool:
+    """A user is done when its task is, or when its session is in no transaction: its
+    unit of work committed or rolled back (a session that has not begun one yet has sent
+    nothing on the connection)."""
     task = owner[1]
-    if task is not None and task.done():
-        return True
-    state = getattr(getattr(session, "sync_session", session), "_close_state", None)
-    return state is not None and state.name == "CLOSED"
+    return (task is not None and task.done()) or not session.in_transaction()
 
 
 _HOOKS = pytest.StashKey[_Hooks]()
@@ -456,7 +537,8 @@ class _Connections:
         """The connection of ``factory``'s tests (``run`` as in ``_rolled_back_session``)."""
         held = self._held.get(id(factory))
         if held is None or held.closed or held.invalidated:
-            held = self._held[id(factory)] = run(factory._build().engine.connect())
+            engine: Any = factory.engine  # type: ignore[attr-defined]
+            held = self._held[id(factory)] = run(engine.connect())
         return held
 
     def release(self, factory: LazyFactory[Any], run: Callable[[Any], Any]) -> None:
@@ -474,7 +556,8 @@ def _rolled_back_session(
     connections: _Connections,
 ) -> Iterator[Any]:
     """Yield a session of ``factory`` in an outer transaction on one connection, rolled
-    back afterwards, while every session the factory makes joins it (``_joined``).
+    back afterwards, while ``factory`` is the process default and every session it makes
+    joins that transaction (``factory.bound_to``).
 
     One body for both sides: ``run`` is the identity on the sync side and runs the
     coroutine to completion on the plugin's event loop on the async side.
@@ -484,11 +567,10 @@ def _rolled_back_session(
     users = _OneUser(fixture)
     try:
         run(connection.begin())
-        pinned = type(factory)._registry.replaced_by(factory, pinned=True)
-        divert = {DIVERT_HOOKS_KEY: hooks.divert}
-        joined = factory._joined(connection, info=divert, wrap=users.wrap)
-        with pinned, joined as bound:
-            session = bound.maker()()
+        pinned = type(factory).registry.pin(factory)
+        bound = factory.bound_to(connection, on_commit=hooks.divert, on_session=users.admit)
+        with pinned, bound:
+            session = factory.create_session()  # type: ignore[attr-defined]
             users.forget(session)
             try:
                 yield session

@@ -59,7 +59,7 @@ def test_first_use_initialises_the_default_lazily(
     first_use: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", sqlite_url(tmp_path, "lazy"))
-    assert DbSessionFactory._registry.current is None
+    assert DbSessionFactory.registry.current is None
     if first_use == "session_scope":
         with session_scope() as session:
             assert session.scalar(text("SELECT 1")) == 1
@@ -119,7 +119,7 @@ def test_instances_are_independent_databases(tmp_path: Path) -> None:
         with main.session_scope() as session:
             assert session.query(Supplier).count() == 1
         assert main.engine is not reports.engine
-        assert DbSessionFactory._registry.current is None
+        assert DbSessionFactory.registry.current is None
     finally:
         main.dispose()
         reports.dispose()

@@ -280,7 +280,7 @@ def test_decorators_on_the_default_look_it_up_at_each_call(tmp_path: Path) -> No
     def names(session: Session) -> list[str]:
         return list(session.scalars(text("SELECT name FROM supplier")))
 
-    assert DbSessionFactory._registry.current is None  # decorating initialised nothing
+    assert DbSessionFactory.registry.current is None  # decorating initialised nothing
     DbSessionFactory.global_init(f"sqlite:///{tmp_path}/d.sqlite3").create_all(Base.metadata)
     run_in_transaction(lambda session: session.add(Supplier(name="one")))
     default_factory().run_in_transaction(lambda session: session.add(Supplier(name="two")))

@@ -223,14 +223,17 @@ def test_connecting_itself():
 """
 
 
-@pytest.mark.parametrize("tb", ["long", "auto"])
+@pytest.mark.parametrize(("tb", "workers"), [("long", []), ("auto", []), ("long", ["-n", "2"])])
 def test_the_pytest_failure_report_shows_no_password(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tb: str
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tb: str, workers: list[str]
 ) -> None:
+    """Under pytest-xdist too, where each worker creates a database of its own."""
+    if workers:
+        pytest.importorskip("xdist", reason="needs pip install 'dbsession[test]'")
     monkeypatch.setenv("INNER_URL", CLOSED_PG)
     pytester.makepyfile(test_inner=INNER_TESTS)
     result = pytester.runpytest_subprocess(
-        f"--dbsession-url={CLOSED_PG}", "--dbsession-schema=none", f"--tb={tb}", "-l"
+        f"--dbsession-url={CLOSED_PG}", "--dbsession-schema=none", f"--tb={tb}", "-l", *workers
     )
     result.assert_outcomes(failed=1, errors=1)
     output = result.stdout.str() + result.stderr.str()

@@ -229,6 +229,7 @@ ASYNC_APP_MADE_AT_IMPORT = """
 from dbsession.asyncio import AsyncDbSessionFactory
 
 APP = AsyncDbSessionFactory.global_init("postgresql+psycopg://app:secret@nonexistent.invalid/a")
+ENGINE = APP.engine  # building is not using: allowed at import
 """
 
 ASYNC_CATCH_TESTS = """
@@ -349,3 +350,102 @@ def test_schema_from_the_projects_migrations_when_it_has_them(
         """
     )
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+ENGINE_AT_IMPORT = """
+from dbsession import DbSessionFactory
+
+APP = DbSessionFactory.global_init("postgresql://app:secret@nonexistent.invalid/app")
+ENGINE = APP.engine  # building an engine is not using the database
+"""
+
+ENGINE_TESTS = """
+import pytest
+from sqlalchemy import text
+
+import app
+from dbsession.errors import DatabaseBlockedError
+
+
+def test_a_connection_of_the_engine_built_at_import_is_refused():
+    with pytest.raises(DatabaseBlockedError, match="without asking for it"):
+        app.ENGINE.connect()
+
+
+def test_so_is_a_unit_of_work():
+    with pytest.raises(DatabaseBlockedError, match="db_session fixture"):
+        with app.APP.session_scope():
+            pass
+
+
+def test_a_test_that_asked_connects(db_session):
+    with app.ENGINE.connect() as connection:
+        assert connection.execute(text("SELECT 1")).scalar() == 1
+    assert app.ENGINE.url == db_session.get_bind().engine.url
+"""
+
+
+def test_building_the_engine_at_import_is_not_refused_connecting_is(
+    pytester: pytest.Pytester,
+) -> None:
+    """An app that builds its engine when a conftest imports it: the build is not a use."""
+    pytester.makepyfile(app=ENGINE_AT_IMPORT, test_engine=ENGINE_TESTS)
+    pytester.makeconftest("import app")
+    pytester.runpytest_subprocess().assert_outcomes(passed=3)
+
+
+SEAM = """
+import pytest
+from sqlalchemy import text
+
+from dbsession import DbSessionFactory, default_factory, on_commit, session_scope
+from dbsession.errors import DatabaseBlockedError
+
+
+def test_pin_block_and_bound_to_are_all_a_harness_needs(tmp_path):
+    mine = DbSessionFactory(f"sqlite:///{tmp_path / 'harness.db'}")
+    registry = DbSessionFactory.registry
+    reason = ["closed for the test"]
+    with registry.pin(mine), registry.block(lambda: reason[0]):
+        assert DbSessionFactory.global_init("sqlite:///elsewhere.db") is mine
+        DbSessionFactory.global_dispose()  # leaves a pinned default alone
+        assert default_factory() is mine
+        engine = mine.engine  # built, though blocked
+        with pytest.raises(DatabaseBlockedError, match="closed for the test"):
+            engine.connect()
+        with pytest.raises(DatabaseBlockedError, match="closed for the test"):
+            session_scope()
+        reason[0] = None
+        with engine.connect() as connection:
+            connection.execute(text("CREATE TABLE t (x INTEGER)"))
+            connection.commit()
+            transaction = connection.begin()
+            hooks = []
+            with mine.bound_to(connection, on_commit=hooks.extend):
+                with session_scope() as session:  # a SAVEPOINT of the outer transaction
+                    session.execute(text("INSERT INTO t VALUES (1)"))
+                    on_commit(print)
+            assert hooks == [print]
+            assert connection.execute(text("SELECT COUNT(*) FROM t")).scalar() == 1
+            transaction.rollback()
+            assert connection.execute(text("SELECT COUNT(*) FROM t")).scalar() == 0
+    mine.dispose()
+"""
+
+
+def test_the_public_seam_of_the_process_default(pytester: pytest.Pytester) -> None:
+    """Registry.pin, Registry.block and bound_to, used as a harness other than
+    dbsession's plugin would (the plugin itself turned off)."""
+    pytester.makepyfile(test_seam=SEAM)
+    pytester.runpytest_subprocess("-p", "no:dbsession").assert_outcomes(passed=1)
+
+
+def test_dbsession_does_not_know_its_plugin() -> None:
+    """No module of the library names the plugin's module: the plugin watches dbsession."""
+    package = Path(__file__).resolve().parents[1] / "dbsession"
+    naming = [
+        path.name
+        for path in package.rglob("*.py")
+        if path.name != "testing.py" and "pytest_dbsession" in path.read_text()
+    ]
+    assert naming == []

@@ -278,7 +278,7 @@ def test_an_env_py_that_would_ignore_the_test_url_is_refused_before_it_runs(
         )
     )
     result = run_inner(pytester, backend_url, "test_migrated.py")
-    result.stdout.fnmatch_lines(["*dbsession will not run*env.py*sqlalchemy.url*"])
+    result.stdout.fnmatch_lines(["*env.py was about to migrate *developer.db, not the test*"])
     assert result.ret != 0
     assert not developer.exists()
 
@@ -323,3 +323,174 @@ def test_pytest_xdist_gives_each_worker_its_own_database_dropped_at_the_end(
             name for name in _databases(toy_app) if name.startswith(f"{backend_url.database}_")
         ]
     assert "toy_item" not in inspect(toy_app).get_table_names()  # the given one is untouched
+
+
+#: env.py files that take their URL from the app's settings, as the full-stack FastAPI
+#: template's does: they ignore both the test URL and the connection handed to them.
+APP_SETTINGS_ENV_PY = {
+    "set_main_option": """
+        from alembic import context
+        from sqlalchemy import engine_from_config, pool
+
+        import settings
+
+        config = context.config
+        config.set_main_option("sqlalchemy.url", settings.URL)
+        section = config.get_section(config.config_ini_section, {})
+        engine = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
+        with engine.connect() as connection:
+            context.configure(connection=connection)
+            with context.begin_transaction():
+                context.run_migrations()
+        """,
+    "create_engine": """
+        from alembic import context
+        from sqlalchemy import create_engine
+
+        import settings
+
+        with create_engine(settings.URL).connect() as connection:
+            context.configure(connection=connection)
+            with context.begin_transaction():
+                context.run_migrations()
+        """,
+}
+
+
+@pytest.fixture
+def apps_database(
+    backend_url: URL, other_connection: Engine, pytester: pytest.Pytester
+) -> Iterator[URL]:
+    """A second, empty database: the app's own (a SQLite file, or one on the same server)."""
+    if backend_url.get_backend_name() == "sqlite":
+        yield backend_url.set(database=str(pytester.path / "app-own.db"))
+        return
+    name = f"{backend_url.database}_app"
+    with other_connection.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield backend_url.set(database=name)
+    finally:
+        with other_connection.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+
+
+@pytest.mark.backends("sqlite", "postgresql")
+@pytest.mark.parametrize("pattern", sorted(APP_SETTINGS_ENV_PY))
+def test_an_env_py_that_reads_the_apps_settings_cannot_migrate_the_apps_database(
+    pytester: pytest.Pytester, backend_url: URL, apps_database: URL, pattern: str
+) -> None:
+    """The env.py runs, but its connection to another database is refused before it is
+    opened (or before any statement), in one line; nothing is created there."""
+    _stock_alembic_project(pytester, "sqlite:///unused.db")
+    pytester.makepyfile(settings=f"URL = {apps_database.render_as_string(False)!r}\n")
+    env_py = pytester.path / "migrations" / "env.py"
+    env_py.write_text(textwrap.dedent(APP_SETTINGS_ENV_PY[pattern]))
+    result = run_inner(pytester, backend_url, "test_migrated.py")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*env.py was about to migrate the * database *, not the test*"])
+    assert apps_database.password is None or apps_database.password not in result.stdout.str()
+    if apps_database.get_backend_name() == "sqlite":
+        assert not Path(str(apps_database.database)).exists()
+    else:
+        app_engine = create_engine(apps_database)
+        try:
+            assert inspect(app_engine).get_table_names() == []
+        finally:
+            app_engine.dispose()
+
+
+FAILING_REVISION = textwrap.dedent(
+    """
+    from alembic import op
+
+    revision = "0001"
+    down_revision = None
+
+    def upgrade():
+        with open("migration-runs.txt", "a") as runs:
+            runs.write("ran\\n")
+        op.execute("THIS IS NOT SQL")
+    """
+)
+
+
+@pytest.mark.backends("sqlite")  # about the plugin, not the backend
+def test_a_failing_migration_fails_the_run_once_in_one_line(
+    pytester: pytest.Pytester, backend_url: URL
+) -> None:
+    """Ten tests need the database: the migration runs once, and each test's error is the
+    same one line, without a traceback."""
+    _stock_alembic_project(pytester, "sqlite:///unused.db")
+    (pytester.path / "migrations" / "versions" / "0001_first.py").write_text(FAILING_REVISION)
+    pytester.makepyfile(
+        test_many="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(10))
+        def test_needs_the_database(db_session, n):
+            pass
+        """
+    )
+    result = run_inner(pytester, backend_url, "test_many.py")
+    result.assert_outcomes(errors=10)
+    assert (pytester.path / "migration-runs.txt").read_text() == "ran\n"
+    output = result.stdout.str()
+    failures = [line for line in output.splitlines() if "cannot be used: " in line]
+    assert len(failures) == 10 and len(set(failures)) == 1
+    assert "upgrade to head failed in a migration: OperationalError: " in failures[0]
+    assert 'near "THIS": syntax error' in failures[0]
+    assert "Traceback" not in output and "raise " not in output
+    assert len(output.splitlines()) < 10 * 6 + 40  # one short block per test
+
+
+RUN_WIDE_CONFTEST = '''
+import pytest
+from sqlalchemy import delete
+
+import toyapp
+
+
+@pytest.fixture(scope="session")
+def seeded(dbsession_factory):
+    """Seeded once for the run, committed for real; deleted when the run ends."""
+    with dbsession_factory.session_scope() as session:
+        session.add_all([toyapp.Item(name="ada"), toyapp.Item(name="grace")])
+    yield ["ada", "grace"]
+    with dbsession_factory.session_scope() as session:
+        session.execute(delete(toyapp.Item))
+'''
+
+RUN_WIDE_TESTS = """
+import toyapp
+
+
+def test_the_seeded_rows_are_there(seeded, db_session):
+    assert toyapp.names() == seeded
+
+
+def test_a_test_may_change_them_its_change_is_rolled_back(seeded, db_session):
+    db_session.query(toyapp.Item).filter_by(name="ada").delete()
+    toyapp.add_item("charles")
+    assert toyapp.names() == ["charles", "grace"]
+
+
+def test_the_next_test_sees_them_as_seeded(seeded, db_session):
+    assert toyapp.names() == seeded
+
+
+def test_the_last_test_does_not_use_the_database():
+    pass  # the seed's teardown runs at its end, and may use the database
+"""
+
+
+def test_run_wide_test_data_is_seeded_once_and_gone_after_the_run(
+    pytester: pytest.Pytester, backend_url: URL, toy_app: Engine
+) -> None:
+    pytester.makeconftest(RUN_WIDE_CONFTEST)
+    pytester.makepyfile(test_seeded=RUN_WIDE_TESTS)
+    run_inner(pytester, backend_url).assert_outcomes(passed=4)
+    assert toy_rows(toy_app) == 0
