@@ -49,7 +49,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from . import observability
-from ._classify import is_read_only_violation
+from ._classify import install_cluster_errors, is_read_only_violation
 from ._config import Settings, first_line, is_secret_parameter, mask_url, scrub, secrets_of
 from ._errors import (
     ConfigurationError,
@@ -175,6 +175,8 @@ def _build(
             install_write_gate(engine, url.database or "", settings.sqlite_busy_timeout)
     else:
         install_connection_loss(engine, f"the {url.get_backend_name()} server {_where(url)}")
+        if url.get_backend_name() in ("mysql", "mariadb"):
+            install_cluster_errors(engine, _where(url))
         if "pool_pre_ping" not in options:
             _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)

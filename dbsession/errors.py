@@ -4,10 +4,12 @@ importable from ``dbsession`` itself."""
 
 from ._errors import AlreadyInitializedError as AlreadyInitializedError
 from ._errors import BulkInsertError as BulkInsertError
+from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConnectionLostError as ConnectionLostError
 from ._errors import DatabaseBlockedError as DatabaseBlockedError
+from ._errors import DatabaseReadOnlyError as DatabaseReadOnlyError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
@@ -33,11 +35,13 @@ from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevel
 
 __all__ = [
     "AlreadyInitializedError",
-    "CommitOutcomeUnknownError",
     "BulkInsertError",
+    "ClusterUnavailableError",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectionLostError",
     "DatabaseBlockedError",
+    "DatabaseReadOnlyError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "InvalidURLError",
