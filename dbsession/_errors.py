@@ -22,6 +22,8 @@ anything this package raises on its own account::
     │                               (also a sqlalchemy.exc.DBAPIError)
     ├── ClusterUnavailableError     a Galera node outside the primary component (1047, 1180)
     │                               (also an SQLAlchemy OperationalError)
+    ├── ReplicaLagError             session_scope(replica=True) and the replica is too far
+    │                               behind (or not streaming): not served by the primary
     ├── ScopeTimeoutError           a statement or lock wait overran session_scope(timeout=)
     │                               (also a SQLAlchemy OperationalError)
     ├── MigrationError              an Alembic command failed
@@ -169,6 +171,12 @@ class ClusterUnavailableError(DbSessionError, _TranslatedDBAPIError, sa_exc.Oper
     primary component (MariaDB 1047 "WSREP has not yet prepared node", 1180 at COMMIT, no
     quorum). The transaction did not commit; ``run_in_transaction`` retries it. Also a
     SQLAlchemy ``OperationalError``; the driver's error is ``orig``."""
+
+
+class ReplicaLagError(DbSessionError):
+    """``session_scope(replica=True)`` insists on the replica, and the replica is further
+    behind than ``max_replica_lag`` (or its WAL receiver is not streaming, or it cannot
+    be asked): dbsession does not quietly read the primary instead."""
 
 
 class UnsupportedIsolationLevelError(ConfigurationError):
