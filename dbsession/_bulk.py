@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from ._classify import is_read_only_violation
 from ._config import scrub
-from ._errors import BulkInsertError, ReadOnlyError
+from ._errors import BulkInsertError, ReadOnlyError, bulk_insert_refused
 from ._guard import guarded, refusal
 
 #: Rows per multi-row VALUES statement, at most (fewer when the driver's limit of
@@ -397,8 +397,9 @@ def _copy(connection: Connection, sql: str, values: Iterable[Any]) -> int:
 
 def _refused(table: Table, error: BaseException, session: Session) -> BulkInsertError:
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return BulkInsertError(
+    return bulk_insert_refused(
         f"bulk_insert() into {table.name}: the database refused a row "
         f"({scrub(line, session.get_bind().engine.url)}); none of the rows was kept. "
-        "Fix or drop the offending row and insert again."
+        "Fix or drop the offending row and insert again.",
+        error,
     )

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError
+
+from ._config import first_line
+from ._errors import ClusterUnavailableError
 
 #: Transient errors per backend: code -> what it means. A transaction that failed
 #: with one of these may succeed when run again from the start.
 TRANSIENT: Mapping[str, Mapping[str | int, str]] = {
     "postgresql": {"40001": "serialization failure", "40P01": "deadlock detected"},
-    "mysql": {1213: "deadlock found", 1205: "lock wait timeout exceeded"},
+    "mysql": {
+        1213: "deadlock found",
+        1205: "lock wait timeout exceeded",
+        1020: "record changed since it was read (snapshot isolation conflict)",
+        1047: "cluster node not ready (not in the primary component)",
+        1180: "error during COMMIT (the node left the cluster's primary component)",
+    },
     "sqlite": {"SQLITE_BUSY": "database is locked"},
 }
 
@@ -26,6 +37,32 @@ READ_ONLY: Mapping[str, str | int] = {
     "mysql": 1792,
     "sqlite": "SQLITE_READONLY",
 }
+
+#: MariaDB Galera: the node cannot take transactions now (it left, or has not yet
+#: joined, the primary component of the cluster); the transaction did not commit.
+CLUSTER_UNAVAILABLE: frozenset[int] = frozenset({1047, 1180})
+
+#: What a driver says when a server cannot be reached right now but may be soon: it is
+#: down, restarting, being promoted or demoted (a failover), or none of a multi-host
+#: URL's servers is a primary yet. A wrong password, database or host name is not here.
+_CONNECT_TRANSIENT = (
+    "connection refused",
+    "connection reset",
+    "server closed the connection",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is not yet accepting connections",
+    "the database system is in recovery mode",
+    "hot standby",
+    "is read-only",
+    "timeout expired",
+    "timed out",
+    "no route to host",
+    "can't connect to mysql server",
+    "lost connection to mysql server",
+    "server has gone away",
+    "wsrep has not yet prepared node",
+)
 
 _SQLITE_PRIMARY = {5: "SQLITE_BUSY", 8: "SQLITE_READONLY"}
 _SQLITE_MESSAGES = {
@@ -77,3 +114,38 @@ def is_read_only_violation(error: BaseException, dialect_name: str) -> bool:
     backend = backend_of(dialect_name)
     expected = READ_ONLY.get(backend)
     return expected is not None and error_code(error, backend) == expected
+
+
+def is_cluster_unavailable(error: BaseException, dialect_name: str) -> bool:
+    """True if ``error`` is a Galera node refusing work because it is outside the
+    cluster's primary component (1047, 1180): the transaction did not commit."""
+    backend = backend_of(dialect_name)
+    return backend == "mysql" and error_code(error, backend) in CLUSTER_UNAVAILABLE
+
+
+def connect_transient_reason(message: str) -> str | None:
+    """The clue in a failed connect's ``message`` that the server may accept connections
+    soon (refused, reset, starting up, no primary among the hosts yet), else None."""
+    lowered = message.lower()
+    return next((clue for clue in _CONNECT_TRANSIENT if clue in lowered), None)
+
+
+def install_cluster_errors(engine: Engine, describe: str) -> None:
+    """Raise ClusterUnavailableError for Galera's 1047 / 1180 on ``engine`` (``describe``:
+    which server, masked, for the message); other errors pass on unchanged."""
+
+    @event.listens_for(engine, "handle_error")
+    def cluster(context: ExceptionContext) -> BaseException | None:
+        original = context.original_exception
+        if not is_cluster_unavailable(original, context.dialect.name):
+            return None
+        return ClusterUnavailableError(
+            f"The cluster node {describe} cannot take transactions now "
+            f"({context.dialect.name}: {first_line(original, engine.url)}): it is not part of "
+            "the cluster's primary component (a node left, or quorum was lost). Nothing was "
+            "committed; run_in_transaction runs the unit again, on a node that can take it "
+            "if the URL or a proxy in front offers one.",
+            statement=context.statement,
+            params=context.parameters,
+            orig=original,
+        )

@@ -428,3 +428,41 @@ def _mask_raw(raw: str) -> str:
         masked,
         flags=re.IGNORECASE | re.DOTALL,
     )
+
+
+def hosts_of(url: URL) -> list[str]:
+    """Every ``host:port`` a server URL names, in the order the driver tries them: the
+    URL's own host, then libpq's multi-host forms in the query string, ``?host=a:p&host=b:q``
+    and ``?host=a,b&port=p,q`` (one port for all, or one per host; none: the default).
+    A Unix-socket folder is given as is. ``["localhost:<default port>"]`` if none is named."""
+    default = 5432 if url.get_backend_name() == "postgresql" else 3306
+    query_hosts = url.query.get("host", ())
+    query_ports = url.query.get("port", ())
+    hosts = [
+        part.strip()
+        for value in ([query_hosts] if isinstance(query_hosts, str) else query_hosts)
+        for part in value.split(",")
+    ]
+    ports = [
+        part.strip()
+        for value in ([query_ports] if isinstance(query_ports, str) else query_ports)
+        for part in value.split(",")
+    ]
+    named: list[str] = []
+    if url.host:
+        named.append(f"{url.host}:{url.port or default}")
+    for index, host in enumerate(hosts):
+        if host.startswith("/"):
+            named.append(host)
+            continue
+        if host.startswith("[") and "]" in host:  # [::1]:5433
+            address, _, port = host[1:].partition("]")
+            port = port.lstrip(":")
+        elif host.count(":") == 1:
+            address, _, port = host.partition(":")
+        else:
+            address, port = host, ""
+        if not port:
+            port = ports[index] if index < len(ports) else (ports[0] if len(ports) == 1 else "")
+        named.append(f"{address or 'localhost'}:{port or url.port or default}")
+    return named or [f"localhost:{url.port or default}"]

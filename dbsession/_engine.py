@@ -34,6 +34,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from . import observability
+from ._classify import install_cluster_errors
 from ._config import Settings, first_line, scrub
 from ._connect import Connector, suspects, where
 from ._errors import (
@@ -156,6 +157,8 @@ def _build(
             install_write_gate(engine, settings.sqlite_busy_timeout)
     else:
         install_connection_loss(engine, f"the {url.get_backend_name()} server {where(url)}")
+        if url.get_backend_name() in ("mysql", "mariadb"):
+            install_cluster_errors(engine, where(url))
         if "pool_pre_ping" not in options:
             _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)

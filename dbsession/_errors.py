@@ -8,7 +8,8 @@ anything this package raises on its own account::
     │   ├── InvalidURLError         empty or malformed database URL
     │   ├── UnknownDialectError     no such SQLAlchemy dialect or driver
     │   ├── MissingDriverError      the driver package is not installed
-    │   ├── SQLitePathError         SQLite file folder missing or not writable
+    │   ├── SQLitePathError         SQLite file folder missing or not writable (also an
+    │   │                           SQLAlchemy OperationalError)
     │   ├── AlreadyInitializedError global_init() again with other settings
     │   ├── NotInitializedError     the process default was disposed and not set up again
     │   ├── MigrationsNotFoundError no Alembic migrations folder to run
@@ -18,6 +19,11 @@ anything this package raises on its own account::
     │   └── ConnectionLostError     an open connection broke under a transaction
     │       └── CommitOutcomeUnknownError  it broke during COMMIT: committed or not, unknown
     ├── DatabaseReadOnlyError       the server refused a write outside a read-only scope
+    │                               (also a sqlalchemy.exc.DBAPIError)
+    ├── ClusterUnavailableError     a Galera node outside the primary component (1047, 1180)
+    │                               (also an SQLAlchemy OperationalError)
+    ├── ReplicaLagError             session_scope(replica=True) and the replica is too far
+    │                               behind (or not streaming): not served by the primary
     ├── ScopeTimeoutError           a statement or lock wait overran session_scope(timeout=)
     │                               (also a SQLAlchemy OperationalError)
     ├── MigrationError              an Alembic command failed
@@ -41,7 +47,9 @@ anything this package raises on its own account::
     │                               (also an SQLAlchemy OperationalError; retried as SQLITE_BUSY)
     ├── ReadOnlyError               a write inside session_scope(readonly=True) (also a
     │                               sqlalchemy.exc.DBAPIError)
-    ├── BulkInsertError             bulk_insert() got a row it (or the database) refuses
+    ├── BulkInsertError             bulk_insert() got a row it (or the database) refuses;
+    │                               a database refusal is also the SQLAlchemy class it
+    │                               replaces (IntegrityError for a constraint, ...)
     └── RetryExhaustedError         run_in_transaction gave up; chains the last error
 
 A ``ReadOnlyError`` replaces the backend's own error (PostgreSQL SQLSTATE
@@ -55,8 +63,11 @@ rendered masked.
 
 Where dbsession replaces a SQLAlchemy error with its own, the new one is still an
 instance of the SQLAlchemy class it replaces, so ``except OperationalError`` written
-against plain SQLAlchemy keeps working: ``DatabaseUnreachableError`` is an
-``sqlalchemy.exc.OperationalError``, ``ReadOnlyError`` an ``sqlalchemy.exc.DBAPIError``.
+against plain SQLAlchemy keeps working: ``DatabaseUnreachableError``, ``SQLitePathError`` and
+``ClusterUnavailableError`` are ``sqlalchemy.exc.OperationalError``, ``ReadOnlyError`` and
+``DatabaseReadOnlyError`` are ``sqlalchemy.exc.DBAPIError``, and a ``BulkInsertError`` the
+database caused is the class of the error it replaces (an ``IntegrityError`` for a
+constraint).
 """
 
 from __future__ import annotations
@@ -84,10 +95,6 @@ class UnknownDialectError(ConfigurationError):
 
 class MissingDriverError(ConfigurationError):
     """The DBAPI driver the URL needs is not installed."""
-
-
-class SQLitePathError(ConfigurationError):
-    """The SQLite database file cannot be created or written where the URL points."""
 
 
 class AlreadyInitializedError(ConfigurationError):
@@ -146,9 +153,33 @@ class ScopeTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.Operationa
     """
 
 
-class DatabaseReadOnlyError(DbSessionError):
+class SQLitePathError(ConfigurationError, _TranslatedDBAPIError, sa_exc.OperationalError):
+    """The SQLite database file cannot be created or written where the URL points.
+
+    Also a SQLAlchemy ``OperationalError``: plain SQLAlchemy reports the same problem as
+    SQLite's "unable to open database file" or "attempt to write a readonly database".
+    """
+
+
+class DatabaseReadOnlyError(DbSessionError, _TranslatedDBAPIError):
     """The server refused a write in a writing scope: it, the role or the database is
-    read-only (a hot standby, ``default_transaction_read_only``, MySQL ``read_only``)."""
+    read-only (a hot standby, a primary demoted by a failover, ``default_transaction_read_only``,
+    MySQL ``read_only``). Also a SQLAlchemy ``DBAPIError``. ``run_in_transaction`` retries
+    the unit on a fresh connection (the pool is emptied so the next connect finds the new
+    primary)."""
+
+
+class ClusterUnavailableError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
+    """The cluster cannot take this transaction now: a Galera node that is not part of the
+    primary component (MariaDB 1047 "WSREP has not yet prepared node", 1180 at COMMIT, no
+    quorum). The transaction did not commit; ``run_in_transaction`` retries it. Also a
+    SQLAlchemy ``OperationalError``; the driver's error is ``orig``."""
+
+
+class ReplicaLagError(DbSessionError):
+    """``session_scope(replica=True)`` insists on the replica, and the replica is further
+    behind than ``max_replica_lag`` (or its WAL receiver is not streaming, or it cannot
+    be asked): dbsession does not quietly read the primary instead."""
 
 
 class UnsupportedIsolationLevelError(ConfigurationError):
@@ -221,7 +252,50 @@ class NotInitializedError(ConfigurationError):
 class BulkInsertError(DbSessionError):
     """``bulk_insert()`` was given a row naming unknown or other columns than the first,
     or the database refused a row; none of the call's rows is kept. The driver's error,
-    if any, is the ``__cause__``."""
+    if any, is the ``__cause__``.
+
+    A refusal by the database is also the SQLAlchemy class of the error it replaces
+    (``IntegrityError`` for a constraint, ``DataError`` for a value, ...); see
+    ``bulk_insert_refused``.
+    """
+
+
+def _bulk_refusal_class(base: type[sa_exc.DBAPIError]) -> type[BulkInsertError]:
+    name = f"BulkInsert{base.__name__}"
+    made = type(name, (BulkInsertError, _TranslatedDBAPIError, base), {"__module__": __name__})
+    made.__doc__ = f"A row refused by the database: a BulkInsertError that is a {base.__name__}."
+    return made
+
+
+#: The BulkInsertError class for each SQLAlchemy DBAPIError class (most specific first);
+#: each is also a module attribute, so it pickles by name.
+_BULK_REFUSALS: dict[type[sa_exc.DBAPIError], type[BulkInsertError]] = {
+    base: _bulk_refusal_class(base)
+    for base in (
+        sa_exc.IntegrityError,
+        sa_exc.DataError,
+        sa_exc.OperationalError,
+        sa_exc.ProgrammingError,
+        sa_exc.NotSupportedError,
+        sa_exc.InternalError,
+        sa_exc.DatabaseError,
+        sa_exc.InterfaceError,
+        sa_exc.DBAPIError,
+    )
+}
+globals().update({made.__name__: made for made in _BULK_REFUSALS.values()})
+
+
+def bulk_insert_refused(message: str, error: BaseException) -> BulkInsertError:
+    """The BulkInsertError for a row the database refused with ``error`` (a SQLAlchemy
+    DBAPIError, or a bare driver error such as psycopg's from COPY): also an instance of
+    the SQLAlchemy class that ``error`` is or would be wrapped in (the driver's class
+    names are PEP 249's, so the name decides, as in SQLAlchemy's own wrapping)."""
+    names = {kind.__name__ for kind in type(error).__mro__}
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    bases = (base for base in _BULK_REFUSALS if isinstance(error, base) or base.__name__ in names)
+    made = _BULK_REFUSALS[next(bases, sa_exc.DBAPIError)]
+    return made(message, orig=orig)  # type: ignore[call-arg]
 
 
 class RetryExhaustedError(DbSessionError):

@@ -78,19 +78,28 @@ def install_read_only_errors(engine: Engine) -> None:
             return ReadOnlyError(
                 f"A write was refused because the transaction is read-only ({driver_says}). "
                 "session_scope(readonly=True) never writes: do this work in a writing "
-                "scope, session_scope()."
+                "scope, session_scope().",
+                orig=original,
+                statement=context.statement,
+                params=context.parameters,
             )
         if name == "sqlite":
             return SQLitePathError(
                 f"The SQLite database {engine.url.database!r} can only be read by this "
                 f"process ({driver_says}): the file or its folder is not writable, or the "
-                "URL opens it read-only (mode=ro, immutable=1). Fix the permissions or the URL."
+                "URL opens it read-only (mode=ro, immutable=1). Fix the permissions or the URL.",
+                orig=original,
+                statement=context.statement,
+                params=context.parameters,
             )
         return DatabaseReadOnlyError(
             f"The {name} server refused a write in a writing scope because the database "
             f"session is read-only ({driver_says}): the URL {mask_url(engine.url)} points at "
             "a read-only server (a hot standby or replica, MySQL read_only) or a role or "
-            "database with default_transaction_read_only. Point it at the primary."
+            "database with default_transaction_read_only. Point it at the primary.",
+            orig=original,
+            statement=context.statement,
+            params=context.parameters,
         )
 
 

@@ -7,9 +7,15 @@
     0A000), so by default the scope runs on the primary; ``replica=True`` with
     SERIALIZABLE raises UnsupportedIsolationLevelError instead;
   - ``max_replica_lag`` is set and the replica is further behind than that, or cannot be
-    asked: the primary answers instead. The lag is measured on the replica as the age
-    of the last replayed transaction, ``now() - pg_last_xact_replay_timestamp()``, or 0
-    when everything received has been replayed (an idle primary), at most once a second.
+    asked: the primary answers instead, unless the scope insists on the replica
+    (``replica=True``), which raises ReplicaLagError rather than read the primary. The
+    lag is measured on the replica as the age of the last replayed transaction,
+    ``now() - pg_last_xact_replay_timestamp()``, or 0 when everything received has been
+    replayed (an idle primary), at most once a second. A replica whose WAL receiver is
+    not streaming (cut off from the primary, or not yet reconnected) is infinitely
+    behind: what it has replayed says nothing about what the primary has since
+    committed. (A link cut silently still reads "streaming" until the replica's
+    ``wal_receiver_timeout``, 60 s by default, drops it.)
 
 A replica that is down makes read-only scopes fail fast with DatabaseUnreachableError
 naming the replica and its setting, ``replica_url=`` (connect timeout, see
@@ -29,12 +35,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from ._config import Settings, Timeouts, mask_url, sync_twin
-from ._errors import ConfigurationError, ScopeError, UnsupportedIsolationLevelError
+from ._errors import (
+    ConfigurationError,
+    ReplicaLagError,
+    ScopeError,
+    UnsupportedIsolationLevelError,
+)
 from ._timeouts import driver_timeouts
 
 _PROBE_INTERVAL = 1.0
 _LAG_SQL = text(
-    "SELECT CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
+    "SELECT CASE "
+    "WHEN NOT EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') "
+    "THEN 'Infinity'::float8 "
+    "WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
     "ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END"
 )
 
@@ -83,7 +97,9 @@ def use_replica(
     """Whether a new scope of ``owner`` (a factory with ``settings``) runs on the replica.
 
     Raises ConfigurationError for ``replica=True`` without a replica_url or in a writing
-    scope, UnsupportedIsolationLevelError for ``replica=True`` with SERIALIZABLE.
+    scope, UnsupportedIsolationLevelError for ``replica=True`` with SERIALIZABLE, and
+    ReplicaLagError for ``replica=True`` when the replica is further behind than
+    ``max_replica_lag`` (or not streaming, or cannot be asked).
     """
     if replica and (settings.replica_url is None or not readonly):
         raise ConfigurationError(
@@ -102,7 +118,21 @@ def use_replica(
         return False
     if settings.max_replica_lag is None:
         return True
-    return _probe(owner, settings).lag() <= settings.max_replica_lag
+    lag = _probe(owner, settings).lag()
+    if lag <= settings.max_replica_lag:
+        return True
+    if replica:
+        behind = (
+            "is not streaming from the primary or cannot be asked"
+            if lag == float("inf")
+            else f"is {lag:.1f}s behind"
+        )
+        raise ReplicaLagError(
+            f"session_scope(replica=True) insists on the replica {mask_url(settings.replica_url)}, "
+            f"which {behind} (max_replica_lag={settings.max_replica_lag}). Leave replica= "
+            "unset to read the primary meanwhile, or retry later."
+        )
+    return False
 
 
 def refuse_for_savepoint(*, timeout: float | None, replica: bool | None) -> None:

@@ -1,6 +1,7 @@
 """Running a function in a transaction again when the database reports a transient failure.
 
-Which errors are transient is the table in ``_classify.TRANSIENT``. Each attempt
+Which errors are transient is the table in ``_classify.TRANSIENT``, plus the failures
+a failover causes (see ``retry_reason``). The budget is time, not a count. Each attempt
 is a fresh scope; a failed attempt is rolled back whole (its ``on_commit`` hooks
 dropped) and, after a jittered exponential backoff, the function runs again from
 the start. Every retry is logged at INFO on the ``dbsession`` logger.
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import observability
-from ._classify import transient_reason
+from ._classify import connect_transient_reason, transient_reason
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
     ConnectionLostError,
+    DatabaseReadOnlyError,
+    DatabaseUnreachableError,
     RetryExhaustedError,
     ScopeTimeoutError,
 )
@@ -34,33 +37,43 @@ P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S")
 
-DEFAULT_ATTEMPTS = 5
+DEFAULT_BUDGET = 15.0
 DEFAULT_BASE_DELAY = 0.02
 DEFAULT_MAX_DELAY = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
-    """How often ``run_in_transaction`` tries a unit of work, and how long it waits between
-    tries: ``retry=RetryPolicy(attempts=10, max_delay=2.0)``.
+    """How long ``run_in_transaction`` keeps trying a unit of work, and how long it waits
+    between tries: ``retry=RetryPolicy(budget=60.0)`` rides out a failover that takes
+    up to a minute (a crashed Patroni leader is replaced after its ``ttl``, 30 s by default).
 
-    ``attempts`` counts every try (1 means no retry). The wait after the n-th failure
-    is drawn uniformly from ``[cap / 2, cap]`` with ``cap = min(max_delay, base_delay *
-    2 ** (n - 1))`` seconds. ``idempotent=True`` says the unit may run twice safely, so
-    a unit whose connection was lost during its COMMIT (CommitOutcomeUnknownError: it
-    may have committed) is run again too; by default that error propagates. Raises
-    ConfigurationError for ``attempts < 1`` or negative delays.
+    ``budget`` is the time in seconds, from the start of the first attempt, after which
+    no new attempt starts (the default, 15 s, covers a switchover behind HAProxy).
+    ``attempts`` optionally caps the number of tries as well (1 means no retry; None, the
+    default, means as many as the budget allows). The wait after the n-th failure is
+    drawn uniformly from ``[cap / 2, cap]`` with ``cap = min(max_delay, base_delay *
+    2 ** (n - 1))`` seconds, never past the budget. ``idempotent=True`` says the unit may
+    run twice safely, so a unit whose connection was lost during its COMMIT
+    (CommitOutcomeUnknownError: it may have committed) is run again too; by default that
+    error propagates. Raises ConfigurationError for ``attempts < 1``, a negative budget
+    or negative delays.
     """
 
-    attempts: int = DEFAULT_ATTEMPTS
+    budget: float = DEFAULT_BUDGET
+    attempts: int | None = None
     base_delay: float = DEFAULT_BASE_DELAY
     max_delay: float = DEFAULT_MAX_DELAY
     idempotent: bool = False
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
+        if self.attempts is not None and self.attempts < 1:
             raise ConfigurationError(
                 f"attempts must be 1 or more (1 means no retry), got {self.attempts!r}."
+            )
+        if self.budget < 0:
+            raise ConfigurationError(
+                f"budget must be zero or more seconds (0 means no retry), got {self.budget!r}."
             )
         if self.base_delay < 0 or self.max_delay < 0:
             raise ConfigurationError(
@@ -70,7 +83,7 @@ class RetryPolicy:
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failed attempt (jittered)."""
-        cap = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
+        cap = min(self.max_delay, self.base_delay * 2 ** min(failures - 1, 64))
         return random.uniform(cap / 2, cap)
 
 
@@ -84,25 +97,31 @@ def run_with_retries(
     """Run ``fn(session)`` in ``open_scope()``; on a transient error, roll back and run again.
 
     Returns what the successful attempt returned. Other errors propagate at once,
-    unchanged. Raises RetryExhaustedError, chaining the last error, when every
-    attempt failed transiently. With ``policy=None`` (a scope joined to an outer one,
-    whose own retry loop must run the whole unit again) there is one attempt and no
-    wrapping.
+    unchanged. Raises RetryExhaustedError, chaining the last error, when the attempts
+    failed transiently until the policy's budget (or attempts) ran out. With
+    ``policy=None`` (a scope joined to an outer one, whose own retry loop must run the
+    whole unit again) there is one attempt and no wrapping.
     """
     if policy is None:
         with open_scope() as session:
             return fn(session)
     name = getattr(fn, "__qualname__", repr(fn))
-    for attempt in range(1, policy.attempts + 1):
+    deadline = time.monotonic() + policy.budget
+    attempt = 0
+    used: S | None = None
+    while True:
+        attempt += 1
+        used = None
         try:
             with observability.attempt(attempt), open_scope() as session:
+                used = session
                 return fn(session)
         except Exception as error:
-            wait = wait_before_retry(error, attempt, policy, dialect_name, name)
+            wait = wait_before_retry(error, attempt, policy, dialect_name, name, deadline)
             if wait is None:
                 raise
+            forget_demoted_primary(error, used)
             time.sleep(wait)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def run_with_retries_async(
@@ -118,47 +137,64 @@ async def run_with_retries_async(
         async with open_scope() as session:
             return await fn(session)
     name = getattr(fn, "__qualname__", repr(fn))
-    for attempt in range(1, policy.attempts + 1):
+    deadline = time.monotonic() + policy.budget
+    attempt = 0
+    used: S | None = None
+    while True:
+        attempt += 1
+        used = None
         try:
             with observability.attempt(attempt):
                 async with open_scope() as session:
+                    used = session
                     return await fn(session)
         except Exception as error:
-            wait = wait_before_retry(error, attempt, policy, dialect_name, name)
+            wait = wait_before_retry(error, attempt, policy, dialect_name, name, deadline)
             if wait is None:
                 raise
+            forget_demoted_primary(error, used)
             await asyncio.sleep(wait)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def wait_before_retry(
-    error: Exception, attempt: int, policy: RetryPolicy, dialect_name: str, name: str
+    error: Exception,
+    attempt: int,
+    policy: RetryPolicy,
+    dialect_name: str,
+    name: str,
+    deadline: float,
 ) -> float | None:
     """The decision after attempt number ``attempt`` of ``name`` failed with ``error``.
 
     None: not transient, the caller re-raises it unchanged. Otherwise the seconds to
     wait before the next attempt (the retry is logged at INFO). Raises
-    RetryExhaustedError, chaining ``error``, when that was the last attempt.
+    RetryExhaustedError, chaining ``error``, when that was the last attempt: the
+    policy's ``attempts`` are used up or its budget (``deadline``, a ``time.monotonic()``
+    instant) has passed.
     """
     reason = retry_reason(error, dialect_name, policy)
     if reason is None:
         return None
-    if attempt >= policy.attempts:
+    left = deadline - time.monotonic()
+    if left <= 0 or (policy.attempts is not None and attempt >= policy.attempts):
+        spent = policy.budget - left
         raise RetryExhaustedError(
             f"{name} failed with a transient error ({reason}) on each of "
-            f"{attempt} attempts; giving up. Pass retry=RetryPolicy(attempts=...) with more "
-            "attempts, or reduce contention on the rows it touches.",
+            f"{attempt} attempts in {spent:.1f}s; giving up. Pass "
+            "retry=RetryPolicy(budget=...) with more seconds (a failover can take "
+            "30 s or more), or reduce contention on the rows it touches.",
             attempts=attempt,
             last_error=error,
         ) from error
-    wait = policy.delay(attempt)
+    wait = min(policy.delay(attempt), left)
     observability.retried(reason, dialect_name)
     logger.info(
-        "dbsession: %s: %s on attempt %d of %d; retrying in %.3fs",
+        "dbsession: %s: %s on attempt %d (%.1fs of the %gs budget left); retrying in %.3fs",
         name,
         reason,
         attempt,
-        policy.attempts,
+        left,
+        policy.budget,
         wait,
     )
     return wait
@@ -167,8 +203,11 @@ def wait_before_retry(
 def retry_reason(error: Exception, dialect_name: str, policy: RetryPolicy) -> str | None:
     """Why ``error`` is worth another attempt under ``policy``, or None if it is not.
 
-    Transient database errors (``_classify.TRANSIENT``, anywhere in the chain) and a
-    connection lost before the commit are; a connection lost during the COMMIT only for
+    Transient database errors (``_classify.TRANSIENT``, anywhere in the chain: conflicts,
+    a Galera node outside the primary component), a connection lost before the commit,
+    a server that refused the connection but may take it soon (down, restarting, a
+    failover under way), and a primary demoted under the pool (its refusal of a write
+    in a writing scope) are; a connection lost during the COMMIT only for
     ``policy.idempotent``; a scope's own time budget running out never is.
     """
     if isinstance(error, ScopeTimeoutError):
@@ -176,9 +215,31 @@ def retry_reason(error: Exception, dialect_name: str, policy: RetryPolicy) -> st
     if isinstance(error, CommitOutcomeUnknownError):
         return "connection lost during COMMIT (idempotent unit)" if policy.idempotent else None
     reason = _transient_in_chain(error, dialect_name)
-    if reason is None and isinstance(error, ConnectionLostError):
+    if reason is not None:
+        return reason
+    if isinstance(error, ConnectionLostError):
         return "connection lost before the commit"
-    return reason
+    if isinstance(error, DatabaseUnreachableError):
+        clue = connect_transient_reason(str(error))
+        return None if clue is None else f"cannot connect yet ({clue})"
+    if isinstance(error, DatabaseReadOnlyError):
+        return "the server is read-only (a demoted primary?); reconnecting"
+    return None
+
+
+def forget_demoted_primary(error: BaseException, session: object) -> None:
+    """After a write refused by a read-only server in a writing scope, close the idle
+    connections of the engine the session used: they lead to the demoted primary, and
+    the next connect (through HAProxy or a multi-host URL) finds the new one."""
+    if not isinstance(error, DatabaseReadOnlyError) or session is None:
+        return
+    get_bind = getattr(session, "get_bind", None)
+    if get_bind is None:
+        return
+    try:
+        get_bind().pool.dispose()
+    except Exception:  # a bind without a pool of its own: nothing to forget
+        logger.debug("dbsession: emptying the pool after a read-only refusal failed", exc_info=True)
 
 
 def _transient_in_chain(error: BaseException, dialect_name: str) -> str | None:

@@ -4,10 +4,12 @@ importable from ``dbsession`` itself."""
 
 from ._errors import AlreadyInitializedError as AlreadyInitializedError
 from ._errors import BulkInsertError as BulkInsertError
+from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import CommitOutcomeUnknownError as CommitOutcomeUnknownError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConnectionLostError as ConnectionLostError
 from ._errors import DatabaseBlockedError as DatabaseBlockedError
+from ._errors import DatabaseReadOnlyError as DatabaseReadOnlyError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
@@ -20,6 +22,7 @@ from ._errors import NoActiveScopeError as NoActiveScopeError
 from ._errors import NotInitializedError as NotInitializedError
 from ._errors import PoolExhaustedError as PoolExhaustedError
 from ._errors import ReadOnlyError as ReadOnlyError
+from ._errors import ReplicaLagError as ReplicaLagError
 from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
 from ._errors import ScopeError as ScopeError
@@ -34,11 +37,13 @@ from ._errors import UnsupportedIsolationLevelError as UnsupportedIsolationLevel
 
 __all__ = [
     "AlreadyInitializedError",
-    "CommitOutcomeUnknownError",
     "BulkInsertError",
+    "ClusterUnavailableError",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectionLostError",
     "DatabaseBlockedError",
+    "DatabaseReadOnlyError",
     "DatabaseUnreachableError",
     "DbSessionError",
     "InvalidURLError",
@@ -51,6 +56,7 @@ __all__ = [
     "NotInitializedError",
     "PoolExhaustedError",
     "ReadOnlyError",
+    "ReplicaLagError",
     "RetryExhaustedError",
     "SQLitePathError",
     "SQLiteWriteLockTimeoutError",

@@ -1,0 +1,35 @@
+"""hosts_of: every host a multi-host URL names, for a connect failure's message."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from dbsession._config import hosts_of
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [
+        ("postgresql+psycopg://u:secret@db:5433/app", ["db:5433"]),
+        ("postgresql+psycopg://u@/app", ["localhost:5432"]),
+        ("mysql+pymysql://root@127.0.0.1/test", ["127.0.0.1:3306"]),
+        (
+            "postgresql+psycopg://u:secret@/app?host=a:5432&host=b:5433"
+            "&target_session_attrs=read-write",
+            ["a:5432", "b:5433"],
+        ),
+        ("postgresql+psycopg://u@/app?host=a,b&port=5432,5433", ["a:5432", "b:5433"]),
+        ("postgresql+psycopg://u@/app?host=a,b&port=6000", ["a:6000", "b:6000"]),
+        ("postgresql+psycopg://u@/app?host=a,b", ["a:5432", "b:5432"]),
+        ("postgresql+psycopg://u@/app?host=/run/postgresql", ["/run/postgresql"]),
+        ("postgresql+psycopg://u@/app?host=[::1]:5433&host=b", ["::1:5433", "b:5432"]),
+    ],
+)
+def test_every_host_is_named_in_order(url: str, hosts: list[str]) -> None:
+    assert hosts_of(make_url(url)) == hosts
+
+
+def test_no_secret_in_the_hosts() -> None:
+    url = make_url("postgresql+psycopg://u:hunter2@/app?host=a:1&host=b:2&password=hunter2")
+    assert "hunter2" not in " ".join(hosts_of(url))
