@@ -129,6 +129,22 @@ def _duplicate_row(url: URL, tmp: Path) -> None:
         factory.dispose()
 
 
+def _caught_and_carried_on(url: URL, tmp: Path) -> None:
+    factory = DbSessionFactory(url)
+    table = Supplier.metadata.tables["supplier"]
+    table.create(factory.engine)
+    try:
+        with factory.session_scope() as session:
+            session.execute(text("INSERT INTO supplier (id, name) VALUES (1, 'a')"))
+            try:
+                session.execute(text("INSERT INTO supplier (id, name) VALUES (1, 'b')"))
+            except sa_exc.IntegrityError:
+                pass  # the app carries on: the scope refuses to commit
+    finally:
+        table.drop(factory.engine)
+        factory.dispose()
+
+
 def _galera(url: URL, tmp: Path) -> None:  # pragma: no cover (a cluster fixture's test)
     raise AssertionError("raised by tests/test_cluster_galera.py on a real cluster")
 
@@ -148,6 +164,7 @@ TRANSLATED: dict[type[BaseException], tuple[type[BaseException], Trigger]] = {
     public.ReadOnlyError: (sa_exc.DBAPIError, _read_only_scope),
     public.PoolExhaustedError: (sa_exc.TimeoutError, _pool_exhausted),
     public.BulkInsertError: (sa_exc.IntegrityError, _duplicate_row),
+    public.NeedsRollbackError: (sa_exc.PendingRollbackError, _caught_and_carried_on),
     public.ClusterUnavailableError: (sa_exc.OperationalError, _galera),
     public.SQLiteWriteLockTimeoutError: (sa_exc.OperationalError, _galera),
 }
