@@ -15,8 +15,9 @@ before the exception leaves the block.
 The URL is resolved as on the sync side (argument > ``DATABASE_URL`` > the embedded
 SQLite file); a URL that names no driver gets the async one of its backend
 (``sqlite+aiosqlite``, ``postgresql+psycopg`` in its async mode, ``mysql+aiomysql``).
-The engine gets the same opinions as the sync one. Needs ``pip install 'dbsession[async]'``
-(and ``dbsession[postgres]`` for PostgreSQL). ``import dbsession`` never imports this module.
+The engine gets the same opinions as the sync one. Needs
+``pip install 'sqlalchemy-dbsession[async]'`` (and ``sqlalchemy-dbsession[postgres]`` for
+PostgreSQL). ``import dbsession`` never imports this module.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
     many tasks (or threads) race for it.
 
     Raises ConfigurationError subclasses when the URL or options cannot work,
-    MissingDriverError naming ``pip install 'dbsession[async]'`` when an async driver
+    MissingDriverError naming ``pip install 'sqlalchemy-dbsession[async]'`` when an async driver
     or greenlet is missing.
     """
 
@@ -218,7 +219,6 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
 
 
-
 def _sync_engine(engine: AsyncEngine) -> Engine:
     return engine.sync_engine
 
@@ -229,7 +229,7 @@ def _require_greenlet() -> None:
     except ImportError:
         raise MissingDriverError(
             "SQLAlchemy's asyncio support needs the 'greenlet' package, which is not "
-            "installed. Install it: pip install 'dbsession[async]'."
+            "installed. Install it: pip install 'sqlalchemy-dbsession[async]'."
         ) from None
 
 
@@ -258,9 +258,7 @@ def async_session_scope(
     )
 
 
-async def async_run_in_transaction(
-    fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
-) -> T:
+async def async_run_in_transaction(fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """``await fn(session, *args, **kwargs)`` in a unit of work on the process default async
     factory, retried whole on transient failures; see
     ``AsyncDbSessionFactory.run_in_transaction``."""

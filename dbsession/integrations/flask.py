@@ -1,4 +1,4 @@
-"""Flask: a view that is one unit of work (``pip install 'dbsession[flask]'``).
+"""Flask: a view that is one unit of work (``pip install 'sqlalchemy-dbsession[flask]'``).
 
 ::
 
