@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("dbsession").setLevel(logging.WARNING)
     if args.command in _READ_ONLY:
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+        logging.getLogger("alembic.autogenerate").setLevel(logging.WARNING)  # check: one line
     try:
         _dispatch(args)
     except Exception as error:
