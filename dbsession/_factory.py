@@ -18,7 +18,7 @@ from ._binding import Binding
 from ._config import Settings, mask_url
 from ._engine import make_engine
 from ._lifecycle import LazyFactory, Registry, decorate, run_options
-from ._retry import RetryPolicy, run_with_retries
+from ._retry import RetryPolicy, run_with_retries, unit_name
 from ._scope import Savepoint, ScopeSession, UnitOfWork
 
 logger: logging.Logger = logging.getLogger("dbsession")
@@ -126,7 +126,42 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             replica=replica,
         )
 
-    def run_in_transaction(self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    @overload
+    def run_in_transaction(self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[Session, ...], R],
+        /,
+        *args: Any,
+        retry: RetryPolicy,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> R: ...
+    @overload
+    def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[Session, ...], R],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> R: ...
+    @overload
+    def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[Session, ...], R],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str,
+        **kwargs: Any,
+    ) -> R: ...
+    def run_in_transaction(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Run ``fn(session, *args, **kwargs)`` in a scope; retry it whole on a transient failure.
 
         Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
@@ -143,12 +178,15 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         failed, UnsupportedIsolationLevelError for a bad level.
         """
         options = run_options(kwargs)
-        return self._run(lambda session: fn(session, *args, **kwargs), **options)
+        return self._run(
+            lambda session: fn(session, *args, **kwargs), name=unit_name(fn), **options
+        )
 
     def _run(
         self,
         unit: Callable[[Session], R],
         *,
+        name: str | None = None,
         retry: RetryPolicy | None = None,
         readonly: bool = False,
         isolation_level: str | None = None,
@@ -158,6 +196,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             unit,
             policy=self._retry_policy(retry),
             dialect_name=self._settings.url.get_backend_name(),
+            name=name,
         )
 
     @overload
@@ -250,7 +289,39 @@ def session_scope(
     )
 
 
-def run_in_transaction(fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+@overload
+def run_in_transaction(fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+@overload
+def run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[Session, ...], R],
+    /,
+    *args: Any,
+    retry: RetryPolicy,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> R: ...
+@overload
+def run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[Session, ...], R],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> R: ...
+@overload
+def run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[Session, ...], R],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str,
+    **kwargs: Any,
+) -> R: ...
+def run_in_transaction(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     """Run ``fn(session, *args, **kwargs)`` in a unit of work on the process default factory,
     retried whole on transient failures (see DbSessionFactory.run_in_transaction)."""
     return default_factory().run_in_transaction(fn, *args, **kwargs)

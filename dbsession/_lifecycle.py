@@ -22,7 +22,7 @@ from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
 from ._context import innermost
 from ._errors import AlreadyInitializedError, NotInitializedError
 from ._replica import refuse_for_savepoint, use_replica
-from ._retry import RetryPolicy, UnitOfWorkFunction
+from ._retry import RetryPolicy, UnitOfWorkFunction, unit_name
 
 R = TypeVar("R")
 B = TypeVar("B", bound="Binding[Any, Any]")
@@ -311,7 +311,8 @@ def decorate(
     normalize_isolation_level(options.get("isolation_level"))  # fail at decoration
 
     def wrap(function: Callable[..., Any]) -> Any:
-        return UnitOfWorkFunction(function, lambda unit: run(unit, **options))
+        name = unit_name(function)
+        return UnitOfWorkFunction(function, lambda unit: run(unit, name=name, **options))
 
     return wrap if fn is None else wrap(fn)
 
@@ -320,6 +321,24 @@ def decorate(
 RUN_OPTIONS = ("retry", "readonly", "isolation_level")
 
 
+#: The 0.1 keywords of ``run_in_transaction``, now fields of ``RetryPolicy``.
+REMOVED_OPTIONS = ("attempts", "base_delay", "max_delay")
+
+
 def run_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Take dbsession's own keywords (``RUN_OPTIONS``) out of ``kwargs`` and return them."""
-    return {name: kwargs.pop(name) for name in RUN_OPTIONS if name in kwargs}
+    """Take dbsession's own keywords (``RUN_OPTIONS``) out of ``kwargs`` and return them.
+
+    Raises TypeError for the 0.1 keywords (``attempts=`` ...), naming ``retry=``.
+    """
+    removed = [name for name in REMOVED_OPTIONS if name in kwargs]
+    if removed:
+        given = ", ".join(f"{name}={kwargs[name]!r}" for name in removed)
+        raise TypeError(
+            f"run_in_transaction({given}): these keywords were removed in 0.2; pass "
+            f"retry=RetryPolicy({given}) instead (from dbsession import RetryPolicy)."
+        )
+    options = {name: kwargs.pop(name) for name in RUN_OPTIONS if name in kwargs}
+    retry = options.get("retry")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry= takes a RetryPolicy, got {type(retry).__name__}")
+    return options

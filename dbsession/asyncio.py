@@ -47,7 +47,7 @@ from ._context import session_of_scope
 from ._engine import build_engine
 from ._errors import MissingDriverError
 from ._lifecycle import LazyFactory, Registry, decorate, run_options
-from ._retry import RetryPolicy, run_with_retries_async
+from ._retry import RetryPolicy, run_with_retries_async, unit_name
 from ._scope import ScopeSession
 
 __all__ = [
@@ -144,8 +144,45 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             replica=replica,
         )
 
+    @overload
     async def run_in_transaction(
         self, fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+    @overload
+    async def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    async def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    async def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str,
+        **kwargs: Any,
+    ) -> T: ...
+    async def run_in_transaction(
+        self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
     ) -> T:
         """Run ``await fn(session, *args, **kwargs)`` in a scope; retry it whole on a
         transient failure.
@@ -156,12 +193,15 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         other tasks run meanwhile). Raises what it raises; cancellation propagates.
         """
         options = run_options(kwargs)
-        return await self._run(lambda session: fn(session, *args, **kwargs), **options)
+        return await self._run(
+            lambda session: fn(session, *args, **kwargs), name=unit_name(fn), **options
+        )
 
     async def _run(
         self,
         unit: Callable[[AsyncSession], Awaitable[T]],
         *,
+        name: str | None = None,
         retry: RetryPolicy | None = None,
         readonly: bool = False,
         isolation_level: str | None = None,
@@ -171,6 +211,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             unit,
             policy=self._retry_policy(retry),
             dialect_name=self._settings.url.get_backend_name(),
+            name=name,
         )
 
     @overload
@@ -258,7 +299,43 @@ def async_session_scope(
     )
 
 
-async def async_run_in_transaction(fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+@overload
+async def async_run_in_transaction(
+    fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T: ...
+@overload
+async def async_run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+    /,
+    *args: Any,
+    retry: RetryPolicy,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+async def async_run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+async def async_run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str,
+    **kwargs: Any,
+) -> T: ...
+async def async_run_in_transaction(
+    fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
+) -> T:
     """``await fn(session, *args, **kwargs)`` in a unit of work on the process default async
     factory, retried whole on transient failures; see
     ``AsyncDbSessionFactory.run_in_transaction``."""
