@@ -17,9 +17,9 @@ from ._base import Base
 from ._binding import Binding
 from ._config import Settings, mask_url
 from ._engine import make_engine
-from ._lifecycle import LazyFactory, Registry, decorate, run_options
+from ._lifecycle import LazyFactory, Registry, decorate, run_options, scope_session_class
 from ._retry import RetryPolicy, run_with_retries, unit_name
-from ._scope import Savepoint, ScopeSession, UnitOfWork
+from ._scope import Savepoint, UnitOfWork
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -72,7 +72,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             engine,
             sessionmaker,
             expire_on_commit=settings.expire_on_commit,
-            session_options={"class_": ScopeSession},
+            session_options={"class_": scope_session_class(self._session_class)},
         )
 
     def session_scope(

@@ -16,13 +16,15 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 
 from ._binding import Binding, normalize_isolation_level
 from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
 from ._context import innermost
-from ._errors import AlreadyInitializedError, NotInitializedError
+from ._errors import AlreadyInitializedError, ConfigurationError, NotInitializedError
 from ._replica import refuse_for_savepoint, use_replica
 from ._retry import RetryPolicy, UnitOfWorkFunction, unit_name
+from ._scope import ScopeSession
 
 R = TypeVar("R")
 B = TypeVar("B", bound="Binding[Any, Any]")
@@ -126,6 +128,7 @@ class LazyFactory(Generic[B]):
         pooler: str | None = None,
         timeouts: Timeouts | None = None,
         max_replica_lag: float | None = None,
+        session_class: type[Any] | None = None,
         **engine_options: Any,
     ) -> None:
         """Resolve the URL now (argument > DATABASE_URL > SQLite default); build the engine lazily.
@@ -135,8 +138,10 @@ class LazyFactory(Generic[B]):
         read-only scopes run on a second engine for that URL (same options), built on
         first use. ``pooler`` ("transaction", "session", "none"; unset: prepared
         statements off), ``timeouts`` (a ``Timeouts``) and ``max_replica_lag`` (seconds):
-        see docs/deploying.md. Raises a ConfigurationError subclass if the URL or options
-        cannot work.
+        see docs/deploying.md. ``session_class``: the app's own Session class (a subclass
+        of SQLAlchemy's ``Session``, e.g. ``sqlmodel.Session``; ``AsyncSession`` for the
+        async factory), used for every scope with all of dbsession's guarantees. Raises a
+        ConfigurationError subclass if the URL or options cannot work.
         """
         self._settings = make_settings(
             url,
@@ -149,8 +154,27 @@ class LazyFactory(Generic[B]):
             timeouts=timeouts,
             max_replica_lag=max_replica_lag,
         )
+        self._session_class = self._check_session_class(session_class)
         self._lock = threading.Lock()
         self._bindings: dict[bool, B] = {}  # keyed by "is the replica"
+
+    #: What ``session_class`` must subclass (AsyncSession for the async factory).
+    _session_base: ClassVar[type[Any]] = Session
+
+    @classmethod
+    def _check_session_class(cls, session_class: type[Any] | None) -> type[Any] | None:
+        """Raise ConfigurationError unless ``session_class`` is None or a Session subclass
+        of the kind this factory makes."""
+        base = cls._session_base
+        if session_class is not None and not (
+            isinstance(session_class, type) and issubclass(session_class, base)
+        ):
+            raise ConfigurationError(
+                f"session_class={session_class!r} is not a subclass of {base.__module__}."
+                f"{base.__qualname__}: pass the Session class your models use (e.g. "
+                "sqlmodel.Session), or leave it out."
+            )
+        return session_class
 
     def __repr__(self) -> str:
         state = "ready" if self._bindings else "not initialised"
@@ -179,6 +203,7 @@ class LazyFactory(Generic[B]):
         timeouts: Timeouts | None = None,
         max_replica_lag: float | None = None,
         migrations: str | os.PathLike[str] | None = None,
+        session_class: type[Any] | None = None,
         **engine_options: Any,
     ) -> F:
         """Configure and build the process-wide default factory, once; return it.
@@ -202,6 +227,7 @@ class LazyFactory(Generic[B]):
             pooler=pooler,
             timeouts=timeouts,
             max_replica_lag=max_replica_lag,
+            session_class=session_class,
             **engine_options,
         )
         current: F = cls._registry.install(candidate)
@@ -298,6 +324,30 @@ class LazyFactory(Generic[B]):
         with self._lock:
             bindings, self._bindings = self._bindings, {}
         return list(bindings.values())
+
+
+_scope_classes: dict[type[Session], type[ScopeSession]] = {}
+_scope_classes_lock = threading.Lock()
+
+
+def scope_session_class(base: type[Session] | None) -> type[ScopeSession]:
+    """The Session class of a factory's scopes: dbsession's ``ScopeSession`` combined with
+    the app's own ``base`` (``sqlmodel.Session``...), made once per class, so a scope's
+    session has the app's methods (``session.exec()``) and dbsession's guarantees."""
+    if base is None or base is Session:
+        return ScopeSession
+    if issubclass(base, ScopeSession):
+        return base
+    with _scope_classes_lock:
+        made = _scope_classes.get(base)
+        if made is None:
+            made = type(
+                base.__name__,
+                (ScopeSession, base),
+                {"__module__": base.__module__, "__doc__": base.__doc__},
+            )
+            _scope_classes[base] = made
+        return made
 
 
 def decorate(

@@ -46,7 +46,7 @@ from ._config import Settings, mask_url
 from ._context import session_of_scope
 from ._engine import build_engine
 from ._errors import MissingDriverError
-from ._lifecycle import LazyFactory, Registry, decorate, run_options
+from ._lifecycle import LazyFactory, Registry, decorate, run_options, scope_session_class
 from ._retry import RetryPolicy, run_with_retries_async, unit_name
 from ._scope import ScopeSession
 
@@ -83,6 +83,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
     """
 
     _asyncio: ClassVar[bool] = True
+    _session_base: ClassVar[type[Any]] = AsyncSession
     _registry = Registry["AsyncDbSessionFactory"]("AsyncDbSessionFactory")
 
     @classmethod
@@ -112,7 +113,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             engine.sync_engine,
             async_sessionmaker,
             expire_on_commit=settings.expire_on_commit,
-            session_options={"sync_session_class": ScopeSession},
+            session_options=_session_options(self._session_class),
         )
 
     def session_scope(
@@ -258,6 +259,15 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         for binding in self._detach():
             await binding.engine.dispose()
             logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
+
+
+def _session_options(session_class: type[AsyncSession] | None) -> dict[str, Any]:
+    """The async sessionmakers' classes: the app's AsyncSession (``sqlmodel``'s ...) over
+    its sync Session class combined with dbsession's ScopeSession."""
+    if session_class is None:
+        return {"sync_session_class": ScopeSession}
+    sync = scope_session_class(getattr(session_class, "sync_session_class", None))
+    return {"class_": session_class, "sync_session_class": sync}
 
 
 def _sync_engine(engine: AsyncEngine) -> Engine:
