@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         f"(URL: --url, else {ENV_VAR}, else ./dbsession.sqlite3).",
     )
     _global_options(parser, default=None)
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -113,6 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     init = add("init", "create a migrations folder wired to dbsession")
     init.add_argument("directory", nargs="?", default="migrations")
     return parser
+
+
+def _version() -> str:
+    import sqlalchemy
+
+    from ._version import __version__
+
+    return (
+        f"dbsession {__version__} (SQLAlchemy {sqlalchemy.__version__}, "
+        f"Alembic {alembic.__version__}; from {Path(__file__).parent})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
