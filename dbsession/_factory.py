@@ -3,6 +3,7 @@ once; and the module functions that use the process default factory."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,49 @@ SyncBinding = Binding[Engine, sessionmaker[Session]]
 Unit = Callable[Concatenate[Session, P], R]
 
 
-class DbSessionFactory(LazyFactory[SyncBinding]):
+#: The 0.1 calls on the class, and what replaced each (CHANGELOG.md, 0.2.0).
+_CLASS_CALLS_REMOVED = {
+    "session_scope": "dbsession.session_scope()",
+    "create_session": "dbsession.create_session()",
+    "run_in_transaction": "dbsession.run_in_transaction(fn, ...)",
+    "transactional": "@dbsession.transactional",
+    "create_all": "dbsession.default_factory().create_all()",
+    "dispose": "DbSessionFactory.global_dispose()",
+}
+
+
+def _removed_class_call(name: str, instead: str) -> property:
+    """A metaclass property: ``DbSessionFactory.<name>`` (the 0.1 class-level call) gives a
+    function raising a TypeError that names the 0.2 spelling. Instances never see it (a
+    metaclass attribute is not looked up on them), so their method calls cost nothing more;
+    ``DbSessionFactory.<name>(factory, ...)`` still calls the method."""
+
+    def get(cls: type[Any]) -> Callable[..., Any]:
+        method = next(k.__dict__[name] for k in cls.__mro__ if name in k.__dict__)
+
+        @functools.wraps(method)
+        def called_on_the_class(*args: Any, **kwargs: Any) -> Any:
+            if args and isinstance(args[0], cls):
+                return method(*args, **kwargs)
+            raise TypeError(
+                f"{cls.__name__}.{name}() on the class was removed in 0.2: use {instead}, "
+                f"or factory.{name}() on a factory (the one global_init() returns)."
+            )
+
+        return called_on_the_class
+
+    return property(get)
+
+
+class _RemovedClassCalls(type):
+    """DbSessionFactory's metaclass: only the 0.1 class-level calls, as named errors."""
+
+
+for _name, _instead in _CLASS_CALLS_REMOVED.items():
+    setattr(_RemovedClassCalls, _name, _removed_class_call(_name, _instead))
+
+
+class DbSessionFactory(LazyFactory[SyncBinding], metaclass=_RemovedClassCalls):
     """Owns one engine and its sessionmakers for one database URL.
 
     ``reports = DbSessionFactory(url)`` makes a factory for a database;
@@ -263,7 +306,7 @@ def default_factory() -> DbSessionFactory:
     """The process default factory: the one ``global_init()`` made, else one made now from
     ``DATABASE_URL`` (or the embedded SQLite file). Raises NotInitializedError after
     ``DbSessionFactory.global_dispose()``, ConfigurationError for a bad DATABASE_URL."""
-    return DbSessionFactory._registry.get(DbSessionFactory.global_init)
+    return DbSessionFactory._registry.get(DbSessionFactory._lazy_default)
 
 
 def session_scope(

@@ -8,6 +8,7 @@ ended by ``global_dispose()``.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from abc import abstractmethod
@@ -19,12 +20,15 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from ._binding import Binding, normalize_isolation_level
-from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
+from ._config import ENV_VAR, Settings, Timeouts, make_settings, mask_url, sync_twin
 from ._context import innermost
 from ._errors import AlreadyInitializedError, ConfigurationError, NotInitializedError
 from ._replica import refuse_for_savepoint, use_replica
 from ._retry import RetryPolicy, UnitOfWorkFunction, unit_name
 from ._scope import ScopeSession
+
+logger: logging.Logger = logging.getLogger("dbsession")
+_warned_embedded_default = False
 
 R = TypeVar("R")
 B = TypeVar("B", bound="Binding[Any, Any]")
@@ -236,6 +240,26 @@ class LazyFactory(Generic[B]):
 
             require_head(url=sync_twin(current.url), migrations=migrations)
         return current
+
+    @classmethod
+    def _lazy_default(cls: type[F]) -> F:
+        """The process default made on first use, without a ``global_init()`` call: from
+        DATABASE_URL, else the embedded SQLite file, which is said once per process at
+        WARNING (a forgotten ``global_init()`` in production answers "no such table")."""
+        made: F = cls.global_init()
+        global _warned_embedded_default
+        if made.settings.source == "default" and not _warned_embedded_default:
+            _warned_embedded_default = True
+            logger.warning(
+                "dbsession: no %s.global_init() was called and %s is not set: using the "
+                "embedded SQLite file %s. Set %s, or call global_init(url) at start-up "
+                "(global_init() without a URL chooses this file and says nothing).",
+                cls.__name__,
+                ENV_VAR,
+                made.settings.url.database,
+                ENV_VAR,
+            )
+        return made
 
     def _build(self, *, replica: bool = False) -> B:
         """What ``_make`` builds for the primary (or the replica), made on first use under

@@ -287,7 +287,7 @@ def _require_greenlet() -> None:
 def async_default_factory() -> AsyncDbSessionFactory:
     """The process default async factory (see ``dbsession.default_factory``). Raises
     NotInitializedError after ``AsyncDbSessionFactory.global_dispose()``."""
-    return AsyncDbSessionFactory._registry.get(AsyncDbSessionFactory.global_init)
+    return AsyncDbSessionFactory._registry.get(AsyncDbSessionFactory._lazy_default)
 
 
 def async_session_scope(
