@@ -25,7 +25,13 @@ from alembic.config import Config
 
 from . import migrations
 from ._config import ENV_VAR, mask_url, resolve_url, scrub
-from ._errors import DbSessionError, InvalidURLError, MigrationError
+from ._errors import (
+    DbSessionError,
+    InvalidURLError,
+    MigrationError,
+    MigrationsNotFoundError,
+    SchemaNotAtHeadError,
+)
 
 #: Commands that only read: Alembic's progress lines are not shown.
 _READ_ONLY = frozenset({"current", "check", "heads", "history", "show"})
@@ -137,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.addFilter(_not_chatter)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("dbsession").setLevel(logging.WARNING)
+    migrations.target_logger.setLevel(logging.INFO)  # "upgrading <the database> to head"
     if args.command in _READ_ONLY:
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
         logging.getLogger("alembic.autogenerate").setLevel(logging.WARNING)  # check: one line
@@ -195,21 +202,33 @@ def _downgrade(args: argparse.Namespace) -> None:
 
 def _stamp(args: argparse.Namespace) -> None:
     config = _config(args)
-    target = migrations.describe_target(args.url)
-    migrations.logger.warning("dbsession: stamping %s as %s", target, args.revision)
+    migrations.announce(config, logging.WARNING, f"stamping {{target}} as {args.revision}")
     migrations.run_command(command.stamp, config, args.revision, sql=args.sql)
 
 
 def _current(args: argparse.Namespace) -> None:
-    missing = migrations.missing_sqlite_file(args.url)
-    if missing:
-        print(f"<base> (no database: {missing} does not exist; nothing was created)")
+    try:
+        config = _config(args)
+    except MigrationsNotFoundError:  # no env.py to ask: the URL alone says which database
+        heads, target = migrations.applied_heads(args.url), migrations.describe_target(args.url)
     else:
-        print(migrations.current(url=args.url) or "<base> (no migration applied)")
+        heads, target = migrations.read_heads(config), str(migrations.used_target(config))
+    print(f"dbsession: reading {target}", file=sys.stderr)
+    if heads is None:
+        print(f"<base> (no database: {target} does not exist; nothing was created)")
+    elif len(heads) > 1:
+        print(f"{', '.join(sorted(heads))} ({len(heads)} heads applied: 'dbsession upgrade')")
+    else:
+        print(heads[0] if heads else "<base> (no migration applied)")
 
 
 def _check(args: argparse.Namespace) -> None:
-    migrations.require_head(url=args.url, migrations=args.migrations)
+    config = _config(args)
+    newest = migrations.head(migrations=args.migrations)
+    heads = migrations.read_heads(config)
+    at = migrations.one_head(heads or (), f"The database {migrations.used_target(config)}")
+    if at != newest:
+        raise SchemaNotAtHeadError(at, newest)
     if args.revision_only:
         print("the database is at head (models not compared: --revision-only)")
         return

@@ -14,12 +14,13 @@ path such as ``myapp.models:Base.metadata``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from logging.config import fileConfig
 from pathlib import Path
@@ -41,6 +42,7 @@ from ._config import make_settings, mask_url, resolve_url, scrub, sync_twin
 from ._engine import make_engine
 from ._errors import (
     ConfigurationError,
+    DbSessionError,
     MigrationError,
     MigrationLockTimeoutError,
     MigrationsNotFoundError,
@@ -54,6 +56,15 @@ METADATA_OPTION = "dbsession_metadata"
 #: Set in Config.attributes when dbsession built the Config: env.py leaves logging alone.
 MANAGED_ATTRIBUTE = "dbsession_managed"
 _URL_ATTRIBUTE = "dbsession_url"
+#: The URL DATABASE_URL (or the default) named when the Config was made: run_env uses this
+#: one, so a models module that loads a .env file on import cannot move the target.
+_PINNED_ATTRIBUTE = "dbsession_pinned_url"
+#: The (URL, source) run_env used; what the commands name.
+_USED_ATTRIBUTE = "dbsession_used_url"
+#: A line naming the target, logged by run_env before it acts ("downgrading {target} to base").
+_ANNOUNCE_ATTRIBUTE = "dbsession_announce"
+#: Set by read_heads: run_env only reads the applied heads (no lock, no database created).
+_HEADS_ATTRIBUTE = "dbsession_heads"
 _METADATA_ATTRIBUTE = "dbsession_metadata"
 _LOCK_NAME = "dbsession_migrations"
 _PG_LOCK_KEY = 0x64627365  # "dbse"
@@ -62,6 +73,8 @@ _LOCK_TIMEOUT_ENV = "DBSESSION_MIGRATION_LOCK_TIMEOUT"
 
 Migrations = str | os.PathLike[str] | None
 logger: logging.Logger = logging.getLogger("dbsession")
+#: The line naming the database a command acts on (the console script shows it at INFO).
+target_logger: logging.Logger = logging.getLogger("dbsession.target")
 
 
 def make_config(
@@ -94,6 +107,11 @@ def make_config(
     config.attributes[MANAGED_ATTRIBUTE] = True
     if resolved is not None:
         config.attributes[_URL_ATTRIBUTE] = resolved
+    else:
+        try:
+            config.attributes[_PINNED_ATTRIBUTE] = _resolve_with_source(None)
+        except DbSessionError:
+            pass  # a bad DATABASE_URL: raised where a database is needed, not by head()
     if metadata is not None:
         config.attributes[_METADATA_ATTRIBUTE] = metadata
     return config
@@ -113,7 +131,9 @@ def upgrade(
     Raises UnknownRevisionError, MigrationError, MigrationsNotFoundError or
     DatabaseUnreachableError.
     """
-    run_command(command.upgrade, make_config(migrations, url=url), revision, sql=sql)
+    config = make_config(migrations, url=url)
+    announce(config, logging.INFO, f"upgrading {{target}} to {revision}")
+    run_command(command.upgrade, config, revision, sql=sql)
 
 
 def downgrade(
@@ -125,18 +145,65 @@ def downgrade(
 ) -> None:
     """Downgrade the database to ``revision`` (``"base"`` undoes every migration).
 
-    The database is logged (masked, at WARNING) before anything is undone. Raises what
-    ``upgrade`` raises.
+    The database is logged (masked, at WARNING) before anything is undone: the one env.py
+    then acts on. Raises what ``upgrade`` raises.
     """
     config = make_config(migrations, url=url)
-    logger.warning("dbsession: downgrading %s to %s", describe_target(url), revision)
+    announce(config, logging.WARNING, f"downgrading {{target}} to {revision}")
     run_command(command.downgrade, config, revision, sql=sql)
+
+
+def announce(config: Config, level: int, line: str) -> None:
+    """Have ``run_env`` log ``line`` (``{target}`` replaced by the masked URL it acts on, and
+    where that came from) before it acts."""
+    config.attributes[_ANNOUNCE_ATTRIBUTE] = (level, line)
 
 
 def describe_target(url: str | URL | None) -> str:
     """The masked URL the migration commands would act on, and where it came from."""
     resolved, source = resolve_url(url)
-    return f"{mask_url(sync_twin(resolved))} (from {source})"
+    return _describe(sync_twin(resolved), source)
+
+
+def _describe(url: URL, source: str) -> str:
+    return f"{mask_url(url)} (from {source})"
+
+
+def used_target(config: Config) -> str | None:
+    """The masked URL (and its source) that ``run_env`` used with ``config``, if it ran."""
+    used: tuple[URL, str] | None = config.attributes.get(_USED_ATTRIBUTE)
+    return None if used is None else _describe(*used)
+
+
+def read_heads(config: Config) -> tuple[str, ...] | None:
+    """The revisions applied to the database that the project's env.py names (its
+    ``run_env(url=...)`` included), read through env.py without the lock; None when
+    that database is a SQLite file that does not exist (nothing is created)."""
+    config.attributes[_HEADS_ATTRIBUTE] = None
+    script = ScriptDirectory.from_config(config)
+
+    def record(revision: Any, context: Any) -> list[Any]:
+        config.attributes[_HEADS_ATTRIBUTE] = tuple(context.get_current_heads())
+        return []
+
+    from alembic.runtime.environment import EnvironmentContext
+
+    with EnvironmentContext(config, script, fn=record, dont_mutate=True):
+        script.run_env()
+    heads: tuple[str, ...] | None = config.attributes[_HEADS_ATTRIBUTE]
+    return heads
+
+
+def one_head(heads: tuple[str, ...], where: str) -> str | None:
+    """The single applied revision, None for none; raises MigrationError naming every
+    head when several are applied (after a downgrade to one parent of a merge)."""
+    if len(heads) > 1:
+        raise MigrationError(
+            f"{where} has {len(heads)} applied heads ({', '.join(sorted(heads))}), as after "
+            "a downgrade to one parent of a merge: run 'dbsession upgrade' to reach the "
+            "head again, or downgrade further."
+        )
+    return heads[0] if heads else None
 
 
 def current(*, url: str | URL | None = None) -> str | None:
@@ -144,11 +211,19 @@ def current(*, url: str | URL | None = None) -> str | None:
 
     Reads only: a SQLite file that does not exist is not created (None: no revision).
     """
+    resolved, source = _resolve_with_source(url)
+    heads = applied_heads(resolved, source)
+    return one_head(heads or (), f"The database {_describe(resolved, source)}")
+
+
+def applied_heads(url: str | URL | None, source: str = "argument") -> tuple[str, ...] | None:
+    """The revisions applied to the database (several after a downgrade to one parent of a
+    merge); None for a SQLite file that does not exist (it is not created)."""
     resolved = _resolve(url)
     if missing_sqlite_file(resolved):
         return None
-    with _connect(resolved) as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+    with _connect(resolved, source) as connection:
+        return tuple(MigrationContext.configure(connection).get_current_heads())
 
 
 def missing_sqlite_file(url: str | URL | None) -> str | None:
@@ -208,19 +283,31 @@ run_env()
 '''
 
 
-def run_env() -> None:
+def run_env(url: str | URL | Callable[[], str | URL] | None = None) -> None:
     """The body of ``migrations/env.py``: run Alembic with dbsession's URL, metadata and lock.
 
-    Sets up logging from ``alembic.ini`` when run by the ``alembic`` command itself.
+    ``url``: the app's database (a URL, or a function returning it, such as
+    ``lambda: get_settings().database_url``), for an app that does not keep it in
+    ``DATABASE_URL``; the ``dbsession`` commands then name and use it. The target is
+    resolved once, before the models are imported: a URL given to the command (``url=``,
+    ``--url``) > this ``url`` > ``alembic -x url=...`` > ``DATABASE_URL`` as it was when
+    the command started > the embedded SQLite file. Sets up logging from ``alembic.ini``
+    when run by the ``alembic`` command itself.
     """
     from alembic import context
 
     config = context.config
     if config.config_file_name is not None and MANAGED_ATTRIBUTE not in config.attributes:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
-    metadata = _load_metadata(config)
-    given = config.attributes.get(_URL_ATTRIBUTE)
-    url = _resolve(given if given is not None else _x_argument(context))
+    url, source = _target(config, context, url)
+    config.attributes[_USED_ATTRIBUTE] = (url, source)
+    if _HEADS_ATTRIBUTE in config.attributes and missing_sqlite_file(url):
+        return  # read_heads: a SQLite file that does not exist has no revision
+    announced = config.attributes.get(_ANNOUNCE_ATTRIBUTE)
+    if announced is not None:
+        level, line = announced
+        target_logger.log(level, "dbsession: %s", line.replace("{target}", _describe(url, source)))
+    metadata = _load_metadata(config)  # after the URL: importing the models cannot move it
     is_sqlite = url.get_backend_name() == "sqlite"
     options: dict[str, Any] = {
         "target_metadata": metadata,
@@ -246,7 +333,12 @@ def run_env() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    with _connect(url) as connection, migration_lock(connection):
+    if _HEADS_ATTRIBUTE in config.attributes:  # read_heads: reading only, no lock
+        with _connect(url, source) as connection:
+            context.configure(connection=connection, **options)
+            context.run_migrations()
+        return
+    with _connect(url, source) as connection, migration_lock(connection):
         # On PostgreSQL the lock's transaction is open: Alembic runs every migration in
         # it (transactional DDL), and its commit releases the lock.
         context.configure(connection=connection, **options)
@@ -255,10 +347,26 @@ def run_env() -> None:
         connection.commit()
 
 
+def _target(config: Config, context: Any, url: Any) -> tuple[URL, str]:
+    """The database run_env acts on, and where it came from (see run_env)."""
+    given: URL | None = config.attributes.get(_URL_ATTRIBUTE)
+    if given is not None:
+        return given, "argument"
+    if url is not None:
+        return _resolve(url() if callable(url) else url), "run_env(url=...) in env.py"
+    from_x = _x_argument(context)
+    if from_x is not None:
+        return _resolve(from_x), "-x url"
+    pinned: tuple[URL, str] | None = config.attributes.get(_PINNED_ATTRIBUTE)
+    return pinned if pinned is not None else _resolve_with_source(None)
+
+
 @contextmanager
-def _connect(url: str | URL) -> Iterator[Connection]:
-    """A connection of an engine with dbsession's opinions and no pool, disposed after."""
-    engine = make_engine(make_settings(url, engine_options={"poolclass": NullPool}))
+def _connect(url: str | URL, source: str = "argument") -> Iterator[Connection]:
+    """A connection of an engine with dbsession's opinions and no pool, disposed after;
+    ``source`` is where the URL came from, for the error messages."""
+    settings = make_settings(url, engine_options={"poolclass": NullPool})
+    engine = make_engine(dataclasses.replace(settings, source=source))
     try:
         with engine.connect() as connection:
             yield connection
@@ -448,6 +556,13 @@ def run_command(fn: Any, config: Config, *args: Any, **kwargs: Any) -> Any:
         message = str(error)
         if url is not None:
             message = scrub(message, _resolve(url))
+        if "Multiple head revisions are present" in message:
+            heads = sorted(ScriptDirectory.from_config(config).get_heads())
+            raise MigrationError(
+                f"the migrations folder has {len(heads)} heads ({', '.join(heads)}): merge "
+                "them with 'dbsession merge -m merge', then upgrade; or upgrade to all of "
+                "them with 'dbsession upgrade heads'."
+            ) from None
         if "Can't locate revision" in message or "No such revision" in message:
             raise UnknownRevisionError(
                 f"{message}. 'dbsession history' lists the revisions of the migrations folder."
@@ -504,7 +619,12 @@ def _describe_diff(diff: tuple[Any, ...]) -> str:
 def _resolve(url: str | URL | None) -> URL:
     """The URL to migrate: migrations run outside any event loop, so an async driver's URL
     (``sqlite+aiosqlite``, ``mysql+aiomysql``) becomes its sync twin."""
-    return sync_twin(resolve_url(url)[0])
+    return _resolve_with_source(url)[0]
+
+
+def _resolve_with_source(url: str | URL | None) -> tuple[URL, str]:
+    resolved, source = resolve_url(url)
+    return sync_twin(resolved), source
 
 
 def _x_argument(context: Any) -> str | None:
