@@ -79,6 +79,7 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dbsession",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # --version on one line
         description="Run Alembic migrations with dbsession's configuration "
         f"(URL: --url, else {ENV_VAR}, else ./dbsession.sqlite3).",
     )
