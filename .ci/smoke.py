@@ -69,7 +69,10 @@ def unit_of_work(url: str) -> None:
 
 
 def core() -> None:
-    check(dbsession.__version__ == version("dbsession"), "dbsession.__version__ from metadata")
+    check(
+        dbsession.__version__ == version("sqlalchemy-dbsession"),
+        "dbsession.__version__ from metadata",
+    )
     for name in ("dbsession.migrations", "dbsession.cli", "dbsession.example.store"):
         importlib.import_module(name)
     check("sqlalchemy.ext.asyncio" not in sys.modules, "import dbsession stays sync")
@@ -186,4 +189,4 @@ if __name__ == "__main__":
     )
     {"core": core, "postgres": postgres, "mysql": mysql, "async": async_, "fastapi": fastapi,
      "flask": flask}[extra]()  # fmt: skip
-    print(f"smoke: dbsession[{extra}] OK")
+    print(f"smoke: sqlalchemy-dbsession[{extra}] OK")

@@ -1,8 +1,8 @@
 """pyright --verifytypes dbsession --ignoreexternal on the built wheel, as a user's checker sees it.
 
-Usage: python .ci/verifytypes.py dist/dbsession-*.whl. Installs the wheel with the extras
-whose modules it types (async, fastapi, flask, and pytest for the plugin) into a temporary
-venv, runs pyright from an empty folder, prints the score and the symbols that are not
+Usage: python .ci/verifytypes.py dist/sqlalchemy_dbsession-*.whl. Installs the wheel with
+the extras whose modules it types (async, fastapi, flask, and pytest for the plugin) into a
+temporary venv, runs pyright from an empty folder, prints the score and the symbols that are not
 fully typed, and fails when the score is below REQUIRED_SCORE.
 """
 
@@ -23,7 +23,7 @@ def main(wheel: Path) -> int:
     with tempfile.TemporaryDirectory() as folder:
         venv = Path(folder) / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        target = f"dbsession[async,fastapi,flask] @ {wheel.resolve().as_uri()}"
+        target = f"sqlalchemy-dbsession[async,fastapi,flask] @ {wheel.resolve().as_uri()}"
         subprocess.run([venv / "bin" / "pip", "install", "-q", target, "pytest"], check=True)
         path = f"{venv / 'bin'}:{os.environ['PATH']}"
         env = {**os.environ, "VIRTUAL_ENV": str(venv), "PATH": path}

@@ -63,16 +63,16 @@ from ._timeouts import (
 logger: logging.Logger = logging.getLogger("dbsession")
 
 _INSTALL_HINTS = {
-    "psycopg": "pip install 'dbsession[postgres]'",
-    "pymysql": "pip install 'dbsession[mysql]'",
+    "psycopg": "pip install 'sqlalchemy-dbsession[postgres]'",
+    "pymysql": "pip install 'sqlalchemy-dbsession[mysql]'",
     "psycopg2": "pip install psycopg2-binary, or use a postgresql+psycopg:// URL "
-    "with pip install 'dbsession[postgres]'",
+    "with pip install 'sqlalchemy-dbsession[postgres]'",
     "mysqldb": "pip install mysqlclient, or use a mysql+pymysql:// URL "
-    "with pip install 'dbsession[mysql]'",
-    "aiosqlite": "pip install 'dbsession[async]'",
+    "with pip install 'sqlalchemy-dbsession[mysql]'",
+    "aiosqlite": "pip install 'sqlalchemy-dbsession[async]'",
     "asyncpg": "pip install asyncpg, or use a postgresql+psycopg:// URL "
-    "with pip install 'dbsession[postgres]'",
-    "aiomysql": "pip install 'dbsession[async]'",
+    "with pip install 'sqlalchemy-dbsession[postgres]'",
+    "aiomysql": "pip install 'sqlalchemy-dbsession[async]'",
 }
 _SUPPORTED = (
     "sqlite, postgresql+psycopg, mysql+pymysql or mariadb+pymysql "

@@ -3,6 +3,7 @@ once; and the module functions that use the process default factory."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -17,9 +18,9 @@ from ._base import Base
 from ._binding import Binding
 from ._config import Settings, mask_url
 from ._engine import build_engine
-from ._lifecycle import LazyFactory, Registry, decorate, run_options
-from ._retry import RetryPolicy, run_with_retries
-from ._scope import Savepoint, ScopeSession, UnitOfWork
+from ._lifecycle import LazyFactory, Registry, decorate, run_options, scope_session_class
+from ._retry import RetryPolicy, run_with_retries, unit_name
+from ._scope import Savepoint, UnitOfWork
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -29,7 +30,49 @@ SyncBinding = Binding[Engine, sessionmaker[Session]]
 Unit = Callable[Concatenate[Session, P], R]
 
 
-class DbSessionFactory(LazyFactory[SyncBinding]):
+#: The 0.1 calls on the class, and what replaced each (CHANGELOG.md, 0.2.0).
+_CLASS_CALLS_REMOVED = {
+    "session_scope": "dbsession.session_scope()",
+    "create_session": "dbsession.create_session()",
+    "run_in_transaction": "dbsession.run_in_transaction(fn, ...)",
+    "transactional": "@dbsession.transactional",
+    "create_all": "dbsession.default_factory().create_all()",
+    "dispose": "DbSessionFactory.global_dispose()",
+}
+
+
+def _removed_class_call(name: str, instead: str) -> property:
+    """A metaclass property: ``DbSessionFactory.<name>`` (the 0.1 class-level call) gives a
+    function raising a TypeError that names the 0.2 spelling. Instances never see it (a
+    metaclass attribute is not looked up on them), so their method calls cost nothing more;
+    ``DbSessionFactory.<name>(factory, ...)`` still calls the method."""
+
+    def get(cls: type[Any]) -> Callable[..., Any]:
+        method = next(k.__dict__[name] for k in cls.__mro__ if name in k.__dict__)
+
+        @functools.wraps(method)
+        def called_on_the_class(*args: Any, **kwargs: Any) -> Any:
+            if args and isinstance(args[0], cls):
+                return method(*args, **kwargs)
+            raise TypeError(
+                f"{cls.__name__}.{name}() on the class was removed in 0.2: use {instead}, "
+                f"or factory.{name}() on a factory (the one global_init() returns)."
+            )
+
+        return called_on_the_class
+
+    return property(get)
+
+
+class _RemovedClassCalls(type):
+    """DbSessionFactory's metaclass: only the 0.1 class-level calls, as named errors."""
+
+
+for _name, _instead in _CLASS_CALLS_REMOVED.items():
+    setattr(_RemovedClassCalls, _name, _removed_class_call(_name, _instead))
+
+
+class DbSessionFactory(LazyFactory[SyncBinding], metaclass=_RemovedClassCalls):
     """Owns one engine and its sessionmakers for one database URL.
 
     ``reports = DbSessionFactory(url)`` makes a factory for a database;
@@ -72,7 +115,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             engine,
             sessionmaker,
             expire_on_commit=settings.expire_on_commit,
-            session_options={"class_": ScopeSession},
+            session_options={"class_": scope_session_class(self._session_class)},
             make_twin=make_twin,
         )
 
@@ -127,7 +170,42 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             replica=replica,
         )
 
-    def run_in_transaction(self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    @overload
+    def run_in_transaction(self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[Session, ...], R],
+        /,
+        *args: Any,
+        retry: RetryPolicy,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> R: ...
+    @overload
+    def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[Session, ...], R],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> R: ...
+    @overload
+    def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[Session, ...], R],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str,
+        **kwargs: Any,
+    ) -> R: ...
+    def run_in_transaction(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Run ``fn(session, *args, **kwargs)`` in a scope; retry it whole on a transient failure.
 
         Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
@@ -144,12 +222,15 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         failed, UnsupportedIsolationLevelError for a bad level.
         """
         options = run_options(kwargs)
-        return self._run(lambda session: fn(session, *args, **kwargs), **options)
+        return self._run(
+            lambda session: fn(session, *args, **kwargs), name=unit_name(fn), **options
+        )
 
     def _run(
         self,
         unit: Callable[[Session], R],
         *,
+        name: str | None = None,
         retry: RetryPolicy | None = None,
         readonly: bool = False,
         isolation_level: str | None = None,
@@ -159,6 +240,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             unit,
             policy=self._retry_policy(retry),
             dialect_name=self._settings.url.get_backend_name(),
+            name=name,
         )
 
     @overload
@@ -226,7 +308,7 @@ def default_factory() -> DbSessionFactory:
     """The process default factory: the one ``global_init()`` made, else one made now from
     ``DATABASE_URL`` (or the embedded SQLite file). Raises NotInitializedError after
     ``DbSessionFactory.global_dispose()``, ConfigurationError for a bad DATABASE_URL."""
-    return DbSessionFactory.registry.get(DbSessionFactory.global_init)
+    return DbSessionFactory.registry.get(DbSessionFactory._lazy_default)
 
 
 def session_scope(
@@ -252,7 +334,39 @@ def session_scope(
     )
 
 
-def run_in_transaction(fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+@overload
+def run_in_transaction(fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+@overload
+def run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[Session, ...], R],
+    /,
+    *args: Any,
+    retry: RetryPolicy,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> R: ...
+@overload
+def run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[Session, ...], R],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> R: ...
+@overload
+def run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[Session, ...], R],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str,
+    **kwargs: Any,
+) -> R: ...
+def run_in_transaction(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     """Run ``fn(session, *args, **kwargs)`` in a unit of work on the process default factory,
     retried whole on transient failures (see DbSessionFactory.run_in_transaction)."""
     return default_factory().run_in_transaction(fn, *args, **kwargs)

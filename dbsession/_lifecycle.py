@@ -9,6 +9,7 @@ ended by ``global_dispose()``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -19,13 +20,23 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.orm import Session
 
 from ._binding import Binding, normalize_isolation_level
-from ._config import Settings, Timeouts, make_settings, mask_url, sync_twin
+from ._config import ENV_VAR, Settings, Timeouts, make_settings, mask_url, sync_twin
 from ._context import DIVERT_HOOKS_KEY, Hook, innermost
-from ._errors import AlreadyInitializedError, DatabaseBlockedError, NotInitializedError
+from ._errors import (
+    AlreadyInitializedError,
+    ConfigurationError,
+    DatabaseBlockedError,
+    NotInitializedError,
+)
 from ._replica import refuse_for_savepoint, use_replica
-from ._retry import RetryPolicy, UnitOfWorkFunction
+from ._retry import RetryPolicy, UnitOfWorkFunction, unit_name
+from ._scope import ScopeSession
+
+logger: logging.Logger = logging.getLogger("dbsession")
+_warned_embedded_default = False
 
 R = TypeVar("R")
 B = TypeVar("B", bound="Binding[Any, Any]")
@@ -188,6 +199,7 @@ class LazyFactory(Generic[B]):
         pooler: str | None = None,
         timeouts: Timeouts | None = None,
         max_replica_lag: float | None = None,
+        session_class: type[Any] | None = None,
         **engine_options: Any,
     ) -> None:
         """Resolve the URL now (argument > DATABASE_URL > SQLite default); build the engine lazily.
@@ -197,8 +209,10 @@ class LazyFactory(Generic[B]):
         read-only scopes run on a second engine for that URL (same options), built on
         first use. ``pooler`` ("transaction", "session", "none"; unset: prepared
         statements off), ``timeouts`` (a ``Timeouts``) and ``max_replica_lag`` (seconds):
-        see docs/deploying.md. Raises a ConfigurationError subclass if the URL or options
-        cannot work.
+        see docs/deploying.md. ``session_class``: the app's own Session class (a subclass
+        of SQLAlchemy's ``Session``, e.g. ``sqlmodel.Session``; ``AsyncSession`` for the
+        async factory), used for every scope with all of dbsession's guarantees. Raises a
+        ConfigurationError subclass if the URL or options cannot work.
         """
         self._settings = make_settings(
             url,
@@ -211,8 +225,27 @@ class LazyFactory(Generic[B]):
             timeouts=timeouts,
             max_replica_lag=max_replica_lag,
         )
+        self._session_class = self._check_session_class(session_class)
         self._lock = threading.Lock()
         self._bindings: dict[bool, B] = {}  # keyed by "is the replica"
+
+    #: What ``session_class`` must subclass (AsyncSession for the async factory).
+    _session_base: ClassVar[type[Any]] = Session
+
+    @classmethod
+    def _check_session_class(cls, session_class: type[Any] | None) -> type[Any] | None:
+        """Raise ConfigurationError unless ``session_class`` is None or a Session subclass
+        of the kind this factory makes."""
+        base = cls._session_base
+        if session_class is not None and not (
+            isinstance(session_class, type) and issubclass(session_class, base)
+        ):
+            raise ConfigurationError(
+                f"session_class={session_class!r} is not a subclass of {base.__module__}."
+                f"{base.__qualname__}: pass the Session class your models use (e.g. "
+                "sqlmodel.Session), or leave it out."
+            )
+        return session_class
 
     def __repr__(self) -> str:
         state = "ready" if self._bindings else "not initialised"
@@ -241,6 +274,7 @@ class LazyFactory(Generic[B]):
         timeouts: Timeouts | None = None,
         max_replica_lag: float | None = None,
         migrations: str | os.PathLike[str] | None = None,
+        session_class: type[Any] | None = None,
         **engine_options: Any,
     ) -> F:
         """Configure and build the process-wide default factory, once; return it.
@@ -264,6 +298,7 @@ class LazyFactory(Generic[B]):
             pooler=pooler,
             timeouts=timeouts,
             max_replica_lag=max_replica_lag,
+            session_class=session_class,
             **engine_options,
         )
         current: F = cls.registry.install(candidate)
@@ -272,6 +307,26 @@ class LazyFactory(Generic[B]):
 
             require_head(url=sync_twin(current.url), migrations=migrations)
         return current
+
+    @classmethod
+    def _lazy_default(cls: type[F]) -> F:
+        """The process default made on first use, without a ``global_init()`` call: from
+        DATABASE_URL, else the embedded SQLite file, which is said once per process at
+        WARNING (a forgotten ``global_init()`` in production answers "no such table")."""
+        made: F = cls.global_init()
+        global _warned_embedded_default
+        if made.settings.source == "default" and not _warned_embedded_default:
+            _warned_embedded_default = True
+            logger.warning(
+                "dbsession: no %s.global_init() was called and %s is not set: using the "
+                "embedded SQLite file %s. Set %s, or call global_init(url) at start-up "
+                "(global_init() without a URL chooses this file and says nothing).",
+                cls.__name__,
+                ENV_VAR,
+                made.settings.url.database,
+                ENV_VAR,
+            )
+        return made
 
     def _build(self, *, replica: bool = False) -> B:
         """What ``_make`` builds for the primary (or the replica), made on first use under
@@ -401,6 +456,30 @@ class _Checked:
         return session
 
 
+_scope_classes: dict[type[Session], type[ScopeSession]] = {}
+_scope_classes_lock = threading.Lock()
+
+
+def scope_session_class(base: type[Session] | None) -> type[ScopeSession]:
+    """The Session class of a factory's scopes: dbsession's ``ScopeSession`` combined with
+    the app's own ``base`` (``sqlmodel.Session``...), made once per class, so a scope's
+    session has the app's methods (``session.exec()``) and dbsession's guarantees."""
+    if base is None or base is Session:
+        return ScopeSession
+    if issubclass(base, ScopeSession):
+        return base
+    with _scope_classes_lock:
+        made = _scope_classes.get(base)
+        if made is None:
+            made = type(
+                base.__name__,
+                (ScopeSession, base),
+                {"__module__": base.__module__, "__doc__": base.__doc__},
+            )
+            _scope_classes[base] = made
+        return made
+
+
 def decorate(
     fn: Callable[..., Any] | None, run: Callable[..., Any], options: dict[str, Any]
 ) -> Any:
@@ -412,7 +491,8 @@ def decorate(
     normalize_isolation_level(options.get("isolation_level"))  # fail at decoration
 
     def wrap(function: Callable[..., Any]) -> Any:
-        return UnitOfWorkFunction(function, lambda unit: run(unit, **options))
+        name = unit_name(function)
+        return UnitOfWorkFunction(function, lambda unit: run(unit, name=name, **options))
 
     return wrap if fn is None else wrap(fn)
 
@@ -421,6 +501,24 @@ def decorate(
 RUN_OPTIONS = ("retry", "readonly", "isolation_level")
 
 
+#: The 0.1 keywords of ``run_in_transaction``, now fields of ``RetryPolicy``.
+REMOVED_OPTIONS = ("attempts", "base_delay", "max_delay")
+
+
 def run_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Take dbsession's own keywords (``RUN_OPTIONS``) out of ``kwargs`` and return them."""
-    return {name: kwargs.pop(name) for name in RUN_OPTIONS if name in kwargs}
+    """Take dbsession's own keywords (``RUN_OPTIONS``) out of ``kwargs`` and return them.
+
+    Raises TypeError for the 0.1 keywords (``attempts=`` ...), naming ``retry=``.
+    """
+    removed = [name for name in REMOVED_OPTIONS if name in kwargs]
+    if removed:
+        given = ", ".join(f"{name}={kwargs[name]!r}" for name in removed)
+        raise TypeError(
+            f"run_in_transaction({given}): these keywords were removed in 0.2; pass "
+            f"retry=RetryPolicy({given}) instead (from dbsession import RetryPolicy)."
+        )
+    options = {name: kwargs.pop(name) for name in RUN_OPTIONS if name in kwargs}
+    retry = options.get("retry")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry= takes a RetryPolicy, got {type(retry).__name__}")
+    return options

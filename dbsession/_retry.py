@@ -93,6 +93,7 @@ def run_with_retries(
     *,
     policy: RetryPolicy | None,
     dialect_name: str,
+    name: str | None = None,
 ) -> R:
     """Run ``fn(session)`` in ``open_scope()``; on a transient error, roll back and run again.
 
@@ -100,12 +101,13 @@ def run_with_retries(
     unchanged. Raises RetryExhaustedError, chaining the last error, when the attempts
     failed transiently until the policy's budget (or attempts) ran out. With
     ``policy=None`` (a scope joined to an outer one, whose own retry loop must run the
-    whole unit again) there is one attempt and no wrapping.
+    whole unit again) there is one attempt and no wrapping. ``name`` is the user's
+    function the log lines and errors name (default: ``fn``'s own name).
     """
     if policy is None:
         with open_scope() as session:
             return fn(session)
-    name = getattr(fn, "__qualname__", repr(fn))
+    name = name or unit_name(fn)
     deadline = time.monotonic() + policy.budget
     attempt = 0
     used: S | None = None
@@ -130,13 +132,14 @@ async def run_with_retries_async(
     *,
     policy: RetryPolicy | None,
     dialect_name: str,
+    name: str | None = None,
 ) -> R:
     """The async twin of run_with_retries: ``await fn(session)``, and ``asyncio.sleep``
     between attempts (other tasks run meanwhile). Raises what run_with_retries raises."""
     if policy is None:
         async with open_scope() as session:
             return await fn(session)
-    name = getattr(fn, "__qualname__", repr(fn))
+    name = name or unit_name(fn)
     deadline = time.monotonic() + policy.budget
     attempt = 0
     used: S | None = None
@@ -154,6 +157,15 @@ async def run_with_retries_async(
                 raise
             forget_demoted_primary(error, used)
             await asyncio.sleep(wait)
+
+
+def unit_name(fn: object) -> str:
+    """How log lines and errors name the user's function: its qualified name without the
+    ``<locals>`` of the function it was defined in (``transfer``, ``Bank.transfer``)."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return repr(fn)
+    return qualname.rpartition("<locals>.")[2]
 
 
 def wait_before_retry(

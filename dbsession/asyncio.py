@@ -15,8 +15,9 @@ before the exception leaves the block.
 The URL is resolved as on the sync side (argument > ``DATABASE_URL`` > the embedded
 SQLite file); a URL that names no driver gets the async one of its backend
 (``sqlite+aiosqlite``, ``postgresql+psycopg`` in its async mode, ``mysql+aiomysql``).
-The engine gets the same opinions as the sync one. Needs ``pip install 'dbsession[async]'``
-(and ``dbsession[postgres]`` for PostgreSQL). ``import dbsession`` never imports this module.
+The engine gets the same opinions as the sync one. Needs
+``pip install 'sqlalchemy-dbsession[async]'`` (and ``sqlalchemy-dbsession[postgres]`` for
+PostgreSQL). ``import dbsession`` never imports this module.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from ._config import Settings, mask_url
 from ._context import session_of_scope
 from ._engine import build_engine
 from ._errors import MissingDriverError
-from ._lifecycle import LazyFactory, Registry, decorate, run_options
-from ._retry import RetryPolicy, run_with_retries_async
+from ._lifecycle import LazyFactory, Registry, decorate, run_options, scope_session_class
+from ._retry import RetryPolicy, run_with_retries_async, unit_name
 from ._scope import ScopeSession
 
 __all__ = [
@@ -76,11 +77,12 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
     many tasks (or threads) race for it.
 
     Raises ConfigurationError subclasses when the URL or options cannot work,
-    MissingDriverError naming ``pip install 'dbsession[async]'`` when an async driver
+    MissingDriverError naming ``pip install 'sqlalchemy-dbsession[async]'`` when an async driver
     or greenlet is missing.
     """
 
     _asyncio: ClassVar[bool] = True
+    _session_base: ClassVar[type[Any]] = AsyncSession
     registry = Registry["AsyncDbSessionFactory"]("AsyncDbSessionFactory")
 
     @classmethod
@@ -110,7 +112,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             engine.sync_engine,
             async_sessionmaker,
             expire_on_commit=settings.expire_on_commit,
-            session_options={"sync_session_class": ScopeSession},
+            session_options=_session_options(self._session_class),
             make_twin=make_twin,
         )
 
@@ -143,8 +145,45 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             replica=replica,
         )
 
+    @overload
     async def run_in_transaction(
         self, fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+    @overload
+    async def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy,
+        readonly: bool = False,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    async def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool,
+        isolation_level: str | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+    @overload
+    async def run_in_transaction(  # type: ignore[overload-cannot-match]
+        self,
+        fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        readonly: bool = False,
+        isolation_level: str,
+        **kwargs: Any,
+    ) -> T: ...
+    async def run_in_transaction(
+        self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
     ) -> T:
         """Run ``await fn(session, *args, **kwargs)`` in a scope; retry it whole on a
         transient failure.
@@ -155,12 +194,15 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
         other tasks run meanwhile). Raises what it raises; cancellation propagates.
         """
         options = run_options(kwargs)
-        return await self._run(lambda session: fn(session, *args, **kwargs), **options)
+        return await self._run(
+            lambda session: fn(session, *args, **kwargs), name=unit_name(fn), **options
+        )
 
     async def _run(
         self,
         unit: Callable[[AsyncSession], Awaitable[T]],
         *,
+        name: str | None = None,
         retry: RetryPolicy | None = None,
         readonly: bool = False,
         isolation_level: str | None = None,
@@ -170,6 +212,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             unit,
             policy=self._retry_policy(retry),
             dialect_name=self._settings.url.get_backend_name(),
+            name=name,
         )
 
     @overload
@@ -219,6 +262,15 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
 
 
+def _session_options(session_class: type[AsyncSession] | None) -> dict[str, Any]:
+    """The async sessionmakers' classes: the app's AsyncSession (``sqlmodel``'s ...) over
+    its sync Session class combined with dbsession's ScopeSession."""
+    if session_class is None:
+        return {"sync_session_class": ScopeSession}
+    sync = scope_session_class(getattr(session_class, "sync_session_class", None))
+    return {"class_": session_class, "sync_session_class": sync}
+
+
 def _sync_engine(engine: AsyncEngine) -> Engine:
     return engine.sync_engine
 
@@ -229,14 +281,14 @@ def _require_greenlet() -> None:
     except ImportError:
         raise MissingDriverError(
             "SQLAlchemy's asyncio support needs the 'greenlet' package, which is not "
-            "installed. Install it: pip install 'dbsession[async]'."
+            "installed. Install it: pip install 'sqlalchemy-dbsession[async]'."
         ) from None
 
 
 def async_default_factory() -> AsyncDbSessionFactory:
     """The process default async factory (see ``dbsession.default_factory``). Raises
     NotInitializedError after ``AsyncDbSessionFactory.global_dispose()``."""
-    return AsyncDbSessionFactory.registry.get(AsyncDbSessionFactory.global_init)
+    return AsyncDbSessionFactory.registry.get(AsyncDbSessionFactory._lazy_default)
 
 
 def async_session_scope(
@@ -258,7 +310,43 @@ def async_session_scope(
     )
 
 
-async def async_run_in_transaction(fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+@overload
+async def async_run_in_transaction(
+    fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T: ...
+@overload
+async def async_run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+    /,
+    *args: Any,
+    retry: RetryPolicy,
+    readonly: bool = False,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+async def async_run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool,
+    isolation_level: str | None = None,
+    **kwargs: Any,
+) -> T: ...
+@overload
+async def async_run_in_transaction(  # type: ignore[overload-cannot-match]
+    fn: Callable[Concatenate[AsyncSession, ...], Awaitable[T]],
+    /,
+    *args: Any,
+    retry: RetryPolicy | None = None,
+    readonly: bool = False,
+    isolation_level: str,
+    **kwargs: Any,
+) -> T: ...
+async def async_run_in_transaction(
+    fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
+) -> T:
     """``await fn(session, *args, **kwargs)`` in a unit of work on the process default async
     factory, retried whole on transient failures; see
     ``AsyncDbSessionFactory.run_in_transaction``."""

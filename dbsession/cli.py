@@ -25,7 +25,13 @@ from alembic.config import Config
 
 from . import migrations
 from ._config import ENV_VAR, mask_url, resolve_url, scrub
-from ._errors import DbSessionError, InvalidURLError, MigrationError
+from ._errors import (
+    DbSessionError,
+    InvalidURLError,
+    MigrationError,
+    MigrationsNotFoundError,
+    SchemaNotAtHeadError,
+)
 
 #: Commands that only read: Alembic's progress lines are not shown.
 _READ_ONLY = frozenset({"current", "check", "heads", "history", "show"})
@@ -73,10 +79,12 @@ def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dbsession",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # --version on one line
         description="Run Alembic migrations with dbsession's configuration "
         f"(URL: --url, else {ENV_VAR}, else ./dbsession.sqlite3).",
     )
     _global_options(parser, default=None)
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -115,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    import sqlalchemy
+
+    from ._version import __version__
+
+    return (
+        f"dbsession {__version__} (SQLAlchemy {sqlalchemy.__version__}, "
+        f"Alembic {alembic.__version__}; from {Path(__file__).parent})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (1 with a one-line error on failure)."""
     args = _parser().parse_args(argv)
@@ -125,8 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.addFilter(_not_chatter)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("dbsession").setLevel(logging.WARNING)
+    migrations.target_logger.setLevel(logging.INFO)  # "upgrading <the database> to head"
     if args.command in _READ_ONLY:
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+        logging.getLogger("alembic.autogenerate").setLevel(logging.WARNING)  # check: one line
     try:
         _dispatch(args)
     except Exception as error:
@@ -182,21 +203,33 @@ def _downgrade(args: argparse.Namespace) -> None:
 
 def _stamp(args: argparse.Namespace) -> None:
     config = _config(args)
-    target = migrations.describe_target(args.url)
-    migrations.logger.warning("dbsession: stamping %s as %s", target, args.revision)
+    migrations.announce(config, logging.WARNING, f"stamping {{target}} as {args.revision}")
     migrations.run_command(command.stamp, config, args.revision, sql=args.sql)
 
 
 def _current(args: argparse.Namespace) -> None:
-    missing = migrations.missing_sqlite_file(args.url)
-    if missing:
-        print(f"<base> (no database: {missing} does not exist; nothing was created)")
+    try:
+        config = _config(args)
+    except MigrationsNotFoundError:  # no env.py to ask: the URL alone says which database
+        heads, target = migrations.applied_heads(args.url), migrations.describe_target(args.url)
     else:
-        print(migrations.current(url=args.url) or "<base> (no migration applied)")
+        heads, target = migrations.read_heads(config), str(migrations.used_target(config))
+    print(f"dbsession: reading {target}", file=sys.stderr)
+    if heads is None:
+        print(f"<base> (no database: {target} does not exist; nothing was created)")
+    elif len(heads) > 1:
+        print(f"{', '.join(sorted(heads))} ({len(heads)} heads applied: 'dbsession upgrade')")
+    else:
+        print(heads[0] if heads else "<base> (no migration applied)")
 
 
 def _check(args: argparse.Namespace) -> None:
-    migrations.require_head(url=args.url, migrations=args.migrations)
+    config = _config(args)
+    newest = migrations.head(migrations=args.migrations)
+    heads = migrations.read_heads(config)
+    at = migrations.one_head(heads or (), f"The database {migrations.used_target(config)}")
+    if at != newest:
+        raise SchemaNotAtHeadError(at, newest)
     if args.revision_only:
         print("the database is at head (models not compared: --revision-only)")
         return

@@ -13,7 +13,7 @@ were held. Three layers, each independent:
 - **Statistics** (``configure(stats=True)``, or ``DBSESSION_STATS=1``): counts, outcomes
   and duration percentiles per call site, from ``stats()``; ``DBSESSION_STATS=1`` also
   prints the table when the process exits (handy in development).
-- **OpenTelemetry** (``pip install 'dbsession[otel]'``, then
+- **OpenTelemetry** (``pip install 'sqlalchemy-dbsession[otel]'``, then
   ``configure(opentelemetry=True)``): one span per unit of work, SQLAlchemy's statement
   spans (``opentelemetry-instrumentation-sqlalchemy``) nested under it, and the metrics
   ``dbsession.unit.duration``, ``dbsession.commits``, ``dbsession.rollbacks``,
@@ -107,7 +107,7 @@ def _make_otel(tracer_provider: Any, meter_provider: Any) -> tuple[Any, dict[str
         from ._errors import MissingDriverError
 
         raise MissingDriverError(
-            "OpenTelemetry is not installed. Install it: pip install 'dbsession[otel]'."
+            "OpenTelemetry is not installed. Install it: pip install 'sqlalchemy-dbsession[otel]'."
         ) from None
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("dbsession")
     meter = (meter_provider or metrics.get_meter_provider()).get_meter("dbsession")

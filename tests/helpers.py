@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 def require_extra(module: str, extra: str) -> ModuleType:
     """Import an optional framework, or skip naming the extra (with CI=true, fail instead)."""
     if os.environ.get("CI", "").lower() != "true":
-        pytest.importorskip(module, reason=f"needs pip install 'dbsession[{extra}]'")
+        pytest.importorskip(module, reason=f"needs pip install 'sqlalchemy-dbsession[{extra}]'")
     return importlib.import_module(module)
 
 

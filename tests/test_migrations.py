@@ -216,14 +216,22 @@ def test_template_workflow_new_model_autogenerate_upgrade(tmp_path: Path) -> Non
     copy.mkdir()
     for name in ("dbsession", "migrations"):
         shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(TEMPLATE_INI, copy / "alembic.ini")
-    with open(copy / "dbsession" / "example" / "models.py", "a") as models:
-        models.write(
-            "\n\nclass Product(Base):\n"
-            '    __tablename__ = "product"\n\n'
-            "    id: Mapped[int] = mapped_column(primary_key=True)\n"
-            "    title: Mapped[str] = mapped_column(String(200))\n"
-        )
+    ini = TEMPLATE_INI.read_text().replace(
+        "dbsession_metadata = dbsession:Base.metadata",
+        "dbsession_metadata = myservice.models:Base.metadata",
+    )
+    (copy / "alembic.ini").write_text(ini)
+    (copy / "myservice").mkdir()
+    (copy / "myservice" / "__init__.py").write_text("")
+    (copy / "myservice" / "models.py").write_text(
+        "from sqlalchemy import String\n"
+        "from sqlalchemy.orm import Mapped, mapped_column\n\n"
+        "from dbsession import Base\n\n\n"
+        "class Product(Base):\n"
+        '    __tablename__ = "product"\n\n'
+        "    id: Mapped[int] = mapped_column(primary_key=True)\n"
+        "    title: Mapped[str] = mapped_column(String(200))\n"
+    )
     env = {"PYTHONPATH": str(copy)}
     assert run("-m", "alembic", "upgrade", "head", cwd=copy, env=env).returncode == 0
     result = run("-m", "alembic", "revision", "--autogenerate", "-m", "product", cwd=copy, env=env)

@@ -4,8 +4,10 @@ arguments and locals), log records, the CLI, Alembic and the pytest plugin's fai
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -402,6 +404,7 @@ _OPTIONS = st.fixed_dictionaries(
     },
 )
 _FUZZ_DIR = tempfile.mkdtemp(prefix="dbsession-fuzz-")
+atexit.register(shutil.rmtree, _FUZZ_DIR, ignore_errors=True)  # made at import: gone at exit
 
 
 @settings(

@@ -169,7 +169,7 @@ def test_every_end_of_a_transaction_releases_the_gate(tmp_path: Path, end: str) 
 
 
 def test_sync_and_async_engines_on_one_file_queue_on_one_gate(tmp_path: Path) -> None:
-    pytest.importorskip("aiosqlite", reason="needs pip install 'dbsession[async]'")
+    pytest.importorskip("aiosqlite", reason="needs pip install 'sqlalchemy-dbsession[async]'")
     from dbsession.asyncio import AsyncDbSessionFactory
 
     url = f"sqlite:///{tmp_path}/shared.sqlite3"

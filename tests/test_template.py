@@ -62,7 +62,7 @@ def test_steps_of_docs_template_md_give_a_green_test_run(tmp_path: Path) -> None
         if key not in ("DATABASE_URL", "PYTHONPATH", "VIRTUAL_ENV", "DBSESSION_METADATA")
         and not key.startswith(("DBSESSION_TEST", "PYTEST"))
     }
-    # The README's first command, run in the clone: it leaves dbsession.sqlite3 behind.
+    # The README's first command, run in the clone: it leaves its SQLite file behind.
     subprocess.run(
         [sys.executable, "-m", "dbsession.example"],
         cwd=clone,
@@ -70,7 +70,7 @@ def test_steps_of_docs_template_md_give_a_green_test_run(tmp_path: Path) -> None
         check=True,
         capture_output=True,
     )
-    assert (clone / "dbsession.sqlite3").exists()
+    assert (clone / "dbsession-example.sqlite3").exists()
 
     script = steps_script(TEMPLATE)
     result = subprocess.run(

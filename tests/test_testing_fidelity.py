@@ -247,7 +247,7 @@ def test_a_stock_alembic_env_py_migrates_the_test_database_not_the_developers(
 def test_an_async_driver_url_with_migrations_works(
     pytester: pytest.Pytester, backend_url: URL
 ) -> None:
-    pytest.importorskip("aiosqlite", reason="needs pip install 'dbsession[async]'")
+    pytest.importorskip("aiosqlite", reason="needs pip install 'sqlalchemy-dbsession[async]'")
     _stock_alembic_project(pytester, f"sqlite:///{pytester.path / 'developer.db'}")
     result = pytester.runpytest_subprocess(
         f"--dbsession-url=sqlite+aiosqlite:///{pytester.path / 'test.db'}",
@@ -311,7 +311,7 @@ def test_each_worker_has_a_database_of_its_own(db_session, dbsession_url, worker
 def test_pytest_xdist_gives_each_worker_its_own_database_dropped_at_the_end(
     pytester: pytest.Pytester, backend_url: URL, toy_app: Engine
 ) -> None:
-    pytest.importorskip("xdist", reason="needs pip install 'dbsession[test]'")
+    pytest.importorskip("xdist", reason="needs pip install 'sqlalchemy-dbsession[test]'")
     pytester.makepyfile(test_xdist=XDIST_TESTS)
     result = run_inner(pytester, backend_url, "-n", "2")
     result.assert_outcomes(passed=8)

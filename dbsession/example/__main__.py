@@ -1,8 +1,9 @@
 """The main job: ``python -m dbsession.example``.
 
-Runs the store's unit of work against the configured database (the embedded
-SQLite file by default), then a second unit of work that fails halfway and is
-rolled back, and prints what was committed and what was not.
+Runs the store's unit of work against DATABASE_URL, else its own SQLite file
+``./dbsession-example.sqlite3`` (never an app's ``./dbsession.sqlite3``), then a second
+unit of work that fails halfway and is rolled back, and prints what was committed and
+what was not.
 """
 
 from __future__ import annotations

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dbsession import DbSessionFactory, default_factory, mask_url, migrations
+from dbsession import DbSessionFactory, mask_url, migrations
+from dbsession._config import ENV_VAR
 
 from .models import Customer, Order, Supplier
 
@@ -90,9 +92,16 @@ def run(factory: DbSessionFactory) -> str:
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+#: The example's own database when DATABASE_URL is not set: never the embedded default
+#: ``./dbsession.sqlite3``, which may be the database of the app whose folder it runs in.
+DATABASE = "dbsession-example.sqlite3"
+
+
 def main() -> int:
-    """Entry point of ``python -m dbsession.example``: migrate to head, then run the store."""
-    factory = default_factory()
+    """Entry point of ``python -m dbsession.example``: migrate to head, then run the store
+    (on DATABASE_URL, else on ``./dbsession-example.sqlite3``)."""
+    url = None if os.environ.get(ENV_VAR) else f"sqlite:///{DATABASE}"
+    factory = DbSessionFactory.global_init(url)
     migrations.upgrade(url=factory.url, migrations=MIGRATIONS)
     print(run(factory))
     print(f"schema: Alembic revision {migrations.current(url=factory.url)} (head)")

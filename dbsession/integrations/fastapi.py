@@ -1,4 +1,5 @@
-"""FastAPI: a request-scoped unit of work as a dependency (``pip install 'dbsession[fastapi]'``).
+"""FastAPI: a request-scoped unit of work as a dependency
+(``pip install 'sqlalchemy-dbsession[fastapi]'``).
 
 ``session: DbSession`` in a path operation gives a real SQLAlchemy Session from
 ``session_scope()``. When the path operation function returns, the unit of work is
@@ -13,10 +14,10 @@ SQLite a GET does not queue behind writers, and a write in it raises ReadOnlyErr
 
 ``session: AsyncDbSession`` is the same for ``async def`` path operations: an
 ``AsyncSession`` from ``dbsession.asyncio.async_session_scope()``. It needs
-``pip install 'dbsession[async]'`` only when a request uses it; importing this
+``pip install 'sqlalchemy-dbsession[async]'`` only when a request uses it; importing this
 module never imports ``dbsession.asyncio``, ``sqlalchemy.ext.asyncio`` (which needs
 greenlet on SQLAlchemy 2.1) or an async driver: ``AsyncDbSession`` is built on first
-access, so ``pip install 'dbsession[fastapi]'`` alone is enough for ``DbSession``.
+access, so ``pip install 'sqlalchemy-dbsession[fastapi]'`` alone is enough for ``DbSession``.
 
 The handler runs in another context copy than the dependency (and a sync handler in a
 worker thread), so the dependency *lends* its scope to the request: inside the handler,
@@ -146,7 +147,7 @@ def async_session_dependency(
     ``Annotated[AsyncSession, Depends(async_session_dependency(f), scope="function")]``.
     ``readonly=True`` gives a read-only unit of work, as for ``session_dependency``.
     The first request raises ModuleNotFoundError when dbsession's async support is
-    missing, and MissingDriverError (``pip install 'dbsession[async]'``) when its
+    missing, and MissingDriverError (``pip install 'sqlalchemy-dbsession[async]'``) when its
     drivers are; DatabaseUnreachableError when no connection can be had.
     """
 
@@ -191,7 +192,8 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     """Build ``AsyncDbSession`` / ``AsyncReadOnlyDbSession`` on first access: only then is
-    sqlalchemy.ext.asyncio imported (``dbsession[fastapi]`` works without ``[async]``)."""
+    sqlalchemy.ext.asyncio imported (``sqlalchemy-dbsession[fastapi]`` works without
+    ``[async]``)."""
     if name in _LAZY:
         from sqlalchemy.ext.asyncio import AsyncSession
 

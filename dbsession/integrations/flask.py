@@ -1,4 +1,4 @@
-"""Flask: a view that is one unit of work (``pip install 'dbsession[flask]'``).
+"""Flask: a view that is one unit of work (``pip install 'sqlalchemy-dbsession[flask]'``).
 
 ::
 
@@ -21,6 +21,7 @@ and it runs after the response status is fixed. See docs/web.md.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -54,8 +55,10 @@ def unit_of_work(
     ``@unit_of_work(readonly=True)`` (a read-only scope: GET views that only read
     never take a write lock). Without a factory it uses the process default factory,
     looked up on each request. Works on ``MethodView`` methods (``self`` first, then
-    the session). Raises TypeError when applied to an ``async def`` view (the scope
-    would commit before the coroutine ran). Opening the scope raises
+    the session), and in ``MethodView.decorators = [unit_of_work()]``: each request is
+    then one unit of work, whose session the methods get from
+    ``dbsession.current_session()``. Raises TypeError when applied to an ``async def``
+    view (the scope would commit before the coroutine ran). Opening the scope raises
     DatabaseUnreachableError when no connection can be had.
     """
     factory = target if isinstance(target, DbSessionFactory) else None
@@ -75,8 +78,30 @@ def unit_of_work(
                 observability.name_current(view)
                 return unit(session)
 
+        if not _takes_a_session(view):
+            # A class-based view's function (View.decorators = [unit_of_work()]): it only
+            # takes the URL's keywords, so it runs whole in the scope, and its methods
+            # read the session with dbsession.current_session().
+            @functools.wraps(view)
+            def whole(*args: Any, **kwargs: Any) -> Any:
+                return run(lambda session: view(*args, **kwargs))
+
+            return whole
         return UnitOfWorkFunction(view, run)
 
     if target is None or factory is not None:
         return decorate
     return decorate(cast(Callable[..., Any], target))
+
+
+def _takes_a_session(view: Callable[..., Any]) -> bool:
+    """False for a view with no positional parameter (``def view(**kwargs)``, the function
+    Flask's ``View.as_view`` makes): it cannot be handed the session."""
+    try:
+        parameters = inspect.signature(view).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(
+        p.kind in positional or p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters
+    )

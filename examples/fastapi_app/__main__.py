@@ -1,7 +1,8 @@
 """``python -m examples.fastapi_app [PORT] [--async]``: serve the store API on 127.0.0.1.
 
 The default port is 8000. ``--async`` serves ``async_app`` (async def path operations
-over dbsession.asyncio; needs ``pip install 'dbsession[fastapi,async]'``) instead of ``app``.
+over dbsession.asyncio; needs ``pip install 'sqlalchemy-dbsession[fastapi,async]'``)
+instead of ``app``.
 
 The database is DATABASE_URL, else the embedded SQLite file ./dbsession.sqlite3; the
 app migrates it to head with Alembic when it starts.

@@ -3,7 +3,7 @@
 The same API as ``examples.fastapi_app.app``; each request is one async unit of work
 (``dbsession.asyncio``), committed when the path operation returns, before the
 response is sent, and rolled back when it raises, HTTPException included. Needs
-``pip install 'dbsession[fastapi,async]'``.
+``pip install 'sqlalchemy-dbsession[fastapi,async]'``.
 
 The units of work are the sync ones of ``examples.store_api``, run on the request's
 AsyncSession with ``AsyncSession.run_sync`` (SQLAlchemy runs them in a greenlet over

@@ -3,7 +3,7 @@
 No pytest plugin: each test runs its coroutine with ``run(...)`` on a loop of its own,
 and the loop outlives the test body so the engine is disposed in the loop its
 connections were opened in. Without the async drivers the tests skip, naming
-``pip install 'dbsession[async]'``; with ``CI=true`` they fail instead.
+``pip install 'sqlalchemy-dbsession[async]'``; with ``CI=true`` they fail instead.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _require_async_drivers() -> None:
         return
     message = (
         f"async drivers not installed ({', '.join(missing)}): "
-        "pip install 'dbsession[async]' (and 'dbsession[postgres]')"
+        "pip install 'sqlalchemy-dbsession[async]' (and 'sqlalchemy-dbsession[postgres]')"
     )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true: {message}")

@@ -130,13 +130,13 @@ def test_a_sync_driver_is_a_configuration_error_naming_the_async_ones() -> None:
 
 def test_missing_async_driver_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "aiomysql", None)
-    with pytest.raises(MissingDriverError, match=r"pip install 'dbsession\[async\]'"):
+    with pytest.raises(MissingDriverError, match=r"pip install 'sqlalchemy-dbsession\[async\]'"):
         _ = AsyncDbSessionFactory("mysql://app@db/app").engine
 
 
 def test_missing_greenlet_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "greenlet", None)
-    with pytest.raises(MissingDriverError, match=r"greenlet.*pip install 'dbsession\[async\]'"):
+    with pytest.raises(MissingDriverError, match=r"greenlet.*'sqlalchemy-dbsession\[async\]'"):
         _ = AsyncDbSessionFactory("sqlite://").engine
 
 

@@ -19,7 +19,7 @@ TABLES = {"customer", "supplier", "orders"}
 
 
 def main_job(cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the main job in ``cwd`` on its default database (./dbsession.sqlite3)."""
+    """Run the main job in ``cwd`` on its default database (./dbsession-example.sqlite3)."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DBSESSION_MIGRATIONS")}
     return subprocess.run(
         [sys.executable, "-m", "dbsession.example"],
@@ -46,8 +46,9 @@ def test_main_job_runs_twice_from_an_empty_folder(tmp_path: Path) -> None:
         assert "nothing of it was kept" in result.stdout
     assert "rows now: customer 4, supplier 4, orders 4" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".sqlite3") == [
-        "dbsession.sqlite3"
+        "dbsession-example.sqlite3"
     ]
+    assert "WARNING" not in result.stderr  # it chose its file: no forgotten global_init()
 
 
 @pytest.mark.parametrize("layout", ["alembic.ini", "migrations"])
@@ -62,8 +63,19 @@ def test_main_job_never_runs_the_folders_own_migrations(tmp_path: Path, layout: 
     result = main_job(tmp_path)
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
-    engine = create_engine(f"sqlite:///{tmp_path / 'dbsession.sqlite3'}", poolclass=NullPool)
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'dbsession-example.sqlite3'}", poolclass=NullPool
+    )
     try:
         assert TABLES <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def test_main_job_leaves_an_apps_embedded_database_alone(tmp_path: Path) -> None:
+    app_database = tmp_path / "dbsession.sqlite3"
+    app_database.write_bytes(b"")  # the app's own (empty) SQLite file
+    result = main_job(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert app_database.read_bytes() == b""
+    assert "dbsession-example.sqlite3" in result.stdout

@@ -24,11 +24,13 @@ from dbsession import (
     Base,
     DbSessionError,
     DbSessionFactory,
+    RetryPolicy,
     create_session,
     current_session,
     mask_url,
     migrations,
     on_commit,
+    run_in_transaction,
     session_scope,
 )
 from dbsession.asyncio import AsyncDbSessionFactory, async_create_session, async_session_scope
@@ -56,6 +58,20 @@ def sync_units_of_work(factory: DbSessionFactory) -> None:
     assert_type(factory.engine, Engine)
     session_scope(readonly="yes")  # type: ignore[arg-type]
     on_commit(42)  # type: ignore[arg-type]
+
+
+def transfer(session: Session, amount: int, *, note: str = "") -> int:
+    return amount
+
+
+def run_in_transaction_with_options(factory: DbSessionFactory) -> None:
+    """The documented calls, options included, type-check; wrong arguments stay errors."""
+    assert_type(run_in_transaction(transfer, 5), int)
+    assert_type(run_in_transaction(transfer, 5, retry=RetryPolicy(attempts=10)), int)
+    assert_type(factory.run_in_transaction(transfer, 5, note="x", readonly=True), int)
+    assert_type(factory.run_in_transaction(transfer, 5, isolation_level="SERIALIZABLE"), int)
+    run_in_transaction(transfer, "five")  # type: ignore[call-overload]
+    run_in_transaction(transfer, 5, retry=10)  # type: ignore[call-arg]
 
 
 async def async_units_of_work(factory: AsyncDbSessionFactory) -> None:
