@@ -211,7 +211,7 @@ class DbSessionFactory(LazyFactory[SyncBinding], metaclass=_RemovedClassCalls):
         Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
         or lock wait timeout (MySQL/MariaDB 1213, 1205), SQLITE_BUSY, anywhere in the
         error's chain. Such a failure rolls the attempt back and, after a jittered
-        exponential backoff, runs ``fn`` again (default ``RetryPolicy()``: 5 attempts).
+        exponential backoff, runs ``fn`` again (default ``RetryPolicy()``: for up to 15 s).
         Returns ``fn``'s result; other errors propagate unchanged, never retried;
         ``on_commit`` hooks run once, after the successful attempt. Inside a scope of
         this factory it joins that scope and does not retry (the outer unit must).

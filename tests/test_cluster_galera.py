@@ -6,6 +6,8 @@ printed (run with ``-s``), not asserted."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +58,45 @@ def tables(galera: GaleraCluster) -> Iterator[GaleraCluster]:
         ),
     )
     yield galera
+
+
+def test_cross_node_writes_to_one_row_all_land_through_run_in_transaction(
+    tables: GaleraCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """with_for_update() locks on the local node only: two nodes' units on one row do not
+    wait for each other, one fails at COMMIT with 1213, and the retry runs it again."""
+    caplog.set_level(logging.INFO, logger="dbsession")
+    _sql(tables, 0, "DROP TABLE IF EXISTS hot", "CREATE TABLE hot (id INT PRIMARY KEY, value INT)")
+    _sql(tables, 0, "INSERT INTO hot VALUES (1, 0)")
+    factories = [DbSessionFactory(tables.url(node)) for node in (0, 1)]
+    failures: list[BaseException] = []
+
+    def increment(session: Session) -> None:
+        value = session.execute(text("SELECT value FROM hot WHERE id = 1 FOR UPDATE")).scalar_one()
+        session.execute(text("UPDATE hot SET value = :v WHERE id = 1"), {"v": value + 1})
+
+    def worker(factory: DbSessionFactory) -> None:
+        try:
+            for _ in range(50):
+                factory.transactional(retry=RetryPolicy())(increment)()
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=worker, args=(f,)) for f in factories for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for factory in factories:
+        factory.dispose()
+    conflicts = [r for r in caplog.records if "1213" in r.getMessage()]
+    print(
+        f"\ngalera cross-node hot row | 200 units, {len(failures)} failed, "
+        f"{len(conflicts)} retried 1213"
+    )
+    assert failures == []
+    assert _sql(tables, 1, "SELECT value FROM hot WHERE id = 1") == [(200,)]
+    assert conflicts  # the nodes did not wait for each other's locks
 
 
 def test_a_node_crash_fails_no_unit_on_the_other_nodes(tables: GaleraCluster) -> None:

@@ -5,6 +5,7 @@ IntegrityError`` / ``except DBAPIError`` written against plain SQLAlchemy keeps 
 from __future__ import annotations
 
 import inspect
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +66,7 @@ def _timed_out(url: URL, tmp: Path) -> None:
 
 def _sqlite_read_only_file(url: URL, tmp: Path) -> None:
     path = tmp / "ro.sqlite3"
-    DbSessionFactory(f"sqlite:///{path}").dispose()
-    create_engine(f"sqlite:///{path}").connect().close()
+    sqlite3.connect(path).close()  # the file exists; the URL opens it read-only
     factory = DbSessionFactory(f"sqlite:///file:{path}?mode=ro&uri=true")
     try:
         with factory.session_scope() as session:
