@@ -488,7 +488,10 @@ def was_committed(session: Session | AsyncSession) -> bool:
 
 
 def rollback_quietly(session: Session) -> None:
-    """Roll back without letting a failing rollback hide the exception that caused it."""
+    """Roll back without letting a failing rollback hide the exception that caused it
+    (the unit of work's session leaves its scope: ``commit()`` is SQLAlchemy's again)."""
+    if isinstance(session, ScopeSession):
+        session._dbsession_in_scope = False
     try:
         session.rollback()
     except Exception:
