@@ -226,7 +226,7 @@ class NeedsRollbackError(TransactionAbortedError, sa_exc.PendingRollbackError):
     the scope caught (or the code called ``session.rollback()``), so the scope refuses to
     commit: everything is rolled back and no on_commit hook runs. The caught error is
     ``__cause__``. Wrap an optional statement in a joined ``session_scope()`` to keep
-    the rest of the unit when it fails."""
+    the rest of the unit when it fails. Also an ``sqlalchemy.exc.PendingRollbackError``."""
 
 
 class DatabaseBlockedError(ScopeError):

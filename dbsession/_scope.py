@@ -11,7 +11,9 @@ pushed on the stack of active scopes (``_context``) while open, so
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -53,8 +55,9 @@ class ScopeSession(Session):
     _dbsession_in_scope: bool = False
     #: Set by ``rollback()`` called inside the scope.
     _dbsession_rolled_back: bool = False
-    #: Set by ``watch_commit``: the next commit is the unit of work's own.
-    _dbsession_watch: bool = False
+    #: What each commit of the session calls (a no-op); ``watch_commit`` sets it for the
+    #: unit of work's own commit. Class-level, so no per-session event set-up is paid.
+    _dbsession_on_commit: Callable[[], object] = staticmethod(tuple)
 
     def commit(self) -> None:
         """Inside a scope: flush, and leave the commit to the end of the scope. Outside
@@ -72,21 +75,14 @@ class ScopeSession(Session):
         super().rollback()
 
 
-@event.listens_for(ScopeSession, "after_commit")
-def record_commit(session: Session) -> None:
-    """Record the unit of work's own commit in ``session.info`` (class-level, so no
-    per-session event set-up is paid: an instance-level listener costs SQLAlchemy a
-    dispatcher of the session's own, 6% of a one-query unit of work).
-
-    The window is not closed: SQLAlchemy runs Python code between the database's COMMIT
-    and this listener (it ends the transaction's state and dispatches the event). An
-    interrupt (``KeyboardInterrupt``, an exception from a signal handler) that lands in
-    that code leaves a committed unit unrecorded, and its on_commit hooks do not run.
-    Task cancellation cannot land there: the async scope runs its commit to completion
-    in a task of its own.
-    """
-    if session._dbsession_watch:  # type: ignore[attr-defined]
-        session.info[COMMITTED_KEY] = True
+# The commit record: a plain class-level after_commit listener. Only C functions run in
+# it (see watch_commit); the partial because SQLAlchemy keeps a weak reference to a
+# listener, which a methodcaller refuses.
+event.listen(
+    ScopeSession,
+    "after_commit",
+    functools.partial(operator.methodcaller("_dbsession_on_commit")),
+)
 
 
 def observe(frame: Frame) -> observability.Observation | None:
@@ -464,17 +460,25 @@ def end_transaction(session: Session, readonly: bool) -> None:
 
 def watch_commit(session: Session) -> None:
     """Record the next commit of ``session`` (the unit of work's own: its savepoints have
-    ended) in ``session.info``: a ``ScopeSession`` through ``record_commit``, another
-    Session through a listener of its own (the slow way)."""
+    ended) in ``session.info``, from SQLAlchemy's ``after_commit`` event.
+
+    The recorder is made of C functions only, so no Python line of its own can be
+    interrupted. The window is not closed, though: SQLAlchemy runs Python code between
+    the database's COMMIT and ``after_commit`` (it ends the transaction's state and
+    dispatches the event). An interrupt (``KeyboardInterrupt``, an exception from a
+    signal handler) that lands there leaves a committed unit unrecorded, and its
+    on_commit hooks do not run. Task cancellation cannot land there: the async scope
+    runs its commit to completion in a task of its own. Once recorded, the hooks run
+    even when an interrupt or a cancellation arrives while the connection is returned
+    or the session closes. A ``ScopeSession`` calls the recorder from its class-level
+    listener (an instance-level listener costs SQLAlchemy a dispatcher of the session's
+    own: 6% of a one-query unit of work).
+    """
+    record = functools.partial(operator.setitem, session.info, COMMITTED_KEY)
     if isinstance(session, ScopeSession):
-        session._dbsession_watch = True
-    else:
-        event.listen(session, "after_commit", record_commit_of_any)
-
-
-def record_commit_of_any(session: Session) -> None:
-    """``record_commit`` for a Session that is not a ``ScopeSession``."""
-    session.info[COMMITTED_KEY] = True
+        session._dbsession_on_commit = functools.partial(record, True)
+    else:  # not a session of dbsession's makers: the slow way
+        event.listen(session, "after_commit", record)
 
 
 def was_committed(session: Session | AsyncSession) -> bool:
@@ -484,7 +488,10 @@ def was_committed(session: Session | AsyncSession) -> bool:
 
 
 def rollback_quietly(session: Session) -> None:
-    """Roll back without letting a failing rollback hide the exception that caused it."""
+    """Roll back without letting a failing rollback hide the exception that caused it
+    (the unit of work's session leaves its scope: ``commit()`` is SQLAlchemy's again)."""
+    if isinstance(session, ScopeSession):
+        session._dbsession_in_scope = False
     try:
         session.rollback()
     except Exception:

@@ -19,7 +19,7 @@ import pytest
 from helpers import pool_checked_out as checked_out
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.exc import IntegrityError, PendingRollbackError
+from sqlalchemy.exc import IntegrityError, InvalidRequestError, PendingRollbackError
 from sqlalchemy.orm import Session
 from test_testing import run_inner, toy_rows, toy_table_dropped_after
 
@@ -107,6 +107,21 @@ def test_an_error_caught_inside_a_joined_scope_refuses_that_scope_only(
                     inner.execute(DUPLICATE)
                 except IntegrityError:
                     pass
+        session.add(Supplier(name="after"))
+    assert names(other_connection) == {"first", "kept", "after"}
+
+
+def test_a_begin_nested_block_of_the_apps_own_counts_as_the_savepoint(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with one_supplier.session_scope() as session:
+        session.add(Supplier(name="kept"))
+        session.flush()
+        try:
+            with session.begin_nested():
+                session.execute(DUPLICATE)
+        except IntegrityError:
+            pass
         session.add(Supplier(name="after"))
     assert names(other_connection) == {"first", "kept", "after"}
 
@@ -256,6 +271,12 @@ def test_outside_a_scope_commit_and_rollback_are_sqlalchemys(
         session.rollback()
     with factory.session_scope() as session:
         session.add(Supplier(name="in a scope"))
+    with pytest.raises(InvalidRequestError, match="closed"):
+        session.commit()  # after its scope, as in SQLAlchemy: the session is closed
+    with pytest.raises(RuntimeError), factory.session_scope() as failed:
+        raise RuntimeError
+    with pytest.raises(InvalidRequestError, match="closed"):
+        failed.commit()
     assert names(other_connection) == {"committed", "in a scope"}
 
 
