@@ -32,7 +32,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import MetaData, text
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
@@ -47,6 +47,9 @@ from ._errors import (
     SchemaNotAtHeadError,
     UnknownRevisionError,
 )
+from ._lockwait import Blocker as Blocker
+from ._lockwait import LockSafeRunner, lock_wait_of
+from ._lockwait import LockWait as LockWait
 
 MIGRATIONS_ENV = "DBSESSION_MIGRATIONS"
 METADATA_ENV = "DBSESSION_METADATA"
@@ -55,6 +58,7 @@ METADATA_OPTION = "dbsession_metadata"
 MANAGED_ATTRIBUTE = "dbsession_managed"
 _URL_ATTRIBUTE = "dbsession_url"
 _METADATA_ATTRIBUTE = "dbsession_metadata"
+_LOCK_WAIT_ATTRIBUTE = "dbsession_lock_wait"
 _LOCK_NAME = "dbsession_migrations"
 _PG_LOCK_KEY = 0x64627365  # "dbse"
 _LOCK_TIMEOUT_SECONDS = 600.0
@@ -105,15 +109,22 @@ def upgrade(
     url: str | URL | None = None,
     migrations: Migrations = None,
     sql: bool = False,
+    lock_wait: float | LockWait | None = None,
 ) -> None:
     """Upgrade the database to ``revision``, holding the migration lock while it runs.
 
     With several workers starting at once, one migrates and the others wait, then
     find the database at head. ``sql=True`` prints the SQL instead (offline mode).
-    Raises UnknownRevisionError, MigrationError, MigrationsNotFoundError or
+    Each statement waits at most ``lock_wait`` seconds for its lock (a LockWait says how
+    often to try again; default DBSESSION_MIGRATION_LOCK_WAIT, else 3 s and 5 tries; 0:
+    no limit). Raises MigrationBlockedError when a statement never got its lock,
+    UnknownRevisionError, MigrationError, MigrationsNotFoundError or
     DatabaseUnreachableError.
     """
-    run_command(command.upgrade, make_config(migrations, url=url), revision, sql=sql)
+    policy = lock_wait_of(lock_wait)
+    config = make_config(migrations, url=url)
+    config.attributes[_LOCK_WAIT_ATTRIBUTE] = policy
+    run_command(command.upgrade, config, revision, sql=sql)
 
 
 def downgrade(
@@ -122,13 +133,16 @@ def downgrade(
     url: str | URL | None = None,
     migrations: Migrations = None,
     sql: bool = False,
+    lock_wait: float | LockWait | None = None,
 ) -> None:
     """Downgrade the database to ``revision`` (``"base"`` undoes every migration).
 
-    The database is logged (masked, at WARNING) before anything is undone. Raises what
-    ``upgrade`` raises.
+    The database is logged (masked, at WARNING) before anything is undone. ``lock_wait``
+    and the errors raised are those of ``upgrade``.
     """
+    policy = lock_wait_of(lock_wait)
     config = make_config(migrations, url=url)
+    config.attributes[_LOCK_WAIT_ATTRIBUTE] = policy
     logger.warning("dbsession: downgrading %s to %s", describe_target(url), revision)
     run_command(command.downgrade, config, revision, sql=sql)
 
@@ -246,24 +260,53 @@ def run_env() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    with _connect(url) as connection, migration_lock(connection):
-        # On PostgreSQL the lock's transaction is open: Alembic runs every migration in
-        # it (transactional DDL), and its commit releases the lock.
-        context.configure(connection=connection, **options)
-        with context.begin_transaction():
-            context.run_migrations()
-        connection.commit()
+    with _engine(url) as engine:
+        runner = LockSafeRunner(engine, _lock_wait(config, context), lock_key=_PG_LOCK_KEY)
+
+        def migrate(connection: Connection) -> None:
+            with migration_lock(connection):
+                # On PostgreSQL the lock's transaction is open: Alembic runs every migration
+                # in it (transactional DDL), and its commit releases the lock.
+                runner.arm(connection)
+                context.configure(connection=connection, **options)
+                with context.begin_transaction():
+                    context.run_migrations()
+                connection.commit()
+
+        runner.run(migrate)
+
+
+def _lock_wait(config: Config, context: Any) -> LockWait:
+    """upgrade(lock_wait=...), else ``-x lock_wait=SECONDS``, else the environment."""
+    given: LockWait | None = config.attributes.get(_LOCK_WAIT_ATTRIBUTE)
+    if given is not None:
+        return given
+    raw = context.get_x_argument(as_dictionary=True).get("lock_wait")
+    if raw is None:
+        return lock_wait_of(None)
+    try:
+        return lock_wait_of(float(raw), source="-x lock_wait")
+    except ValueError:
+        raise ConfigurationError(
+            f"-x lock_wait={raw!r} is not a number of seconds (0 turns the lock wait off)."
+        ) from None
+
+
+@contextmanager
+def _engine(url: str | URL) -> Iterator[Engine]:
+    """An engine with dbsession's opinions and no pool, disposed after."""
+    engine = make_engine(make_settings(url, engine_options={"poolclass": NullPool}))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 @contextmanager
 def _connect(url: str | URL) -> Iterator[Connection]:
     """A connection of an engine with dbsession's opinions and no pool, disposed after."""
-    engine = make_engine(make_settings(url, engine_options={"poolclass": NullPool}))
-    try:
-        with engine.connect() as connection:
-            yield connection
-    finally:
-        engine.dispose()
+    with _engine(url) as engine, engine.connect() as connection:
+        yield connection
 
 
 @contextmanager
