@@ -10,6 +10,7 @@ database they act on before acting. docs/cli.md describes each command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -87,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     up = add("upgrade", "upgrade to a revision (default: head)")
     up.add_argument("revision", nargs="?", default="head")
     up.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    _lock_wait_options(up)
     down = add("downgrade", "downgrade to a revision ('base': all); names the database first")
     down.add_argument("revision")
     down.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    _lock_wait_options(down)
     stamp = add("stamp", "record a revision in the database without running migrations")
     stamp.add_argument("revision")
     stamp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
@@ -171,13 +174,48 @@ def _dispatch(args: argparse.Namespace) -> None:
     handler(args)
 
 
+def _lock_wait_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lock-wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long each statement waits for its lock before the migration gives way and "
+        "tries again (default: DBSESSION_MIGRATION_LOCK_WAIT, else 3; 0: no limit)",
+    )
+    parser.add_argument(
+        "--lock-attempts",
+        type=int,
+        metavar="N",
+        help="tries before giving up, naming the blocking session (default: 5)",
+    )
+
+
+def _lock_wait(args: argparse.Namespace) -> migrations.LockWait:
+    policy = migrations.lock_wait_of(args.lock_wait, source="--lock-wait")
+    if args.lock_attempts is None:
+        return policy
+    return dataclasses.replace(policy, attempts=args.lock_attempts)
+
+
 def _upgrade(args: argparse.Namespace) -> None:
-    migrations.upgrade(args.revision, url=args.url, migrations=args.migrations, sql=args.sql)
+    migrations.upgrade(
+        args.revision,
+        url=args.url,
+        migrations=args.migrations,
+        sql=args.sql,
+        lock_wait=_lock_wait(args),
+    )
 
 
 def _downgrade(args: argparse.Namespace) -> None:
     # migrations.downgrade names the database (a WARNING log line) before acting.
-    migrations.downgrade(args.revision, url=args.url, migrations=args.migrations, sql=args.sql)
+    migrations.downgrade(
+        args.revision,
+        url=args.url,
+        migrations=args.migrations,
+        sql=args.sql,
+        lock_wait=_lock_wait(args),
+    )
 
 
 def _stamp(args: argparse.Namespace) -> None:

@@ -48,8 +48,9 @@ from ._errors import (
     UnknownRevisionError,
 )
 from ._lockwait import Blocker as Blocker
-from ._lockwait import LockSafeRunner, lock_wait_of
+from ._lockwait import LockSafeRunner
 from ._lockwait import LockWait as LockWait
+from ._lockwait import lock_wait_of as lock_wait_of
 
 MIGRATIONS_ENV = "DBSESSION_MIGRATIONS"
 METADATA_ENV = "DBSESSION_METADATA"

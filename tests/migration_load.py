@@ -91,6 +91,14 @@ def make_migrations(folder: Path, *, bare: bool = False) -> Path:
     return folder
 
 
+def upgrade_bare(url: URL, folder: Path, revision: str) -> None:
+    """Alembic's own ``upgrade`` on a ``bare=True`` folder."""
+    config = Config()
+    config.set_main_option("script_location", str(folder))
+    config.attributes["url"] = url
+    command.upgrade(config, revision)
+
+
 def has_note_column(url: URL) -> bool:
     engine = create_engine(url, poolclass=NullPool)
     try:
@@ -214,10 +222,7 @@ def stall(
                 started = time.perf_counter()
                 try:
                     if bare:
-                        config = Config()
-                        config.set_main_option("script_location", str(folder))
-                        config.attributes["url"] = url
-                        command.upgrade(config, "head")
+                        upgrade_bare(url, folder, "head")
                     else:
                         migrations.upgrade(url=url, migrations=folder, lock_wait=lock_wait)
                 except Exception as caught:
