@@ -29,7 +29,7 @@ from ._config import ENV_VAR, mask_url, resolve_url, scrub
 from ._errors import DbSessionError, InvalidURLError, MigrationError
 
 #: Commands that only read: Alembic's progress lines are not shown.
-_READ_ONLY = frozenset({"current", "check", "heads", "history", "show"})
+_READ_ONLY = frozenset({"current", "check", "heads", "history", "show", "lint"})
 #: Alembic's lines that say nothing to an operator.
 _CHATTER = ("Context impl ", "Will assume ")
 
@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check only that the database is at head (no metadata to compare)",
     )
+    _lint_parser(add("lint", "flag operations that would block traffic or rewrite a table"))
     rev = add("revision", "create a new revision")
     rev.add_argument("-m", "--message", required=True)
     rev.add_argument("--autogenerate", action="store_true", help="diff the models and database")
@@ -249,6 +250,41 @@ def _check(args: argparse.Namespace) -> None:
     print("the database is at head and matches the models")
 
 
+def _lint_parser(lint: argparse.ArgumentParser) -> None:
+    lint.add_argument("--since", metavar="REV", help="check only the revisions after REV")
+    lint.add_argument(
+        "--pending",
+        action="store_true",
+        help="check only the revisions the database (--url) has not run yet",
+    )
+    lint.add_argument(
+        "--backend",
+        action="append",
+        choices=["postgresql", "mysql"],
+        help="the backend whose locks count (repeatable; default: both, or the database's "
+        "with --pending)",
+    )
+
+
+def _lint(args: argparse.Namespace) -> None:
+    findings = migrations.lint(
+        migrations=args.migrations,
+        metadata=args.metadata,
+        backends=args.backend,
+        since=args.since,
+        pending=args.pending,
+        url=args.url,
+    )
+    for finding in findings:
+        print(finding)
+    if findings:
+        raise MigrationError(
+            f"{len(findings)} operation(s) would block traffic or rewrite a table (above). "
+            "Follow the recipe, or mark a deliberate one '# dbsession: allow <rule id>'."
+        )
+    print("no operation that would block traffic or rewrite a table")
+
+
 def _revision(args: argparse.Namespace) -> None:
     config = _config(args)
     if args.autogenerate and not migrations.metadata_configured(config):
@@ -280,6 +316,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "stamp": _stamp,
     "current": _current,
     "check": _check,
+    "lint": _lint,
     "revision": _revision,
     "merge": _merge,
     "heads": _alembic(command.heads),

@@ -19,7 +19,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from logging.config import fileConfig
 from pathlib import Path
@@ -36,7 +36,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from ._classify import error_code
+from ._classify import backend_of, error_code
 from ._config import make_settings, mask_url, resolve_url, scrub, sync_twin
 from ._engine import make_engine
 from ._errors import (
@@ -51,6 +51,9 @@ from ._lockwait import Blocker as Blocker
 from ._lockwait import LockSafeRunner
 from ._lockwait import LockWait as LockWait
 from ._lockwait import lock_wait_of as lock_wait_of
+from ._migration_check import Finding as Finding
+from ._migration_check import check as check_revisions
+from ._migration_rules import MY, PG
 
 MIGRATIONS_ENV = "DBSESSION_MIGRATIONS"
 METADATA_ENV = "DBSESSION_METADATA"
@@ -195,6 +198,42 @@ def head(*, migrations: Migrations = None) -> str:
             "'dbsession upgrade')."
         )
     return heads[0]
+
+
+def lint(
+    *,
+    migrations: Migrations = None,
+    metadata: str | None = None,
+    backends: Sequence[str] | None = None,
+    since: str | None = None,
+    pending: bool = False,
+    url: str | URL | None = None,
+) -> list[Finding]:
+    """Check revisions for operations that block traffic or rewrite a table on a live
+    database (the rules: docs/migrations.md); return what they find, oldest first.
+
+    Checked: every revision, or those after ``since``, or with ``pending=True`` those the
+    database at ``url`` has not run yet. ``backends``: ``postgresql`` and/or ``mysql``
+    (default: both; with ``pending``, the database's). ``metadata`` (else the usual
+    setting) tells which columns the code still maps. Raises UnknownRevisionError,
+    MigrationError, MigrationsNotFoundError, ConfigurationError.
+    """
+    config = make_config(migrations, metadata=metadata)
+    script = ScriptDirectory.from_config(config)
+    if pending:
+        since = current(url=url)
+        backends = backends or [backend_of(_resolve(url).get_backend_name())]
+    chosen = list(backends or (PG, MY))
+    unknown = sorted(set(chosen) - {PG, MY})
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown backend(s) {unknown} for lint: choose among {PG!r} and {MY!r}."
+        )
+    revisions = run_command(
+        lambda _: list(script.iterate_revisions("heads", since or "base")), config
+    )
+    ordered = [r for r in reversed(revisions) if r.revision != since]
+    return check_revisions(ordered, chosen, _load_metadata(config))
 
 
 def is_at_head(*, url: str | URL | None = None, migrations: Migrations = None) -> bool:
