@@ -362,10 +362,11 @@ def _clip(sql: str) -> str:
 
 
 def _allowances(source: str) -> dict[int, set[str]]:
-    """Line -> rule ids allowed there: a comment on any line of a statement (or on the
-    line just above it) covers every line of that statement."""
+    """Line -> rule ids allowed there: a comment on any line of a statement (or on a
+    comment line just above it) covers every line of that statement."""
     comments: dict[int, set[str]] = {}
-    for number, text_line in enumerate(source.splitlines(), start=1):
+    lines = source.splitlines()
+    for number, text_line in enumerate(lines, start=1):
         found = _ALLOW.search(text_line)
         if found:
             comments[number] = {i.upper() for i in re.findall(r"DBS\d+", found.group(1), re.I)}
@@ -376,7 +377,8 @@ def _allowances(source: str) -> dict[int, set[str]]:
         if not isinstance(node, ast.stmt) or isinstance(node, _COMPOUND):
             continue
         end = node.end_lineno or node.lineno
-        ids = set().union(*(comments.get(n, set()) for n in range(node.lineno - 1, end + 1)))
+        above = node.lineno - 1 if lines[node.lineno - 2].lstrip().startswith("#") else node.lineno
+        ids = set().union(*(comments.get(n, set()) for n in range(above, end + 1)))
         if ids:
             for number in range(node.lineno, end + 1):
                 allowed.setdefault(number, set()).update(ids)
