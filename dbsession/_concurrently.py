@@ -26,6 +26,9 @@ import logging
 import re
 from typing import Any
 
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
 _CONCURRENT = re.compile(
     r"\s*(CREATE\s+(UNIQUE\s+)?INDEX\s+CONCURRENTLY|DROP\s+INDEX\s+CONCURRENTLY"
     r"|REINDEX\b.*\bCONCURRENTLY|ALTER\s+TABLE\b.*\bDETACH\s+PARTITION\b.*\bCONCURRENTLY)\b",
@@ -97,3 +100,24 @@ def _drop_invalid_leftover(cursor: Any, name: str) -> None:
             name,
         )
         cursor.execute(f"DROP INDEX CONCURRENTLY {name}")
+
+
+def commit_point(connection: Connection, *, lock_key: int) -> None:
+    """Commit what the migration did so far on ``connection`` and go on in a new transaction,
+    keeping the migration lock and the lock wait (PostgreSQL: the lock is held at session
+    level across the commit; MySQL/MariaDB's is a session lock already). SQLite: nothing.
+
+    The COMMIT is sent as a statement, under SQLAlchemy's (and Alembic's) own transaction,
+    which carries on into the next server transaction and is committed at the end.
+    """
+    backend = connection.dialect.name
+    if backend == "postgresql":
+        key = int(lock_key)
+        wait = connection.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar()
+        connection.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+        connection.exec_driver_sql("COMMIT")
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})")
+        connection.execute(text("SELECT set_config('lock_timeout', :wait, true)"), {"wait": wait})
+        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
+    elif backend in ("mysql", "mariadb"):
+        connection.exec_driver_sql("COMMIT")

@@ -46,7 +46,7 @@ RULES: tuple[Rule, ...] = (
             PG: "op.create_index(..., postgresql_concurrently=True); dbsession runs it outside "
             "the transaction"
         },
-        "add_index non-concurrently",
+        "Adding an index non-concurrently",
         "require-concurrent-index-creation",
     ),
     Rule(
@@ -54,7 +54,7 @@ RULES: tuple[Rule, ...] = (
         "DROP INDEX without CONCURRENTLY",
         {PG: "takes an ACCESS EXCLUSIVE lock: reads and writes wait behind it"},
         {PG: "op.drop_index(..., postgresql_concurrently=True)"},
-        "remove_index non-concurrently",
+        "Removing an index non-concurrently (optional)",
         "require-concurrent-index-deletion",
     ),
     Rule(
@@ -65,7 +65,7 @@ RULES: tuple[Rule, ...] = (
             PG: "CHECK (col IS NOT NULL) NOT VALID, VALIDATE CONSTRAINT, then SET NOT NULL "
             "(docs/migrations.md)"
         },
-        "change_column_null",
+        "Setting NOT NULL on an existing column",
         "adding-not-nullable-field",
     ),
     Rule(
@@ -76,7 +76,7 @@ RULES: tuple[Rule, ...] = (
             PG: "add it with no default or a constant one, then backfill in batches",
             MY: "add it with no default or a constant one, then backfill in batches",
         },
-        "add_column with volatile default",
+        "Adding a column with a volatile default value",
         "adding-field-with-default",
     ),
     Rule(
@@ -88,7 +88,7 @@ RULES: tuple[Rule, ...] = (
             MY: _COPY + " (widening a VARCHAR within 255 bytes or beyond does not)",
         },
         {PG: _EXPAND, MY: _EXPAND},
-        "change_column",
+        "Changing the type of a column",
         "changing-column-type",
     ),
     Rule(
@@ -104,7 +104,7 @@ RULES: tuple[Rule, ...] = (
             MY: "create the foreign key with the table, or add it with foreign_key_checks=0 "
             "after checking the rows yourself",
         },
-        "add_foreign_key",
+        "Adding a foreign key",
         "adding-foreign-key-constraint",
     ),
     Rule(
@@ -116,7 +116,7 @@ RULES: tuple[Rule, ...] = (
             "CONSTRAINT in the next revision",
             MY: "enforce it in the code, or add it with the table",
         },
-        "add_check_constraint",
+        "Adding a check constraint",
         "constraint-missing-not-valid",
     ),
     Rule(
@@ -127,7 +127,7 @@ RULES: tuple[Rule, ...] = (
             PG: "CREATE UNIQUE INDEX CONCURRENTLY, then ALTER TABLE ... ADD CONSTRAINT ... "
             "UNIQUE/PRIMARY KEY USING INDEX"
         },
-        "add_index unique / add primary key",
+        "Adding a unique constraint",
         "disallowed-unique-constraint",
     ),
     Rule(
@@ -143,7 +143,7 @@ RULES: tuple[Rule, ...] = (
             MY: "rename in three deploys: add, write both and backfill, switch reads, drop "
             "(docs/migrations.md)",
         },
-        "rename_column",
+        "Renaming a column",
         "renaming-column",
     ),
     Rule(
@@ -157,7 +157,7 @@ RULES: tuple[Rule, ...] = (
             PG: "deploy code that no longer maps it first, then drop it",
             MY: "deploy code that no longer maps it first, then drop it",
         },
-        "remove_column (ignored_columns)",
+        "Removing a column",
         "ban-drop-column / ban-drop-table",
     ),
     Rule(
@@ -171,7 +171,7 @@ RULES: tuple[Rule, ...] = (
             PG: "create a view with the old name, or copy and switch in several deploys",
             MY: "create a view with the old name, or copy and switch in several deploys",
         },
-        "rename_table",
+        "Renaming a table",
         "renaming-table",
     ),
     Rule(
@@ -202,7 +202,7 @@ RULES: tuple[Rule, ...] = (
         {PG: "rewrites the table or index under an ACCESS EXCLUSIVE lock"},
         {PG: "REINDEX ... CONCURRENTLY; pg_repack instead of VACUUM FULL or CLUSTER"},
         "",
-        "require-concurrent-reindex (partly)",
+        "",
     ),
     Rule(
         "DBS199",

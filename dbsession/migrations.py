@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from ._classify import backend_of, error_code
+from ._concurrently import commit_point as _commit_point
 from ._config import make_settings, mask_url, resolve_url, scrub, sync_twin
 from ._engine import make_engine
 from ._errors import (
@@ -198,6 +199,23 @@ def head(*, migrations: Migrations = None) -> str:
             "'dbsession upgrade')."
         )
     return heads[0]
+
+
+def commit_point(connection: Connection | None = None) -> None:
+    """In a revision's ``upgrade()``: commit what it did so far, keeping the migration lock
+    and the lock wait; for a backfill in batches, so that no batch holds its rows' locks
+    until the whole migration ends. ``connection``: default ``op.get_bind()``.
+
+    A revision that fails after a commit point runs again from its start on the next
+    upgrade: make the statements before it safe to repeat (``WHERE new IS NULL``).
+    """
+    if connection is None:
+        from alembic import op
+
+        if op.get_context().as_sql:  # offline (--sql, dbsession lint): nothing to commit
+            return
+        connection = op.get_bind()
+    _commit_point(connection, lock_key=_PG_LOCK_KEY)
 
 
 def lint(

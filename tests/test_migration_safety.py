@@ -211,7 +211,7 @@ def rules_table() -> str:
     for rule in RULES:
         pg = "yes" if PG in rule.why else ""
         my = "yes" if MY in rule.why else ""
-        sm = f"`{rule.strong_migrations}`" if rule.strong_migrations else "no"
+        sm = rule.strong_migrations or "no"
         sq = f"`{rule.squawk}`" if rule.squawk else "no"
         rows.append(f"| {rule.id} | {rule.title} | {pg} | {my} | {sm} | {sq} |")
     return "\n".join(rows) + "\n"
