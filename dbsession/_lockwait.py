@@ -312,7 +312,8 @@ class LockSafeRunner:
     @contextmanager
     def _hooked(self) -> Iterator[None]:
         event.listen(self._engine, "do_execute", self._execute)
-        self._watcher.start()
+        if self._policy.enabled:
+            self._watcher.start()
         try:
             yield
         finally:

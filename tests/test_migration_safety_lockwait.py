@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 
 from dbsession import migrations
+from dbsession.cli import main as cli
 from dbsession.errors import ConfigurationError, MigrationBlockedError
 from dbsession.migrations import LockWait
 
@@ -78,3 +79,17 @@ def test_the_lock_wait_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DBSESSION_MIGRATION_LOCK_WAIT", "soon")
     with pytest.raises(ConfigurationError, match="DBSESSION_MIGRATION_LOCK_WAIT='soon'"):
         migrations.upgrade()
+
+
+def test_the_command_line_takes_the_lock_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_migrations(tmp_path / "migrations")
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    base = ["--url", url, "--migrations", str(folder)]
+    assert cli([*base, "upgrade", "--lock-wait", "-1"]) == 1
+    assert "--lock-wait=-1.0: give a number of seconds >= 0" in capsys.readouterr().err
+    assert cli([*base, "upgrade", "--lock-attempts", "0"]) == 1
+    assert "LockWait(attempts=0)" in capsys.readouterr().err
+    assert cli([*base, "upgrade", "--lock-wait", "2", "--lock-attempts", "3"]) == 0
+    assert migrations.current(url=url) == "0002"
