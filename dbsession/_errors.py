@@ -61,9 +61,12 @@ against plain SQLAlchemy keeps working: ``DatabaseUnreachableError`` is an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
+
+if TYPE_CHECKING:
+    from ._lockwait import Blocker
 
 
 class DbSessionError(Exception):
@@ -247,7 +250,7 @@ class MigrationBlockedError(MigrationError, _TranslatedDBAPIError, sa_exc.Operat
     error is ``orig``.
     """
 
-    blockers: tuple[Any, ...] = ()
+    blockers: tuple[Blocker, ...] = ()
     attempts: int = 0
 
 

@@ -93,3 +93,18 @@ def test_the_command_line_takes_the_lock_wait(
     assert "LockWait(attempts=0)" in capsys.readouterr().err
     assert cli([*base, "upgrade", "--lock-wait", "2", "--lock-attempts", "3"]) == 0
     assert migrations.current(url=url) == "0002"
+
+
+def test_alembic_x_lock_wait_is_read_and_checked(tmp_path: Path) -> None:
+    import argparse
+
+    from alembic import command
+
+    folder = make_migrations(tmp_path / "migrations")
+    config = migrations.make_config(folder, url=f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    config.cmd_opts = argparse.Namespace(x=["lock_wait=soon"])
+    with pytest.raises(ConfigurationError, match="-x lock_wait='soon'"):
+        command.upgrade(config, "head")
+    config.cmd_opts = argparse.Namespace(x=["lock_wait=2"])
+    command.upgrade(config, "head")
+    assert migrations.current(url=f"sqlite:///{tmp_path / 'db.sqlite3'}") == "0002"
