@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("revision", nargs="?", default="head")
     up.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
     _lock_wait_options(up)
+    up.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="PostgreSQL: run the pending revisions on a scratch copy and report each "
+        "statement's locks, time and table rewrites (the database is not changed)",
+    )
     down = add("downgrade", "downgrade to a revision ('base': all); names the database first")
     down.add_argument("revision")
     down.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
@@ -199,6 +205,12 @@ def _lock_wait(args: argparse.Namespace) -> migrations.LockWait:
 
 
 def _upgrade(args: argparse.Namespace) -> None:
+    if args.rehearse:
+        statements = migrations.rehearse(url=args.url, migrations=args.migrations)
+        for statement in statements:
+            print(statement)
+        print(f"{len(statements)} statement(s) rehearsed on a scratch copy; nothing was changed")
+        return
     migrations.upgrade(
         args.revision,
         url=args.url,

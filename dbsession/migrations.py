@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from logging.config import fileConfig
@@ -31,14 +32,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import MetaData, text
+from sqlalchemy import MetaData, event, select, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from ._classify import backend_of, error_code
 from ._concurrently import commit_point as _commit_point
-from ._config import make_settings, mask_url, resolve_url, scrub, sync_twin
+from ._config import first_line, make_settings, mask_url, resolve_url, scrub, sync_twin
 from ._engine import make_engine
 from ._errors import (
     ConfigurationError,
@@ -55,6 +56,8 @@ from ._lockwait import lock_wait_of as lock_wait_of
 from ._migration_check import Finding as Finding
 from ._migration_check import check as check_revisions
 from ._migration_rules import MY, PG
+from ._rehearse import Recorder
+from ._rehearse import RehearsedStatement as RehearsedStatement
 
 MIGRATIONS_ENV = "DBSESSION_MIGRATIONS"
 METADATA_ENV = "DBSESSION_METADATA"
@@ -64,6 +67,7 @@ MANAGED_ATTRIBUTE = "dbsession_managed"
 _URL_ATTRIBUTE = "dbsession_url"
 _METADATA_ATTRIBUTE = "dbsession_metadata"
 _LOCK_WAIT_ATTRIBUTE = "dbsession_lock_wait"
+_REHEARSAL_ATTRIBUTE = "dbsession_rehearsal"
 _LOCK_NAME = "dbsession_migrations"
 _PG_LOCK_KEY = 0x64627365  # "dbse"
 _LOCK_TIMEOUT_SECONDS = 600.0
@@ -201,6 +205,72 @@ def head(*, migrations: Migrations = None) -> str:
     return heads[0]
 
 
+def rehearse(
+    *, url: str | URL | None = None, migrations: Migrations = None, sample: int = 1000
+) -> list[RehearsedStatement]:
+    """Run the pending revisions on a scratch copy of the database and return, per
+    statement, how long it ran, the table locks it took and the tables it rewrote.
+
+    PostgreSQL only. The copy is a new database on the same server (the role needs
+    CREATEDB): the revisions up to the database's current one, then up to ``sample`` rows
+    of each table (when the role may skip foreign-key checks, else none); it is dropped
+    after. The database itself is only read. Raises ConfigurationError for another backend.
+    """
+    target = _resolve(url)
+    if target.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            "Rehearsing needs PostgreSQL (it reads pg_locks and each table's relfilenode); "
+            f"the database is {target.get_backend_name()}."
+        )
+    at = current(url=target)
+    scratch = target.set(database=f"dbsession_rehearsal_{uuid.uuid4().hex[:10]}")
+    with _connect(target) as admin:
+        admin.execution_options(isolation_level="AUTOCOMMIT")
+        admin.execute(text(f'CREATE DATABASE "{scratch.database}"'))
+    try:
+        if at is not None:
+            upgrade(at, url=scratch, migrations=migrations, lock_wait=0)
+        _copy_sample(target, scratch, sample)
+        recorder = Recorder()
+        config = make_config(migrations, url=scratch)
+        config.attributes[_LOCK_WAIT_ATTRIBUTE] = LockWait(seconds=0)
+        config.attributes[_REHEARSAL_ATTRIBUTE] = recorder
+        run_command(command.upgrade, config, "head")
+        return recorder.statements
+    finally:
+        with _connect(target) as admin:
+            admin.execution_options(isolation_level="AUTOCOMMIT")
+            admin.execute(text(f'DROP DATABASE IF EXISTS "{scratch.database}" WITH (FORCE)'))
+
+
+def _copy_sample(source: URL, scratch: URL, rows: int) -> None:
+    """Up to ``rows`` rows of each table, foreign keys unchecked (a sample has orphans)."""
+    if rows <= 0:
+        return
+    metadata = MetaData()
+    with _connect(scratch) as connection:
+        metadata.reflect(connection)
+    try:
+        with _connect(source) as reader, _connect(scratch) as writer:
+            writer.execute(text("SET session_replication_role = replica"))
+            tables = [t for t in metadata.sorted_tables if t.name != "alembic_version"]
+            if tables:  # rows the revisions inserted make way for the sample
+                names = ", ".join(
+                    writer.dialect.identifier_preparer.format_table(t) for t in tables
+                )
+                writer.execute(text(f"TRUNCATE {names}"))
+            for table in metadata.sorted_tables:
+                if table.name != "alembic_version":
+                    found = [dict(r._mapping) for r in reader.execute(select(table).limit(rows))]
+                    if found:
+                        writer.execute(table.insert(), found)
+            writer.commit()
+    except DBAPIError as error:
+        logger.warning(
+            "dbsession: rehearsing without a sample of rows (%s)", first_line(error, source)
+        )
+
+
 def commit_point(connection: Connection | None = None) -> None:
     """In a revision's ``upgrade()``: commit what it did so far, keeping the migration lock
     and the lock wait; for a backfill in batches, so that no batch holds its rows' locks
@@ -319,6 +389,9 @@ def run_env() -> None:
             context.run_migrations()
         return
     with _engine(url) as engine:
+        recorder = config.attributes.get(_REHEARSAL_ATTRIBUTE)
+        if recorder is not None:  # rehearse(): before the runner's hook, so it runs first
+            event.listen(engine, "do_execute", recorder)
         runner = LockSafeRunner(engine, _lock_wait(config, context), lock_key=_PG_LOCK_KEY)
 
         def migrate(connection: Connection) -> None:
