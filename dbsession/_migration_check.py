@@ -20,6 +20,7 @@ import inspect
 import io
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,15 @@ def _record(script: Script, backend: str) -> Iterator[Step]:
     error: Exception | None = None
     with Operations.context(context) as operations:
         operations.invoke = invoke  # type: ignore[method-assign]
+        batch_alter_table = operations.batch_alter_table
+
+        @contextmanager
+        def batch(*args: Any, **kw: Any) -> Iterator[Any]:
+            with batch_alter_table(*args, **kw) as batch_operations:
+                batch_operations.invoke = invoke  # type: ignore[method-assign]
+                yield batch_operations
+
+        operations.batch_alter_table = batch  # type: ignore[method-assign]
         try:
             script.module.upgrade()
         except Exception as raised:

@@ -98,6 +98,10 @@ CASES = {
     },
     'op.execute("REINDEX TABLE orders")': {("DBS114", PG)},
     'op.execute("VACUUM FULL orders")': {("DBS114", PG)},
+    'with op.batch_alter_table("orders") as batch:\n    batch.drop_column("note")': {
+        ("DBS110", PG),
+        ("DBS110", MY),
+    },
 }
 
 
