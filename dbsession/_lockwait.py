@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import threading
@@ -104,8 +105,6 @@ def lock_wait_of(value: float | LockWait | None, *, source: str = "lock_wait") -
     if isinstance(value, LockWait):
         return value
     if value is None:
-        import os
-
         raw = os.environ.get(LOCK_WAIT_ENV, "").strip()
         if not raw:
             return LockWait()

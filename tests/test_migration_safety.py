@@ -11,6 +11,7 @@ import pytest
 from dbsession import migrations
 from dbsession._migration_rules import RULES
 from dbsession.cli import main as cli
+from dbsession.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD = """import sqlalchemy as sa
@@ -186,6 +187,19 @@ def test_since_checks_only_later_revisions(tmp_path: Path) -> None:
     )
     assert flagged(folder, backends=[PG]) == {("DBS101", PG)}
     assert flagged(folder, backends=[PG], since="0002") == set()
+
+
+def test_pending_checks_only_what_the_database_has_not_run(tmp_path: Path) -> None:
+    folder = folder_with(
+        tmp_path,
+        'op.create_index("ix_a", "orders", ["amount"])\n',
+        'op.drop_index("ix_orders_note", table_name="orders")\n',
+    )
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    migrations.upgrade("0002", url=url, migrations=folder)
+    assert flagged(folder, pending=True, url=url, backends=[PG]) == {("DBS102", PG)}
+    with pytest.raises(ConfigurationError, match="Unknown backend"):
+        migrations.lint(migrations=folder, pending=True, url=url)  # SQLite: no rules
 
 
 def test_cli_lint_prints_each_finding_and_fails(
