@@ -28,6 +28,9 @@ anything this package raises on its own account::
     │                               (also a SQLAlchemy OperationalError)
     ├── MigrationError              an Alembic command failed
     │   ├── MigrationLockTimeoutError  another process held the migration lock too long
+    │   ├── MigrationBlockedError   a migration statement never got its table lock: another
+    │   │                           session's transaction held it through every attempt
+    │   │                           (also a sqlalchemy.exc.OperationalError)
     │   ├── UnknownRevisionError    no such revision in the migrations folder
     │   └── SchemaNotAtHeadError    the database is behind the newest revision
     ├── ScopeError                  a scope used in a way that cannot work
@@ -72,9 +75,12 @@ constraint).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
+
+if TYPE_CHECKING:
+    from ._lockwait import Blocker
 
 
 class DbSessionError(Exception):
@@ -321,6 +327,20 @@ class MigrationError(DbSessionError):
 
 class MigrationLockTimeoutError(MigrationError):
     """The migration lock stayed held by another process for the whole lock timeout."""
+
+
+class MigrationBlockedError(MigrationError, _TranslatedDBAPIError, sa_exc.OperationalError):
+    """A migration statement could not get its table lock within the lock wait, in every
+    attempt; everything it did was rolled back (PostgreSQL) or never started (MariaDB).
+
+    ``blockers`` describes the sessions that held the lock (server process id, state,
+    how long their transaction had been open, their query); ``attempts`` is how many
+    tries were made. Also a SQLAlchemy ``OperationalError``: the driver's lock-timeout
+    error is ``orig``.
+    """
+
+    blockers: tuple[Blocker, ...] = ()
+    attempts: int = 0
 
 
 class UnknownRevisionError(MigrationError):

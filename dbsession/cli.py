@@ -10,6 +10,7 @@ database they act on before acting. docs/cli.md describes each command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from ._errors import (
 )
 
 #: Commands that only read: Alembic's progress lines are not shown.
-_READ_ONLY = frozenset({"current", "check", "heads", "history", "show"})
+_READ_ONLY = frozenset({"current", "check", "heads", "history", "show", "lint"})
 #: Alembic's lines that say nothing to an operator.
 _CHATTER = ("Context impl ", "Will assume ")
 
@@ -95,9 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     up = add("upgrade", "upgrade to a revision (default: head)")
     up.add_argument("revision", nargs="?", default="head")
     up.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    _lock_wait_options(up)
+    up.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="PostgreSQL: run the pending revisions on a scratch copy and report each "
+        "statement's locks, time and table rewrites (the database is not changed)",
+    )
     down = add("downgrade", "downgrade to a revision ('base': all); names the database first")
     down.add_argument("revision")
     down.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    _lock_wait_options(down)
     stamp = add("stamp", "record a revision in the database without running migrations")
     stamp.add_argument("revision")
     stamp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
@@ -112,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check only that the database is at head (no metadata to compare)",
     )
+    _lint_parser(add("lint", "flag operations that would block traffic or rewrite a table"))
     rev = add("revision", "create a new revision")
     rev.add_argument("-m", "--message", required=True)
     rev.add_argument("--autogenerate", action="store_true", help="diff the models and database")
@@ -192,13 +202,54 @@ def _dispatch(args: argparse.Namespace) -> None:
     handler(args)
 
 
+def _lock_wait_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lock-wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long each statement waits for its lock before the migration gives way and "
+        "tries again (default: DBSESSION_MIGRATION_LOCK_WAIT, else 3; 0: no limit)",
+    )
+    parser.add_argument(
+        "--lock-attempts",
+        type=int,
+        metavar="N",
+        help="tries before giving up, naming the blocking session (default: 5)",
+    )
+
+
+def _lock_wait(args: argparse.Namespace) -> migrations.LockWait:
+    policy = migrations.lock_wait_of(args.lock_wait, source="--lock-wait")
+    if args.lock_attempts is None:
+        return policy
+    return dataclasses.replace(policy, attempts=args.lock_attempts)
+
+
 def _upgrade(args: argparse.Namespace) -> None:
-    migrations.upgrade(args.revision, url=args.url, migrations=args.migrations, sql=args.sql)
+    if args.rehearse:
+        statements = migrations.rehearse(url=args.url, migrations=args.migrations)
+        for statement in statements:
+            print(statement)
+        print(f"{len(statements)} statement(s) rehearsed on a scratch copy; nothing was changed")
+        return
+    migrations.upgrade(
+        args.revision,
+        url=args.url,
+        migrations=args.migrations,
+        sql=args.sql,
+        lock_wait=_lock_wait(args),
+    )
 
 
 def _downgrade(args: argparse.Namespace) -> None:
     # migrations.downgrade names the database (a WARNING log line) before acting.
-    migrations.downgrade(args.revision, url=args.url, migrations=args.migrations, sql=args.sql)
+    migrations.downgrade(
+        args.revision,
+        url=args.url,
+        migrations=args.migrations,
+        sql=args.sql,
+        lock_wait=_lock_wait(args),
+    )
 
 
 def _stamp(args: argparse.Namespace) -> None:
@@ -244,6 +295,41 @@ def _check(args: argparse.Namespace) -> None:
     print("the database is at head and matches the models")
 
 
+def _lint_parser(lint: argparse.ArgumentParser) -> None:
+    lint.add_argument("--since", metavar="REV", help="check only the revisions after REV")
+    lint.add_argument(
+        "--pending",
+        action="store_true",
+        help="check only the revisions the database (--url) has not run yet",
+    )
+    lint.add_argument(
+        "--backend",
+        action="append",
+        choices=["postgresql", "mysql"],
+        help="the backend whose locks count (repeatable; default: both, or the database's "
+        "with --pending)",
+    )
+
+
+def _lint(args: argparse.Namespace) -> None:
+    findings = migrations.lint(
+        migrations=args.migrations,
+        metadata=args.metadata,
+        backends=args.backend,
+        since=args.since,
+        pending=args.pending,
+        url=args.url,
+    )
+    for finding in findings:
+        print(finding)
+    if findings:
+        raise MigrationError(
+            f"{len(findings)} operation(s) would block traffic or rewrite a table (above). "
+            "Follow the recipe, or mark a deliberate one '# dbsession: allow <rule id>'."
+        )
+    print("no operation that would block traffic or rewrite a table")
+
+
 def _revision(args: argparse.Namespace) -> None:
     config = _config(args)
     if args.autogenerate and not migrations.metadata_configured(config):
@@ -275,6 +361,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "stamp": _stamp,
     "current": _current,
     "check": _check,
+    "lint": _lint,
     "revision": _revision,
     "merge": _merge,
     "heads": _alembic(command.heads),

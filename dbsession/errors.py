@@ -13,6 +13,7 @@ from ._errors import DatabaseReadOnlyError as DatabaseReadOnlyError
 from ._errors import DatabaseUnreachableError as DatabaseUnreachableError
 from ._errors import DbSessionError as DbSessionError
 from ._errors import InvalidURLError as InvalidURLError
+from ._errors import MigrationBlockedError as MigrationBlockedError
 from ._errors import MigrationError as MigrationError
 from ._errors import MigrationLockTimeoutError as MigrationLockTimeoutError
 from ._errors import MigrationsNotFoundError as MigrationsNotFoundError
@@ -47,6 +48,7 @@ __all__ = [
     "DatabaseUnreachableError",
     "DbSessionError",
     "InvalidURLError",
+    "MigrationBlockedError",
     "MigrationError",
     "MigrationLockTimeoutError",
     "MigrationsNotFoundError",

@@ -88,6 +88,10 @@ def the_migrations() -> None:
     assert_type(migrations.head(), str)
     assert_type(migrations.is_at_head(), bool)
     migrations.upgrade(revision=1)  # type: ignore[arg-type]
+    migrations.upgrade(lock_wait=migrations.LockWait(seconds=2, attempts=10))
+    migrations.upgrade(lock_wait="2")  # type: ignore[arg-type]
+    assert_type(migrations.lint(backends=["postgresql"]), list[migrations.Finding])
+    assert_type(migrations.rehearse(), list[migrations.RehearsedStatement])
 
 
 async def the_fastapi_integration(
