@@ -30,13 +30,14 @@ imports dbsession pays nothing for the plugin. Fixtures:
 **The safety catch** (``dbsession_block``, on by default): while a test that did not
 ask for the database runs (``db_session``, ``async_db_session``, the factories, or
 ``@pytest.mark.dbsession``), a unit of work or a connection of the process default
-factory raises DatabaseBlockedError (building it, ``factory.engine``, does not); ``global_init()`` returns the plugin's factory whatever URL the
-app gives it, so nothing reaches the app's own database. The plugin's factory becomes
-the process default (``Registry.pin``, ``Registry.block``: dbsession's public seam)
-the moment dbsession is imported (an import hook of this module sees it; dbsession
-knows nothing of its plugin), or at start-up if it was imported before: in either
-case before any code can reach the process default, a ``conftest.py`` that builds
-its app at import included.
+factory raises DatabaseBlockedError (building it, ``factory.engine``, does not);
+``global_init()`` returns the plugin's factory whatever URL the app gives it, so
+nothing reaches the app's own database. The plugin's factory becomes the process
+default (``Registry.pin``, ``Registry.block``: dbsession's public seam) the moment
+dbsession is imported (an import hook of this module sees it; dbsession knows
+nothing of its plugin), or at start-up if it was imported before: in either case
+before any code can reach the process default, a ``conftest.py`` that builds its
+app at import included.
 
 Every option also reads the ini setting of the same name with underscores
 (``dbsession_schema = create_all`` in ``[tool.pytest.ini_options]``); the command

@@ -163,7 +163,9 @@ def _guard_connections(registry: Registry[Any], factory: LazyFactory[Any]) -> No
     owner = weakref.ref(factory)
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        registry._check(owner())
+        current = owner()
+        if current is not None:
+            registry._check(current)
 
     for binding in list(factory._bindings.values()):
         engine = getattr(binding.engine, "sync_engine", binding.engine)
