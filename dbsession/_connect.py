@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL, Engine
 
-from ._config import Settings, first_line, is_secret_parameter, secrets_of
+from ._config import Settings, first_line, hosts_of, is_secret_parameter, secrets_of
 from ._errors import ConfigurationError, DatabaseUnreachableError, DbSessionError, SQLitePathError
 
 
@@ -124,12 +124,9 @@ def connect_failure(error: Exception, dialect: Any, settings: Settings, url: URL
 
 
 def where(url: URL) -> str:
-    """``host:port`` of a server URL, with the backend's default port."""
-    return f"{url.host or 'localhost'}:{url.port or _default_port(url)}"
-
-
-def _default_port(url: URL) -> int:
-    return 5432 if url.get_backend_name() == "postgresql" else 3306
+    """Every ``host:port`` a server URL names (libpq's multi-host forms included), in the
+    order the driver tries them."""
+    return ", ".join(hosts_of(url))
 
 
 def suspects(message: str, url: URL) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
+from dbsession import DatabaseUnreachableError, DbSessionFactory
 from dbsession._config import hosts_of
 
 
@@ -33,3 +34,20 @@ def test_every_host_is_named_in_order(url: str, hosts: list[str]) -> None:
 def test_no_secret_in_the_hosts() -> None:
     url = make_url("postgresql+psycopg://u:hunter2@/app?host=a:1&host=b:2&password=hunter2")
     assert "hunter2" not in " ".join(hosts_of(url))
+
+
+@pytest.mark.backends("postgresql")
+def test_a_connect_failure_names_every_host_of_a_multi_host_url(backend_url: URL) -> None:
+    """It named "localhost:5432", a host not in the URL."""
+    url = backend_url.set(host=None, port=None).update_query_dict(
+        {"host": "127.0.0.1:1,127.0.0.2:2", "connect_timeout": "2"}
+    )
+    factory = DbSessionFactory(url)
+    try:
+        with pytest.raises(DatabaseUnreachableError) as caught:
+            with factory.engine.connect():
+                pass
+    finally:
+        factory.dispose()
+    assert "127.0.0.1:1, 127.0.0.2:2" in str(caught.value)
+    assert "localhost" not in str(caught.value)
