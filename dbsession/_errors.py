@@ -88,23 +88,52 @@ class DbSessionError(Exception):
 
 
 class ConfigurationError(DbSessionError):
-    """The configuration cannot work; the message says which setting to fix."""
+    """The configuration cannot work; the message says which setting to fix.
+
+    When: an option value that cannot work, named when configured (``global_init()`` or
+    ``DbSessionFactory()``), not at the first scope: ``sqlite_busy_timeout`` NaN, infinite,
+    negative or not a number; ``expire_on_commit="no"``; ``connect_args`` not a dict; an
+    unknown engine option (``pool_sise=5``); an async driver on the sync side
+    (``sqlite+aiosqlite`` in ``DbSessionFactory``); at connect, a connection option the driver
+    refuses (``?connect_timeout=abc``, ``?bogus=1``, MySQL ``?charset=bogus``,
+    ``connect_args={"bogus": 1}``) or ignores (``sqlite:///x.db?bogus=1``). Fix: the setting
+    or option the message names.
+    """
 
 
 class InvalidURLError(ConfigurationError):
-    """The database URL is empty or cannot be parsed."""
+    """The database URL is empty or cannot be parsed.
+
+    When: an empty URL (argument, ``--url``, ``DATABASE_URL``); a URL that does not parse; an
+    unencoded ``@`` in the password or ``/`` in the user name (part of the password would be
+    read as the host or database); a SQLite URL with a user or host; ``bytes`` given as the
+    URL. Fix: ``dialect+driver://user:password@host:port/dbname``, user and password
+    percent-encoded (``urllib.parse.quote(password, safe='')``); a ``pathlib.Path`` is accepted
+    as a SQLite file.
+    """
 
 
 class UnknownDialectError(ConfigurationError):
-    """The URL names a database dialect or driver SQLAlchemy does not know."""
+    """The URL names a database dialect or driver SQLAlchemy does not know.
+
+    When: ``oracle9x://``, ``postgresql+nosuchdriver://``. Fix: one of sqlite,
+    postgresql+psycopg, mysql+pymysql, mariadb+pymysql.
+    """
 
 
 class MissingDriverError(ConfigurationError):
-    """The DBAPI driver the URL needs is not installed."""
+    """The DBAPI driver the URL needs is not installed.
+
+    When: the driver is not installed. Fix: the message names the package.
+    """
 
 
 class AlreadyInitializedError(ConfigurationError):
-    """The factory is already initialised with a different URL or options."""
+    """The factory is already initialised with a different URL or options.
+
+    When: ``global_init()`` again with another URL or other options. Fix: call it before the
+    first use, or ``dispose()`` first.
+    """
 
 
 class _TranslatedDBAPIError(sa_exc.DBAPIError):
@@ -139,23 +168,42 @@ class _TranslatedDBAPIError(sa_exc.DBAPIError):
 
 
 class DatabaseUnreachableError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
-    """A connection to the database server could not be opened."""
+    """A connection to the database server could not be opened.
+
+    When: the server refused, timed out, or refused the user or database (a database that does
+    not exist). Fix: the message names host, port, database, user and the setting the URL came
+    from (``argument``, ``DATABASE_URL``, ``replica_url``; ``--dbsession-url`` in the pytest
+    plugin).
+    """
 
 
 class ConnectionLostError(DatabaseUnreachableError):
     """An open connection broke mid-transaction (a killed server session, a pooler that
-    dropped it, a peer silent past the timeouts); the transaction did not commit."""
+    dropped it, a peer silent past the timeouts); the transaction did not commit.
+
+    When: an open connection broke mid-transaction (killed session, a pooler that dropped it, a
+    peer silent past the timeouts); nothing was committed. Fix: run the unit with
+    ``run_in_transaction``, which retries it; see [deploying.md](deploying.md).
+    """
 
 
 class CommitOutcomeUnknownError(ConnectionLostError):
     """The connection broke while COMMIT was in flight: the transaction may or may not have
-    committed. ``run_in_transaction`` retries it only for ``RetryPolicy(idempotent=True)``."""
+    committed. ``run_in_transaction`` retries it only for ``RetryPolicy(idempotent=True)``.
+
+    When: the connection broke while ``COMMIT`` was in flight: the outcome is unknown. Fix:
+    check, or make the unit idempotent and pass ``retry=RetryPolicy(idempotent=True)``
+    ([deploying.md](deploying.md)).
+    """
 
 
 class ScopeTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
     """A statement or lock wait overran ``session_scope(timeout=...)``; the scope rolled back.
 
     Also a SQLAlchemy ``OperationalError`` (the error it replaces); the driver's is ``orig``.
+
+    When: a statement or lock wait overran ``session_scope(timeout=..)``. Fix: a bigger
+    ``timeout=``, a faster query, or less lock contention.
     """
 
 
@@ -164,6 +212,11 @@ class SQLitePathError(ConfigurationError, _TranslatedDBAPIError, sa_exc.Operatio
 
     Also a SQLAlchemy ``OperationalError``: plain SQLAlchemy reports the same problem as
     SQLite's "unable to open database file" or "attempt to write a readonly database".
+
+    When: the SQLite file's folder does not exist or is not writable (also for an existing
+    file: WAL creates ``-wal`` and ``-shm`` beside it); a write refused because the file or
+    folder is read-only or the URL says ``mode=ro``. Fix: create the folder, fix permissions,
+    or point the URL elsewhere.
     """
 
 
@@ -172,32 +225,60 @@ class DatabaseReadOnlyError(DbSessionError, _TranslatedDBAPIError):
     read-only (a hot standby, a primary demoted by a failover, ``default_transaction_read_only``,
     MySQL ``read_only``). Also a SQLAlchemy ``DBAPIError``. ``run_in_transaction`` retries
     the unit on a fresh connection (the pool is emptied so the next connect finds the new
-    primary)."""
+    primary).
+
+    When: the server refused a write in a **writing** scope: a hot standby, a replica, MySQL
+    ``read_only``, a role or database with ``default_transaction_read_only``. Fix: point the
+    URL at the primary, or at a writable role; after a failover (a demoted primary)
+    ``run_in_transaction`` empties the pool and retries.
+    """
 
 
 class ClusterUnavailableError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
     """The cluster cannot take this transaction now: a Galera node that is not part of the
     primary component (MariaDB 1047 "WSREP has not yet prepared node", 1180 at COMMIT, no
     quorum). The transaction did not commit; ``run_in_transaction`` retries it. Also a
-    SQLAlchemy ``OperationalError``; the driver's error is ``orig``."""
+    SQLAlchemy ``OperationalError``; the driver's error is ``orig``.
+
+    When: a Galera node outside the primary component refused the transaction (MariaDB 1047,
+    1180 at COMMIT): a node left, quorum lost; nothing was committed. Fix:
+    ``run_in_transaction`` retries it within its budget; restore quorum, or point the client at
+    a node of the primary component ([deploying.md](deploying.md)).
+    """
 
 
 class ReplicaLagError(DbSessionError):
     """``session_scope(replica=True)`` insists on the replica, and the replica is further
     behind than ``max_replica_lag`` (or its WAL receiver is not streaming, or it cannot
-    be asked): dbsession does not quietly read the primary instead."""
+    be asked): dbsession does not quietly read the primary instead.
+
+    When: ``session_scope(readonly=True, replica=True)`` while the replica is further behind
+    than ``max_replica_lag``, or not streaming. Fix: leave ``replica=`` unset to read the
+    primary meanwhile, or retry later.
+    """
 
 
 class UnsupportedIsolationLevelError(ConfigurationError):
-    """The isolation level asked of a scope is not one the backend supports."""
+    """The isolation level asked of a scope is not one the backend supports.
+
+    When: an isolation level the backend does not have. Fix: one of those the message lists.
+    """
 
 
 class ScopeError(DbSessionError):
-    """A scope was asked for what it cannot do (a joined scope changing the isolation level)."""
+    """A scope was asked for what it cannot do (a joined scope changing the isolation level).
+
+    When: a savepoint asked to change read-only-ness or isolation. Fix: open an independent
+    scope.
+    """
 
 
 class NoActiveScopeError(ScopeError):
-    """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``."""
+    """``current_session()`` or ``on_commit()`` was called outside any ``session_scope()``.
+
+    When: ``current_session()`` or ``on_commit()`` outside any scope. Fix: call it inside a
+    scope.
+    """
 
 
 class SQLiteWriteLockTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.OperationalError):
@@ -208,6 +289,9 @@ class SQLiteWriteLockTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.
     ``orig`` is an ``SQLITE_BUSY`` ``sqlite3.OperationalError``, so ``except
     OperationalError`` and ``run_in_transaction`` treat it as SQLite's own
     "database is locked".
+
+    When: an SQLite writer waited while one transaction of this process held the write gate for
+    twice the busy timeout. Fix: keep writing scopes short ([sqlite.md](sqlite.md)).
     """
 
 
@@ -217,6 +301,9 @@ class ReadOnlyError(DbSessionError, _TranslatedDBAPIError):
     The driver's exception (PostgreSQL 25006, MySQL/MariaDB 1792, SQLite
     SQLITE_READONLY) is ``orig`` and the ``__cause__``; a write refused by dbsession
     itself (inside a read-only scope joined to a writing one) has no ``orig``.
+
+    When: a write inside ``session_scope(readonly=True)``, and only there. Fix: write in a
+    writing scope.
     """
 
 
@@ -224,7 +311,12 @@ class TransactionAbortedError(ScopeError):
     """The transaction of a unit of work was lost inside one of its savepoints (a deadlock
     or a killed connection rolls back the whole transaction on some backends), so the
     unit of work refuses to commit what is left of it. The cause is ``__cause__``;
-    ``run_in_transaction`` retries the whole unit when that cause is transient."""
+    ``run_in_transaction`` retries the whole unit when that cause is transient.
+
+    When: the transaction was lost inside a joined scope (a deadlock, a killed connection), so
+    the outer scope refuses to commit. Fix: run the unit with ``run_in_transaction``, which
+    retries it whole when the cause is transient.
+    """
 
 
 class NeedsRollbackError(TransactionAbortedError, sa_exc.PendingRollbackError):
@@ -232,7 +324,13 @@ class NeedsRollbackError(TransactionAbortedError, sa_exc.PendingRollbackError):
     the scope caught (or the code called ``session.rollback()``), so the scope refuses to
     commit: everything is rolled back and no on_commit hook runs. The caught error is
     ``__cause__``. Wrap an optional statement in a joined ``session_scope()`` to keep
-    the rest of the unit when it fails. Also an ``sqlalchemy.exc.PendingRollbackError``."""
+    the rest of the unit when it fails. Also an ``sqlalchemy.exc.PendingRollbackError``.
+
+    When: a database error was caught inside the scope (or ``session.rollback()`` was called
+    there), so the scope refuses to commit. Fix: let the error leave the scope, or run the
+    optional statement in a joined ``session_scope()`` and catch the error outside it
+    ([transactions.md](transactions.md#a-caught-database-error-dooms-the-unit)).
+    """
 
 
 class DatabaseBlockedError(ScopeError):
@@ -248,11 +346,21 @@ class SharedConnectionError(ScopeError):
 class PoolExhaustedError(DbSessionError, sa_exc.TimeoutError):
     """No pooled connection became free in time; the message names how many are checked
     out and the call sites of the units of work holding them. Also an
-    ``sqlalchemy.exc.TimeoutError``."""
+    ``sqlalchemy.exc.TimeoutError``.
+
+    When: no pooled connection became free in time (the message names the call sites holding
+    them). Fix: shorter units of work, or a bigger ``pool_size``
+    ([observability.md](observability.md)).
+    """
 
 
 class NotInitializedError(ConfigurationError):
-    """The process default factory was disposed; call ``global_init()`` before using it again."""
+    """The process default factory was disposed; call ``global_init()`` before using it again.
+
+    When: a module function (``session_scope()`` ..) after
+    ``DbSessionFactory.global_dispose()``. Fix: call ``global_init()`` again, or stop the late
+    work before disposing.
+    """
 
 
 class BulkInsertError(DbSessionError):
@@ -263,6 +371,9 @@ class BulkInsertError(DbSessionError):
     A refusal by the database is also the SQLAlchemy class of the error it replaces
     (``IntegrityError`` for a constraint, ``DataError`` for a value, ...); see
     ``bulk_insert_refused``.
+
+    When: ``bulk_insert()`` got a row naming other columns, or the database refused a row;
+    nothing of the call stays. Fix: fix the row the message names.
     """
 
 
@@ -309,6 +420,9 @@ class RetryExhaustedError(DbSessionError):
 
     ``attempts`` is how many were made; the last error is ``last_error`` and the
     ``__cause__``.
+
+    When: ``run_in_transaction`` failed transiently until its time budget (15 s by default) ran
+    out. Fix: ``retry=RetryPolicy(budget=60.0)`` for a longer failover, or reduce contention.
     """
 
     def __init__(self, message: str, *, attempts: int, last_error: BaseException) -> None:
@@ -318,15 +432,27 @@ class RetryExhaustedError(DbSessionError):
 
 
 class MigrationsNotFoundError(ConfigurationError):
-    """No Alembic configuration or migrations folder was found where dbsession looked."""
+    """No Alembic configuration or migrations folder was found where dbsession looked.
+
+    When: no ``alembic.ini`` or ``migrations/`` where dbsession looked. Fix: ``migrations=`` /
+    ``--migrations DIR`` / ``DBSESSION_MIGRATIONS``, or ``dbsession init``.
+    """
 
 
 class MigrationError(DbSessionError):
-    """An Alembic migration command failed; the message says which and why."""
+    """An Alembic migration command failed; the message says which and why.
+
+    When: any other Alembic failure: several heads (``dbsession merge -m merge``), no revision
+    yet, ``check`` without metadata, an ``.ini`` that cannot be read. Fix: as the message says.
+    """
 
 
 class MigrationLockTimeoutError(MigrationError):
-    """The migration lock stayed held by another process for the whole lock timeout."""
+    """The migration lock stayed held by another process for the whole lock timeout.
+
+    When: another process held the migration lock for the whole lock timeout. Fix: let the
+    other upgrade finish; the message names the holder.
+    """
 
 
 class MigrationBlockedError(MigrationError, _TranslatedDBAPIError, sa_exc.OperationalError):
@@ -337,6 +463,10 @@ class MigrationBlockedError(MigrationError, _TranslatedDBAPIError, sa_exc.Operat
     how long their transaction had been open, their query); ``attempts`` is how many
     tries were made. Also a SQLAlchemy ``OperationalError``: the driver's lock-timeout
     error is ``orig``.
+
+    When: a migration statement did not get its table lock within the lock wait, in every
+    attempt (docs/migrations.md). Fix: end or wait out the transaction the message names, or a
+    longer ``lock_wait=``.
     """
 
     blockers: tuple[Blocker, ...] = ()
@@ -344,11 +474,18 @@ class MigrationBlockedError(MigrationError, _TranslatedDBAPIError, sa_exc.Operat
 
 
 class UnknownRevisionError(MigrationError):
-    """The revision named does not exist in the migrations folder."""
+    """The revision named does not exist in the migrations folder.
+
+    When: ``upgrade nope``. Fix: ``dbsession history`` lists the revisions.
+    """
 
 
 class SchemaNotAtHeadError(MigrationError):
-    """The database schema is not at the newest migration revision."""
+    """The database schema is not at the newest migration revision.
+
+    When: ``require_head()`` / ``global_init(require_migrated=True)`` on a database behind the
+    migrations. Fix: ``dbsession upgrade``.
+    """
 
     def __init__(self, current: str | None, head: str) -> None:
         self.current = current

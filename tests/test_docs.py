@@ -101,13 +101,17 @@ def run_blocks(
 def errors_table() -> str:
     """The table of docs/errors.md, made from ``dbsession.errors``: each exception, what it
     is a kind of (dbsession's parent; SQLAlchemy's class where it replaces one), whether
-    ``dbsession`` re-exports it, and its docstring's first paragraph."""
+    ``dbsession`` re-exports it, its docstring's first paragraph, and its ``When: ... Fix:
+    ...`` paragraph (the one table of errors: docs link to it rather than repeat rows)."""
     from sqlalchemy import exc as sa_exc
 
     import dbsession
     from dbsession import errors
 
-    rows = ["| error | is a | also in `dbsession` | what it means |", "|---|---|---|---|"]
+    rows = [
+        "| error | is a | also in `dbsession` | what it means | when, and the fix |",
+        "|---|---|---|---|---|",
+    ]
     for name in errors.__all__:
         error = getattr(errors, name)
         ours = [b for b in error.__mro__[1:] if b.__module__.startswith("dbsession")]
@@ -117,11 +121,15 @@ def errors_table() -> str:
             for b in (sa_exc.OperationalError, sa_exc.DBAPIError)
             if issubclass(error, b)
         ][:1]
-        doc = inspect.getdoc(error) or ""
-        meaning = " ".join(doc.split("\n\n")[0].split()).replace("``", "`")
+        paragraphs = [
+            " ".join(p.split()).replace("``", "`")
+            for p in (inspect.getdoc(error) or "").split("\n\n")
+        ]
+        when = next((p for p in paragraphs if p.startswith("When: ")), "")
         exported = "yes" if name in dbsession.__all__ else ""
         rows.append(
-            f"| `{name}` | {', '.join(parents) or '`Exception`'} | {exported} | {meaning} |"
+            f"| `{name}` | {', '.join(parents) or '`Exception`'} | {exported} | {paragraphs[0]} "
+            f"| {when.removeprefix('When: ')} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -180,13 +188,6 @@ def test_the_extractor_sees_markers_and_plain_blocks() -> None:
     assert found[0].line == 3
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "--errors-table":
-        print(errors_table(), end="")
-    else:
-        run_page(Path(sys.argv[1]))
-
-
 def test_the_layout_page_names_every_module_and_nothing_gone() -> None:
     """docs/layout.md is the map a reader opens first: every module of the package (and
     the plugin's entry module) has its line, and no line names a module that is gone."""
@@ -202,3 +203,10 @@ def test_the_layout_page_names_every_module_and_nothing_gone() -> None:
     named = set(re.findall(r"^\s*(\w+\.py)\s", package_part, flags=re.MULTILINE))
     assert sorted(modules - named) == []
     assert sorted(named - modules) == []
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--errors-table":
+        print(errors_table(), end="")
+    else:
+        run_page(Path(sys.argv[1]))
