@@ -146,7 +146,7 @@ def _build(
     if connector is not None:
         connector.attach(engine)
     _install_fork_guard(engine)
-    observability.watch(engine)
+    observability._watch(engine)
     install_read_only_errors(engine)
     install_timeout_errors(engine)
     if url.get_backend_name() == "sqlite":

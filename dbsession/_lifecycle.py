@@ -207,7 +207,8 @@ class LazyFactory(Generic[B]):
         """Resolve the URL now (argument > DATABASE_URL > SQLite default); build the engine lazily.
 
         ``engine_options`` go to SQLAlchemy's ``create_engine`` (``create_async_engine``)
-        and override dbsession's defaults (``pool_pre_ping=True``). With ``replica_url``,
+        and override dbsession's defaults (``pool_size``, ``max_overflow``, the liveness check
+        that ``pool_pre_ping=True`` or ``False`` replaces). With ``replica_url``,
         read-only scopes run on a second engine for that URL (same options), built on
         first use. ``pooler`` ("transaction", "session", "none"; unset: prepared
         statements off), ``timeouts`` (a ``Timeouts``) and ``max_replica_lag`` (seconds):

@@ -42,12 +42,12 @@ class _Watcher:
         self.backend = backend
 
     def waited(self, pool: Pool, seconds: float) -> None:
-        observability.add_pool_wait(seconds, self.backend)
+        observability._add_pool_wait(seconds, self.backend)
 
     def taken(self, pool: Pool, record: ConnectionPoolEntry) -> None:
         # Weakly: an observation holds its caller's frame (and so the session and this very
         # connection); a strong reference here would keep an abandoned one alive for ever.
-        current = observability.current()
+        current = observability._current()
         _holders(pool)[id(record)] = None if current is None else weakref.ref(current)
 
     def returned(self, pool: Pool, record: ConnectionPoolEntry) -> None:
@@ -68,7 +68,7 @@ class _Watcher:
 
 def _holder_site(holder: weakref.ref[observability.Observation] | None) -> str:
     if holder is None:
-        return _OUTSIDE if observability.enabled() else _UNRECORDED
+        return _OUTSIDE if observability._enabled() else _UNRECORDED
     observation = holder()
     return _ENDED if observation is None else observation.site
 

@@ -115,7 +115,7 @@ def run_with_retries(
         attempt += 1
         used = None
         try:
-            with observability.attempt(attempt), open_scope() as session:
+            with observability._attempt(attempt), open_scope() as session:
                 used = session
                 return fn(session)
         except Exception as error:
@@ -147,7 +147,7 @@ async def run_with_retries_async(
         attempt += 1
         used = None
         try:
-            with observability.attempt(attempt):
+            with observability._attempt(attempt):
                 async with open_scope() as session:
                     used = session
                     return await fn(session)
@@ -199,7 +199,7 @@ def wait_before_retry(
             last_error=error,
         ) from error
     wait = min(policy.delay(attempt), left)
-    observability.retried(reason, dialect_name)
+    observability._retried(reason, dialect_name)
     logger.info(
         "dbsession: %s: %s on attempt %d (%.1fs of the %gs budget left); retrying in %.3fs",
         name,

@@ -87,7 +87,9 @@ event.listen(
 
 def observe(frame: Frame) -> observability.Observation | None:
     """Start observing the unit of work of ``frame`` (None when nothing is observed)."""
-    return observability.begin(frame.entered_by, frame.owner, frame.readonly, frame.isolation_level)
+    return observability._begin(
+        frame.entered_by, frame.owner, frame.readonly, frame.isolation_level
+    )
 
 
 def observed_end(
@@ -95,7 +97,7 @@ def observed_end(
 ) -> None:
     """Finish observing a unit of work (a no-op when it was not observed)."""
     if observation is not None:
-        observability.end(observation, "committed" if committed else "rolled back", error)
+        observability._end(observation, "committed" if committed else "rolled back", error)
 
 
 class UnitOfWorkBase(Generic[S]):

@@ -151,7 +151,7 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
                 else:
                     held = gate.acquire(stall, until)
             finally:
-                observability.add_lock_wait(time.perf_counter() - started)
+                observability._add_lock_wait(time.perf_counter() - started)
             if not held:
                 assert budget is not None
                 raise ScopeTimeoutError(

@@ -8,7 +8,8 @@ were held. Three layers, each independent:
 - **Slow-scope warnings** (on by default, no dependency): a unit of work open longer
   than ``slow_scope_seconds`` (default 5 s) logs one WARNING on the ``dbsession``
   logger when it ends, with its duration, the ``file:line`` that opened it, and the
-  time spent in the database (SQLAlchemy cursor events) against the time outside it.
+  time spent in the database (the driver's execute calls, timed by hooks of the dialect's
+  ``do_execute*`` methods, ``_seam``) against the time outside it.
   ``configure(slow_scope_seconds=None)`` turns it off.
 - **Statistics** (``configure(stats=True)``, or ``DBSESSION_STATS=1``): counts, outcomes
   and duration percentiles per call site, from ``stats()``; ``DBSESSION_STATS=1`` also
@@ -131,7 +132,7 @@ _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _timed: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def watch(engine: Engine) -> None:
+def _watch(engine: Engine) -> None:
     """Time the statements of ``engine`` whenever something is observed (called for every
     engine dbsession builds; the listeners are attached only while observing)."""
     _engines.add(engine)
@@ -142,7 +143,7 @@ _listeners_lock = threading.Lock()
 
 
 def _update_listeners() -> None:
-    wanted = enabled()
+    wanted = _enabled()
     with _listeners_lock:
         _update_engines(wanted)
 
@@ -165,7 +166,7 @@ def _update_engines(wanted: bool) -> None:
 
 def _timed_execute(execute: Callable[..., Any]) -> Callable[..., Any]:
     def timed(*args: Any) -> Any:  # SQLAlchemy passes them positionally
-        observation = _current.get()
+        observation = _observed.get()
         if observation is None:
             return execute(*args)
         began = time.perf_counter()
@@ -177,7 +178,7 @@ def _timed_execute(execute: Callable[..., Any]) -> Callable[..., Any]:
     return timed
 
 
-def enabled() -> bool:
+def _enabled() -> bool:
     """True if anything is observed (a unit of work then records its timings; ``begin``
     asks the same)."""
     config = _config
@@ -265,8 +266,8 @@ class Observation:
         return url.get_backend_name() if url is not None else ""
 
 
-_current: ContextVar[Observation | None] = ContextVar("dbsession_observation", default=None)
-_attempt: ContextVar[int] = ContextVar("dbsession_attempt", default=1)
+_observed: ContextVar[Observation | None] = ContextVar("dbsession_observation", default=None)
+_attempt_number: ContextVar[int] = ContextVar("dbsession_attempt", default=1)
 
 
 def _line_at(code: CodeType, offset: int) -> int:
@@ -277,16 +278,16 @@ def _line_at(code: CodeType, offset: int) -> int:
     return code.co_firstlineno
 
 
-def name_current(function: Any) -> None:
+def _name_current(function: Any) -> None:
     """Report the unit of work observed here at ``function``'s definition (for
     integrations: the view or endpoint, rather than the framework code that runs it)."""
-    observation = _current.get()
+    observation = _observed.get()
     code = getattr(function, "__code__", None)
     if observation is not None and code is not None:
         observation._site = f"{code.co_filename}:{code.co_firstlineno}"
 
 
-def begin(
+def _begin(
     entered_by: FrameType | None, owner: object, readonly: bool, isolation_level: str | None
 ) -> Observation | None:
     """Start observing a unit of work; None when nothing is observed. Never raises: if the
@@ -302,8 +303,8 @@ def begin(
         except Exception:
             logger.exception("dbsession: observability could not start a span; not traced")
             observation.span = None
-    observation.outer = _current.get()
-    _current.set(observation)
+    observation.outer = _observed.get()
+    _observed.set(observation)
     return observation
 
 
@@ -317,21 +318,21 @@ def _start_span(observation: Observation, tracer: Any) -> None:
             "dbsession.readonly": observation.readonly,
             "dbsession.isolation_level": observation.isolation_level or "default",
             "dbsession.nested": False,
-            "dbsession.retry_attempt": _attempt.get(),
+            "dbsession.retry_attempt": _attempt_number.get(),
             "code.location": observation.site,
         },
     )
     observation.span_token = context.attach(trace.set_span_in_context(observation.span))
 
 
-def end(observation: Observation, outcome: str, error: BaseException | None) -> None:
+def _end(observation: Observation, outcome: str, error: BaseException | None) -> None:
     """Finish observing: ``outcome`` is ``"committed"`` or ``"rolled back"``, as the
     database decided. Never raises (a scope's outcome is the database's alone): a failure
     to report is logged on the ``dbsession`` logger. Reported under the configuration the
     unit of work began with, whatever ``configure`` did meanwhile."""
     duration = time.perf_counter() - observation.started
-    if _current.get() is observation:
-        _current.set(observation.outer)
+    if _observed.get() is observation:
+        _observed.set(observation.outer)
     observation.outer = None
     config = observation.config
     try:
@@ -406,38 +407,38 @@ def _end_span(
     instruments["commits" if outcome == "committed" else "rollbacks"].add(1, attributes)
 
 
-def current() -> Observation | None:
+def _current() -> Observation | None:
     """The unit of work observed in this context, if any."""
-    return _current.get()
+    return _observed.get()
 
 
-def lend(observation: Observation | None) -> Token[Observation | None] | None:
+def _lend(observation: Observation | None) -> Token[Observation | None] | None:
     """Make ``observation`` the unit of work observed in this context (for integrations
     that open a scope in one context and run the handler in another: its statements, pool
     waits and checkouts are then the scope's); ``unlend`` the token it returns when the
     scope has ended. A no-op (None) for a unit of work that is not observed."""
-    return None if observation is None else _current.set(observation)
+    return None if observation is None else _observed.set(observation)
 
 
-def unlend(token: Token[Observation | None] | None) -> None:
+def _unlend(token: Token[Observation | None] | None) -> None:
     """Undo ``lend`` (a no-op for None, or in another context than the one it was lent in)."""
     if token is not None:
         try:
-            _current.reset(token)
+            _observed.reset(token)
         except ValueError:
             pass
 
 
-def add_lock_wait(seconds: float) -> None:
+def _add_lock_wait(seconds: float) -> None:
     """Count ``seconds`` waited for SQLite's write lock against the unit of work here."""
-    observation = _current.get()
+    observation = _observed.get()
     if observation is not None:
         observation.lock_wait += seconds
 
 
-def add_pool_wait(seconds: float, backend: str) -> None:
+def _add_pool_wait(seconds: float, backend: str) -> None:
     """Count ``seconds`` waited for a pooled connection against the unit of work here."""
-    observation = _current.get()
+    observation = _observed.get()
     if observation is not None:
         observation.pool_wait += seconds
     instruments = _config.instruments
@@ -445,7 +446,7 @@ def add_pool_wait(seconds: float, backend: str) -> None:
         instruments["pool_wait"].record(seconds, {"db.system": backend})
 
 
-def retried(reason: str, backend: str) -> None:
+def _retried(reason: str, backend: str) -> None:
     """Count one retry of a unit of work (the metric ``dbsession.retries``)."""
     instruments = _config.instruments
     if instruments is not None:
@@ -453,13 +454,13 @@ def retried(reason: str, backend: str) -> None:
 
 
 @contextmanager
-def attempt(number: int) -> Iterator[None]:
+def _attempt(number: int) -> Iterator[None]:
     """Mark the units of work opened in the block as attempt ``number`` of a retried unit."""
-    token = _attempt.set(number)
+    token = _attempt_number.set(number)
     try:
         yield
     finally:
-        _attempt.reset(token)
+        _attempt_number.reset(token)
 
 
 # --- statistics per call site ----------------------------------------------------------

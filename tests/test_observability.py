@@ -102,7 +102,7 @@ def test_fast_scopes_and_the_off_switch_log_nothing(
         with factory.session_scope():
             time.sleep(0.3)
     assert slow_warnings(caplog) == []
-    assert not observability.enabled()
+    assert not observability._enabled()
 
 
 def test_statistics_count_units_per_call_site(factory: DbSessionFactory) -> None:

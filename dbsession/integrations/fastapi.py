@@ -92,7 +92,7 @@ def session_dependency(
         lend(frame)
         # The handler's statements, pool waits and checkouts are the request's unit of work
         # (PoolExhaustedError names its endpoint as the holder).
-        lent = observability.lend(observation)
+        lent = observability._lend(observation)
         try:
             try:
                 yield session
@@ -101,7 +101,7 @@ def session_dependency(
                 raise
             await run_in_threadpool(scope.__exit__, None, None, None)
         finally:
-            observability.unlend(lent)
+            observability._unlend(lent)
 
     return get_session
 
@@ -112,12 +112,12 @@ def _enter(
     """Enter ``scope`` (in a worker thread) and return its session, its frame and its
     observation; the unit of work is reported at ``endpoint`` (observability)."""
     session = scope.__enter__()
-    observability.name_current(endpoint)
+    observability._name_current(endpoint)
     frame = innermost()
     if frame is None or frame.session is not session:  # pragma: no cover - a dbsession bug
         scope.__exit__(None, None, None)
         raise ScopeError("dbsession: the request's scope is not visible where it was opened.")
-    return session, frame, observability.current()
+    return session, frame, observability._current()
 
 
 #: The dependency on the process default factory.
@@ -157,7 +157,7 @@ def async_session_dependency(
 
         owner = factory or async_default_factory()
         async with owner.session_scope(readonly=readonly) as session:
-            observability.name_current(request.scope.get("endpoint"))
+            observability._name_current(request.scope.get("endpoint"))
             frame = innermost()
             if frame is not None and frame.session is session:
                 lend(frame)  # the handler runs outside this generator's frame

@@ -75,7 +75,7 @@ def unit_of_work(
 
         def run(unit: Callable[[Session], R]) -> R:
             with open_scope() as session:
-                observability.name_current(view)
+                observability._name_current(view)
                 return unit(session)
 
         if not _takes_a_session(view):

@@ -76,7 +76,7 @@ def test_async_retry_messages_name_the_function(
         holder.close()
     logged = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert logged[0].startswith(
-        f"dbsession: {name}: SQLITE_BUSY database is locked on attempt 1 of "
+        f"dbsession: {name}: SQLITE_BUSY database is locked on attempt 1 ("
     ), logged
     assert str(caught.value).startswith(
         f"{name} failed with a transient error (SQLITE_BUSY database is locked) on each of "
