@@ -205,6 +205,17 @@ def test_the_layout_page_names_every_module_and_nothing_gone() -> None:
     assert sorted(named - modules) == []
 
 
+def test_the_version_is_the_changelogs_newest_section() -> None:
+    """pyproject's version and CHANGELOG.md's first section name one release, and there is
+    one section for what is not released yet."""
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    sections = re.findall(r"^## \[([^\]]+)\](.*)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert version is not None and sections
+    release = re.match(r"\d+\.\d+\.\d+", version.group(1))
+    assert release is not None and sections[0][0] == release.group(0), (version, sections[0])
+    assert [s for s in sections if "unreleased" in s[1].lower()] == sections[:1]
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--errors-table":
         print(errors_table(), end="")
