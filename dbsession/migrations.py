@@ -86,6 +86,21 @@ _LOCK_TIMEOUT_SECONDS = 600.0
 _LOCK_TIMEOUT_ENV = "DBSESSION_MIGRATION_LOCK_TIMEOUT"
 
 Migrations = str | os.PathLike[str] | None
+__all__ = [
+    "LockWait",
+    "commit_point",
+    "current",
+    "downgrade",
+    "head",
+    "is_at_head",
+    "lint",
+    "migration_lock",
+    "rehearse",
+    "require_head",
+    "run_env",
+    "upgrade",
+]
+
 logger: logging.Logger = logging.getLogger("dbsession")
 #: The line naming the database a command acts on (the console script shows it at INFO).
 target_logger: logging.Logger = logging.getLogger("dbsession.target")
@@ -458,15 +473,29 @@ def run_env(url: str | URL | Callable[[], str | URL] | None = None) -> None:
     if is_sqlite:  # dbsession's engine emits BEGIN itself, so SQLite DDL is transactional
         options["transactional_ddl"] = True
     if context.is_offline_mode():
-        context.configure(
-            dialect_name=url.get_dialect().name,
-            literal_binds=True,
-            dialect_opts={"paramstyle": "named"},
-            **options,
-        )
-        with context.begin_transaction():
-            context.run_migrations()
-        return
+        _run_migrations_offline(context, url, options)
+    else:
+        _run_migrations_online(context, config, url, source, options)
+
+
+def _run_migrations_offline(context: Any, url: URL, options: dict[str, Any]) -> None:
+    """Alembic's offline mode (``--sql``): the SQL for ``url``'s dialect, no connection."""
+    context.configure(
+        dialect_name=url.get_dialect().name,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        **options,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_migrations_online(
+    context: Any, config: Config, url: URL, source: str, options: dict[str, Any]
+) -> None:
+    """Alembic's online mode: on the connection a caller shares
+    (``config.attributes["connection"]``, as in Alembic's cookbook), else on a connection of
+    its own, under the migration lock and the lock-safe runner."""
     shared: Connection | None = config.attributes.get("connection")
     if shared is not None:
         context.configure(connection=shared, **options)
