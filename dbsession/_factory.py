@@ -126,7 +126,9 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
             replica=replica,
         )
 
-    def run_in_transaction(self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def run_in_transaction(
+        self, fn: Unit[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
         """Run ``fn(session, *args, **kwargs)`` in a scope; retry it whole on a transient failure.
 
         Transient: serialization failure or deadlock (PostgreSQL 40001, 40P01), deadlock
@@ -205,6 +207,7 @@ class DbSessionFactory(LazyFactory[SyncBinding]):
         for binding in self._detach():
             binding.engine.dispose()
             logger.debug("dbsession: engine disposed for %s", mask_url(binding.engine.url))
+
 
 
 def _independent(independent: bool, nested: bool | None) -> bool:

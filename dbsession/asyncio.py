@@ -218,6 +218,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
             logger.debug("dbsession: async engine disposed for %s", mask_url(binding.engine.url))
 
 
+
 def _sync_engine(engine: AsyncEngine) -> Engine:
     return engine.sync_engine
 
@@ -257,7 +258,9 @@ def async_session_scope(
     )
 
 
-async def async_run_in_transaction(fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+async def async_run_in_transaction(
+    fn: AsyncUnit[P, T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
     """``await fn(session, *args, **kwargs)`` in a unit of work on the process default async
     factory, retried whole on transient failures; see
     ``AsyncDbSessionFactory.run_in_transaction``."""
