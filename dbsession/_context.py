@@ -91,11 +91,6 @@ class Frame:
             frame = frame.parent
         return frame
 
-    @property
-    def lent(self) -> bool:
-        """True once ``lend`` made the scope visible to any code that sees its context."""
-        return self.thread == _LENT
-
     def claim(self, entered_by: FrameType | None) -> None:
         """Record the owner: the running thread, and ``entered_by`` (the Python frame that
         runs the ``with`` statement) if it can suspend while the scope is open."""
