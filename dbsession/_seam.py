@@ -55,12 +55,12 @@ Hook = Callable[[Method], Method]
 #: what. ``sqlite_begin`` and ``ping_timeout`` replace the dialect's own method.
 ORDER: dict[str, tuple[str, ...]] = {
     "do_begin": ("commit_mark", "sqlite_begin"),
-    "do_commit": ("sqlite_gate", "commit_mark"),
-    "do_rollback": ("sqlite_gate",),
-    "do_ping": ("ping_timeout",),
-    "do_execute": ("statement_timer",),
-    "do_execute_no_params": ("statement_timer",),
-    "do_executemany": ("statement_timer",),
+    "do_commit": ("sqlite_gate", "commit_mark", "deadline"),
+    "do_rollback": ("sqlite_gate", "deadline"),
+    "do_ping": ("ping_timeout", "deadline"),
+    "do_execute": ("statement_timer", "deadline"),
+    "do_execute_no_params": ("statement_timer", "deadline"),
+    "do_executemany": ("statement_timer", "deadline"),
 }
 
 _hooks: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Hook]]] = weakref.WeakKeyDictionary()
