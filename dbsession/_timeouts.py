@@ -340,9 +340,7 @@ class _Watchdog:
         #: key (an execution context, a pooled or driver connection) -> (deadline, budget)
         self.armed: dict[Any, Entry] = {}
         #: what the thread cut, for the error handler to name (kept only while alive)
-        self.expired: weakref.WeakKeyDictionary[Any, Entry] = (
-            weakref.WeakKeyDictionary()
-        )
+        self.expired: weakref.WeakKeyDictionary[Any, Entry] = weakref.WeakKeyDictionary()
         self.wake_at = math.inf
         self._event = threading.Event()
         self._lock = threading.Lock()
