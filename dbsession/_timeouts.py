@@ -424,7 +424,8 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
       (CommitOutcomeUnknownError for a COMMIT in flight);
     - elsewhere each gets ``timeouts.read`` (PyMySQL applies that one itself, as its
       ``read_timeout``); past it, ConnectionLostError;
-    - a MySQL/MariaDB pre-ping gets ``timeouts.ping`` (psycopg's has its own bound).
+    - a MySQL/MariaDB pre-ping gets ``timeouts.ping`` (psycopg's has its own bound);
+    - PyMySQL's wait for a new connection's greeting gets ``timeouts.connect``.
 
     Past a deadline the connection's socket is shut down: the connection is dropped, the
     transaction was not committed, and a server that resumes later sees it closed (no
@@ -483,6 +484,24 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
             return do_ping
 
         set_hook(engine, "do_ping", "deadline", ping_hook)
+    if driver == "pymysql" and timeouts.connect is not None:
+        within = timeouts.connect
+
+        def greeting_hook(connect: Any) -> Any:
+            def connect_within(*cargs: Any, **cparams: Any) -> Any:
+                # PyMySQL reads the server's greeting under read_timeout, not
+                # connect_timeout: the deadline makes ``connect`` cover the handshake.
+                connection = connect(*cargs, defer_connect=True, **cparams)
+                arm(connection, None, within)
+                try:
+                    connection.connect()
+                finally:
+                    armed.pop(connection, None)
+                return connection
+
+            return connect_within
+
+        set_hook(engine, "connect", "deadline", greeting_hook)
 
 
 def overdue_error(context: ExceptionContext, describe: str) -> DBAPIError | None:

@@ -45,7 +45,7 @@ from helpers import BOUND, within
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from dbsession import DbSessionFactory, Timeouts
+from dbsession import DatabaseUnreachableError, DbSessionFactory, Timeouts
 from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.errors import ConnectionLostError, ScopeTimeoutError
 
@@ -328,3 +328,20 @@ def test_a_silent_mariadb_server_does_not_hang_an_async_scope(
     finally:
         run(factory.dispose())
         loop.close()
+
+
+def test_pymysql_waits_for_a_silent_servers_greeting_only_within_connect(
+    mysql_url: URL,
+) -> None:
+    """PyMySQL reads the greeting under its read timeout (300 s by default): a server that
+    accepted and said nothing held a fresh scope that long. ``connect`` now covers it."""
+    silent = TcpProxy(None, mode="silent")
+    factory = DbSessionFactory(
+        mysql_url.set(host="127.0.0.1", port=silent.port), timeouts=Timeouts(connect=2)
+    )
+    try:
+        with pytest.raises(DatabaseUnreachableError, match="Cannot connect"):
+            within(BOUND, lambda: _scope(factory, None))
+    finally:
+        factory.dispose()
+        silent.close()
