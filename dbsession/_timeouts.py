@@ -317,8 +317,9 @@ def _is_timeout(error: BaseException, backend: str) -> bool:
 
 # --- client-side deadlines: a frozen server -----------------------------------------------
 
-#: How much longer than a timed scope's budget the client waits for a reply before it
-#: closes the connection. A live server ends the statement at the budget itself
+#: How much longer than a timed scope's budget (rounded up to whole seconds, as MariaDB's
+#: ``innodb_lock_wait_timeout`` is) the client waits for a reply before it closes the
+#: connection. A live server ends the statement at the budget itself
 #: (``statement_timeout``, ``max_statement_time``) and says so; only a server that stopped
 #: (frozen, its kernel still acknowledging) is still silent a second later.
 DEADLINE_GRACE = 1.0
@@ -419,9 +420,9 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
     with a client-side deadline, which a frozen server (its kernel still acknowledging,
     so keepalives and ``tcp_user_timeout`` never fire) cannot hold past:
 
-    - in a timed scope, each statement, COMMIT and ROLLBACK gets the scope's budget plus
-      :data:`DEADLINE_GRACE`; past it the scope raises ScopeTimeoutError
-      (CommitOutcomeUnknownError for a COMMIT in flight);
+    - in a timed scope, each statement, COMMIT and ROLLBACK gets the scope's budget
+      (rounded up to whole seconds) plus :data:`DEADLINE_GRACE`; past it the scope raises
+      ScopeTimeoutError (CommitOutcomeUnknownError for a COMMIT in flight);
     - elsewhere each gets ``timeouts.read`` (PyMySQL applies that one itself, as its
       ``read_timeout``); past it, ConnectionLostError;
     - a MySQL/MariaDB pre-ping gets ``timeouts.ping`` (psycopg's has its own bound);
@@ -450,7 +451,7 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
             def bounded(*args: Any) -> Any:  # SQLAlchemy passes them positionally
                 budget = current_budget()
                 if budget is not None:
-                    window = budget.seconds + DEADLINE_GRACE
+                    window = math.ceil(budget.seconds) + DEADLINE_GRACE
                 elif read is None:
                     return method(*args)
                 else:
@@ -491,7 +492,9 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
             def connect_within(*cargs: Any, **cparams: Any) -> Any:
                 # PyMySQL reads the server's greeting under read_timeout, not
                 # connect_timeout: the deadline makes ``connect`` cover the handshake.
-                connection = connect(*cargs, defer_connect=True, **cparams)
+                if cparams.get("defer_connect"):  # the application connects it
+                    return connect(*cargs, **cparams)
+                connection = connect(*cargs, **{**cparams, "defer_connect": True})
                 arm(connection, None, within)
                 try:
                     connection.connect()

@@ -47,7 +47,7 @@ from sqlalchemy.engine import URL
 
 from dbsession import DatabaseUnreachableError, DbSessionFactory, Timeouts
 from dbsession.asyncio import AsyncDbSessionFactory
-from dbsession.errors import ConnectionLostError, ScopeTimeoutError
+from dbsession.errors import CommitOutcomeUnknownError, ConnectionLostError, ScopeTimeoutError
 
 pytestmark = pytest.mark.slow
 
@@ -240,6 +240,28 @@ def test_a_write_stuck_on_a_frozen_server_is_not_applied_when_it_resumes(
 
         assert isinstance(_while_frozen(server, write), ScopeTimeoutError)
         assert within(BOUND, lambda: _scope_count(factory)) == 0
+    finally:
+        factory.dispose()
+
+
+def test_a_commit_stuck_on_a_frozen_server_has_an_unknown_outcome(server: OwnServer) -> None:
+    """The COMMIT itself got no answer: it may land when the server resumes (it is in the
+    server's socket buffer), so the scope says so instead of ScopeTimeoutError's "rolled
+    back", and run_in_transaction does not run the unit again."""
+    factory = DbSessionFactory(server.url)
+
+    def commit_into_the_freeze() -> None:
+        with factory.session_scope(timeout=2) as session:
+            session.execute(text("CREATE TABLE IF NOT EXISTS stuck (n int)"))
+            server.freeze()
+
+    try:
+        with pytest.raises(CommitOutcomeUnknownError):
+            within(BOUND, commit_into_the_freeze)
+        assert server.frozen
+        server.thaw()
+        assert factory.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert within(BOUND, lambda: _scope(factory, None)) == 1
     finally:
         factory.dispose()
 
