@@ -343,12 +343,17 @@ class _Watchdog:
         #: what the thread cut, for the error handler to name (kept only while alive)
         self.expired: weakref.WeakKeyDictionary[Any, Entry] = weakref.WeakKeyDictionary()
         self.wake_at = math.inf
+        #: The shortest window armed so far: while nothing is armed, the thread looks again
+        #: that often, so that a statement armed meanwhile (due no sooner) need not wake it.
+        self.horizon = math.inf
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._pid = 0
 
-    def wake(self) -> None:
-        """A deadline sooner than the thread's next wake was armed (start it if need be)."""
+    def wake(self, window: float) -> None:
+        """A deadline sooner than the thread's next wake was armed, ``window`` seconds from
+        now (start the thread if need be)."""
+        self.horizon = min(self.horizon, window)
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
@@ -380,7 +385,7 @@ class _Watchdog:
                     if hasattr(key, "root_connection"):  # a statement: its error names why
                         self.expired[key] = entry
                     _cut(key)
-            self.wake_at = soonest
+            self.wake_at = soonest = min(soonest, now + self.horizon)
             event.wait(None if soonest == math.inf else max(0.0, soonest - time.monotonic()))
 
 
@@ -438,18 +443,20 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
     read = None if driver == "pymysql" else timeouts.read
     watchdog = _watchdog
     armed = watchdog.armed
+    monotonic = time.monotonic
 
-    def arm(key: Any, budget: Budget | None, window: float) -> Entry:
+    def arm(key: Any, budget: Budget | None, window: float) -> None:
         entry = (time.monotonic() + window, window, budget)
         armed[key] = entry
         if entry[0] < watchdog.wake_at:
-            watchdog.wake()
-        return entry
+            watchdog.wake(window)
 
     def watched(key_at: int) -> Any:
         def hook(method: Any) -> Any:
             def bounded(*args: Any) -> Any:  # SQLAlchemy passes them positionally
-                budget = current_budget()
+                budget = _budget.get()
+                if budget is not None and not budget.open:
+                    budget = current_budget()
                 if budget is not None:
                     window = math.ceil(budget.seconds) + DEADLINE_GRACE
                 elif read is None:
@@ -457,7 +464,10 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
                 else:
                     window = read
                 key = args[key_at]
-                arm(key, budget, window)
+                until = monotonic() + window
+                armed[key] = (until, window, budget)
+                if until < watchdog.wake_at:  # rarely: due before the thread looks again
+                    watchdog.wake(window)
                 try:
                     return method(*args)
                 finally:
