@@ -7,22 +7,26 @@ Driver defaults (each one overridable with ``timeouts=Timeouts(...)``, and any o
 - ``connect`` (10 s): opening a connection (TCP, TLS, authentication). A server that
   accepts and then says nothing (a frozen host, a half-open firewall) would otherwise
   hang the first scope for ever. psycopg ``connect_timeout`` (whole seconds, at least 2),
-  PyMySQL and aiomysql ``connect_timeout``.
+  PyMySQL and aiomysql ``connect_timeout``; PyMySQL's wait for the server's greeting
+  (under its read timeout otherwise) gets a client-side deadline (below).
 - ``dead_peer`` (30 s): how long a peer that stopped acknowledging (a dropped network, a
   powered-off host) may take to be declared dead. psycopg: TCP keepalives (first probe
   after ``dead_peer / 2``, then 3 probes ``dead_peer / 6`` apart) and ``tcp_user_timeout``
   (unacknowledged data). It does not bound a slow query: the server's TCP stack keeps
   acknowledging while it works.
-- ``read`` (300 s, PyMySQL only): the longest wait for any reply. PyMySQL has no
-  keepalives, so this is what bounds a silent server; it also bounds the longest
-  statement, hence the generous default (``read=None`` to remove it).
-- ``ping`` (5 s, psycopg): the pre-ping of a pooled connection. A peer that went silent
-  after the connection was pooled would otherwise hang the ping, and with it the scope;
-  past the bound the connection is dropped and a new one opened (itself bounded by
-  ``connect``).
+- ``read`` (300 s): the longest wait for the reply to any statement, COMMIT or ROLLBACK.
+  A server that stopped (SIGSTOP, a stalled VM) keeps acknowledging, so keepalives never
+  see it; this does. PyMySQL applies it itself (``read_timeout``); psycopg and aiomysql
+  through the client-side deadlines (:func:`install_deadlines`). It also bounds the
+  longest statement, hence the generous default (``read=None`` to remove it).
+- ``ping`` (5 s): the pre-ping of a pooled connection. A peer that went silent after the
+  connection was pooled would otherwise hang the ping, and with it the scope; past the
+  bound the connection is dropped and a new one opened (itself bounded by ``connect``).
+  psycopg: bounded here; PyMySQL and aiomysql: a client-side deadline.
 
 Their expiry raises DatabaseUnreachableError (ConnectionLostError once a connection was
-open). The per-scope budget (:func:`install_scope_timeouts`) raises ScopeTimeoutError.
+open). The per-scope budget (:func:`install_scope_timeouts`) raises ScopeTimeoutError,
+also when the server stopped answering (a client-side deadline a little past it).
 """
 
 from __future__ import annotations
