@@ -55,6 +55,7 @@ from ._sqlite import install_opinions, install_write_gate, prepare_url, writer_v
 from ._timeouts import (
     TIMEOUT_OPTION,
     driver_timeouts,
+    install_deadlines,
     install_ping_timeout,
     install_scope_timeouts,
     install_timeout_errors,
@@ -162,6 +163,7 @@ def _build(
         if "pool_pre_ping" not in options:
             _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)
+        install_deadlines(engine, settings.timeouts)
     return built
 
 

@@ -32,7 +32,7 @@ from ._classify import backend_of, error_code
 from ._config import first_line
 from ._errors import CommitOutcomeUnknownError, ConnectionLostError
 from ._seam import Method, set_hook
-from ._timeouts import driver_name
+from ._timeouts import driver_name, overdue_error
 
 _COMMITTING = "dbsession_committing"
 _PROTOCOL_CODES = frozenset({"08P01", "08006", "08003", "08000", "57P01", "57P02", "57P03"})
@@ -127,6 +127,9 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
                 orig=original,
                 connection_invalidated=True,
             )
+        overdue = overdue_error(context, describe)  # a deadline passed (a frozen server)
+        if overdue is not None:
+            return overdue
         return ConnectionLostError(
             f"The connection to {describe} was lost {why}; the transaction was not "
             "committed. The pool opens a new connection on the next use; "

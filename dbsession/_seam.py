@@ -5,12 +5,13 @@ API serves without a cost on every statement lives here, each touch point tested
 ``tests/test_seam.py`` (run on the floor and the newest SQLAlchemy) so that an upgrade
 that stops calling one fails there, never silently:
 
-- **Dialect methods** (``do_begin``, ``do_commit``, ``do_rollback``, ``do_ping`` and the
-  ``do_execute*`` trio). A ``begin``/``commit``/``before_cursor_execute`` listener would
-  send every statement of the engine through SQLAlchemy's event dispatch (measured: +10%
-  instructions per one-query unit of work), so each engine's dialect gets one wrapper per
-  method that runs its hooks in the order :data:`ORDER` gives. :func:`set_hook` is the only
-  writer of dialect attributes, and it refuses a method the dialect class no longer has.
+- **Dialect methods** (``connect``, ``do_begin``, ``do_commit``, ``do_rollback``,
+  ``do_ping`` and the ``do_execute*`` trio). A ``begin``/``commit``/``before_cursor_execute``
+  listener would send every statement of the engine through SQLAlchemy's event dispatch
+  (measured: +10% instructions per one-query unit of work), so each engine's dialect gets
+  one wrapper per method that runs its hooks in the order :data:`ORDER` gives.
+  :func:`set_hook` is the only writer of dialect attributes, and it refuses a method the
+  dialect class no longer has.
 - **Writer connections** (SQLite): a view of an engine whose connections flag their pooled
   connection before ``BEGIN`` (``do_begin`` sees only that), via ``OptionEngine`` and its
   ``_connection_cls``. The public ways cost more: a ``begin`` or ``engine_connect``
@@ -54,13 +55,14 @@ Hook = Callable[[Method], Method]
 #: Every hooked dialect method and its hooks by name, outermost first: what runs around
 #: what. ``sqlite_begin`` and ``ping_timeout`` replace the dialect's own method.
 ORDER: dict[str, tuple[str, ...]] = {
+    "connect": ("deadline",),
     "do_begin": ("commit_mark", "sqlite_begin"),
-    "do_commit": ("sqlite_gate", "commit_mark"),
-    "do_rollback": ("sqlite_gate",),
-    "do_ping": ("ping_timeout",),
-    "do_execute": ("statement_timer",),
-    "do_execute_no_params": ("statement_timer",),
-    "do_executemany": ("statement_timer",),
+    "do_commit": ("sqlite_gate", "commit_mark", "deadline"),
+    "do_rollback": ("sqlite_gate", "deadline"),
+    "do_ping": ("ping_timeout", "deadline"),
+    "do_execute": ("statement_timer", "deadline"),
+    "do_execute_no_params": ("statement_timer", "deadline"),
+    "do_executemany": ("statement_timer", "deadline"),
 }
 
 _hooks: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Hook]]] = weakref.WeakKeyDictionary()

@@ -7,42 +7,51 @@ Driver defaults (each one overridable with ``timeouts=Timeouts(...)``, and any o
 - ``connect`` (10 s): opening a connection (TCP, TLS, authentication). A server that
   accepts and then says nothing (a frozen host, a half-open firewall) would otherwise
   hang the first scope for ever. psycopg ``connect_timeout`` (whole seconds, at least 2),
-  PyMySQL and aiomysql ``connect_timeout``.
+  PyMySQL and aiomysql ``connect_timeout``; PyMySQL's wait for the server's greeting
+  (under its read timeout otherwise) gets a client-side deadline (below).
 - ``dead_peer`` (30 s): how long a peer that stopped acknowledging (a dropped network, a
   powered-off host) may take to be declared dead. psycopg: TCP keepalives (first probe
   after ``dead_peer / 2``, then 3 probes ``dead_peer / 6`` apart) and ``tcp_user_timeout``
   (unacknowledged data). It does not bound a slow query: the server's TCP stack keeps
   acknowledging while it works.
-- ``read`` (300 s, PyMySQL only): the longest wait for any reply. PyMySQL has no
-  keepalives, so this is what bounds a silent server; it also bounds the longest
-  statement, hence the generous default (``read=None`` to remove it).
-- ``ping`` (5 s, psycopg): the pre-ping of a pooled connection. A peer that went silent
-  after the connection was pooled would otherwise hang the ping, and with it the scope;
-  past the bound the connection is dropped and a new one opened (itself bounded by
-  ``connect``).
+- ``read`` (300 s): the longest wait for the reply to any statement, COMMIT or ROLLBACK.
+  A server that stopped (SIGSTOP, a stalled VM) keeps acknowledging, so keepalives never
+  see it; this does. PyMySQL applies it itself (``read_timeout``); psycopg and aiomysql
+  through the client-side deadlines (:func:`install_deadlines`). It also bounds the
+  longest statement, hence the generous default (``read=None`` to remove it).
+- ``ping`` (5 s): the pre-ping of a pooled connection. A peer that went silent after the
+  connection was pooled would otherwise hang the ping, and with it the scope; past the
+  bound the connection is dropped and a new one opened (itself bounded by ``connect``).
+  psycopg: bounded here; PyMySQL and aiomysql: a client-side deadline.
 
 Their expiry raises DatabaseUnreachableError (ConnectionLostError once a connection was
-open). The per-scope budget (:func:`install_scope_timeouts`) raises ScopeTimeoutError.
+open). The per-scope budget (:func:`install_scope_timeouts`) raises ScopeTimeoutError,
+also when the server stopped answering (a client-side deadline a little past it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import select
+import socket
+import threading
 import time
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
+from sqlalchemy.exc import DBAPIError
 
 from ._classify import backend_of, error_code
 from ._config import Timeouts, first_line
 from ._connect import call_driver
-from ._errors import ConfigurationError, ScopeTimeoutError
+from ._errors import ConfigurationError, ConnectionLostError, ScopeTimeoutError
 from ._seam import set_hook
 
 #: Execution option of the views timed scopes run on (one per kind of scope, whatever the
@@ -309,3 +318,238 @@ def _is_timeout(error: BaseException, backend: str) -> bool:
     if backend == "mysql":
         return code in (1969, 3024, 1205)
     return "interrupted" in str(error)
+
+
+# --- client-side deadlines: a frozen server -----------------------------------------------
+
+#: How much longer than a timed scope's budget (rounded up to whole seconds, as MariaDB's
+#: ``innodb_lock_wait_timeout`` is) the client waits for a reply before it closes the
+#: connection. A live server ends the statement at the budget itself
+#: (``statement_timeout``, ``max_statement_time``) and says so; only a server that stopped
+#: (frozen, its kernel still acknowledging) is still silent a second later.
+DEADLINE_GRACE = 1.0
+
+
+#: An armed deadline: when (``time.monotonic()``), the window it was armed with, the budget.
+Entry = tuple[float, float, "Budget | None"]
+
+
+class _Watchdog:
+    """One daemon thread for the process: a reply still awaited past its deadline gets its
+    connection's socket shut down, so the blocked read fails (the driver sees the
+    connection closed) and SQLAlchemy invalidates the connection.
+
+    Arming costs a statement one dict store and one float comparison; the thread wakes
+    only when a deadline is due (or one sooner than its next wake is armed)."""
+
+    def __init__(self) -> None:
+        #: key (an execution context, a pooled or driver connection) -> (deadline, budget)
+        self.armed: dict[Any, Entry] = {}
+        #: what the thread cut, for the error handler to name (kept only while alive)
+        self.expired: weakref.WeakKeyDictionary[Any, Entry] = weakref.WeakKeyDictionary()
+        self.wake_at = math.inf
+        #: The shortest window armed so far: while nothing is armed, the thread looks again
+        #: that often, so that a statement armed meanwhile (due no sooner) need not wake it.
+        self.horizon = math.inf
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._pid = 0
+
+    def wake(self, window: float) -> None:
+        """A deadline sooner than the thread's next wake was armed, ``window`` seconds from
+        now (start the thread if need be)."""
+        self.horizon = min(self.horizon, window)
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._event = threading.Event()
+                    thread = threading.Thread(
+                        target=self._run, name="dbsession-deadlines", daemon=True
+                    )
+                    thread.start()
+                    self._pid = os.getpid()
+        self._event.set()
+
+    def forget(self) -> None:
+        """In a forked child: the parent's thread and armed deadlines are not ours."""
+        self.armed.clear()
+        self.wake_at = math.inf
+        self._pid = 0
+
+    def _run(self) -> None:
+        event = self._event
+        while True:
+            self.wake_at = math.inf  # an arm from now on wakes us: no deadline is missed
+            event.clear()
+            now = time.monotonic()
+            soonest = math.inf
+            for key, entry in list(self.armed.items()):
+                if entry[0] > now:
+                    soonest = min(soonest, entry[0])
+                elif self.armed.pop(key, None) is entry:  # else its reply came just now
+                    if hasattr(key, "root_connection"):  # a statement: its error names why
+                        self.expired[key] = entry
+                    _cut(key)
+            self.wake_at = soonest = min(soonest, now + self.horizon)
+            event.wait(None if soonest == math.inf else max(0.0, soonest - time.monotonic()))
+
+
+_watchdog = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_watchdog.forget)
+
+
+def _cut(key: Any) -> None:
+    """Shut down the socket of ``key``'s connection (both ways): the driver's blocked read
+    sees the connection closed. Nothing to do if it is closed already."""
+    root = getattr(key, "root_connection", None)  # an execution context
+    try:
+        if root is not None:
+            key = root.connection
+        driver = getattr(key, "driver_connection", key)
+        pgconn = getattr(driver, "pgconn", None)
+        if pgconn is not None:  # psycopg, sync and async
+            fd = pgconn.socket
+        else:
+            sock = getattr(driver, "_sock", None)  # PyMySQL
+            if sock is None:
+                writer = getattr(driver, "_writer", None)  # aiomysql
+                sock = writer.get_extra_info("socket") if writer is not None else None
+            fd = sock.fileno() if sock is not None else -1
+        if fd >= 0:
+            # A duplicate of the descriptor: shutdown acts on the socket itself, and the
+            # driver's own descriptor is never closed under it from this thread.
+            with socket.socket(fileno=os.dup(fd)) as duplicate:
+                duplicate.shutdown(socket.SHUT_RDWR)
+    except Exception:  # closed meanwhile: nothing left to cut
+        pass
+
+
+def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
+    """Bound every wait for the server's reply on ``engine`` (PostgreSQL, MySQL/MariaDB)
+    with a client-side deadline, which a frozen server (its kernel still acknowledging,
+    so keepalives and ``tcp_user_timeout`` never fire) cannot hold past:
+
+    - in a timed scope, each statement, COMMIT and ROLLBACK gets the scope's budget
+      (rounded up to whole seconds) plus :data:`DEADLINE_GRACE`; past it the scope raises
+      ScopeTimeoutError (CommitOutcomeUnknownError for a COMMIT in flight);
+    - elsewhere each gets ``timeouts.read`` (PyMySQL applies that one itself, as its
+      ``read_timeout``); past it, ConnectionLostError;
+    - a MySQL/MariaDB pre-ping gets ``timeouts.ping`` (psycopg's has its own bound);
+    - PyMySQL's wait for a new connection's greeting gets ``timeouts.connect``.
+
+    Past a deadline the connection's socket is shut down: the connection is dropped, the
+    transaction was not committed, and a server that resumes later sees it closed (no
+    write of the stuck scope lands on it afterwards).
+    """
+    if backend_of(engine.dialect.name) not in ("postgresql", "mysql"):
+        return
+    driver = engine.dialect.driver
+    read = None if driver == "pymysql" else timeouts.read
+    watchdog = _watchdog
+    armed = watchdog.armed
+    monotonic = time.monotonic
+
+    def arm(key: Any, budget: Budget | None, window: float) -> None:
+        entry = (time.monotonic() + window, window, budget)
+        armed[key] = entry
+        if entry[0] < watchdog.wake_at:
+            watchdog.wake(window)
+
+    def watched(key_at: int) -> Any:
+        def hook(method: Any) -> Any:
+            def bounded(*args: Any) -> Any:  # SQLAlchemy passes them positionally
+                budget = _budget.get()
+                if budget is not None and not budget.open:
+                    budget = current_budget()
+                if budget is not None:
+                    window = math.ceil(budget.seconds) + DEADLINE_GRACE
+                elif read is None:
+                    return method(*args)
+                else:
+                    window = read
+                key = args[key_at]
+                until = monotonic() + window
+                armed[key] = (until, window, budget)
+                if until < watchdog.wake_at:  # rarely: due before the thread looks again
+                    watchdog.wake(window)
+                try:
+                    return method(*args)
+                finally:
+                    armed.pop(key, None)
+
+            return bounded
+
+        return hook
+
+    for name in ("do_execute", "do_execute_no_params", "do_executemany"):
+        set_hook(engine, name, "deadline", watched(-1))  # keyed by the execution context
+    for name in ("do_commit", "do_rollback"):
+        set_hook(engine, name, "deadline", watched(0))  # keyed by the pooled connection
+    if driver != "psycopg" and timeouts.ping is not None:
+        limit = timeouts.ping
+
+        def ping_hook(ping: Any) -> Any:
+            def do_ping(dbapi_connection: Any) -> Any:
+                arm(dbapi_connection, None, limit)
+                try:
+                    return ping(dbapi_connection)
+                finally:
+                    armed.pop(dbapi_connection, None)
+
+            return do_ping
+
+        set_hook(engine, "do_ping", "deadline", ping_hook)
+    if driver == "pymysql" and timeouts.connect is not None:
+        within = timeouts.connect
+
+        def greeting_hook(connect: Any) -> Any:
+            def connect_within(*cargs: Any, **cparams: Any) -> Any:
+                # PyMySQL reads the server's greeting under read_timeout, not
+                # connect_timeout: the deadline makes ``connect`` cover the handshake.
+                if cparams.get("defer_connect"):  # the application connects it
+                    return connect(*cargs, **cparams)
+                connection = connect(*cargs, **{**cparams, "defer_connect": True})
+                arm(connection, None, within)
+                try:
+                    connection.connect()
+                finally:
+                    armed.pop(connection, None)
+                return connection
+
+            return connect_within
+
+        set_hook(engine, "connect", "deadline", greeting_hook)
+
+
+def overdue_error(context: ExceptionContext, describe: str) -> DBAPIError | None:
+    """The error for a statement whose reply the watchdog stopped waiting for (see
+    :func:`install_deadlines`), or None if it was not one: ScopeTimeoutError in a timed
+    scope, else ConnectionLostError naming ``Timeouts.read``."""
+    key = context.execution_context
+    entry = _watchdog.expired.pop(key, None) if key is not None else None
+    if entry is None:
+        return None
+    _, window, budget = entry
+    original = context.original_exception
+    if budget is not None:
+        return ScopeTimeoutError(
+            f"session_scope(timeout={budget.seconds:g}) ran out of time: {describe} did not "
+            f"answer within {window:g} s, so the connection was "
+            "closed and the scope is rolled back. A server that stopped (frozen, or its "
+            "host stalled) looks like this; a slow statement is ended by the server itself.",
+            statement=context.statement,
+            params=context.parameters,
+            orig=original,
+            connection_invalidated=True,
+        )
+    return ConnectionLostError(
+        f"The connection to {describe} got no answer within {window:g} s (Timeouts.read): "
+        "it was closed and the transaction was not committed. The pool opens a new connection on "
+        "the next use; run_in_transaction runs the unit again. Allow longer statements "
+        "with a larger Timeouts(read=...), or read=None.",
+        statement=context.statement,
+        params=context.parameters,
+        orig=original,
+        connection_invalidated=True,
+    )
