@@ -220,9 +220,7 @@ class _BoundMaker:
     """A cached joined sessionmaker called with this test's connection and ``info``; the
     sessions of a ``guarded`` one refuse writes (``_scope.guard``)."""
 
-    def __init__(
-        self, maker: Any, connection: Any, info: dict[str, Any], *, guarded: bool
-    ) -> None:
+    def __init__(self, maker: Any, connection: Any, info: dict[str, Any], *, guarded: bool) -> None:
         self._maker = maker
         self._connection = connection
         self._info = info

@@ -276,7 +276,6 @@ def install_scope_timeouts(engine: Engine) -> None:
                 _progress_handler(connection, None)  # its next scope has no deadline
 
 
-
 def install_timeout_errors(engine: Engine) -> None:
     """Raise ScopeTimeoutError for a statement of a timed scope that overran its budget
     (once per engine: a dialect-level listener, which the timed views share)."""

@@ -507,8 +507,14 @@ def stats() -> dict[str, ScopeStats]:
     """A snapshot of the statistics per call site (empty unless ``configure(stats=True)``)."""
     with _stats_lock:
         return {
-            site: ScopeStats(s.site, s.count, s.committed, s.rolled_back, s.db_time,
-                             deque(s.durations, maxlen=_SAMPLES))
+            site: ScopeStats(
+                s.site,
+                s.count,
+                s.committed,
+                s.rolled_back,
+                s.db_time,
+                deque(s.durations, maxlen=_SAMPLES),
+            )
             for site, s in _stats.items()
         }
 
