@@ -183,7 +183,7 @@ class ConnectionLostError(DatabaseUnreachableError):
 
     When: an open connection broke mid-transaction (killed session, a pooler that dropped it, a
     peer silent past the timeouts); nothing was committed. Fix: run the unit with
-    ``run_in_transaction``, which retries it; see [deploying.md](deploying.md).
+    ``run_in_transaction``, which retries it; see docs/deploying.md.
     """
 
 
@@ -193,7 +193,7 @@ class CommitOutcomeUnknownError(ConnectionLostError):
 
     When: the connection broke while ``COMMIT`` was in flight: the outcome is unknown. Fix:
     check, or make the unit idempotent and pass ``retry=RetryPolicy(idempotent=True)``
-    ([deploying.md](deploying.md)).
+    (docs/deploying.md).
     """
 
 
@@ -243,7 +243,7 @@ class ClusterUnavailableError(DbSessionError, _TranslatedDBAPIError, sa_exc.Oper
     When: a Galera node outside the primary component refused the transaction (MariaDB 1047,
     1180 at COMMIT): a node left, quorum lost; nothing was committed. Fix:
     ``run_in_transaction`` retries it within its budget; restore quorum, or point the client at
-    a node of the primary component ([deploying.md](deploying.md)).
+    a node of the primary component (docs/deploying.md).
     """
 
 
@@ -291,7 +291,7 @@ class SQLiteWriteLockTimeoutError(DbSessionError, _TranslatedDBAPIError, sa_exc.
     "database is locked".
 
     When: an SQLite writer waited while one transaction of this process held the write gate for
-    twice the busy timeout. Fix: keep writing scopes short ([sqlite.md](sqlite.md)).
+    twice the busy timeout. Fix: keep writing scopes short (docs/sqlite.md).
     """
 
 
@@ -329,7 +329,7 @@ class NeedsRollbackError(TransactionAbortedError, sa_exc.PendingRollbackError):
     When: a database error was caught inside the scope (or ``session.rollback()`` was called
     there), so the scope refuses to commit. Fix: let the error leave the scope, or run the
     optional statement in a joined ``session_scope()`` and catch the error outside it
-    ([transactions.md](transactions.md#a-caught-database-error-dooms-the-unit)).
+    (docs/transactions.md, "A caught database error dooms the unit").
     """
 
 
@@ -350,7 +350,7 @@ class PoolExhaustedError(DbSessionError, sa_exc.TimeoutError):
 
     When: no pooled connection became free in time (the message names the call sites holding
     them). Fix: shorter units of work, or a bigger ``pool_size``
-    ([observability.md](observability.md)).
+    (docs/observability.md).
     """
 
 

@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar, overload
 
 from sqlalchemy import MetaData, create_engine
 from sqlalchemy.engine import Engine
@@ -83,7 +83,7 @@ class DbSessionFactory(LazyFactory[SyncBinding], metaclass=_RemovedClassCalls):
     Raises ConfigurationError subclasses when the URL or options cannot work.
     """
 
-    registry = Registry["DbSessionFactory"]("DbSessionFactory")
+    registry: ClassVar[Registry[DbSessionFactory]] = Registry("DbSessionFactory")
 
     @classmethod
     def global_dispose(cls, *, allow_lazy: bool = False) -> None:

@@ -83,7 +83,7 @@ class AsyncDbSessionFactory(LazyFactory[AsyncBinding]):
 
     _asyncio: ClassVar[bool] = True
     _session_base: ClassVar[type[Any]] = AsyncSession
-    registry = Registry["AsyncDbSessionFactory"]("AsyncDbSessionFactory")
+    registry: ClassVar[Registry[AsyncDbSessionFactory]] = Registry("AsyncDbSessionFactory")
 
     @classmethod
     async def global_dispose(cls, *, allow_lazy: bool = False) -> None:
