@@ -165,11 +165,17 @@ TRANSLATED: dict[type[BaseException], tuple[type[BaseException], Trigger]] = {
     public.PoolExhaustedError: (sa_exc.TimeoutError, _pool_exhausted),
     public.BulkInsertError: (sa_exc.IntegrityError, _duplicate_row),
     public.NeedsRollbackError: (sa_exc.PendingRollbackError, _caught_and_carried_on),
+    public.MigrationBlockedError: (sa_exc.OperationalError, _galera),
     public.ClusterUnavailableError: (sa_exc.OperationalError, _galera),
     public.SQLiteWriteLockTimeoutError: (sa_exc.OperationalError, _galera),
 }
-#: Raised only on a real cluster, or by the write gate's own test (tests/test_sqlite_gate.py).
-ELSEWHERE = {public.ClusterUnavailableError, public.SQLiteWriteLockTimeoutError}
+#: Raised through their real path by the tests named (a cluster, a stuck writer, a lock held
+#: under a migration).
+ELSEWHERE = {
+    public.ClusterUnavailableError,  # tests/test_cluster_galera.py, on a real cluster
+    public.SQLiteWriteLockTimeoutError,  # tests/test_sqlite_gate.py
+    public.MigrationBlockedError,  # tests/test_migration_safety_lockwait.py
+}
 
 
 def test_every_class_that_replaces_a_sqlalchemy_error_is_listed() -> None:
