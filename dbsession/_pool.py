@@ -41,17 +41,19 @@ class _Watcher:
     def __init__(self, backend: str) -> None:
         self.backend = backend
 
-    def waited(self, pool: Pool, seconds: float) -> None:
-        observability._add_pool_wait(seconds, self.backend)
-
-    def taken(self, pool: Pool, record: ConnectionPoolEntry) -> None:
-        # Weakly: an observation holds its caller's frame (and so the session and this very
-        # connection); a strong reference here would keep an abandoned one alive for ever.
-        current = observability._current()
-        _holders(pool)[id(record)] = None if current is None else weakref.ref(current)
+    def taken(self, pool: Pool, record: ConnectionPoolEntry | None, waited: float) -> None:
+        observability._add_pool_wait(waited, self.backend)
+        if record is not None:
+            # Weakly: an observation holds its caller's frame (and so the session and this
+            # very connection); a strong reference here would keep an abandoned one alive.
+            current = observability._current()
+            holders: Holders = pool.__dict__.setdefault(_HOLDERS, {})
+            holders[id(record)] = None if current is None else weakref.ref(current)
 
     def returned(self, pool: Pool, record: ConnectionPoolEntry) -> None:
-        _holders(pool).pop(id(record), None)
+        holders: Holders | None = pool.__dict__.get(_HOLDERS)
+        if holders is not None:
+            holders.pop(id(record), None)
 
     def exhausted(self, pool: Pool, error: exc.TimeoutError) -> Exception:
         holders = Counter(_holder_site(holder) for holder in list(_holders(pool).values()))

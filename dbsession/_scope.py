@@ -129,7 +129,7 @@ class UnitOfWorkBase(Generic[S]):
     def _open(self, entered_by: FrameType | None) -> S:
         """Make the session, push its frame (opened by ``entered_by``) and observe it."""
         session = self._make_session()
-        owned: Any = getattr(session, "sync_session", session)
+        owned: Any = session if isinstance(session, Session) else session.sync_session  # type: ignore[attr-defined]
         owned._dbsession_in_scope = True
         frame = Frame(session, self._owner, self._readonly, self._isolation_level)
         frame.claim(entered_by)

@@ -130,17 +130,18 @@ def flagged_view(engine: Engine, flag: str) -> Engine:
 
 
 class PoolWatcher(Protocol):
-    """What a tracked pool reports (``_pool`` implements it)."""
+    """What a tracked pool reports (``_pool`` implements it): one call per checkout and
+    one per return, on every unit of work's path."""
 
-    def waited(self, pool: Pool, seconds: float) -> None: ...
-    def taken(self, pool: Pool, record: ConnectionPoolEntry) -> None: ...
+    def taken(self, pool: Pool, record: ConnectionPoolEntry | None, waited: float) -> None: ...
     def returned(self, pool: Pool, record: ConnectionPoolEntry) -> None: ...
     def exhausted(self, pool: Pool, error: exc.TimeoutError) -> Exception: ...
 
 
 def tracked_pool_class(base: type[QueuePool], watcher: PoolWatcher) -> type[QueuePool]:
-    """A subclass of ``base`` that tells ``watcher`` of each checkout's wait, each
-    connection taken and returned, and raises ``watcher.exhausted()`` on a checkout timeout."""
+    """A subclass of ``base`` that tells ``watcher`` of each connection taken (with the
+    seconds its checkout waited; None when it timed out) and returned, and raises
+    ``watcher.exhausted()`` on a checkout timeout."""
 
     class Tracked(base):  # type: ignore[valid-type,misc]
         def _do_get(self) -> ConnectionPoolEntry:
@@ -148,10 +149,9 @@ def tracked_pool_class(base: type[QueuePool], watcher: PoolWatcher) -> type[Queu
             try:
                 record: ConnectionPoolEntry = super()._do_get()
             except exc.TimeoutError as error:
+                watcher.taken(self, None, time.perf_counter() - started)
                 raise watcher.exhausted(self, error) from None
-            finally:
-                watcher.waited(self, time.perf_counter() - started)
-            watcher.taken(self, record)
+            watcher.taken(self, record, time.perf_counter() - started)
             return record
 
         def _do_return_conn(self, record: ConnectionPoolEntry) -> None:

@@ -134,20 +134,22 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
     """
     gate = gate_for(gate_key(engine.url.database or ""))
     stall = 2 * busy_timeout
+    is_async = bool(engine.dialect.is_async)
 
     def do_begin(dbapi_connection: Any) -> None:
         info = dbapi_connection.info
         if not info.pop(_WRITER, False) or _autocommit(dbapi_connection):
             begin_reader(dbapi_connection)
             return
-        if _HELD not in info:
+        if _HELD not in info and not gate.take_if_free():
             budget = current_budget()
             until = None if budget is None else budget.until
-            run_async = getattr(dbapi_connection.dbapi_connection, "run_async", None)
             started = time.perf_counter()
             try:
-                if run_async is not None:
-                    held = run_async(lambda _: gate.acquire_async(stall, until))
+                if is_async:
+                    held = dbapi_connection.dbapi_connection.run_async(
+                        lambda _: gate.acquire_async(stall, until)
+                    )
                 else:
                     held = gate.acquire(stall, until)
             finally:
@@ -162,7 +164,7 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
                     orig=busy_error(gate.key, budget.seconds),
                     statement="BEGIN IMMEDIATE",
                 )
-            info[_HELD] = gate
+        info[_HELD] = gate
         try:
             execute_raw(dbapi_connection, "BEGIN IMMEDIATE")
         except Exception:

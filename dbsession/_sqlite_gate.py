@@ -130,6 +130,14 @@ class WriteGate:
             self._waiters.append(waiter)
             return waiter
 
+    def take_if_free(self) -> bool:
+        """Take the gate if it is free and nobody waits (True); else change nothing."""
+        with self._lock:
+            if self._held or self._waiters:
+                return False
+            self._held = True
+            return True
+
     def _give_up(self, waiter: _Waiter, seen: int | None, stall: float = 0.0) -> bool:
         """After a wait ended without a wake-up: True if the waiter holds the gate anyway.
 
