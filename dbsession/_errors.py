@@ -431,6 +431,16 @@ class RetryExhaustedError(DbSessionError):
         self.last_error = last_error
 
 
+class RemovedAPIError(DbSessionError, TypeError):
+    """A call of the 0.1 API that 0.2 removed: a class-level ``DbSessionFactory.create_all()``
+    and its siblings, ``run_in_transaction(fn, attempts=...)``. The message names the 0.2
+    spelling. Also a ``TypeError``, what such a call raised before it was named.
+
+    When: 0.1 code calls a removed spelling. Fix: the spelling the message names
+    (``factory.create_all()``, ``retry=RetryPolicy(attempts=...)``).
+    """
+
+
 class MigrationsNotFoundError(ConfigurationError):
     """No Alembic configuration or migrations folder was found where dbsession looked.
 

@@ -18,6 +18,7 @@ from ._base import Base
 from ._binding import Binding
 from ._config import Settings, mask_url
 from ._engine import build_engine
+from ._errors import RemovedAPIError
 from ._lifecycle import LazyFactory, Registry, decorate, run_options, scope_session_class
 from ._retry import RetryPolicy, run_with_retries, unit_name
 from ._scope import Savepoint, UnitOfWork
@@ -43,9 +44,9 @@ _CLASS_CALLS_REMOVED = {
 
 def _removed_class_call(name: str, instead: str) -> property:
     """A metaclass property: ``DbSessionFactory.<name>`` (the 0.1 class-level call) gives a
-    function raising a TypeError that names the 0.2 spelling. Instances never see it (a
-    metaclass attribute is not looked up on them), so their method calls cost nothing more;
-    ``DbSessionFactory.<name>(factory, ...)`` still calls the method."""
+    function raising RemovedAPIError (a TypeError) naming the 0.2 spelling. Instances never
+    see it (a metaclass attribute is not looked up on them), so their method calls cost
+    nothing more; ``DbSessionFactory.<name>(factory, ...)`` still calls the method."""
 
     def get(cls: type[Any]) -> Callable[..., Any]:
         method = next(k.__dict__[name] for k in cls.__mro__ if name in k.__dict__)
@@ -54,7 +55,7 @@ def _removed_class_call(name: str, instead: str) -> property:
         def called_on_the_class(*args: Any, **kwargs: Any) -> Any:
             if args and isinstance(args[0], cls):
                 return method(*args, **kwargs)
-            raise TypeError(
+            raise RemovedAPIError(
                 f"{cls.__name__}.{name}() on the class was removed in 0.2: use {instead}, "
                 f"or factory.{name}() on a factory (the one global_init() returns)."
             )

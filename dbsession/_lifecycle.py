@@ -30,6 +30,7 @@ from ._errors import (
     ConfigurationError,
     DatabaseBlockedError,
     NotInitializedError,
+    RemovedAPIError,
 )
 from ._replica import refuse_for_savepoint, use_replica
 from ._retry import RetryPolicy, UnitOfWorkFunction, unit_name
@@ -511,12 +512,13 @@ REMOVED_OPTIONS = ("attempts", "base_delay", "max_delay")
 def run_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take dbsession's own keywords (``RUN_OPTIONS``) out of ``kwargs`` and return them.
 
-    Raises TypeError for the 0.1 keywords (``attempts=`` ...), naming ``retry=``.
+    Raises RemovedAPIError (a TypeError) for the 0.1 keywords (``attempts=`` ...), naming
+    ``retry=``.
     """
     removed = [name for name in REMOVED_OPTIONS if name in kwargs]
     if removed:
         given = ", ".join(f"{name}={kwargs[name]!r}" for name in removed)
-        raise TypeError(
+        raise RemovedAPIError(
             f"run_in_transaction({given}): these keywords were removed in 0.2; pass "
             f"retry=RetryPolicy({given}) instead (from dbsession import RetryPolicy)."
         )

@@ -23,6 +23,7 @@ from ._errors import NoActiveScopeError as NoActiveScopeError
 from ._errors import NotInitializedError as NotInitializedError
 from ._errors import PoolExhaustedError as PoolExhaustedError
 from ._errors import ReadOnlyError as ReadOnlyError
+from ._errors import RemovedAPIError as RemovedAPIError
 from ._errors import ReplicaLagError as ReplicaLagError
 from ._errors import RetryExhaustedError as RetryExhaustedError
 from ._errors import SchemaNotAtHeadError as SchemaNotAtHeadError
@@ -58,6 +59,7 @@ __all__ = [
     "NotInitializedError",
     "PoolExhaustedError",
     "ReadOnlyError",
+    "RemovedAPIError",
     "ReplicaLagError",
     "RetryExhaustedError",
     "SQLitePathError",

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 import dbsession
 from dbsession import DbSessionFactory, RetryPolicy, _lifecycle, run_in_transaction, session_scope
 from dbsession.cli import main as cli
+from dbsession.errors import RemovedAPIError
 
 
 @pytest.fixture
@@ -73,8 +74,9 @@ def test_database_url_says_nothing(
     ],
 )
 def test_a_01_class_level_call_names_its_02_spelling(name: str, instead: str) -> None:
-    with pytest.raises(TypeError) as caught:
+    with pytest.raises(RemovedAPIError) as caught:  # also a TypeError, as before 0.2
         getattr(DbSessionFactory, name)()
+    assert isinstance(caught.value, TypeError)
     assert str(caught.value) == (
         f"DbSessionFactory.{name}() on the class was removed in 0.2: use {instead}, or "
         f"factory.{name}() on a factory (the one global_init() returns)."
@@ -95,7 +97,7 @@ def add(session: Session, name: str, **extra: object) -> dict[str, object]:
 
 @pytest.mark.parametrize("keyword", ["attempts", "base_delay", "max_delay"])
 def test_a_01_retry_keyword_names_retry_policy(keyword: str) -> None:
-    with pytest.raises(TypeError) as caught:
+    with pytest.raises(RemovedAPIError) as caught:
         run_in_transaction(add, "x", **{keyword: 3})  # type: ignore[arg-type]
     assert str(caught.value) == (
         f"run_in_transaction({keyword}=3): these keywords were removed in 0.2; pass "
