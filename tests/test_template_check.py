@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,12 @@ def test_check_names_the_tables_and_columns_that_drifted(copy: Path) -> None:
     result = run("dbsession", "check", cwd=copy)
 
     assert result.returncode == 1
+    listed = (  # Alembic's error carries the differences from 1.15 on
+        ": + table tag (id, label); + column product.title"
+        if tuple(int(part) for part in version("alembic").split(".")[:2]) >= (1, 15)
+        else " (Alembic < 1.15 does not say which: 'alembic check' prints them)"
+    )
     assert result.stderr.strip() == (
-        "dbsession check: the models differ from the migrations: + table tag (id, label); "
-        "+ column product.title. Create a revision for them ('dbsession revision "
-        "--autogenerate -m ...'), or change the models back."
+        f"dbsession check: the models differ from the migrations{listed}. Create a revision "
+        "for them ('dbsession revision --autogenerate -m ...'), or change the models back."
     )
