@@ -53,23 +53,39 @@ class Connector:
         self._defaults = dict(defaults)
         self._engine: Engine | None = None
         self._args: tuple[list[Any], dict[str, Any]] = ([], {})
+        self._nodes: list[dict[str, Any]] = [{}]
 
     def attach(self, engine: Engine) -> None:
         """Work out the connect arguments of ``engine`` (built with this creator) once."""
         self._engine = engine
-        self._args = _masked_connect_args(
-            engine.url, engine.dialect, self._connect_args, self._defaults
-        )
+        url = engine.url
+        if url.get_backend_name() in ("mysql", "mariadb") and "host" in url.query:
+            # A MySQL/MariaDB host list (``?host=a:3306&host=b:3306``): PyMySQL and
+            # aiomysql take one host, so the nodes are tried here, in order.
+            self._nodes = [_node(hostport) for hostport in hosts_of(url)]
+            url = url.difference_update_query(["host", "port"])
+        self._args = _masked_connect_args(url, engine.dialect, self._connect_args, self._defaults)
 
     def __call__(self, connection_record: Any = None) -> Any:
         assert self._engine is not None
         dialect = self._engine.dialect
         cargs, cparams = self._args
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except Exception as error:
-            failure = connect_failure(error, dialect, self.settings, self._engine.url)
+        failure: Exception | None = None
+        for node in self._nodes:
+            try:
+                return dialect.connect(*cargs, **{**cparams, **node})
+            except Exception as error:
+                failure = connect_failure(error, dialect, self.settings, self._engine.url)
+                if not isinstance(failure, DatabaseUnreachableError):
+                    break  # a wrong option or password is wrong on every node
+        assert failure is not None
         raise failure from None  # outside the except block: no driver frames, no context
+
+
+def _node(hostport: str) -> dict[str, Any]:
+    """The ``host`` and ``port`` connect arguments of one ``host:port`` of a host list."""
+    host, _, port = hostport.rpartition(":")
+    return {"host": host.strip("[]"), "port": int(port)}
 
 
 def _masked_connect_args(
