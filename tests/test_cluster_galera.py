@@ -25,7 +25,9 @@ from dbsession.errors import ClusterUnavailableError
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 THREADS = 2
-CLIENTS = [f"{kind}-node{node}" for kind in ("dbsession", "bare") for node in (1, 2)]
+CLIENTS = [f"{kind}-node{node}" for kind in ("dbsession", "bare") for node in (1, 2)] + [
+    "dbsession-hostlist"
+]
 
 
 def _sql(cluster: GaleraCluster, node: int, *statements: str) -> list[Any]:
@@ -117,6 +119,14 @@ def test_a_node_crash_fails_no_unit_on_the_other_nodes(tables: GaleraCluster) ->
 
         runners[f"dbsession-node{node + 1}"] = with_dbsession
         runners[f"bare-node{node + 1}"] = with_sqlalchemy
+    # A host list whose first node is the one that dies: new connections skip it.
+    first = tables.url(2)
+    listed = first.set(host=None, port=None).update_query_pairs(
+        [("host", f"127.0.0.1:{tables.nodes[n].port}") for n in (2, 0)]
+    )
+    listing = DbSessionFactory(listed)
+    closers.append(listing)
+    runners["dbsession-hostlist"] = lambda unit: listing.transactional(retry=RetryPolicy())(unit)()
     try:
         seen, start, end = workload(
             runners,
