@@ -207,7 +207,7 @@ class _TimedMixin:
 
     def __init__(self, *args: Any, dbsession_budget: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._dbsession_budget = start_budget(dbsession_budget)
+        self._dbsession_budget = start_budget(dbsession_budget, owner=self)
 
     def close(self) -> None:
         try:

@@ -77,16 +77,24 @@ class Budget:
     until: float
     outer: Budget | None = None
     open: bool = True
+    #: The session that carries it: a scope abandoned without closing its session (an
+    #: interrupt before its ``with`` statement could end it) leaves no budget behind.
+    owner: weakref.ref[Any] | None = None
 
 
 _budget: ContextVar[Budget | None] = ContextVar("dbsession_budget", default=None)
 
 
-def start_budget(seconds: float) -> Budget:
+def start_budget(seconds: float, owner: Any = None) -> Budget:
     """Make ``seconds`` the budget of the scope starting in this context, until
     :func:`end_budget`. A budget is a value, not a view or sessionmaker: any number of
     distinct budgets costs the same, in memory and per scope."""
-    budget = Budget(seconds, time.monotonic() + seconds, _budget.get())
+    budget = Budget(
+        seconds,
+        time.monotonic() + seconds,
+        _budget.get(),
+        owner=None if owner is None else weakref.ref(owner),
+    )
     _budget.set(budget)
     return budget
 
@@ -102,7 +110,9 @@ def end_budget(budget: Budget) -> None:
 def current_budget() -> Budget | None:
     """The budget of the timed scope open in this context, or None."""
     budget = _budget.get()
-    while budget is not None and not budget.open:
+    while budget is not None and (
+        not budget.open or (budget.owner is not None and budget.owner() is None)
+    ):
         budget = budget.outer
     return budget
 

@@ -344,3 +344,18 @@ def test_a_timed_sqlite_writer_waits_for_the_write_gate_only_within_its_budget(
         leave.set()
         holder.join()
         factory.dispose()
+
+
+@pytest.mark.backends("sqlite")
+def test_a_timed_session_abandoned_unclosed_leaves_no_budget_behind(
+    factory: DbSessionFactory,
+) -> None:
+    """An interrupt before a scope's ``with`` could close its session: the budget it set in
+    this context goes with the session, or later writers here would wait on a stale one."""
+    import gc
+
+    session = factory._build().maker(timeout=5)()
+    assert current_budget() is not None
+    del session
+    gc.collect()
+    assert current_budget() is None
