@@ -4,8 +4,9 @@
 (``_pool``: its size, and who holds its connections), the creator (``_connect``: masked
 secrets, named connect failures), driver timeouts (``_timeouts``), the fork guard and the
 liveness check (here), statement timing (``observability``), the read-only translation
-(``_readonly``), then per backend the SQLite opinions and write gate (``_sqlite``) or the
-lost-connection translation (``_pooler``). The dialect methods they hook run in the order
+(``_readonly``), then per backend the SQLite opinions and write gate (``_sqlite``), or the
+lost-connection translation (``_pooler``), Galera's refusals (``_classify``), the bounded
+ping and the frozen-server deadlines (``_timeouts``). The dialect methods they hook run in the order
 ``_seam.ORDER`` gives. ``scope_engine`` picks the engine (or view of it) a scope of one
 kind runs on.
 
@@ -157,9 +158,10 @@ def _build(
         else:
             install_write_gate(engine, settings.sqlite_busy_timeout)
     else:
-        install_connection_loss(engine, f"the {url.get_backend_name()} server {where(url)}")
+        hosts = where(url)
+        install_connection_loss(engine, f"the {url.get_backend_name()} server {hosts}")
         if url.get_backend_name() in ("mysql", "mariadb"):
-            install_cluster_errors(engine, where(url))
+            install_cluster_errors(engine, hosts)
         if "pool_pre_ping" not in options:
             _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)
