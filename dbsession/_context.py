@@ -167,7 +167,11 @@ def pop(frame: Frame) -> None:
     frame.open = False
     frame.entered_by = frame.suspends = None
     stack = _stack.get()
-    if stack and any(ref() is frame for ref in stack):
+    if not stack:
+        return
+    if stack[-1]() is frame:  # the usual case: the innermost scope ends
+        _stack.set(_open_refs(stack[:-1]) if len(stack) > 1 else ())
+    elif any(ref() is frame for ref in stack):
         _stack.set(_open_refs(stack))
 
 

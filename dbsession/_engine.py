@@ -47,10 +47,13 @@ from ._errors import (
 from ._pool import pool_class_for
 from ._pooler import install_connection_loss, prepared_statement_args
 from ._readonly import (
-    install_mysql_read_only,
-    install_query_only,
+    has_read_only_twin,
+    install_driver_read_only,
     install_read_only_errors,
+    install_read_only_twin,
+    read_only_view,
     readonly_options,
+    uses_driver_flag,
 )
 from ._sqlite import install_opinions, install_write_gate, prepare_url, writer_view
 from ._timeouts import (
@@ -95,8 +98,9 @@ def build_engine(
     """Create an engine with ``create`` (``create_engine`` or ``create_async_engine``) and
     install dbsession's opinions on ``sync_engine_of(engine)``, where the events live.
 
-    Returns the engine and, on SQLite, the builder of its read-only twin (``_readonly``),
-    which the caller builds on first use and disposes with the engine; None elsewhere.
+    Returns the engine and, on SQLite and MySQL/MariaDB, the builder of its read-only twin
+    (``_readonly``), which the caller builds on first use and disposes with the engine;
+    None elsewhere.
     Raises UnknownDialectError, MissingDriverError, SQLitePathError or ConfigurationError
     when the URL or options cannot work.
     """
@@ -108,16 +112,17 @@ def build_engine(
     asyncio = create is not create_engine
     wal = keeper is None
 
-    def build(query_only: bool = False) -> E:
+    def build(read_only: bool = False) -> E:
         return _build(
-            settings, url, create, sync_engine_of, wal=wal, asyncio=asyncio, query_only=query_only
+            settings, url, create, sync_engine_of, wal=wal, asyncio=asyncio, read_only=read_only
         )
 
     built = build()
     if keeper is not None:
         weakref.finalize(sync_engine_of(built), keeper.close)
     logger.info("dbsession: engine created for %s", settings.describe())
-    return built, (lambda: build(query_only=True)) if is_sqlite else None
+    twin = has_read_only_twin(url.get_backend_name())
+    return built, (lambda: build(read_only=True)) if twin else None
 
 
 def _build(
@@ -128,7 +133,7 @@ def _build(
     *,
     wal: bool,
     asyncio: bool,
-    query_only: bool = False,
+    read_only: bool = False,
 ) -> E:
     """One engine on ``url`` (already prepared) with every opinion installed."""
     options = {
@@ -151,11 +156,13 @@ def _build(
     observability._watch(engine)
     install_read_only_errors(engine)
     install_timeout_errors(engine)
+    if read_only:
+        install_read_only_twin(engine)
+    elif uses_driver_flag(engine.dialect):
+        install_driver_read_only(engine)
     if url.get_backend_name() == "sqlite":
         install_opinions(engine, settings.sqlite_busy_timeout, wal=wal)
-        if query_only:
-            install_query_only(engine)
-        else:
+        if not read_only:
             install_write_gate(engine, settings.sqlite_busy_timeout)
     else:
         hosts = where(url)
@@ -362,7 +369,7 @@ def scope_options(
 ) -> dict[str, Any]:
     """The execution options of the engine a scope of this kind runs on (``timed``: its
     scopes have a time budget, which ``_timeouts`` applies)."""
-    options: dict[str, Any] = readonly_options(engine.dialect.name) if readonly else {}
+    options: dict[str, Any] = readonly_options(engine.dialect) if readonly else {}
     if isolation_level is not None:
         options["isolation_level"] = isolation_level
     if timed:
@@ -380,15 +387,17 @@ def scope_engine(
     read_only_engine: Any = None,
 ) -> Any:
     """The engine a scope of this kind runs on: ``engine`` (an ``Engine`` or
-    ``AsyncEngine`` whose events live on ``sync_engine``), or on SQLite its writer view
-    or, for a read-only scope, ``read_only_engine`` (its twin); as a view with the
-    :func:`scope_options` it does not have already; on MySQL/MariaDB a read-only view also
-    starts its transactions ``READ ONLY``, and a view with a time budget applies it
-    (``_timeouts``). Listeners live on the views, never on the engine, so the scopes that
-    do not need them pay nothing for them."""
+    ``AsyncEngine`` whose events live on ``sync_engine``); for a read-only scope
+    ``read_only_engine`` (the twin, on SQLite and MySQL/MariaDB) or PostgreSQL's read-only
+    view (``_readonly``); for a writing one on SQLite its writer view; as a view with the
+    :func:`scope_options` it does not have already, and a view with a time budget applies
+    it (``_timeouts``). Listeners live on the views, never on the engine, so the scopes
+    that do not need them pay nothing for them."""
     if readonly and read_only_engine is not None:
         engine = read_only_engine
-    elif not readonly and sync_engine.dialect.name == "sqlite":
+    elif readonly:
+        engine = read_only_view(engine)
+    elif sync_engine.dialect.name == "sqlite":
         engine = writer_view(engine)
     options = scope_options(
         sync_engine, readonly=readonly, isolation_level=isolation_level, timed=timed
@@ -398,11 +407,8 @@ def scope_engine(
     if not options:
         return engine
     view = engine.execution_options(**options)
-    sync_view = getattr(view, "sync_engine", view)
-    if readonly and sync_engine.dialect.name in ("mysql", "mariadb"):
-        install_mysql_read_only(sync_view)
     if timed:
-        install_scope_timeouts(sync_view)
+        install_scope_timeouts(getattr(view, "sync_engine", view))
     return view
 
 

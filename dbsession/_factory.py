@@ -143,7 +143,7 @@ class DbSessionFactory(LazyFactory[SyncBinding], metaclass=_RemovedClassCalls):
         - ``independent=True``: a separate transaction on its own connection even inside
           another scope (an audit row that must survive the outer rollback). It can
           deadlock against the outer scope if both touch the same rows.
-        - ``readonly=True``: a read-only transaction, ended by a rollback, on the replica
+        - ``readonly=True``: a read-only transaction (the database refuses writes), on the replica
           if there is one; a write raises ReadOnlyError. Joined to a writing scope, it
           sees that scope's uncommitted writes and refuses writes of its own.
         - ``isolation_level``: e.g. ``"SERIALIZABLE"`` or ``"read_committed"`` for this

@@ -371,7 +371,7 @@ class LazyFactory(Generic[B]):
         Raises UnsupportedIsolationLevelError for a level the backend does not have,
         ScopeError when a joined scope is asked to change the isolation level.
         """
-        level = normalize_isolation_level(isolation_level)
+        level = None if isolation_level is None else normalize_isolation_level(isolation_level)
         outer = None if independent else innermost(self)
         if outer is not None:
             refuse_for_savepoint(timeout=timeout, replica=replica)

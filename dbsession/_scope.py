@@ -366,7 +366,7 @@ def commit_unit(session: Session, frame: Frame) -> None:
     refuse_doomed(frame)
     if frame.failed and not frame.readonly:
         refuse_failed(session, frame, None)
-    end_transaction(session, frame.readonly)
+    end_transaction(session)
 
 
 def refuse_failed(session: Session, frame: Frame, savepoint: SessionTransaction | None) -> None:
@@ -439,10 +439,10 @@ def note_failed_statement(context: ExceptionContext) -> None:
             root.failed.append(noted)
 
 
-def end_transaction(session: Session, readonly: bool) -> None:
-    """End a scope's transaction that raised nothing: commit it, or for a read-only one
-    flush (so pending ORM changes raise ReadOnlyError instead of vanishing) and roll back,
-    keeping the loaded objects readable as a commit does (unless expire_on_commit).
+def end_transaction(session: Session) -> None:
+    """End a scope's transaction that raised nothing: commit it. A read-only one commits
+    too (the database refuses its writes, so pending ORM changes raise ReadOnlyError
+    instead of vanishing; and a read-only transaction's COMMIT costs what a ROLLBACK does).
 
     SAVEPOINTs the block left open (``session.begin_nested()``) are released first:
     SQLAlchemy reports each release as a commit, which must not count as the unit's.
@@ -450,14 +450,7 @@ def end_transaction(session: Session, readonly: bool) -> None:
     while session.in_nested_transaction():
         session.get_nested_transaction().commit()  # type: ignore[union-attr]
     watch_commit(session)
-    if readonly:
-        session.flush()
-        if not session.expire_on_commit:
-            session.expunge_all()
-        session.rollback()
-        session.info[COMMITTED_KEY] = True  # a read-only scope that ended well counts as one
-    else:
-        session.commit()
+    session.commit()
 
 
 def watch_commit(session: Session) -> None:
@@ -476,10 +469,12 @@ def watch_commit(session: Session) -> None:
     listener (an instance-level listener costs SQLAlchemy a dispatcher of the session's
     own: 6% of a one-query unit of work).
     """
-    record = functools.partial(operator.setitem, session.info, COMMITTED_KEY)
     if isinstance(session, ScopeSession):
-        session._dbsession_on_commit = functools.partial(record, True)
+        session._dbsession_on_commit = functools.partial(
+            operator.setitem, session.info, COMMITTED_KEY, True
+        )
     else:  # not a session of dbsession's makers: the slow way
+        record = functools.partial(operator.setitem, session.info, COMMITTED_KEY)
         event.listen(session, "after_commit", record)
 
 

@@ -212,7 +212,6 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "checkin")
     @event.listens_for(engine, "close")
     def release_left_over(dbapi_connection: Any, record: Any) -> None:
-        record.info.pop(_WRITER, None)  # a writer's connection closed before it began
         end_then_release(dbapi_connection, record)
 
 

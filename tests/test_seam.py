@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, insert, text, update
-from sqlalchemy.engine import URL
+from sqlalchemy import Column, Integer, MetaData, Table, event, insert, text, update
+from sqlalchemy.engine import URL, Connection
 
 import dbsession
 from dbsession import DbSessionFactory, Timeouts, _seam
-from dbsession._seam import ORDER, flagged_view, set_hook
+from dbsession._seam import ORDER, flagged_view, set_driver_read_only, set_hook
 from dbsession.errors import PoolExhaustedError
 
 PACKAGE = Path(dbsession.__file__).parent
@@ -105,16 +105,42 @@ def test_a_hook_on_a_method_sqlalchemy_no_longer_has_fails_at_engine_creation(
 
 
 def test_a_flagged_view_flags_its_connections_before_begin(backend_url: URL) -> None:
-    """SQLAlchemy still makes an OptionEngine's connections with its ``_connection_cls``."""
+    """SQLAlchemy still makes an OptionEngine's connections with its ``_connection_cls``
+    and begins their transactions in ``_begin_impl``, before the ``begin`` listeners."""
     factory = DbSessionFactory(backend_url)
     try:
         view = flagged_view(factory.engine, "seam_flag")
-        with view.connect() as connection:
+        seen: list[object] = []
+        event.listen(view, "begin", lambda c: seen.append(c.connection.info.get("seam_flag")))
+        with view.connect() as connection, connection.begin():
             assert connection.connection.info.pop("seam_flag") is True
         with view.execution_options(isolation_level="SERIALIZABLE").connect() as connection:
-            assert connection.connection.info.pop("seam_flag") is True  # its views too
-        with factory.engine.connect() as connection:
+            connection.begin()  # its views too
+            assert connection.connection.info.pop("seam_flag") is True
+        with factory.engine.connect() as connection, connection.begin():
             assert "seam_flag" not in connection.connection.info
+        assert seen == [True, True]
+        called: list[Connection] = []
+        flag = f"seam_call_{id(called)}"  # a view class per flag, made once
+        with flagged_view(factory.engine, flag, called.append).connect() as connection:
+            connection.begin()
+            assert called == [connection] and flag not in connection.connection.info
+    finally:
+        factory.dispose()
+
+
+@pytest.mark.backends("postgresql")
+def test_the_driver_read_only_flag_begins_a_read_only_transaction(backend_url: URL) -> None:
+    """SQLAlchemy's psycopg dialect still sets the flag its ``BEGIN`` carries."""
+    factory = DbSessionFactory(backend_url)
+    try:
+        with factory.engine.connect() as connection:
+            driver = connection.connection.dbapi_connection
+            set_driver_read_only(connection.dialect, driver, True)
+            assert connection.scalar(text("SHOW transaction_read_only")) == "on"
+            connection.rollback()
+            set_driver_read_only(connection.dialect, driver, False)
+            assert connection.scalar(text("SHOW transaction_read_only")) == "off"
     finally:
         factory.dispose()
 

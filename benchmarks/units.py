@@ -1,0 +1,310 @@
+"""The cost of one unit of work against bare SQLAlchemy: instructions and round trips.
+
+Run: ``python benchmarks/units.py`` (``--help``). For each backend (SQLite in memory,
+PostgreSQL, MariaDB), sync and async, it counts with ``valgrind --tool=callgrind`` the
+instructions of this client process per unit of work (a ``get``, an ``insert``, a
+read-modify-write; after a warm-up, fixed ``PYTHONHASHSEED``: independent of the
+machine's load, runs of the same code differ by about 1-2%) for bare SQLAlchemy's
+defaults (``sessionmaker(create_engine(url)).begin()``), ``session_scope()`` and
+``session_scope(readonly=True)``, all in one run; and, without valgrind, the round trips
+per unit (PostgreSQL: the messages psycopg sends that wait for an answer, from libpq's
+trace; MariaDB: the server's ``Questions`` counter of the pooled connection).
+
+``--check`` re-runs the headline cells of ``headline.json`` (the ratios README.md and
+the docs quote; ``tests/test_docs.py`` holds the docs to that file) and exits 1 when a
+cell moved more than 10% from it: run it before a release, not in CI. ``--record``
+writes the cells measured by this run into it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import ctypes
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench import MARIADB_URL, PG_URL, SEED, UNITS, Row, seed, unit_body  # noqa: E402
+
+from dbsession import DbSessionFactory  # noqa: E402
+from dbsession._config import async_twin  # noqa: E402
+
+HEADLINE = Path(__file__).with_name("headline.json")
+#: The variants, by their name in the tables.
+VARIANTS = {
+    "bare": "sqlalchemy (defaults)",
+    "bare-tx": "sqlalchemy (defaults) + BEGIN IMMEDIATE ... COMMIT",
+    "dbsession": "session_scope()",
+    "dbsession-ro": "session_scope(readonly=True)",
+}
+BACKENDS = {"sqlite": "sqlite://", "postgresql": PG_URL, "mariadb": MARIADB_URL}
+CALLGRIND_C = """
+#include <valgrind/callgrind.h>
+void cg_zero(void) { CALLGRIND_ZERO_STATS; }
+void cg_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+"""
+TOLERANCE = 0.10
+
+
+def sync_scope(variant: str, url: str) -> Callable[[], Any]:
+    """The scope of one variant, on a seeded database."""
+    if variant.startswith("dbsession"):
+        factory = DbSessionFactory(url)
+        seed(factory.engine)
+        if variant == "dbsession-ro":
+            return lambda: factory.session_scope(readonly=True)
+        return factory.session_scope
+    engine = create_engine(url)
+    if variant == "bare-tx":  # the honest transaction pysqlite leaves out, at driver cost
+
+        @event.listens_for(engine, "connect")
+        def manual(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def begin(connection: Any) -> None:
+            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
+
+    seed(engine)
+    return sessionmaker(engine).begin
+
+
+async def async_scope(variant: str, url: str) -> Callable[[], Any]:
+    """The async scope of one variant (``session_scope()`` of an AsyncDbSessionFactory or
+    ``async_sessionmaker.begin()``), on a seeded database."""
+    if variant.startswith("dbsession"):
+        from dbsession.asyncio import AsyncDbSessionFactory
+
+        factory = AsyncDbSessionFactory(async_twin_url(url))
+        await seed_async(factory.engine)
+        if variant == "dbsession-ro":
+            return lambda: factory.session_scope(readonly=True)
+        return factory.session_scope
+    engine = create_async_engine(async_twin_url(url))
+    await seed_async(engine)
+    return async_sessionmaker(engine).begin
+
+
+async def seed_async(engine: Any) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(seed)
+
+
+def async_twin_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    if url == "sqlite://":
+        return "sqlite+aiosqlite://"
+    return async_twin(make_url(url)).render_as_string(hide_password=False)
+
+
+async def async_unit(kind: str, session: Any, i: int) -> None:
+    """``unit_body`` for an AsyncSession."""
+    if kind == "insert":
+        session.add(Row(name=f"d{i}", value=i))
+        return
+    row = await session.get(Row, i % SEED + 1)
+    assert row is not None
+    if kind == "get":
+        assert row.name
+    else:
+        row.value += 1
+
+
+def worker(library: str, url: str, count: int, jobs: list[str]) -> None:
+    """Under callgrind: for each ``mode:kind:variant`` job, warm up, zero the counters, run
+    ``count`` units and dump the counts labelled with the job (one process)."""
+    marks = ctypes.CDLL(library)
+    for job in jobs:
+        mode, kind, variant = job.split(":")
+        if mode == "sync":
+            scope = sync_scope(variant, url)
+            for i in range(30):
+                with scope() as session:
+                    unit_body(kind, session, i)
+            marks.cg_zero()
+            for i in range(count):
+                with scope() as session:
+                    unit_body(kind, session, i)
+            marks.cg_dump(job.encode())
+            continue
+
+        async def units(kind: str = kind, variant: str = variant, job: str = job) -> None:
+            scope = await async_scope(variant, url)
+            for i in range(30):
+                async with scope() as session:
+                    await async_unit(kind, session, i)
+            marks.cg_zero()
+            for i in range(count):
+                async with scope() as session:
+                    await async_unit(kind, session, i)
+            marks.cg_dump(job.encode())
+
+        asyncio.run(units())
+
+
+def count_instructions(url: str, count: int, jobs: list[str]) -> dict[str, float]:
+    """Instructions per unit of each job, counted in one callgrind process."""
+    folder = tempfile.mkdtemp(prefix="dbsession-callgrind-")
+    library = os.path.join(folder, "marks.so")
+    source = os.path.join(folder, "marks.c")
+    Path(source).write_text(CALLGRIND_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", library, source], check=True)
+    out = os.path.join(folder, "run.out")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            library,
+            url,
+            str(count),
+            *jobs,
+        ],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": here, "PYTHONHASHSEED": "0"},  # same dicts each run
+        check=True,
+    )
+    counts: dict[str, float] = {}
+    for dump in os.listdir(folder):
+        if not dump.startswith("run.out."):
+            continue
+        text = Path(folder, dump).read_text()
+        job = next((j for j in jobs if f"Client Request: {j}\n" in text), None)
+        total = next((ln.split()[1] for ln in text.splitlines() if ln.startswith("summary:")), None)
+        if job and total:
+            counts[job] = int(total) / count
+    return {job: counts[job] for job in jobs if job in counts}
+
+
+def round_trips(url: str, kind: str, variant: str, count: int = 50) -> float | None:
+    """Round trips per unit of a sync variant on a server (None on SQLite)."""
+    if url.startswith("sqlite"):
+        return None
+    scope = sync_scope(variant, url)
+    for i in range(5):
+        with scope() as session:
+            unit_body(kind, session, i)
+    with scope() as session:  # one thread in turn: every unit gets this pooled connection
+        driver = session.connection().connection.dbapi_connection
+    if url.startswith("postgresql"):
+        descriptor, path = tempfile.mkstemp()
+        driver.pgconn.trace(descriptor)
+        for i in range(count):
+            with scope() as session:
+                unit_body(kind, session, i)
+        driver.pgconn.untrace()
+        os.close(descriptor)
+        sent = collections.Counter(
+            fields[3].split(" ")[0]
+            for fields in (line.rstrip("\n").split("\t") for line in open(path))
+            if len(fields) > 3 and fields[1] == "F"
+        )
+        os.remove(path)
+        return (sent["Query"] + sent["Sync"]) / count  # each waits for the server's answer
+
+    def questions() -> int:
+        cursor = driver.cursor()
+        cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        value = int(cursor.fetchone()[1])
+        cursor.close()
+        return value
+
+    before = questions()
+    for i in range(count):
+        with scope() as session:
+            unit_body(kind, session, i)
+    return (questions() - before - 1) / count  # the SHOW itself counts once
+
+
+def measure(backends: list[str], count: int, modes: list[str]) -> dict[str, float]:
+    """Print the tables and return every ratio by cell name ``backend:mode:kind:variant``."""
+    cells: dict[str, float] = {}
+    for backend in backends:
+        url = BACKENDS[backend]
+        jobs = [
+            f"{mode}:{kind}:{variant}"
+            for mode in modes
+            for kind in UNITS
+            for variant in VARIANTS
+            if (variant != "dbsession-ro" or kind == "get")
+            and (variant != "bare-tx" or (backend == "sqlite" and mode == "sync"))
+        ]
+        counts = count_instructions(url, count, jobs)
+        print(
+            f"\n### {backend}: instructions per unit (callgrind, {count} units after a "
+            "warm-up) and round trips per unit; ratio vs bare SQLAlchemy's unit\n"
+        )
+        print("| mode | unit | variant | instructions | ratio | round trips |")
+        print("|---|---|---|---:|---:|---:|")
+        for job, value in counts.items():
+            mode, kind, variant = job.split(":")
+            base = counts[f"{mode}:{kind}:bare"]
+            trips = round_trips(url, kind, variant) if mode == "sync" else None
+            shown = "-" if trips is None else f"{trips:g}"
+            cells[f"{backend}:{job}"] = round(value / base, 3)
+            print(
+                f"| {mode} | {kind} | {VARIANTS[variant]} | {value:,.0f} | "
+                f"{value / base:.3f}x | {shown} |"
+            )
+        sys.stdout.flush()
+    return cells
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="sqlite,postgresql,mariadb")
+    parser.add_argument("--modes", default="sync,async")
+    parser.add_argument("--units", type=int, default=300, help="units per variant")
+    parser.add_argument("--check", action="store_true", help="compare with headline.json")
+    parser.add_argument("--record", action="store_true", help="write headline.json")
+    args = parser.parse_args()
+    import sqlalchemy
+
+    print(
+        f"{datetime.date.today()}, load average {os.getloadavg()[0]:.1f}, Python "
+        f"{sys.version.split()[0]}, SQLAlchemy {sqlalchemy.__version__}"
+    )
+    headline = json.loads(HEADLINE.read_text()) if HEADLINE.exists() else {}
+    backends = args.backends.split(",")
+    modes = args.modes.split(",")
+    if args.check:
+        wanted = {cell.split(":")[0] for cell in headline["units"]}
+        backends = [b for b in backends if b in wanted]
+    cells = measure(backends, args.units, modes)
+    if args.record:
+        headline["units"] = {**headline.get("units", {}), **cells}
+        HEADLINE.write_text(json.dumps(headline, indent=2, sort_keys=True) + "\n")
+    if args.check:
+        moved = [
+            f"{cell}: {value}x in headline.json, {cells[cell]}x now"
+            for cell, value in headline["units"].items()
+            if cell in cells and abs(cells[cell] - value) > TOLERANCE * value
+        ]
+        print("\n".join(moved) or f"every headline cell within {TOLERANCE:.0%}")
+        sys.exit(1 if moved else 0)
+
+
+if __name__ == "__main__":
+    main()
