@@ -799,140 +799,6 @@ def bench_defaults(backend: Backend, count: int, rounds: int) -> None:
     close()
 
 
-# --- instruction counts (callgrind) ---------------------------------------------------------
-
-INSTR_VARIANTS = {
-    "sqlalchemy (defaults)": "bare",
-    "sqlalchemy (defaults) + BEGIN IMMEDIATE ... COMMIT": "bare-tx",
-    "dbsession session_scope()": "dbsession",
-    "dbsession session_scope(readonly=True)": "dbsession-ro",
-}
-
-
-CALLGRIND_C = """
-#include <valgrind/callgrind.h>
-void cg_zero(void) { CALLGRIND_ZERO_STATS; }
-void cg_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
-"""
-
-
-def instr_scope(variant: str, url: str) -> Scope:
-    """The scope of one instruction-count variant, on a seeded database."""
-    if variant.startswith("dbsession"):
-        factory = DbSessionFactory(url)
-        seed(factory.engine)
-        if variant == "dbsession-ro":
-            return lambda: factory.session_scope(readonly=True)
-        return factory.session_scope
-    engine = create_engine(url)
-    if variant == "bare-tx":  # the honest transaction pysqlite leaves out, at driver cost
-
-        @event.listens_for(engine, "connect")
-        def manual(dbapi_connection: Any, record: Any) -> None:
-            dbapi_connection.isolation_level = None
-
-        @event.listens_for(engine, "begin")
-        def begin(connection: Any) -> None:
-            connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
-
-    seed(engine)
-    return sessionmaker(engine).begin
-
-
-def instr_worker(library: str, url: str, count: int, jobs: list[str]) -> None:
-    """Under callgrind: for each ``kind:variant`` job, warm up, zero the counters, run
-    ``count`` units and dump the counts labelled with the job (one process, start-up
-    paid once)."""
-    import ctypes
-
-    marks = ctypes.CDLL(library)
-    for job in jobs:
-        kind, variant = job.split(":")
-        scope = instr_scope(variant, url)
-        for i in range(30):
-            with scope() as session:
-                unit_body(kind, session, i)
-        marks.cg_zero()
-        for i in range(count):
-            with scope() as session:
-                unit_body(kind, session, i)
-        marks.cg_dump(job.encode())
-
-
-def bench_instructions(
-    count: int, compare_with: str | None, backend: Backend | None = None
-) -> None:
-    """Instructions per unit of work, counted by callgrind around ``count`` units of each
-    variant after a warm-up (only this client process: the server's work is not
-    counted). ``compare_with``: another checkout of dbsession (say main's), counted the
-    same way in a process of its own, for now-vs-then."""
-    folder = tempfile.mkdtemp(prefix="dbsession-callgrind-")
-    library = os.path.join(folder, "marks.so")
-    source = os.path.join(folder, "marks.c")
-    with open(source, "w") as file:
-        file.write(CALLGRIND_C)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", library, source], check=True)
-    url = "sqlite://" if backend is None else backend.url.render_as_string(hide_password=False)
-    label = "SQLite in memory" if backend is None else backend.label
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = {"": (here, list(INSTR_VARIANTS.values()))}
-    if compare_with:
-        runs[" (compared checkout)"] = (compare_with, ["dbsession", "dbsession-ro"])
-    counts: dict[tuple[str, str], float] = {}
-    for suffix, (path, variants) in runs.items():
-        jobs = [
-            f"{kind}:{variant}"
-            for kind in UNITS
-            for variant in variants
-            if (variant != "dbsession-ro" or kind == "get")
-            and (backend is None or variant in ("bare", "dbsession"))
-        ]
-        out = os.path.join(folder, f"run{len(counts)}.out")
-        subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                os.path.abspath(__file__),
-                "--instr-worker",
-                library,
-                url,
-                str(count),
-                *jobs,
-            ],
-            capture_output=True,
-            env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"},  # same dicts each run
-            check=True,
-        )
-        for dump in sorted(os.listdir(folder)):
-            if not dump.startswith(os.path.basename(out) + "."):
-                continue
-            text_ = open(os.path.join(folder, dump)).read()
-            job = next((j for j in jobs if f"Client Request: {j}\n" in text_), None)
-            total = next(
-                (line.split()[1] for line in text_.splitlines() if line.startswith("summary:")),
-                None,
-            )
-            if job and total:
-                kind, variant = job.split(":")
-                counts[(kind, variant + suffix)] = int(total) / count
-            os.remove(os.path.join(folder, dump))
-    names = {v: n for n, v in INSTR_VARIANTS.items()}
-    print(
-        f"\n### Instructions per unit of work on {label} (callgrind, {count} units after "
-        "a warm-up); ratio vs sqlalchemy (defaults)\n"
-    )
-    print("| unit | variant | instructions | ratio |")
-    print("|---|---|---:|---:|")
-    for (kind, variant), value in counts.items():
-        base = counts[(kind, "bare")]
-        plain = variant.split(" (")[0]
-        name = names[plain] + variant[len(plain) :]
-        print(f"| {kind} | {name} | {value:,.0f} | {value / base:.3f}x |")
-    sys.stdout.flush()
-
-
 # --- bulk_insert ----------------------------------------------------------------------------
 
 
@@ -1168,9 +1034,6 @@ def bench_plugin(backend: Backend, count: int, rounds: int) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--instr-worker"]:
-        instr_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:])
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--backends",
@@ -1179,11 +1042,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="defaults,instr,bulkpath,pool,lost,plugin,uow,async,bulk,writers,startup",
+        default="defaults,bulkpath,pool,lost,plugin,uow,async,bulk,writers,startup",
         help="comma-separated sections: defaults (vs SQLAlchemy's defaults and other "
-        "wrappers), instr (callgrind instruction counts, SQLite memory), instr-servers "
-        "(the same, client side, on the servers; not in the default run), bulkpath "
-        "(bulk_insert), pool, lost (lost updates), plugin, uow, async, bulk, writers, startup",
+        "wrappers), bulkpath (bulk_insert), pool, lost (lost updates), plugin, uow, async, "
+        "bulk, writers, startup; instruction counts per unit are benchmarks/units.py",
     )
     parser.add_argument("--uow", type=int, default=300, help="units of work per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds per measurement")
@@ -1192,14 +1054,6 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--writes", type=int, default=100, help="units per writer thread")
     parser.add_argument("--hot-rows", type=int, default=4, help="rows of the lost-update table")
-    parser.add_argument(
-        "--instr-units", type=int, default=200, help="units per variant counted by callgrind"
-    )
-    parser.add_argument(
-        "--instr-compare",
-        default=None,
-        help="another dbsession checkout (a folder for PYTHONPATH) to count the same way",
-    )
     args = parser.parse_args()
     sections = set(args.only.split(","))
     import sqlalchemy
@@ -1208,13 +1062,9 @@ def main() -> None:
         f"Python {sys.version.split()[0]}, SQLAlchemy {sqlalchemy.__version__}, "
         f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs"
     )
-    if "instr" in sections:
-        bench_instructions(args.instr_units, args.instr_compare)
     with backends(args.backends.split(",")) as backend_list:
         for backend in backend_list:
             classic = backend.label != "mariadb"  # sections with a raw-driver baseline
-            if "instr-servers" in sections and backend.dialect != "sqlite":
-                bench_instructions(args.instr_units, args.instr_compare, backend)
             if "defaults" in sections:
                 bench_defaults(backend, args.uow, args.rounds)
             if "plugin" in sections:

@@ -14,7 +14,7 @@ kind runs on.
   connections; a pool of ``DEFAULT_POOL_SIZE`` kept connections (``DEFAULT_MAX_OVERFLOW``
   more at a peak).
 - PostgreSQL and MySQL/MariaDB: a pooled connection is checked before use without a
-  round trip (:func:`_install_liveness_check`); a bare URL scheme gets the driver we ship
+  round trip (:func:`_install_checkout_check`); a bare URL scheme gets the driver we ship
   (psycopg 3, PyMySQL; see ``_config``).
 """
 
@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from . import observability
 from ._classify import install_cluster_errors
@@ -48,12 +48,9 @@ from ._pool import pool_class_for
 from ._pooler import install_connection_loss, prepared_statement_args
 from ._readonly import (
     has_read_only_twin,
-    install_driver_read_only,
     install_read_only_errors,
     install_read_only_twin,
-    read_only_view,
     readonly_options,
-    uses_driver_flag,
 )
 from ._sqlite import install_opinions, install_write_gate, prepare_url, writer_view
 from ._timeouts import (
@@ -98,9 +95,9 @@ def build_engine(
     """Create an engine with ``create`` (``create_engine`` or ``create_async_engine``) and
     install dbsession's opinions on ``sync_engine_of(engine)``, where the events live.
 
-    Returns the engine and, on SQLite and MySQL/MariaDB, the builder of its read-only twin
-    (``_readonly``), which the caller builds on first use and disposes with the engine;
-    None elsewhere.
+    Returns the engine and the builder of its read-only twin (``_readonly``), which the
+    caller builds on first use and disposes with the engine; None for a PostgreSQL driver
+    without a read-only flag.
     Raises UnknownDialectError, MissingDriverError, SQLitePathError or ConfigurationError
     when the URL or options cannot work.
     """
@@ -121,7 +118,7 @@ def build_engine(
     if keeper is not None:
         weakref.finalize(sync_engine_of(built), keeper.close)
     logger.info("dbsession: engine created for %s", settings.describe())
-    twin = has_read_only_twin(url.get_backend_name())
+    twin = has_read_only_twin(sync_engine_of(built).dialect)
     return built, (lambda: build(read_only=True)) if twin else None
 
 
@@ -153,14 +150,15 @@ def _build(
     if connector is not None:
         connector.attach(engine)
     _install_fork_guard(engine)
+    is_server = url.get_backend_name() != "sqlite"
+    liveness = is_server and "pool_pre_ping" not in options
+    _install_checkout_check(engine, settings.timeouts.ping_after_idle if liveness else None)
     observability._watch(engine)
     install_read_only_errors(engine)
     install_timeout_errors(engine)
     if read_only:
         install_read_only_twin(engine)
-    elif uses_driver_flag(engine.dialect):
-        install_driver_read_only(engine)
-    if url.get_backend_name() == "sqlite":
+    if not is_server:
         install_opinions(engine, settings.sqlite_busy_timeout, wal=wal)
         if not read_only:
             install_write_gate(engine, settings.sqlite_busy_timeout)
@@ -169,8 +167,6 @@ def _build(
         install_connection_loss(engine, f"the {url.get_backend_name()} server {hosts}")
         if url.get_backend_name() in ("mysql", "mariadb"):
             install_cluster_errors(engine, hosts)
-        if "pool_pre_ping" not in options:
-            _install_liveness_check(engine, settings.timeouts.ping_after_idle)
         install_ping_timeout(engine, settings.timeouts)
         install_deadlines(engine, settings.timeouts)
     return built
@@ -280,30 +276,24 @@ if hasattr(os, "register_at_fork"):
 
 
 def _install_fork_guard(engine: Engine) -> None:
-    """SQLAlchemy's recipe: a pooled connection is only ever used by the process that opened it."""
+    """SQLAlchemy's recipe: a pooled connection is only ever used by the process that opened
+    it (the check itself is :func:`_install_checkout_check`'s)."""
     _ENGINES.add(engine)
 
     @event.listens_for(engine, "connect")
     def remember_pid(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        record.info["dbsession_pid"] = os.getpid()
-
-    @event.listens_for(engine, "checkout")
-    def refuse_foreign(
-        dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-    ) -> None:
-        if record.info.get("dbsession_pid") != os.getpid():
-            # Drop without closing: closing would end the parent's server session.
-            record.dbapi_connection = proxy.dbapi_connection = None  # type: ignore[misc]
-            raise exc.DisconnectionError(
-                "connection was opened by another process; reconnecting in this one"
-            )
+        record.info[_PID] = os.getpid()
 
 
+_PID = "dbsession_pid"
 _IDLE_SINCE = "dbsession_idle_since"
+_POLLER = "dbsession_poller"
 
 
-def _install_liveness_check(engine: Engine, ping_after_idle: float) -> None:
-    """Replace a dead pooled connection before use, without a round trip per checkout.
+def _install_checkout_check(engine: Engine, ping_after_idle: float | None) -> None:
+    """One ``checkout`` listener (each costs an event dispatch per unit of work): refuse a
+    connection another process opened (the fork guard), then, unless ``ping_after_idle``
+    is None, replace a dead pooled connection before use, without a round trip.
 
     SQLAlchemy's ``pool_pre_ping`` sends ``SELECT 1`` on every checkout: one full round
     trip per unit of work. A server that ends a session (a kill, a restart, an idle
@@ -319,17 +309,31 @@ def _install_liveness_check(engine: Engine, ping_after_idle: float) -> None:
     options replaces this check.
     """
     dialect = engine.dialect
+    check_liveness = ping_after_idle is not None
+    ping_after_idle = ping_after_idle or 0.0
+    monotonic = time.monotonic
 
-    @event.listens_for(engine, "checkin")
-    def idle_from(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        record.info[_IDLE_SINCE] = time.monotonic()
+    if check_liveness:
+
+        @event.listens_for(engine, "checkin")
+        def idle_from(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            record.info[_IDLE_SINCE] = monotonic()
 
     @event.listens_for(engine, "checkout")
     def check(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-        since = record.info.get(_IDLE_SINCE)
+        info = record.info
+        if info.get(_PID) != os.getpid():
+            # Drop without closing: closing would end the parent's server session.
+            record.dbapi_connection = proxy.dbapi_connection = None  # type: ignore[misc]
+            raise exc.DisconnectionError(
+                "connection was opened by another process; reconnecting in this one"
+            )
+        if not check_liveness:
+            return
+        since = info.get(_IDLE_SINCE)
         if since is None:  # just opened
             return
-        if time.monotonic() - since < ping_after_idle and _quiet(dbapi_connection):
+        if monotonic() - since < ping_after_idle and _quiet(dbapi_connection, info):
             return
         try:
             alive = dialect.do_ping(dbapi_connection)
@@ -339,9 +343,13 @@ def _install_liveness_check(engine: Engine, ping_after_idle: float) -> None:
             raise exc.DisconnectionError("the pooled connection was closed by the server")
 
 
-def _quiet(dbapi_connection: Any) -> bool:
+def _quiet(dbapi_connection: Any, info: dict[Any, Any]) -> bool:
     """True if the idle connection's socket has nothing to read: the server has not
-    closed it nor sent anything. False when that cannot be known."""
+    closed it nor sent anything. False when that cannot be known. The poller is made
+    once per driver connection (kept in the pool record's ``info``)."""
+    made = info.get(_POLLER)
+    if made is not None and made[0] is dbapi_connection:
+        return not made[1].poll(0)
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     try:
         pgconn = getattr(driver, "pgconn", None)  # psycopg, sync and async
@@ -354,11 +362,12 @@ def _quiet(dbapi_connection: Any) -> bool:
         return False
     if not isinstance(fd, int) or fd < 0:
         return False
-    if _poll is not None:
-        poller = _poll()
-        poller.register(fd, select.POLLIN | select.POLLPRI)
-        return not poller.poll(0)
-    return not select.select([fd], [], [fd], 0)[0]  # pragma: no cover (no poll(): Windows)
+    if _poll is None:  # pragma: no cover (no poll(): Windows)
+        return not select.select([fd], [], [fd], 0)[0]
+    poller = _poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    info[_POLLER] = (dbapi_connection, poller)
+    return not poller.poll(0)
 
 
 _poll = getattr(select, "poll", None)
@@ -388,16 +397,14 @@ def scope_engine(
 ) -> Any:
     """The engine a scope of this kind runs on: ``engine`` (an ``Engine`` or
     ``AsyncEngine`` whose events live on ``sync_engine``); for a read-only scope
-    ``read_only_engine`` (the twin, on SQLite and MySQL/MariaDB) or PostgreSQL's read-only
-    view (``_readonly``); for a writing one on SQLite its writer view; as a view with the
+    ``read_only_engine`` (its twin, ``_readonly``); for a writing one on SQLite its writer
+    view; as a view with the
     :func:`scope_options` it does not have already, and a view with a time budget applies
     it (``_timeouts``). Listeners live on the views, never on the engine, so the scopes
     that do not need them pay nothing for them."""
     if readonly and read_only_engine is not None:
         engine = read_only_engine
-    elif readonly:
-        engine = read_only_view(engine)
-    elif sync_engine.dialect.name == "sqlite":
+    elif not readonly and sync_engine.dialect.name == "sqlite":
         engine = writer_view(engine)
     options = scope_options(
         sync_engine, readonly=readonly, isolation_level=isolation_level, timed=timed

@@ -42,11 +42,10 @@ class _Watcher:
         self.backend = backend
 
     def taken(self, pool: Pool, record: ConnectionPoolEntry | None, waited: float) -> None:
-        observability._add_pool_wait(waited, self.backend)
+        current = observability._add_pool_wait(waited, self.backend)
         if record is not None:
             # Weakly: an observation holds its caller's frame (and so the session and this
             # very connection); a strong reference here would keep an abandoned one alive.
-            current = observability._current()
             holders: Holders = pool.__dict__.setdefault(_HOLDERS, {})
             holders[id(record)] = None if current is None else weakref.ref(current)
 

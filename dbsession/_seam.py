@@ -12,17 +12,16 @@ that stops calling one fails there, never silently:
   one wrapper per method that runs its hooks in the order :data:`ORDER` gives.
   :func:`set_hook` is the only writer of dialect attributes, and it refuses a method the
   dialect class no longer has.
-- **Flagged connections** (SQLite's writers, PostgreSQL's read-only scopes): a view of an
+- **Flagged connections** (SQLite's writers): a view of an
   engine whose connections flag their pooled connection just before each ``BEGIN``
   (``do_begin`` sees only that), via ``OptionEngine``, its ``_connection_cls`` and
   ``Connection._begin_impl``. The public ways cost
   more: a ``begin`` or ``engine_connect`` listener on the view (event dispatch for every
-  statement of every scope on it), a characteristic execution option such as
-  ``postgresql_readonly`` (set and reset on every checkout: +33% instructions per
-  read-only unit), or a second engine sharing the pool (split apart by ``dispose()`` and
-  ``fork()``).
+  statement of every scope on it), or a second engine sharing the pool (split apart by
+  ``dispose()`` and ``fork()``).
 - **The driver's read-only flag** (``Dialect.set_readonly``, undocumented): what
-  ``postgresql_readonly`` sets, so that the driver's own ``BEGIN`` says ``READ ONLY``.
+  ``postgresql_readonly`` sets, so that the driver's own ``BEGIN`` says ``READ ONLY``;
+  set once on each connection of PostgreSQL's read-only twin.
 - **The dialect of a URL** as ``create_async_engine`` picks it (``URL.get_dialect``'s
   ``_is_async``): the pool class to subclass.
 - **Pool checkouts** (``QueuePool._do_get``/``_do_return_conn``, ``_max_overflow``): the
@@ -109,43 +108,28 @@ def set_hook(engine: Engine, method: str, name: str, hook: Hook | None) -> None:
 
 
 class _FlaggingConnection(Connection):
-    """A connection of :func:`flagged_view`: as each of its transactions begins, before
-    the ``begin`` listeners and the dialect's ``do_begin``, flags its pooled connection
-    (``do_begin`` takes the flag) or calls the view's ``before_begin`` with itself."""
+    """A connection of :func:`flagged_view`: flags its pooled connection as each of its
+    transactions begins, before the ``begin`` listeners and the dialect's ``do_begin``
+    (which takes the flag)."""
 
     _dbsession_flag = ""
-    _dbsession_before_begin: Callable[[Connection], None] | None = None
 
     def _begin_impl(self, transaction: Any) -> None:
-        before_begin = self._dbsession_before_begin
-        if before_begin is None:
-            self.connection.info[self._dbsession_flag] = True
-        else:
-            before_begin(self)
+        self.connection.info[self._dbsession_flag] = True
         super()._begin_impl(transaction)
 
 
 _views: dict[str, type[OptionEngine]] = {}
 
 
-def flagged_view(
-    engine: Engine, flag: str, before_begin: Callable[[Connection], None] | None = None
-) -> Engine:
-    """A view of ``engine`` (sharing its pool, dialect and options) whose every connection,
-    as each transaction begins, sets ``info[flag] = True`` on its pooled connection
-    (``before_begin``: calls it with the ``Connection`` instead), before anything of
-    the transaction runs; its own views do the same. One view class per ``flag``."""
+def flagged_view(engine: Engine, flag: str) -> Engine:
+    """A view of ``engine`` (sharing its pool, dialect and options) whose every connection
+    sets ``info[flag] = True`` on its pooled connection as each transaction begins,
+    before anything of the transaction runs (its own views do the same)."""
     view_class = _views.get(flag)
     if view_class is None:
         connection_class = type(
-            "FlaggingConnection",
-            (_FlaggingConnection,),
-            {
-                "_dbsession_flag": flag,
-                "_dbsession_before_begin": None
-                if before_begin is None
-                else staticmethod(before_begin),
-            },
+            "FlaggingConnection", (_FlaggingConnection,), {"_dbsession_flag": flag}
         )
         view_class = type("FlaggingEngine", (OptionEngine,), {"_connection_cls": connection_class})
         view_class._option_cls = view_class

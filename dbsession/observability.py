@@ -436,14 +436,16 @@ def _add_lock_wait(seconds: float) -> None:
         observation.lock_wait += seconds
 
 
-def _add_pool_wait(seconds: float, backend: str) -> None:
-    """Count ``seconds`` waited for a pooled connection against the unit of work here."""
+def _add_pool_wait(seconds: float, backend: str) -> Observation | None:
+    """Count ``seconds`` waited for a pooled connection against the unit of work here,
+    and return that unit of work's observation (the connection's holder)."""
     observation = _observed.get()
     if observation is not None:
         observation.pool_wait += seconds
     instruments = _config.instruments
     if instruments is not None:
         instruments["pool_wait"].record(seconds, {"db.system": backend})
+    return observation
 
 
 def _retried(reason: str, backend: str) -> None:

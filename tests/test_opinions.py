@@ -78,7 +78,7 @@ def test_a_live_connection_with_a_message_waiting_is_pinged_and_kept(
         conn.commit()
     idle: Any = factory.engine.pool._pool.queue[0]  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
-    while engine_module._quiet(idle.dbapi_connection) and time.monotonic() < deadline:
+    while engine_module._quiet(idle.dbapi_connection, idle.info) and time.monotonic() < deadline:
         time.sleep(0.01)  # the server sends the notification on its own time
     with factory.engine.connect() as conn:
         assert server_pid(conn) == listener
@@ -132,11 +132,16 @@ def test_sqlite_read_only_scopes_run_on_their_own_query_only_pool(
     assert twin.pool.checkedin() == 0  # type: ignore[attr-defined]
 
 
-def test_no_read_only_twin_on_postgresql_nor_before_it_is_needed(backend_url: Any) -> None:
+def test_no_read_only_twin_before_it_is_needed(backend_url: Any) -> None:
     made = DbSessionFactory(backend_url)
     try:
-        twin = made._build().read_only_engine()
-        assert (twin is None) is (made.engine.dialect.name == "postgresql")
+        binding = made._build()
+        with made.session_scope() as session:
+            session.execute(text("SELECT 1"))
+        assert binding.engines() == [made.engine]
+        with made.session_scope(readonly=True) as session:
+            session.execute(text("SELECT 1"))
+        assert binding.engines() == [made.engine, binding.read_only_engine()]
     finally:
         made.dispose()
 
@@ -180,6 +185,4 @@ def test_no_engine_sends_its_statements_through_sqlalchemys_event_dispatch(
     with factory.session_scope(timeout=5) as session:
         session.execute(text("SELECT 1"))
     engines = [factory.engine, factory._build().read_only_engine()]
-    assert [engine._has_events for engine in engines if engine is not None] == [False] * (
-        1 + (factory.url.get_backend_name() != "postgresql")
-    )
+    assert [engine._has_events for engine in engines] == [False, False]
