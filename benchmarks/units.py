@@ -4,7 +4,8 @@ Run: ``python benchmarks/units.py`` (``--help``). For each backend (SQLite in me
 PostgreSQL, MariaDB), sync and async, it counts with ``valgrind --tool=callgrind`` the
 instructions of this client process per unit of work (a ``get``, an ``insert``, a
 read-modify-write; after a warm-up, fixed ``PYTHONHASHSEED``: independent of the
-machine's load, runs of the same code differ by about 1-2%) for bare SQLAlchemy's
+machine's load; the heap is frozen before each count, and runs of the same code differ
+by under 1%) for bare SQLAlchemy's
 defaults (``sessionmaker(create_engine(url)).begin()``), ``session_scope()`` and
 ``session_scope(readonly=True)``, all in one run; and, without valgrind, the round trips
 per unit (PostgreSQL: the messages psycopg sends that wait for an answer, from libpq's
@@ -23,6 +24,7 @@ import asyncio
 import collections
 import ctypes
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -125,6 +127,14 @@ async def async_unit(kind: str, session: Any, i: int) -> None:
         row.value += 1
 
 
+def settle() -> None:
+    """Collect, then freeze what is left: each job's garbage collections then scan only
+    its own new objects, not a heap the jobs before it grew (without this a job's count
+    depends on its place in the run, by up to 2%)."""
+    gc.collect()
+    gc.freeze()
+
+
 def worker(library: str, url: str, count: int, jobs: list[str]) -> None:
     """Under callgrind: for each ``mode:kind:variant`` job, warm up, zero the counters, run
     ``count`` units and dump the counts labelled with the job (one process)."""
@@ -136,6 +146,7 @@ def worker(library: str, url: str, count: int, jobs: list[str]) -> None:
             for i in range(30):
                 with scope() as session:
                     unit_body(kind, session, i)
+            settle()
             marks.cg_zero()
             for i in range(count):
                 with scope() as session:
@@ -148,6 +159,7 @@ def worker(library: str, url: str, count: int, jobs: list[str]) -> None:
             for i in range(30):
                 async with scope() as session:
                     await async_unit(kind, session, i)
+            settle()
             marks.cg_zero()
             for i in range(count):
                 async with scope() as session:
