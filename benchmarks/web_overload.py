@@ -127,7 +127,7 @@ def start(variant: str, port: int, env: dict[str, str]) -> subprocess.Popen[byte
         command = [
             sys.executable, "-m", "uvicorn", "--factory", f"web_apps:{variant}",
             "--app-dir", str(HERE), "--workers", "2", "--port", str(port),
-            "--log-level", "warning", "--no-access-log",
+            "--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "300",
         ]  # fmt: skip
     else:
         command = [sys.executable, str(HERE / "web_apps.py"), variant, str(port)]
@@ -278,19 +278,17 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 30])
     parser.add_argument(
-        "--iterations", type=int, default=4, help="passes through the mix per client"
+        "--requests", type=int, default=1200, help="about how many requests a run makes"
     )
     parser.add_argument("--pairs", type=int, default=2, help="alternating (bare, dbsession) pairs")
     parser.add_argument("--frameworks", nargs="+", default=["fastapi", "flask"])
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--max-overflow", type=int, default=5)
     parser.add_argument("--pool-timeout", type=float, default=3.0)
-    parser.add_argument(
-        "--quick", action="store_true", help="one pair, one pass, 100 and 30 clients"
-    )
+    parser.add_argument("--quick", action="store_true", help="one pair of 600 requests")
     args = parser.parse_args()
     if args.quick:
-        args.pairs, args.iterations = 1, 1
+        args.pairs, args.requests = 1, 600
     where = subprocess.run(
         [sys.executable, "-c", "import dbsession; print(dbsession.__file__)"],
         env=server_env(args, ""), cwd=HERE, capture_output=True, text=True, check=True,
@@ -300,7 +298,7 @@ def main() -> None:
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs; pool_size="
         f"{args.pool_size}, max_overflow={args.max_overflow}, pool_timeout={args.pool_timeout:g}s, "
         f"FastAPI threads per worker {args.threads or 40}; "
-        f"{args.iterations} passes of 6 requests per client; "
+        f"about {args.requests} requests per run (passes of 6 requests per client); "
         f"PostgreSQL {args.url.split('@')[-1]}; the servers import {where}"
     )
     try:
@@ -309,9 +307,10 @@ def main() -> None:
             for clients in args.clients:
                 print(f"\n{framework} ({server}), {clients} concurrent clients")
                 runs = []
+                passes = max(1, round(args.requests / (6 * clients)))
                 for _ in range(args.pairs):
                     for variant in ("bare", "dbsession"):
-                        run = measure(f"{framework}_{variant}", clients, args.iterations, args)
+                        run = measure(f"{framework}_{variant}", clients, passes, args)
                         runs.append(run)
                 show(runs)
     finally:
