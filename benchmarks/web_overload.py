@@ -285,6 +285,9 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--max-overflow", type=int, default=5)
     parser.add_argument("--pool-timeout", type=float, default=3.0)
+    parser.add_argument(
+        "--threads", type=int, help="FastAPI: anyio's thread limit per worker (default 40)"
+    )
     parser.add_argument("--quick", action="store_true", help="one pair of 600 requests")
     args = parser.parse_args()
     if args.quick:
