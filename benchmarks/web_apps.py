@@ -26,6 +26,7 @@ No ``from __future__ import annotations``: FastAPI reads the annotations.
 """
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -457,6 +458,7 @@ def serve_flask(name: str, port: int) -> None:
     connection) until SIGTERM, then write the hold times."""
     from werkzeug.serving import make_server
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     app = {"flask_bare": flask_bare, "flask_dbsession": flask_dbsession}[name]()
     server = make_server("127.0.0.1", port, app, threaded=True)
     server.socket.listen(1024)
