@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import pytest
 from helpers import require_extra
 from sqlalchemy import create_engine, func, select
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session
 
 from dbsession import DbSessionFactory
@@ -133,10 +133,8 @@ def dbsession_app(factory: DbSessionFactory) -> tuple["FastAPI", Scenario]:
     return app, scenario
 
 
-def bare_app(url: URL) -> tuple["FastAPI", Scenario]:
+def bare_app(engine: Engine) -> tuple["FastAPI", Scenario]:
     from fastapi import Depends
-
-    engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=POOL_TIMEOUT)
 
     def get_db() -> Iterator[Session]:
         with Session(engine) as session:
@@ -215,6 +213,10 @@ def test_a_units_commit_does_not_wait_for_a_thread_while_others_wait_for_its_con
 def test_the_bare_templates_dependency_passes_the_same_pile_up(tables: URL) -> None:
     """The scenario is fair: without dbsession, no checkout times out either."""
     require_extra("fastapi", "fastapi")
-    app, scenario = bare_app(tables)
-    statuses = asyncio.run(pile_up(app, scenario))
+    engine = create_engine(tables, pool_size=1, max_overflow=0, pool_timeout=POOL_TIMEOUT)
+    try:
+        app, scenario = bare_app(engine)
+        statuses = asyncio.run(pile_up(app, scenario))
+    finally:
+        engine.dispose()
     assert statuses == [(200, '{"a":1}'), (200, '{"suppliers":1}'), (200, '{"suppliers":1}')]
