@@ -118,8 +118,9 @@ async def _end(scope: AbstractContextManager[Session], error: BaseException | No
     limiter's 40 threads would hold it while those threads may all be other requests'
     handlers blocked on the pool, waiting for this very connection: every request then
     waits until a checkout times out (PoolExhaustedError). FastAPI ends its own sync
-    dependencies the same way (``contextmanager_in_threadpool``); and a cancelled
-    request must still return its connection.
+    dependencies the same way (``contextmanager_in_threadpool``). A cancelled request
+    must still return its connection: recent FastAPI versions shield a dependency's exit
+    themselves, this does not rely on it.
     """
     exit_args = (None, None, None) if error is None else (type(error), error, error.__traceback__)
     with anyio.CancelScope(shield=True):
