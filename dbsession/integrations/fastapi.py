@@ -23,8 +23,10 @@ The handler runs in another context copy than the dependency (and a sync handler
 worker thread), so the dependency *lends* its scope to the request: inside the handler,
 ``current_session()`` (``async_current_session()``), ``on_commit()`` and nested
 ``session_scope()`` calls see the request's unit of work. The sync dependency is an
-``async def`` that opens and ends the sync scope in the thread pool, so the database
-I/O never blocks the event loop and the lent scope lives in the request's context.
+``async def`` that opens the sync scope in the thread pool and ends it in a worker thread
+that does not queue for the pool's limiter (as FastAPI ends its own sync dependencies), so
+the database I/O never blocks the event loop, the lent scope lives in the request's
+context, and a request never holds its connection while it waits for a thread.
 
 That ordering comes from ``Depends(..., scope="function")`` (FastAPI >= 0.121).
 With FastAPI's default scope (``"request"``) the exit code of a dependency with
@@ -38,6 +40,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated, Any
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -97,13 +101,30 @@ def session_dependency(
             try:
                 yield session
             except BaseException as error:
-                await run_in_threadpool(scope.__exit__, type(error), error, error.__traceback__)
+                await _end(scope, error)
                 raise
-            await run_in_threadpool(scope.__exit__, None, None, None)
+            await _end(scope, None)
         finally:
             observability._unlend(lent)
 
     return get_session
+
+
+async def _end(scope: AbstractContextManager[Session], error: BaseException | None) -> None:
+    """End ``scope`` (commit, or roll back after ``error``) in a worker thread that does
+    not queue for the thread pool's limiter, shielded from cancellation.
+
+    The handler's connection is still checked out here. Waiting for one of the default
+    limiter's 40 threads would hold it while those threads may all be other requests'
+    handlers blocked on the pool, waiting for this very connection: every request then
+    waits until a checkout times out (PoolExhaustedError). FastAPI ends its own sync
+    dependencies the same way (``contextmanager_in_threadpool``). A cancelled request
+    must still return its connection: recent FastAPI versions shield a dependency's exit
+    themselves, this does not rely on it.
+    """
+    exit_args = (None, None, None) if error is None else (type(error), error, error.__traceback__)
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(scope.__exit__, *exit_args, limiter=anyio.CapacityLimiter(1))
 
 
 def _enter(
