@@ -20,6 +20,7 @@ kind runs on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import select
@@ -351,6 +352,9 @@ def _quiet(dbapi_connection: Any, info: dict[Any, Any]) -> bool:
     if made is not None and made[0] is dbapi_connection:
         return not made[1].poll(0)
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    reader = getattr(driver, "_reader", None)  # aiomysql: asyncio reads its socket itself
+    if isinstance(reader, asyncio.StreamReader):
+        return not (reader.at_eof() or reader.exception() or len(reader._buffer))  # type: ignore[attr-defined]
     try:
         pgconn = getattr(driver, "pgconn", None)  # psycopg, sync and async
         if pgconn is not None:

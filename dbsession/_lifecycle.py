@@ -169,10 +169,11 @@ def _guard_connections(registry: Registry[Any], factory: LazyFactory[Any]) -> No
             registry._check(current)
 
     for binding in list(factory._bindings.values()):
-        engine = getattr(binding.engine, "sync_engine", binding.engine)
-        if engine not in _GUARDED:
-            _GUARDED.add(engine)
-            event.listen(engine, "checkout", checkout)
+        for built in binding.engines():  # the read-only twin too, once built
+            engine = getattr(built, "sync_engine", built)
+            if engine not in _GUARDED:
+                _GUARDED.add(engine)
+                event.listen(engine, "checkout", checkout)
 
 
 #: The engines whose checkouts ask their registry (see _guard_connections).

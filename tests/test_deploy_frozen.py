@@ -333,10 +333,9 @@ def test_a_silent_mariadb_server_does_not_hang_an_async_scope(
             return (await session.execute(text("SELECT 1"))).scalar()
 
     loop = asyncio.new_event_loop()
-    # aiomysql's socket is out of the liveness check's reach, so each checkout pings: past
-    # Timeouts.ping the pool reconnects, and aiomysql's wait for a new connection's
-    # greeting has no bound (a known limit). Without the ping, the statement meets the
-    # silent server, as a pooled psycopg or PyMySQL connection used in the last 30 s does.
+    # Without the liveness check the statement meets the silent server, as any pooled
+    # connection used in the last 30 s does (a ping past Timeouts.ping would make the pool
+    # reconnect, and aiomysql's wait for a new connection's greeting has no bound).
     factory = AsyncDbSessionFactory(
         url.set(drivername="mysql+aiomysql"), timeouts=timeouts, pool_pre_ping=False
     )

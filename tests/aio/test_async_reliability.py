@@ -119,3 +119,35 @@ def test_connection_killed_mid_async_scope_raises_commits_nothing_and_the_next_s
     assert is_killed_connection_error(error)
     assert suppliers(other_connection) == ["next"]
     assert checked_out(async_factory) == 0
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_an_idle_async_connection_killed_by_the_server_is_replaced_without_a_ping_per_checkout(
+    async_factory: AsyncDbSessionFactory,
+    run: Run[Any],
+    other_connection: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The liveness check sees an async driver's connection end (aiomysql through asyncio's
+    reader, psycopg through its socket): no ping while it is quiet, a new connection
+    in place of a killed one."""
+    dialect: Any = async_factory.engine.sync_engine.dialect
+    real_ping = dialect.do_ping
+    pings: list[bool] = []
+    monkeypatch.setattr(dialect, "do_ping", lambda c: pings.append(real_ping(c)) or pings[-1])
+
+    async def body() -> None:
+        for _ in range(5):
+            async with async_factory.session_scope() as session:
+                pid = await session.run_sync(server_pid)
+        assert pings == []
+        kill(other_connection, [pid])
+        for _ in range(50):  # the server's close reaches the idle connection's reader
+            await asyncio.sleep(0.02)
+        async with async_factory.session_scope() as session:
+            assert await session.run_sync(server_pid) != pid
+            session.add(Supplier(name="after the kill"))
+
+    run(body())
+    assert suppliers(other_connection) == ["after the kill"]
+    assert pings in ([], [False])  # at most the dead one's ping, never a live one's
