@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import datetime
 import decimal
+import functools
 import inspect
 import itertools
 import operator
@@ -36,7 +37,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Column, Table, bindparam, insert
+from sqlalchemy import Boolean, Column, Table, bindparam, insert
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -244,8 +245,8 @@ def _pages(
     ``defaults`` (constants, and ColumnDefaults), bind-processed for ``dialect`` as
     ``columns`` (those of the keys, then of the defaults) say; as given when ``dialect``
     is None."""
-    processors: list[Callable[[Any], Any] | None] = (
-        [column.type.dialect_impl(dialect).bind_processor(dialect) for column in columns]
+    processors = (
+        [_column_processor(column, dialect) for column in columns]
         if dialect is not None
         else [None] * (len(keys) + len(defaults))
     )
@@ -268,11 +269,37 @@ def _pages(
         yield page
 
 
+#: Bind processing of one page's values of a column: the values to send.
+ColumnProcessor = Callable[[Iterable[Any]], Iterable[Any]]
+_BOOLEANS = frozenset({bool, type(None)})
+
+
+def _column_processor(column: Column[Any], dialect: Dialect) -> ColumnProcessor | None:
+    """The bind processing of ``column``'s values for ``dialect``, a page at a time; None
+    when its type has no bind processor there. SQLAlchemy's own ``Boolean`` processor is
+    a function of True, False and None (it refuses anything else): a page holding only
+    those is processed by looking its three results up, at C speed."""
+    impl = column.type.dialect_impl(dialect)
+    process = impl.bind_processor(dialect)
+    if process is None:
+        return None
+    each = functools.partial(map, process)
+    if isinstance(impl, Boolean) and type(impl).bind_processor is Boolean.bind_processor:
+        looked_up = functools.partial(map, {v: process(v) for v in (True, False, None)}.get)
+
+        def booleans(values: Iterable[Any]) -> Iterable[Any]:
+            page = list(values)
+            return looked_up(page) if set(map(type, page)) <= _BOOLEANS else each(page)
+
+        return booleans
+    return each
+
+
 def _page(
     chunk: list[Mapping[str, Any]],
     keys: Sequence[str],
     defaults: Sequence[tuple[Column[Any], Any]],
-    processors: Sequence[Callable[[Any], Any] | None],
+    processors: Sequence[ColumnProcessor | None],
 ) -> list[tuple[Any, ...]]:
     """``chunk`` made tuples column by column at C speed (``itemgetter``, ``map``,
     ``zip``): only a column whose type has a bind processor, and a callable default,
@@ -281,7 +308,7 @@ def _page(
         return [()] * len(chunk)
     values: list[Iterable[Any]] = [map(operator.itemgetter(key), chunk) for key in keys]
     values += [_default_values(default, len(chunk)) for _, default in defaults]
-    processed = (v if p is None else map(p, v) for v, p in zip(values, processors, strict=True))
+    processed = (v if p is None else p(v) for v, p in zip(values, processors, strict=True))
     return list(zip(*processed, strict=True))
 
 

@@ -36,6 +36,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -132,6 +133,30 @@ def test_bind_expressions_and_defaults_are_those_insert_applies(
     assert [row[:3] for row in bulk] == [row[:3] for row in reference]
     assert [row[:3] for row in bulk] == [(n, f"QUIET {n}", 2 * n) for n in range(3)]
     assert all(row[3] is not None for row in bulk)  # default=func.now()
+
+
+@pytest.mark.parametrize("value", ["yes", 2])
+def test_a_value_booleans_refuse_is_refused_as_insert_refuses_it(
+    factory: DbSessionFactory, value: Any
+) -> None:
+    """Pages of True/False/None skip the Boolean processor (on native booleans); a page
+    with anything else still goes through it, so "yes" is refused, not stored as true."""
+    flags = Table(
+        "bulk_flags", MetaData(), Column("id", Integer, primary_key=True), Column("flag", Boolean)
+    )
+    flags.create(factory.engine)
+    refused = "Not a boolean value|is not None, True, or False"
+    try:
+        rows = [{"flag": n % 2 == 0} for n in range(1500)] + [{"flag": value}]
+        with pytest.raises((TypeError, ValueError), match=refused):
+            with factory.session_scope() as session:
+                bulk_insert(session, flags, rows)
+        with pytest.raises(StatementError, match=refused):
+            with factory.session_scope() as session:
+                session.execute(insert(flags), rows)
+        assert read(factory.engine, flags) == []
+    finally:
+        flags.drop(factory.engine)
 
 
 def test_rows_of_one_column_through_insert(tables: DbSessionFactory) -> None:
