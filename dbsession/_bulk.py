@@ -1,9 +1,11 @@
 """Loading many rows at once, inside the current unit of work: ``bulk_insert``.
 
 SQLAlchemy's documented bulk path, ``session.execute(insert(table), rows)``, is an
-``executemany``: fine for hundreds of rows, slow for 100,000 (10-13 s on PostgreSQL).
-``bulk_insert`` sends the rows the fastest way each backend takes them, on the
-session's own connection, so they commit or roll back with the scope:
+``executemany``: fine for hundreds of rows, slow for 100,000 (2.7-4.4 s on PostgreSQL,
+where ``bulk_insert`` takes 0.17-0.36 s, within 1.07x of psycopg's own COPY: ``python
+benchmarks/bench.py --only bulkpath``, benchmarks/RESULTS.md). ``bulk_insert`` sends
+the rows the fastest way each backend takes them, on the session's own connection, so
+they commit or roll back with the scope:
 
 - PostgreSQL (psycopg 3): ``COPY table (columns) FROM STDIN``, rows streamed with
   psycopg's ``Copy.write_row`` (text format: tabs, newlines, backslashes and NULLs are
@@ -22,6 +24,12 @@ a sequence or a function of the execution context, joined-table inheritance) goe
 through SQLAlchemy's own ``insert()`` instead. MySQL/MariaDB pages are sized by bytes
 too (PyMySQL sends the values inside the statement): each stays under the server's
 ``max_allowed_packet``, read once per connection.
+
+The rows are made tuples a page (1,000 rows) at a time, column by column at C speed
+(``operator.itemgetter``, ``map``, ``zip``): a column whose type has no bind processor
+for the dialect costs no Python call per value, a ``Boolean`` page of True/False/None
+looks its three results up, and only the other processors (SQLite's dates, JSON...)
+and callable defaults are called once per value, as insert() calls them.
 """
 
 from __future__ import annotations
