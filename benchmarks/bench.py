@@ -24,7 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import gc
+import importlib.metadata
+import itertools
+import operator
 import os
 import random
 import sqlite3
@@ -74,6 +78,19 @@ class Row(BenchBase):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(40))
     value: Mapped[int]
+
+
+class WideRow(BenchBase):
+    """The 6-column table of the bulk_insert section: mixed types, one nullable."""
+
+    __tablename__ = "bench_wide"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    n: Mapped[int]
+    name: Mapped[str] = mapped_column(String(40))
+    price: Mapped[float]
+    day: Mapped[datetime.date]
+    active: Mapped[bool]
+    note: Mapped[str | None] = mapped_column(String(40))
 
 
 class Counter(BenchBase):
@@ -802,50 +819,189 @@ def bench_defaults(backend: Backend, count: int, rounds: int) -> None:
 # --- bulk_insert ----------------------------------------------------------------------------
 
 
-def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> None:
-    """dbsession.bulk_insert against the documented executemany path, same scope."""
-    from dbsession._bulk import bulk_insert
+def _wide_row(i: int) -> dict[str, Any]:
+    return {
+        "n": i,
+        "name": f"w\\t{i}\\n",
+        "price": i * 0.25,
+        "day": datetime.date(2020, 1, 1) + datetime.timedelta(days=i % 3650),
+        "active": i % 3 == 0,
+        "note": None if i % 2 else f"note {i}",
+    }
 
+
+#: The two table shapes: the 2-column ``bench_row`` and the 6-column ``bench_wide``.
+BULK_SHAPES: dict[str, tuple[Any, Callable[[int], dict[str, Any]]]] = {
+    "2 columns (text, int)": (Row.__table__, lambda i: {"name": f"b\\t{i}\\n", "value": i}),
+    "6 columns (int, text, float, date, bool, nullable text)": (WideRow.__table__, _wide_row),
+}
+
+
+RawLoad = Callable[[Any, str, list[str], list[Any]], None]
+
+
+def _raw_bulk(backend: Backend) -> tuple[Any, dict[str, RawLoad]]:
+    """A raw driver connection and the plain ways to load rows on it in one transaction:
+    psycopg's COPY with ``write_row``; sqlite3's and PyMySQL's ``executemany`` of a
+    one-row INSERT (PyMySQL rewrites it into multi-row statements); on SQLite also the
+    multi-row VALUES pages bulk_insert sends, by hand. The rows arrive as the dicts a
+    user has: making them tuples (``operator.itemgetter``) is part of the timing."""
+    if backend.dialect == "sqlite":
+        sqlite3.register_adapter(datetime.date, _adapt_date_iso)
+
+        def sqlite_load(conn: Any, name: str, keys: list[str], rows: list[Any]) -> None:
+            values = list(map(operator.itemgetter(*keys), rows))
+            marks = ", ".join("?" * len(keys))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(f"INSERT INTO {name} ({', '.join(keys)}) VALUES ({marks})", values)
+            conn.execute("COMMIT")
+
+        def sqlite_pages(conn: Any, name: str, keys: list[str], rows: list[Any]) -> None:
+            row_of, one = operator.itemgetter(*keys), f"({', '.join('?' * len(keys))})"
+            conn.execute("BEGIN IMMEDIATE")
+            for start in range(0, len(rows), 1000):
+                page = list(map(row_of, rows[start : start + 1000]))
+                sql = f"INSERT INTO {name} ({', '.join(keys)}) VALUES " + ", ".join(
+                    [one] * len(page)
+                )
+                conn.execute(sql, tuple(itertools.chain.from_iterable(page)))
+            conn.execute("COMMIT")
+
+        return backend.raw(), {"raw": sqlite_load, "raw pages": sqlite_pages}
+    if backend.dialect == "postgresql":
+
+        def copy_load(conn: Any, name: str, keys: list[str], rows: list[Any]) -> None:
+            row_of = operator.itemgetter(*keys)
+            with conn.cursor() as cur, cur.copy(f"COPY {name} ({', '.join(keys)}) FROM STDIN") as c:
+                for row in rows:
+                    c.write_row(row_of(row))
+            conn.commit()
+
+        return backend.raw(), {"raw": copy_load}
+    import pymysql  # type: ignore[import-untyped]
+
+    def mysql_load(conn: Any, name: str, keys: list[str], rows: list[Any]) -> None:
+        values = list(map(operator.itemgetter(*keys), rows))
+        marks = ", ".join(["%s"] * len(keys))
+        with conn.cursor() as cur:
+            cur.executemany(f"INSERT INTO {name} ({', '.join(keys)}) VALUES ({marks})", values)
+        conn.commit()
+
+    url = backend.url
+    connection = pymysql.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user=url.username,
+        password=url.password or "",
+        database=url.database,
+    )
+    return connection, {"raw": mysql_load}
+
+
+def _adapt_date_iso(value: datetime.date) -> str:
+    """sqlite3's adapter recipe for dates (Python docs; its default adapter is deprecated)."""
+    return value.isoformat()
+
+
+def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> None:
+    """dbsession.bulk_insert side by side with the executemany it replaces
+    (``session.execute(insert(Table), rows)`` in a scope) and the raw driver's plain
+    load in one transaction, at two table shapes: interleaved rounds, medians, the date
+    and the load average."""
     factory = backend.dbsession()
     BenchBase.metadata.create_all(factory.engine)
-    data = [{"name": f"b\\t{i}\\n", "value": i} for i in range(rows)]
-
-    def timed(body: Callable[[Session], Any]) -> Variant:
-        def run() -> float:
-            with factory.session_scope() as session:
-                session.execute(text("DELETE FROM bench_row"))
-            start = time.perf_counter()
-            with factory.session_scope() as session:
-                body(session)
-            elapsed = time.perf_counter() - start
-            with factory.session_scope() as session:
-                assert session.scalar(text("SELECT COUNT(*) FROM bench_row")) == rows
-            return elapsed
-
-        return run
-
-    variants = {
-        "session.execute(insert(Table), rows) (executemany)": timed(
-            lambda session: session.execute(insert(Row.__table__), data)
-        ),
-        "bulk_insert(session, Table, rows)": timed(
-            lambda session: bulk_insert(session, Row.__table__, data)
-        ),
-    }
-    medians = interleave(variants, rounds)
-    baseline = "session.execute(insert(Table), rows) (executemany)"
-    table(
-        f"bulk_insert of {rows:,} rows inside session_scope() on {backend.label}, "
-        f"{rounds} rounds; ratio vs executemany",
-        [
-            (backend.label, n, v, r, f"{medians[baseline] / v:.1f}x faster" if r < 1 else "")
-            for n, v, r in ratios(medians, baseline)
-        ],
+    raw, raw_loads = _raw_bulk(backend)
+    load = os.getloadavg()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results = [
+        (
+            shape,
+            _bulk_shape(factory, raw, raw_loads, table_, [make(i) for i in range(rows)], rounds),
+        )
+        for shape, (table_, make) in BULK_SHAPES.items()
+    ]
+    print(
+        f"\n### bulk_insert of {rows:,} rows on {backend.label}: {rounds} interleaved rounds, "
+        f"medians; {started}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+        f"(after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}); {_driver_version(backend)}\n"
     )
+    print(
+        "| backend | table | `session.execute(insert(T), rows)` | `bulk_insert` | raw driver "
+        "| bulk_insert / raw | executemany / bulk_insert |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for shape, m in results:
+        print(
+            f"| {backend.label} | {shape} | {m['executemany']:.3f} s | {m['bulk_insert']:.3f} s "
+            f"| {m['raw']:.3f} s | **{m['bulk_insert'] / m['raw']:.2f}x** "
+            f"| {m['executemany'] / m['bulk_insert']:.1f}x |"
+        )
+    for shape, m in results:
+        if "raw pages" in m:
+            print(
+                f"\n{backend.label}, {shape}: raw sqlite3 sending the same 1,000-row VALUES "
+                f"pages by hand: {m['raw pages']:.3f} s (bulk_insert / that: "
+                f"{m['bulk_insert'] / m['raw pages']:.2f}x)"
+            )
+    sys.stdout.flush()
+    raw.close()
     with factory.session_scope() as session:  # the seeded rows, for the sections after
         session.execute(text("DELETE FROM bench_row"))
     seed(factory.engine)
     factory.dispose()
+
+
+def _bulk_shape(
+    factory: DbSessionFactory,
+    raw: Any,
+    raw_loads: dict[str, RawLoad],
+    table_: Any,
+    data: list[dict[str, Any]],
+    rounds: int,
+) -> dict[str, float]:
+    """Median seconds of each contender loading ``data`` into the empty ``table_``."""
+    from dbsession._bulk import bulk_insert
+
+    keys = list(data[0])
+    empty = "DELETE FROM" if factory.engine.dialect.name == "sqlite" else "TRUNCATE TABLE"
+
+    def timed(body: Callable[[], Any]) -> Variant:
+        def run() -> float:
+            with factory.session_scope() as session:
+                session.execute(text(f"{empty} {table_.name}"))
+            start = time.perf_counter()
+            body()
+            elapsed = time.perf_counter() - start
+            with factory.session_scope() as session:
+                assert session.scalar(select(func.count()).select_from(table_)) == len(data)
+            return elapsed
+
+        return run
+
+    def executemany() -> None:
+        with factory.session_scope() as session:
+            session.execute(insert(table_), data)
+
+    def bulk() -> None:
+        with factory.session_scope() as session:
+            bulk_insert(session, table_, data)
+
+    def by_hand(raw_load: RawLoad) -> Variant:
+        return timed(lambda: raw_load(raw, table_.name, keys, data))
+
+    variants = {"executemany": timed(executemany), "bulk_insert": timed(bulk)}
+    variants.update({name: by_hand(raw_load) for name, raw_load in raw_loads.items()})
+    return interleave(variants, rounds)
+
+
+def _driver_version(backend: Backend) -> str:
+    if backend.dialect == "postgresql":
+        import psycopg
+
+        return f"psycopg {psycopg.__version__} (COPY)"
+    if backend.dialect == "sqlite":
+        return f"sqlite3, SQLite {sqlite3.sqlite_version}"
+    return f"PyMySQL {importlib.metadata.version('PyMySQL')}"
 
 
 # --- pool size ------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Loading many rows at once, inside the current unit of work: ``bulk_insert``.
 
 SQLAlchemy's documented bulk path, ``session.execute(insert(table), rows)``, is an
-``executemany``: fine for hundreds of rows, slow for 100,000 (10-13 s on PostgreSQL).
-``bulk_insert`` sends the rows the fastest way each backend takes them, on the
-session's own connection, so they commit or roll back with the scope:
+``executemany``: fine for hundreds of rows, slow for 100,000 (2.7-4.4 s on PostgreSQL,
+where ``bulk_insert`` takes 0.17-0.36 s, within 1.07x of psycopg's own COPY: ``python
+benchmarks/bench.py --only bulkpath``, benchmarks/RESULTS.md). ``bulk_insert`` sends
+the rows the fastest way each backend takes them, on the session's own connection, so
+they commit or roll back with the scope:
 
 - PostgreSQL (psycopg 3): ``COPY table (columns) FROM STDIN``, rows streamed with
   psycopg's ``Copy.write_row`` (text format: tabs, newlines, backslashes and NULLs are
@@ -22,12 +24,20 @@ a sequence or a function of the execution context, joined-table inheritance) goe
 through SQLAlchemy's own ``insert()`` instead. MySQL/MariaDB pages are sized by bytes
 too (PyMySQL sends the values inside the statement): each stays under the server's
 ``max_allowed_packet``, read once per connection.
+
+The rows are made tuples a page (1,000 rows) at a time, column by column at C speed
+(``operator.itemgetter``, ``map``, ``zip``): a column whose type has no bind processor
+for the dialect costs no Python call per value, a ``Boolean`` page of True/False/None
+looks its three results up, and only the other processors (SQLite's dates, JSON...)
+and callable defaults are called once per value, as insert() calls them.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import decimal
+import functools
 import inspect
 import itertools
 import operator
@@ -35,7 +45,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Column, Table, bindparam, insert
+from sqlalchemy import Boolean, Column, Table, bindparam, insert
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -100,8 +110,10 @@ def bulk_insert(
                 return _insert(session, table_or_model, exact_target, keys, constants, all_rows)
             defaults = constants + defaults
             all_columns = columns + [column for column, _ in defaults]
-            values = _values(dialect, keys, all_columns, defaults, all_rows)
-            return _send(session.connection(), table, all_columns, values)
+            connection = session.connection()
+            per_page = _rows_per_page(dialect, len(all_columns))
+            pages = _pages(dialect, keys, all_columns, defaults, all_rows, per_page)
+            return _send(connection, table, all_columns, pages)
     except ReadOnlyError:
         raise
     except DBAPIError as error:
@@ -176,7 +188,9 @@ def _insert(
     """SQLAlchemy's own ``insert()`` (an executemany): exact whatever the table."""
     extra = {column.key: value for column, value in constants}
     mappings = [
-        {**dict(zip(keys, row, strict=True)), **extra} for row in _values(None, keys, [], [], rows)
+        {**dict(zip(keys, row, strict=True)), **extra}
+        for page in _pages(None, keys, [], [], rows)
+        for row in page
     ]
     if exact_target:
         session.connection().execute(insert(_table_of(table_or_model)), mappings)
@@ -227,73 +241,141 @@ def _python_defaults(table: Table, keys: Sequence[str]) -> list[tuple[Column[Any
     ]
 
 
-def _values(
+def _pages(
     dialect: Dialect | None,
     keys: Sequence[str],
     columns: Sequence[Column[Any]],
     defaults: Sequence[tuple[Column[Any], Any]],
     rows: Iterable[Mapping[str, Any]],
-) -> Iterator[tuple[Any, ...]]:
-    """Each row as a tuple in ``columns`` order, bind-processed for ``dialect`` (as given
-    when ``dialect`` is None). ``defaults``: constants, and ColumnDefaults."""
-    processors: list[Callable[[Any], Any] | None] = (
-        [column.type.dialect_impl(dialect).bind_processor(dialect) for column in columns]
+    per_page: int = PAGE_ROWS,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows in pages of at most ``per_page`` tuples: the ``keys`` values, then the
+    ``defaults`` (constants, and ColumnDefaults), bind-processed for ``dialect`` as
+    ``columns`` (those of the keys, then of the defaults) say; as given when ``dialect``
+    is None."""
+    processors = (
+        [_column_processor(column, dialect) for column in columns]
         if dialect is not None
-        else []
+        else [None] * (len(keys) + len(defaults))
     )
-    width = len(keys)
-    plain = not defaults and not any(processors)
-    for index, row in enumerate(rows):
+    whole_row = operator.itemgetter(*keys) if len(keys) > 1 else None
+    plain = whole_row is not None and not defaults and not any(processors)
+    iterator = iter(rows)
+    done = 0
+    while chunk := list(itertools.islice(iterator, per_page)):
         try:
-            if len(row) != width:
+            if any(length != len(keys) for length in set(map(len, chunk))):
+                raise KeyError(keys)
+            if plain and whole_row is not None:
+                page = list(map(whole_row, chunk))
+            else:
+                page = _page(chunk, keys, defaults, processors)
+        except (KeyError, TypeError):
+            _refuse_row(chunk, keys, done)
+            raise  # not a row's keys: a processor's own error
+        done += len(chunk)
+        yield page
+
+
+#: Bind processing of one page's values of a column: the values to send.
+ColumnProcessor = Callable[[Iterable[Any]], Iterable[Any]]
+_BOOLEANS = frozenset({bool, type(None)})
+
+
+def _column_processor(column: Column[Any], dialect: Dialect) -> ColumnProcessor | None:
+    """The bind processing of ``column``'s values for ``dialect``, a page at a time; None
+    when its type has no bind processor there. SQLAlchemy's own ``Boolean`` processor is
+    a function of True, False and None (it refuses anything else): a page holding only
+    those is processed by looking its three results up, at C speed."""
+    impl = column.type.dialect_impl(dialect)
+    process = impl.bind_processor(dialect)
+    if process is None:
+        return None
+    each = functools.partial(map, process)
+    if isinstance(impl, Boolean) and type(impl).bind_processor is Boolean.bind_processor:
+        looked_up = functools.partial(map, {v: process(v) for v in (True, False, None)}.get)
+
+        def booleans(values: Iterable[Any]) -> Iterable[Any]:
+            page = list(values)
+            return looked_up(page) if set(map(type, page)) <= _BOOLEANS else each(page)
+
+        return booleans
+    return each
+
+
+def _page(
+    chunk: list[Mapping[str, Any]],
+    keys: Sequence[str],
+    defaults: Sequence[tuple[Column[Any], Any]],
+    processors: Sequence[ColumnProcessor | None],
+) -> list[tuple[Any, ...]]:
+    """``chunk`` made tuples column by column at C speed (``itemgetter``, ``map``,
+    ``zip``): only a column whose type has a bind processor, and a callable default,
+    cost a Python call per value. None goes through processors too (JSON null)."""
+    if not keys and not defaults:
+        return [()] * len(chunk)
+    values: list[Iterable[Any]] = [map(operator.itemgetter(key), chunk) for key in keys]
+    values += [_default_values(default, len(chunk)) for _, default in defaults]
+    processed = (v if p is None else p(v) for v, p in zip(values, processors, strict=True))
+    return list(zip(*processed, strict=True))
+
+
+def _refuse_row(chunk: list[Mapping[str, Any]], keys: Sequence[str], offset: int) -> None:
+    """Raise BulkInsertError naming the first row of ``chunk`` that does not name
+    ``keys``, if there is one."""
+    for index, row in enumerate(chunk, offset):
+        try:
+            if len(row) != len(keys):
                 raise KeyError(sorted(set(row) ^ set(keys)))
-            given = [row[key] for key in keys]
+            for key in keys:
+                row[key]
         except (KeyError, TypeError) as error:
             raise BulkInsertError(
                 f"bulk_insert(): row {index} does not name the same columns as the first "
                 f"row ({', '.join(keys)}); differing: {error}. Give every row the same keys."
             ) from None
-        if plain:
-            yield tuple(given)
-            continue
-        given.extend(_default_value(default) for _, default in defaults)
-        yield tuple(  # None too: JSON stores it as JSON null, as SQLAlchemy does
-            value if process is None else process(value)
-            for value, process in zip(given, processors, strict=True)
-        )
 
 
-def _default_value(default: Any) -> Any:
-    if not hasattr(default, "is_scalar"):  # a constant: the discriminator
-        return default
-    return default.arg if default.is_scalar else default.arg(None)
+def _default_values(default: Any, count: int) -> Iterable[Any]:
+    """``count`` values of a constant (the discriminator) or a ColumnDefault: a callable
+    one is called once per row, as insert() calls it."""
+    if not hasattr(default, "is_scalar"):
+        return itertools.repeat(default, count)
+    if default.is_scalar:
+        return itertools.repeat(default.arg, count)
+    return [default.arg(None) for _ in range(count)]
+
+
+def _rows_per_page(dialect: Dialect, width: int) -> int:
+    """Rows per page: PAGE_ROWS, or fewer when the driver's limit of parameters per
+    statement says so (a multi-row VALUES statement carries every value of its page)."""
+    return max(1, min(PAGE_ROWS, _parameter_limit(dialect) // max(width, 1)))
 
 
 def _send(
-    connection: Connection, table: Table, columns: Sequence[Column[Any]], values: Iterable[Any]
+    connection: Connection,
+    table: Table,
+    columns: Sequence[Column[Any]],
+    pages: Iterator[list[tuple[Any, ...]]],
 ) -> int:
     dialect = connection.dialect
     quote = dialect.identifier_preparer
     target = f"{quote.format_table(table)} ({', '.join(quote.quote(c.name) for c in columns)})"
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
-        return _copy(connection, f"COPY {target} FROM STDIN", values)
+        return _copy(connection, f"COPY {target} FROM STDIN", pages)
     placeholder = _PLACEHOLDERS.get(dialect.paramstyle)
     if placeholder is None:  # pragma: no cover (no shipped driver has another paramstyle)
-        rows = [dict(zip([c.key for c in columns], row, strict=True)) for row in values]
+        keys = [c.key for c in columns]
+        rows = [dict(zip(keys, row, strict=True)) for page in pages for row in page]
         connection.execute(insert(table), rows)
         return len(rows)
-    per_page = max(1, min(PAGE_ROWS, _parameter_limit(dialect) // len(columns)))
     one = f"({', '.join([placeholder] * len(columns))})"
     head = f"INSERT INTO {target} VALUES "
+    per_page = _rows_per_page(dialect, len(columns))
     full_page = head + ", ".join([one] * per_page)
-    count = 0
-    iterator = iter(values)
     if dialect.name in ("mysql", "mariadb"):  # the values travel inside the statement
-        pages: Iterator[list[Any]] = _pages_by_bytes(
-            iterator, per_page, _packet(connection), columns
-        )
-    else:
-        pages = iter(lambda: list(itertools.islice(iterator, per_page)), [])
+        pages = _pages_by_bytes(pages, _packet(connection), columns)
+    count = 0
     for page in pages:
         sql = full_page if len(page) == per_page else head + ", ".join([one] * len(page))
         connection.exec_driver_sql(sql, tuple(itertools.chain.from_iterable(page)))
@@ -313,15 +395,15 @@ def _packet(connection: Connection) -> int:
 
 
 def _pages_by_bytes(
-    rows: Iterator[tuple[Any, ...]], per_page: int, packet: int, columns: Sequence[Column[Any]]
+    pages: Iterable[list[tuple[Any, ...]]], packet: int, columns: Sequence[Column[Any]]
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """Pages of at most ``per_page`` rows whose statement stays under ``packet`` bytes: a
+    """The ``pages``, each split until its statement stays under ``packet`` bytes: a
     page found too big is halved until it fits (a row too big alone still goes, and the
     server refuses it, as it would refuse insert())."""
     budget = max(packet - _STATEMENT_SLACK, packet // 2)
     sized = [index for index, column in enumerate(columns) if not _fixed_width(column)]
     per_row = _FIXED_BYTES * (len(columns) - len(sized)) + _QUOTES_BYTES * len(sized)
-    while page := list(itertools.islice(rows, per_page)):
+    for page in pages:
         yield from _fitting(page, budget, sized, per_row)
 
 
@@ -372,7 +454,7 @@ def _parameter_limit(dialect: Dialect) -> int:
     return 65535
 
 
-def _copy(connection: Connection, sql: str, values: Iterable[Any]) -> int:
+def _copy(connection: Connection, sql: str, pages: Iterable[list[tuple[Any, ...]]]) -> int:
     pooled = connection.connection
     run_async = getattr(pooled.dbapi_connection, "run_async", None)
     if run_async is not None:  # psycopg's AsyncConnection, reached through run_sync
@@ -380,18 +462,20 @@ def _copy(connection: Connection, sql: str, values: Iterable[Any]) -> int:
         async def stream(driver: Any) -> int:
             done = 0
             async with driver.cursor() as cursor, cursor.copy(sql) as copy:
-                for row in values:
-                    await copy.write_row(row)
-                    done += 1
+                for page in pages:
+                    for row in page:
+                        await copy.write_row(row)
+                    done += len(page)
             return done
 
         return int(run_async(stream))
     driver: Any = pooled.driver_connection
     count = 0
     with driver.cursor() as cursor, cursor.copy(sql) as copy:
-        for row in values:
-            copy.write_row(row)
-            count += 1
+        write_row = copy.write_row
+        for page in pages:
+            collections.deque(map(write_row, page), maxlen=0)  # the loop at C speed
+            count += len(page)
     return count
 
 

@@ -36,6 +36,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -132,6 +133,66 @@ def test_bind_expressions_and_defaults_are_those_insert_applies(
     assert [row[:3] for row in bulk] == [row[:3] for row in reference]
     assert [row[:3] for row in bulk] == [(n, f"QUIET {n}", 2 * n) for n in range(3)]
     assert all(row[3] is not None for row in bulk)  # default=func.now()
+
+
+@pytest.mark.parametrize("value", ["yes", 2])
+def test_a_value_booleans_refuse_is_refused_as_insert_refuses_it(
+    factory: DbSessionFactory, value: Any
+) -> None:
+    """Pages of True/False/None skip the Boolean processor (on native booleans); a page
+    with anything else still goes through it, so "yes" is refused, not stored as true."""
+    flags = Table(
+        "bulk_flags", MetaData(), Column("id", Integer, primary_key=True), Column("flag", Boolean)
+    )
+    flags.create(factory.engine)
+    refused = "Not a boolean value|is not None, True, or False"
+    try:
+        rows = [{"flag": n % 2 == 0} for n in range(1500)] + [{"flag": value}]
+        with pytest.raises((TypeError, ValueError), match=refused):
+            with factory.session_scope() as session:
+                bulk_insert(session, flags, rows)
+        with pytest.raises(StatementError, match=refused):
+            with factory.session_scope() as session:
+                session.execute(insert(flags), rows)
+        assert read(factory.engine, flags) == []
+    finally:
+        flags.drop(factory.engine)
+
+
+def test_rows_of_one_column_through_insert(tables: DbSessionFactory) -> None:
+    """Rows naming one column (a context-sensitive default sends them through insert())."""
+    with tables.session_scope() as session:
+        assert bulk_insert(session, Special, ({"n": n} for n in range(1, 4))) == 3
+    assert [row[:3] for row in special_rows(tables.engine)] == [(n, None, 2 * n) for n in (1, 2, 3)]
+
+
+def test_a_callable_default_is_called_once_per_row_across_pages(
+    factory: DbSessionFactory,
+) -> None:
+    """2,500 rows (three pages): each row gets its own call of a zero-argument default,
+    as insert() gives it, not one value per page."""
+    tables = [
+        Table(
+            name,
+            MetaData(),
+            Column("id", Integer, primary_key=True),
+            Column("name", String(20)),
+            Column("serial", Integer, default=itertools.count(1).__next__),
+        )
+        for name in ("counted_bulk", "counted_ref")
+    ]
+    rows = [{"name": f"n{i}"} for i in range(2500)]
+    for table in tables:
+        table.create(factory.engine)
+    try:
+        with factory.session_scope() as session:
+            assert bulk_insert(session, tables[0], rows) == 2500
+            session.execute(insert(tables[1]), rows)
+        bulk, reference = (read(factory.engine, table) for table in tables)
+        assert bulk == reference == [(f"n{i}", i + 1) for i in range(2500)]
+    finally:
+        for table in tables:
+            table.drop(factory.engine)
 
 
 def test_a_single_table_subclass_gets_its_discriminator(tables: DbSessionFactory) -> None:
