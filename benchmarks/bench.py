@@ -44,6 +44,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager, cont
 from dataclasses import dataclass
 from typing import Any
 
+import headline
 from sqlalchemy import MetaData, String, create_engine, event, func, insert, select, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import OperationalError
@@ -903,7 +904,7 @@ def _adapt_date_iso(value: datetime.date) -> str:
     return value.isoformat()
 
 
-def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> None:
+def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> dict[str, float]:
     """dbsession.bulk_insert side by side with the executemany it replaces
     (``session.execute(insert(Table), rows)`` in a scope) and the raw driver's plain
     load in one transaction, at two table shapes: interleaved rounds, medians, the date
@@ -949,6 +950,9 @@ def bench_bulk_insert(backend: Backend, rows: int, rounds: int) -> None:
         session.execute(text("DELETE FROM bench_row"))
     seed(factory.engine)
     factory.dispose()
+    return {  # the headline cells: bulk_insert / raw driver
+        f"{backend.label}:{shape}": round(m["bulk_insert"] / m["raw"], 2) for shape, m in results
+    }
 
 
 def _bulk_shape(
@@ -1210,6 +1214,10 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--writes", type=int, default=100, help="units per writer thread")
     parser.add_argument("--hot-rows", type=int, default=4, help="rows of the lost-update table")
+    parser.add_argument(
+        "--check", action="store_true", help="bulkpath: compare with headline.json (exit 1)"
+    )
+    parser.add_argument("--record", action="store_true", help="bulkpath: write headline.json")
     args = parser.parse_args()
     sections = set(args.only.split(","))
     import sqlalchemy
@@ -1218,6 +1226,7 @@ def main() -> None:
         f"Python {sys.version.split()[0]}, SQLAlchemy {sqlalchemy.__version__}, "
         f"SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs"
     )
+    bulk_cells: dict[str, float] = {}
     with backends(args.backends.split(",")) as backend_list:
         for backend in backend_list:
             classic = backend.label != "mariadb"  # sections with a raw-driver baseline
@@ -1226,7 +1235,7 @@ def main() -> None:
             if "plugin" in sections:
                 bench_plugin(backend, args.uow, args.rounds)
             if "bulkpath" in sections and backend.label != "sqlite-memory":
-                bench_bulk_insert(backend, args.bulk_rows, args.bulk_rounds)
+                bulk_cells.update(bench_bulk_insert(backend, args.bulk_rows, args.bulk_rounds))
             if "pool" in sections and backend.label != "sqlite-memory":
                 bench_pool(backend, args.writers, args.writes, args.rounds)
             if "lost" in sections and backend.label != "sqlite-memory":
@@ -1241,6 +1250,10 @@ def main() -> None:
                 bench_writers(backend, args.writers, args.writes)
         if "startup" in sections:
             bench_startup([b for b in backend_list if b.label != "sqlite-memory"], args.rounds)
+    if args.record:
+        headline.record("bulk", bulk_cells)
+    if args.check and not headline.check("bulk", bulk_cells):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,11 @@ def _end_transaction(dbapi_connection: Any) -> None:
 def execute_raw(connection: PoolProxiedConnection, statement: str) -> None:
     """Run a parameterless ``statement`` on the driver connection of the pool's
     ``connection``, without SQLAlchemy's execution path."""
-    cursor = connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    driver: Any = connection.dbapi_connection
+    if type(driver) is sqlite3.Connection:  # one C call (its cursor is freed at once)
+        driver.execute(statement)
+        return
+    cursor = driver.cursor()
     try:
         cursor.execute(statement)
     finally:
