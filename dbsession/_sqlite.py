@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine, ExceptionContext
+from sqlalchemy.engine import URL, AdaptedConnection, Engine, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from . import observability
@@ -267,6 +267,9 @@ def execute_raw(connection: PoolProxiedConnection, statement: str) -> None:
     driver: Any = connection.dbapi_connection
     if type(driver) is sqlite3.Connection:  # one C call (its cursor is freed at once)
         driver.execute(statement)
+        return
+    if isinstance(driver, AdaptedConnection):  # aiosqlite: one trip to its thread, not three
+        driver.run_async(lambda aiosqlite_connection: aiosqlite_connection.execute(statement))
         return
     cursor = driver.cursor()
     try:
