@@ -243,7 +243,9 @@ def round_trips(url: str, kind: str, variant: str, count: int = 50) -> float | N
     return (questions() - before - 1) / count  # the SHOW itself counts once
 
 
-def measure(backends: list[str], count: int, modes: list[str]) -> dict[str, float]:
+def measure(
+    backends: list[str], count: int, modes: list[str], kinds: tuple[str, ...] = UNITS
+) -> dict[str, float]:
     """Print the tables and return every ratio by cell name ``backend:mode:kind:variant``."""
     cells: dict[str, float] = {}
     for backend in backends:
@@ -251,7 +253,7 @@ def measure(backends: list[str], count: int, modes: list[str]) -> dict[str, floa
         jobs = [
             f"{mode}:{kind}:{variant}"
             for mode in modes
-            for kind in UNITS
+            for kind in kinds
             for variant in VARIANTS
             if (variant != "dbsession-ro" or kind == "get")
             and (variant != "bare-tx" or (backend == "sqlite" and mode == "sync"))
@@ -285,6 +287,7 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql,mariadb")
     parser.add_argument("--modes", default="sync,async")
     parser.add_argument("--units", type=int, default=300, help="units per variant")
+    parser.add_argument("--kinds", default=",".join(UNITS), help="of: " + ", ".join(UNITS))
     parser.add_argument("--check", action="store_true", help="compare with headline.json")
     parser.add_argument("--record", action="store_true", help="write headline.json")
     args = parser.parse_args()
@@ -298,7 +301,7 @@ def main() -> None:
     if args.check:
         wanted = {cell.split(":")[0] for cell in headline.load().get("units", {})}
         backends = [b for b in backends if b in wanted]
-    cells = measure(backends, args.units, args.modes.split(","))
+    cells = measure(backends, args.units, args.modes.split(","), tuple(args.kinds.split(",")))
     if args.record:
         headline.record("units", cells)
     if args.check and not headline.check("units", cells):

@@ -64,7 +64,7 @@ ORDER: dict[str, tuple[str, ...]] = {
     "connect": ("deadline",),
     "do_begin": ("commit_mark", "sqlite_begin"),
     "do_commit": ("sqlite_gate", "commit_mark", "deadline"),
-    "do_rollback": ("sqlite_gate", "deadline"),
+    "do_rollback": ("sqlite_gate", "sqlite_idle", "deadline"),
     "do_ping": ("ping_timeout", "deadline"),
     "do_execute": ("statement_timer", "deadline"),
     "do_execute_no_params": ("statement_timer", "deadline"),

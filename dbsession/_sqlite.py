@@ -82,7 +82,10 @@ def _check_path(path: Path) -> None:
 
 
 def install_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
-    """The pragmas of every connection, and the interruption of a cancelled statement."""
+    """The pragmas of every connection, the interruption of a cancelled statement, and
+    no ROLLBACK sent when no transaction is open (the pool's reset after every COMMIT:
+    with aiosqlite, a trip to its thread per unit of work for nothing)."""
+    set_hook(engine, "do_rollback", "sqlite_idle", _skip_when_idle)
 
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -221,6 +224,15 @@ def writer_view(engine: Any) -> Any:
     sync_engine: Engine = getattr(engine, "sync_engine", engine)
     view = flagged_view(sync_engine, _WRITER)
     return view if sync_engine is engine else type(engine)(view)
+
+
+def _skip_when_idle(rollback: Method) -> Method:
+    def do_rollback(dbapi_connection: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if getattr(driver, "in_transaction", True):  # sqlite3's and aiosqlite's, no I/O
+            rollback(dbapi_connection)
+
+    return do_rollback
 
 
 def begin_reader(connection: PoolProxiedConnection) -> None:
