@@ -1250,10 +1250,7 @@ def main() -> None:
                 bench_writers(backend, args.writers, args.writes)
         if "startup" in sections:
             bench_startup([b for b in backend_list if b.label != "sqlite-memory"], args.rounds)
-    if args.record:
-        headline.record("bulk", bulk_cells)
-    if args.check and not headline.check("bulk", bulk_cells):
-        sys.exit(1)
+    headline.conclude("bulk", bulk_cells, record_=args.record, check_=args.check)
 
 
 if __name__ == "__main__":

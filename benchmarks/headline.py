@@ -12,6 +12,7 @@ README's figures to this file.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HEADLINE = Path(__file__).with_name("headline.json")
@@ -45,3 +46,12 @@ def check(section: str, cells: dict[str, float]) -> bool:
     if unmeasured:
         print(f"{section}: not measured by this run: {', '.join(unmeasured)}")
     return not moved
+
+
+def conclude(section: str, cells: dict[str, float], *, record_: bool, check_: bool) -> None:
+    """What ``--record`` and ``--check`` ask for, at the end of a run: write ``cells``,
+    and exit 1 if a checked cell moved."""
+    if record_:
+        record(section, cells)
+    if check_ and not check(section, cells):
+        sys.exit(1)

@@ -270,7 +270,8 @@ def measure(
             base = counts[f"{mode}:{kind}:bare"]
             trips = round_trips(url, kind, variant) if mode == "sync" else None
             shown = "-" if trips is None else f"{trips:g}"
-            cells[f"{backend}:{job}"] = round(value / base, 3)
+            if variant != "bare":
+                cells[f"{backend}:{job}"] = round(value / base, 3)
             print(
                 f"| {mode} | {kind} | {VARIANTS[variant]} | {value:,.0f} | "
                 f"{value / base:.3f}x | {shown} |"
@@ -302,10 +303,7 @@ def main() -> None:
         wanted = {cell.split(":")[0] for cell in headline.load().get("units", {})}
         backends = [b for b in backends if b in wanted]
     cells = measure(backends, args.units, args.modes.split(","), tuple(args.kinds.split(",")))
-    if args.record:
-        headline.record("units", cells)
-    if args.check and not headline.check("units", cells):
-        sys.exit(1)
+    headline.conclude("units", cells, record_=args.record, check_=args.check)
 
 
 if __name__ == "__main__":

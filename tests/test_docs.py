@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -203,6 +204,31 @@ def test_the_layout_page_names_every_module_and_nothing_gone() -> None:
     named = set(re.findall(r"^\s*(\w+\.py)\s", package_part, flags=re.MULTILINE))
     assert sorted(modules - named) == []
     assert sorted(named - modules) == []
+
+
+def readme_figures(cells: dict[str, dict[str, float]]) -> list[str]:
+    """The figures README.md states, as benchmarks/headline.json recorded them."""
+
+    def span(prefixes: tuple[str, ...], suffix: str) -> str:
+        units = cells["units"].items()
+        values = [v for k, v in units if k.startswith(prefixes) and k.endswith(suffix)]
+        return f"{min(values):.3f}-{max(values):.3f}x"
+
+    bulk = max(cells["bulk"].values())
+    return [
+        f"costs {span(('postgresql:sync:',), ':dbsession')} the instructions on PostgreSQL",
+        f"{span(('mariadb:sync:',), ':dbsession')} on MariaDB",
+        f"a read-only one {span(('postgresql:', 'mariadb:'), ':dbsession-ro')}",
+        f"within {bulk:.2f}x of the raw driver",
+    ]
+
+
+def test_the_readmes_figures_are_the_recorded_headline_cells() -> None:
+    """Each figure README.md states is what a benchmark printed and recorded
+    (benchmarks/headline.json, re-measured by ``--check``; see benchmarks/headline.py)."""
+    cells = json.loads((ROOT / "benchmarks" / "headline.json").read_text())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert [figure for figure in readme_figures(cells) if figure not in readme] == []
 
 
 def test_the_version_is_the_changelogs_newest_section() -> None:

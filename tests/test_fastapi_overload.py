@@ -114,6 +114,11 @@ def dbsession_app(factory: DbSessionFactory) -> tuple["FastAPI", Scenario]:
 
     scenario = Scenario(factory.session_scope, commits=False)
     db = Depends(session_dependency(factory), scope="function")
+    return scenario_app(scenario, db), scenario
+
+
+def scenario_app(scenario: Scenario, db: Any) -> "FastAPI":
+    """The three path operations of ``scenario``, their session from the dependency ``db``."""
     app = fastapi_app()
 
     # response_model=None: no response validation, which FastAPI would run in a worker
@@ -130,7 +135,7 @@ def dbsession_app(factory: DbSessionFactory) -> tuple["FastAPI", Scenario]:
     def c() -> dict[str, int]:
         return scenario.other()
 
-    return app, scenario
+    return app
 
 
 def bare_app(engine: Engine) -> tuple["FastAPI", Scenario]:
@@ -141,22 +146,7 @@ def bare_app(engine: Engine) -> tuple["FastAPI", Scenario]:
             yield session
 
     scenario = Scenario(lambda: Session(engine), commits=True)
-    db = Depends(get_db)
-    app = fastapi_app()
-
-    @app.post("/a", response_model=None)
-    def a(session: Annotated[Session, db]) -> dict[str, int]:
-        return scenario.write(session)
-
-    @app.get("/b", response_model=None)
-    def b(session: Annotated[Session, db]) -> dict[str, int]:
-        return scenario.read(session)
-
-    @app.get("/c", response_model=None)
-    def c() -> dict[str, int]:
-        return scenario.other()
-
-    return app, scenario
+    return scenario_app(scenario, Depends(get_db)), scenario
 
 
 async def until(event: threading.Event, what: str) -> None:
