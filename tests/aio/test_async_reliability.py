@@ -134,7 +134,12 @@ def test_an_idle_async_connection_killed_by_the_server_is_replaced_without_a_pin
     dialect: Any = async_factory.engine.sync_engine.dialect
     real_ping = dialect.do_ping
     pings: list[bool] = []
-    monkeypatch.setattr(dialect, "do_ping", lambda c: pings.append(real_ping(c)) or pings[-1])
+
+    def do_ping(dbapi_connection: Any) -> bool:
+        pings.append(bool(real_ping(dbapi_connection)))
+        return pings[-1]
+
+    monkeypatch.setattr(dialect, "do_ping", do_ping)
 
     async def body() -> None:
         for _ in range(5):
