@@ -27,7 +27,7 @@ from . import observability
 from ._classify import transient_reason
 from ._context import Frame, entering_frame, frames, pop, push, run_hooks
 from ._errors import NeedsRollbackError, ScopeError, TransactionAbortedError
-from ._guard import guard, unguard
+from ._guard import GUARD_KEY, guard, unguard
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -364,7 +364,10 @@ def commit_unit(session: Session, frame: Frame) -> None:
                 "only part of a unit, put that part in a joined session_scope() and raise."
             )
     refuse_doomed(frame)
-    if frame.failed and not frame.readonly:
+    if frame.readonly:
+        end_transaction(session, roll_back=bool(frame.failed or session.info.get(GUARD_KEY)))
+        return
+    if frame.failed:
         refuse_failed(session, frame, None)
     end_transaction(session)
 
@@ -439,10 +442,14 @@ def note_failed_statement(context: ExceptionContext) -> None:
             root.failed.append(noted)
 
 
-def end_transaction(session: Session) -> None:
+def end_transaction(session: Session, *, roll_back: bool = False) -> None:
     """End a scope's transaction that raised nothing: commit it. A read-only one commits
     too (the database refuses its writes, so pending ORM changes raise ReadOnlyError
-    instead of vanishing; and a read-only transaction's COMMIT costs what a ROLLBACK does).
+    instead of vanishing; and a read-only transaction's COMMIT costs what a ROLLBACK
+    does), unless ``roll_back``: a read-only scope the database cannot enforce (guarded,
+    joined to a test's transaction) or whose statement failed is flushed (so pending ORM
+    changes raise) and rolled back, keeping the loaded objects readable as a commit does
+    (unless expire_on_commit).
 
     SAVEPOINTs the block left open (``session.begin_nested()``) are released first:
     SQLAlchemy reports each release as a commit, which must not count as the unit's.
@@ -450,7 +457,14 @@ def end_transaction(session: Session) -> None:
     while session.in_nested_transaction():
         session.get_nested_transaction().commit()  # type: ignore[union-attr]
     watch_commit(session)
-    session.commit()
+    if not roll_back:
+        session.commit()
+        return
+    session.flush()
+    if not session.expire_on_commit:
+        session.expunge_all()
+    session.rollback()
+    session.info[COMMITTED_KEY] = True  # a read-only scope that ended well counts as one
 
 
 def watch_commit(session: Session) -> None:

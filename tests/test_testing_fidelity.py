@@ -46,6 +46,18 @@ def test_a_read_only_scope_refuses_writes_as_in_production(db_session):
     assert toyapp.names() == ["after"]
 
 
+def test_a_read_only_scope_that_caught_a_failed_statement_ends_as_in_production(db_session):
+    from sqlalchemy.exc import DBAPIError
+
+    with session_scope(readonly=True) as session:
+        try:
+            session.execute(text("SELECT 1/0"))
+        except DBAPIError:
+            pass  # production: the read-only transaction ends, nothing to keep
+    toyapp.add_item("after")  # the test's transaction is intact
+    assert toyapp.names() == ["after"]
+
+
 def test_a_thread_is_refused_while_another_ones_unit_of_work_is_open(db_session):
     inside, release = threading.Event(), threading.Event()
     errors = []
@@ -134,7 +146,7 @@ def test_under_db_session_the_app_behaves_as_in_production_and_nothing_stays(
     pytester: pytest.Pytester, backend_url: URL, toy_app: Engine
 ) -> None:
     pytester.makepyfile(test_fidelity=FIDELITY_TESTS)
-    run_inner(pytester, backend_url).assert_outcomes(passed=4)
+    run_inner(pytester, backend_url).assert_outcomes(passed=5)
     assert toy_rows(toy_app) == 0
 
 
