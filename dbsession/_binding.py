@@ -88,7 +88,10 @@ class Binding(Generic[E, M]):
         if self._twin is None and self._make_twin is not None:
             with self._lock:
                 if self._twin is None:
-                    self._twin = self._make_twin()
+                    twin = self._make_twin()
+                    sync_twin = getattr(twin, "sync_engine", twin)
+                    event.listen(sync_twin, "handle_error", note_failed_statement)
+                    self._twin = twin
         return self._twin
 
     def engines(self) -> list[E]:
