@@ -455,6 +455,27 @@ def _parameter_limit(dialect: Dialect) -> int:
 
 
 def _copy(connection: Connection, sql: str, pages: Iterable[list[tuple[Any, ...]]]) -> int:
+    """Stream ``pages`` through ``COPY``. A row refused while its page is made (a bind
+    processor's TypeError) is raised as itself: psycopg < 3.2 would replace it with the
+    COPY's own failure."""
+    made: list[BaseException] = []
+
+    def watched() -> Iterator[list[tuple[Any, ...]]]:
+        try:
+            yield from pages
+        except BaseException as error:
+            made.append(error)
+            raise
+
+    try:
+        return _stream(connection, sql, watched())
+    except BaseException:
+        if made:
+            raise made[0] from None
+        raise
+
+
+def _stream(connection: Connection, sql: str, pages: Iterable[list[tuple[Any, ...]]]) -> int:
     pooled = connection.connection
     run_async = getattr(pooled.dbapi_connection, "run_async", None)
     if run_async is not None:  # psycopg's AsyncConnection, reached through run_sync
