@@ -164,7 +164,7 @@ class DbSessionFactory(LazyFactory[SyncBinding], metaclass=_RemovedClassCalls):
         return self._open_scope(
             UnitOfWork,
             Savepoint,
-            independent=_independent(independent, nested),
+            independent=independent if nested is None else _independent(independent, nested),
             readonly=readonly,
             isolation_level=isolation_level,
             timeout=timeout,
@@ -327,7 +327,7 @@ def session_scope(
     ``DbSessionFactory.global_dispose()``.
     """
     return default_factory().session_scope(
-        independent=_independent(independent, nested),
+        independent=independent if nested is None else _independent(independent, nested),
         readonly=readonly,
         isolation_level=isolation_level,
         timeout=timeout,

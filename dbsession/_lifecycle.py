@@ -380,7 +380,7 @@ class LazyFactory(Generic[B]):
         registry = self.registry
         if registry._refuse is not None:
             registry._check(self)
-        on_replica = use_replica(
+        on_replica = (readonly or replica is not None) and use_replica(
             self, self._settings, readonly=readonly, replica=replica, isolation_level=level
         )
         binding = self._build(replica=on_replica)

@@ -85,13 +85,6 @@ event.listen(
 )
 
 
-def observe(frame: Frame) -> observability.Observation | None:
-    """Start observing the unit of work of ``frame`` (None when nothing is observed)."""
-    return observability._begin(
-        frame.entered_by, frame.owner, frame.readonly, frame.isolation_level
-    )
-
-
 def observed_end(
     observation: observability.Observation | None, committed: bool, error: BaseException | None
 ) -> None:
@@ -135,7 +128,9 @@ class UnitOfWorkBase(Generic[S]):
         frame.claim(entered_by)
         self._frame = frame
         push(frame)
-        self._observation = observe(frame)
+        self._observation = observability._begin(
+            frame.entered_by, self._owner, self._readonly, self._isolation_level
+        )
         return session
 
     def _finish(self, session: Session | AsyncSession, error: BaseException | None) -> None:
@@ -151,7 +146,8 @@ class UnitOfWorkBase(Generic[S]):
                     run_hooks(self._frame.hooks, session)
             finally:
                 try:
-                    observed_end(self._observation, error is None, error)
+                    if self._observation is not None:
+                        observed_end(self._observation, error is None, error)
                 finally:
                     pop(self._frame)  # again, if an interrupt cut the first one short
 
@@ -363,7 +359,8 @@ def commit_unit(session: Session, frame: Frame) -> None:
                 "scope, which rolled back the whole transaction. Nothing was saved. To undo "
                 "only part of a unit, put that part in a joined session_scope() and raise."
             )
-    refuse_doomed(frame)
+    if frame.doomed is not None:
+        refuse_doomed(frame)
     if frame.readonly:
         end_transaction(session, roll_back=bool(frame.failed or session.info.get(GUARD_KEY)))
         return
