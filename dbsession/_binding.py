@@ -43,9 +43,8 @@ class Binding(Generic[E, M]):
 
     ``E`` is the engine (``Engine`` or ``AsyncEngine``), ``M`` the sessionmaker kind,
     made by ``maker_type`` (``sessionmaker`` or ``async_sessionmaker``) on
-    ``_engine.scope_engine``: a view of the engine sharing its pool (read-only scopes
-    on SQLite and MySQL/MariaDB: of the read-only twin engine, which ``make_twin`` builds
-    on first use and
+    ``_engine.scope_engine``: a view of the engine sharing its pool (read-only scopes:
+    of the read-only twin engine, which ``make_twin`` builds on first use and
     :meth:`engines` hands over for disposal with the engine); see
     ``_engine.scope_options`` for what each kind sets. ``sync_engine`` is where the
     dialect and events live (the engine itself on the sync side).
@@ -83,8 +82,8 @@ class Binding(Generic[E, M]):
         self._joined_makers: dict[bool, M] | None = None
 
     def read_only_engine(self) -> E | None:
-        """The read-only twin engine (built on first use) on SQLite and MySQL/MariaDB, or
-        None on PostgreSQL."""
+        """The read-only twin engine (built on first use), or None for a PostgreSQL driver
+        without a read-only flag (``_readonly``)."""
         if self._twin is None and self._make_twin is not None:
             with self._lock:
                 if self._twin is None:

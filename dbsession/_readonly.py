@@ -3,7 +3,7 @@
 A read-only unit of work is the most frequent unit of a web app, so it costs what the
 same read costs bare: no statement or round trip more than a writing unit's, and no
 characteristic set and reset on every checkout (SQLAlchemy's ``postgresql_readonly``
-does that: +33% instructions per unit).
+does that: 1.22x the instructions of the same unit without it; benchmarks/RESULTS.md).
 
 - Every backend: a read-only twin engine on the same database
   (:func:`install_read_only_twin`), with the same opinions and a pool of its own (the
@@ -66,17 +66,21 @@ def install_read_only_twin(engine: Engine) -> None:
     (see the module docstring)."""
     engine.update_execution_options(**{READONLY_OPTION: True})
     dialect = engine.dialect
+    if dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def flag_read_only(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+            set_driver_read_only(dialect, dbapi_connection, True)
+
+        return
     if dialect.name == "sqlite":
         install_readers_only(engine)
-    statement = {"sqlite": "PRAGMA query_only=ON", "postgresql": None}.get(
-        dialect.name, "SET SESSION TRANSACTION READ ONLY"
-    )
+        statement = "PRAGMA query_only=ON"
+    else:
+        statement = "SET SESSION TRANSACTION READ ONLY"
 
     @event.listens_for(engine, "connect")
     def read_only(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        if statement is None:
-            set_driver_read_only(dialect, dbapi_connection, True)
-            return
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(statement)

@@ -85,14 +85,6 @@ event.listen(
 )
 
 
-def observed_end(
-    observation: observability.Observation | None, committed: bool, error: BaseException | None
-) -> None:
-    """Finish observing a unit of work (a no-op when it was not observed)."""
-    if observation is not None:
-        observability._end(observation, "committed" if committed else "rolled back", error)
-
-
 class UnitOfWorkBase(Generic[S]):
     """What a unit of work keeps, sync (``UnitOfWork``) or async (``AsyncUnitOfWork``):
     how to make its session, and once it is open, its scope frame and observation."""
@@ -147,7 +139,8 @@ class UnitOfWorkBase(Generic[S]):
             finally:
                 try:
                     if self._observation is not None:
-                        observed_end(self._observation, error is None, error)
+                        outcome = "committed" if error is None else "rolled back"
+                        observability._end(self._observation, outcome, error)
                 finally:
                     pop(self._frame)  # again, if an interrupt cut the first one short
 

@@ -12,13 +12,12 @@ that stops calling one fails there, never silently:
   one wrapper per method that runs its hooks in the order :data:`ORDER` gives.
   :func:`set_hook` is the only writer of dialect attributes, and it refuses a method the
   dialect class no longer has.
-- **Flagged connections** (SQLite's writers): a view of an
-  engine whose connections flag their pooled connection just before each ``BEGIN``
-  (``do_begin`` sees only that), via ``OptionEngine``, its ``_connection_cls`` and
-  ``Connection._begin_impl``. The public ways cost
-  more: a ``begin`` or ``engine_connect`` listener on the view (event dispatch for every
-  statement of every scope on it), or a second engine sharing the pool (split apart by
-  ``dispose()`` and ``fork()``).
+- **Flagged connections** (SQLite's writers): a view of an engine whose connections flag
+  their pooled connection just before each ``BEGIN`` (``do_begin`` sees only that), via
+  ``OptionEngine``, its ``_connection_cls`` and ``Connection._begin_impl``. The public
+  ways cost more: a ``begin`` or ``engine_connect`` listener on the view (event dispatch
+  for every statement of every scope on it), or a second engine sharing the pool (split
+  apart by ``dispose()`` and ``fork()``).
 - **The driver's read-only flag** (``Dialect.set_readonly``, undocumented): what
   ``postgresql_readonly`` sets, so that the driver's own ``BEGIN`` says ``READ ONLY``;
   set once on each connection of PostgreSQL's read-only twin.
