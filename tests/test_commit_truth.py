@@ -296,6 +296,79 @@ def test_the_module_level_scope_follows_the_same_rules(backend_url: URL) -> None
         Supplier.metadata.drop_all(engine)
 
 
+# --- the pool's reset after a COMMIT (sent only when a transaction may be open) ---------
+
+LOCK_WAIT = {
+    "postgresql": "SET lock_timeout = '3s'",
+    "mysql": "SET SESSION innodb_lock_wait_timeout = 3",
+}
+
+
+def rename_first(other_connection: Engine) -> None:
+    """Take the row ``first`` from another session, waiting no more than 3s for its lock."""
+    with other_connection.begin() as conn:
+        conn.execute(
+            text(LOCK_WAIT[conn.dialect.name if conn.dialect.name == "postgresql" else "mysql"])
+        )
+        conn.execute(text("UPDATE supplier SET name = 'renamed' WHERE name = 'first'"))
+
+
+@pytest.mark.backends("mysql")
+def test_a_committed_unit_ends_with_its_commit_not_a_rollback_too(
+    factory: DbSessionFactory,
+) -> None:
+    def connection_and_rollbacks() -> tuple[int, int]:
+        with factory.session_scope() as session:
+            row = session.execute(
+                text(
+                    "SELECT CONNECTION_ID(), VARIABLE_VALUE FROM information_schema"
+                    ".SESSION_STATUS WHERE VARIABLE_NAME = 'COM_ROLLBACK'"
+                )
+            ).one()
+            return int(row[0]), int(row[1])
+
+    connection, before = connection_and_rollbacks()
+    for number in range(3):
+        with factory.session_scope() as session:
+            session.add(Supplier(name=f"s{number}"))
+    assert connection_and_rollbacks() == (connection, before)  # same connection, no ROLLBACK
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_failed_first_statement_after_a_commit_is_rolled_back(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with pytest.raises(IntegrityError):  # MariaDB keeps a lock on the duplicate key
+        with one_supplier.session_scope() as session:
+            session.execute(DUPLICATE)
+    rename_first(other_connection)  # the lock was released: the transaction ended
+    assert names(other_connection) == {"renamed"}
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_the_pool_still_rolls_back_what_a_raw_connection_left_open(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    raw = one_supplier.engine.raw_connection()  # the connection the committed unit used
+    cursor = raw.cursor()
+    cursor.execute("INSERT INTO supplier (name) VALUES ('never committed')")
+    cursor.execute("SELECT * FROM supplier WHERE name = 'first' FOR UPDATE")
+    cursor.close()
+    raw.close()
+    rename_first(other_connection)
+    assert names(other_connection) == {"renamed"}
+
+
+def test_work_after_a_commit_on_the_same_connection_is_rolled_back(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with one_supplier.engine.connect() as conn:
+        conn.execute(text("INSERT INTO supplier (name) VALUES ('committed')"))
+        conn.commit()
+        conn.execute(text("INSERT INTO supplier (name) VALUES ('left open')"))
+    assert names(other_connection) == {"first", "committed"}
+
+
 # --- the same rules under the pytest plugin's db_session --------------------------------
 
 PLUGIN_TESTS = """
