@@ -9,13 +9,14 @@ the error says how many connections are out and which call sites hold them.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import Counter
 from typing import Any
 
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
-from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
+from sqlalchemy.pool import Pool, QueuePool
 
 from . import observability
 from ._errors import PoolExhaustedError
@@ -24,39 +25,18 @@ from ._seam import dialect_class, max_overflow, tracked_pool_class
 _OUTSIDE = "outside any unit of work (create_session(), engine.connect())"
 _ENDED = "a unit of work that ended without returning it (an interrupted scope)"
 _UNRECORDED = "unrecorded call sites (observability is off: configure(slow_scope_seconds=5))"
-_HOLDERS = "_dbsession_holders"
 _made: dict[tuple[type[Pool], str], type[Pool]] = {}
-
-Holders = dict[int, "weakref.ref[observability.Observation] | None"]
-
-
-def _holders(pool: Pool) -> Holders:
-    holders: Holders = pool.__dict__.setdefault(_HOLDERS, {})
-    return holders
 
 
 class _Watcher:
-    """Times checkouts and records holders for the pools of one backend."""
+    """Times checkouts and names holders for the pools of one backend."""
 
     def __init__(self, backend: str) -> None:
-        self.backend = backend
+        self.taken = functools.partial(observability._add_pool_wait, backend=backend)
 
-    def taken(self, pool: Pool, record: ConnectionPoolEntry | None, waited: float) -> None:
-        current = observability._add_pool_wait(waited, self.backend)
-        if record is not None:
-            # Weakly: an observation holds its caller's frame (and so the session and this
-            # very connection); a strong reference here would keep an abandoned one alive.
-            holders: Holders = pool.__dict__.setdefault(_HOLDERS, {})
-            holders[id(record)] = None if current is None else weakref.ref(current)
-
-    def returned(self, pool: Pool, record: ConnectionPoolEntry) -> None:
-        holders: Holders | None = pool.__dict__.get(_HOLDERS)
-        if holders is not None:
-            holders.pop(id(record), None)
-
-    def exhausted(self, pool: Pool, error: exc.TimeoutError) -> Exception:
-        holders = Counter(_holder_site(holder) for holder in list(_holders(pool).values()))
-        held = "; ".join(f"{site} ({count})" for site, count in holders.most_common(10))
+    def exhausted(self, pool: Pool, error: exc.TimeoutError, holders: list[object]) -> Exception:
+        sites = Counter(_holder_site(holder) for holder in holders)
+        held = "; ".join(f"{site} ({count})" for site, count in sites.most_common(10))
         queue: Any = pool
         return PoolExhaustedError(
             f"No pooled connection became free within {queue.timeout():g}s: "
@@ -67,8 +47,8 @@ class _Watcher:
         )
 
 
-def _holder_site(holder: weakref.ref[observability.Observation] | None) -> str:
-    if holder is None:
+def _holder_site(holder: object) -> str:
+    if not isinstance(holder, weakref.ref):
         return _OUTSIDE if observability._enabled() else _UNRECORDED
     observation = holder()
     return _ENDED if observation is None else observation.site

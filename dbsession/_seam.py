@@ -23,9 +23,10 @@ that stops calling one fails there, never silently:
   set once on each connection of PostgreSQL's read-only twin.
 - **The dialect of a URL** as ``create_async_engine`` picks it (``URL.get_dialect``'s
   ``_is_async``): the pool class to subclass.
-- **Pool checkouts** (``QueuePool._do_get``/``_do_return_conn``, ``_max_overflow``): the
-  time spent waiting for a connection, who holds each one, and the timeout's error. The
-  ``checkout``/``checkin`` events come after the wait and never see the timeout.
+- **Pool checkouts** (``QueuePool._do_get``/``_create_connection``, the record's
+  ``in_use``, ``_max_overflow``): the time spent waiting for a connection, who holds each
+  one, and the timeout's error. The ``checkout`` event comes after the wait and never
+  sees the timeout.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "dialect_class",
     "flagged_view",
     "max_overflow",
+    "pool_holders",
     "set_driver_read_only",
     "set_hook",
     "tracked_pool_class",
@@ -143,36 +145,54 @@ def set_driver_read_only(dialect: Any, dbapi_connection: Any, value: bool) -> No
 
 
 class PoolWatcher(Protocol):
-    """What a tracked pool reports (``_pool`` implements it): one call per checkout and
-    one per return, on every unit of work's path."""
+    """What a tracked pool reports (``_pool`` implements it): one call per checkout, on
+    every unit of work's path, and one per checkout timeout."""
 
-    def taken(self, pool: Pool, record: ConnectionPoolEntry | None, waited: float) -> None: ...
-    def returned(self, pool: Pool, record: ConnectionPoolEntry) -> None: ...
-    def exhausted(self, pool: Pool, error: exc.TimeoutError) -> Exception: ...
+    def taken(self, waited: float) -> object:
+        """A connection was taken after ``waited`` seconds (None: the checkout timed out);
+        what it returns is kept as the connection's holder until its next checkout."""
+
+    def exhausted(self, pool: Pool, error: exc.TimeoutError, holders: list[object]) -> Exception:
+        """The error to raise for a checkout timeout; ``holders``: of each connection
+        checked out now, what ``taken`` returned for it."""
+
+
+_RECORDS = "_dbsession_records"
+_HOLDER = "dbsession_holder"
 
 
 def tracked_pool_class(base: type[QueuePool], watcher: PoolWatcher) -> type[QueuePool]:
     """A subclass of ``base`` that tells ``watcher`` of each connection taken (with the
-    seconds its checkout waited; None when it timed out) and returned, and raises
-    ``watcher.exhausted()`` on a checkout timeout."""
+    seconds its checkout waited) and raises ``watcher.exhausted()`` on a checkout timeout,
+    with the holders of the connections then checked out (each pooled connection is
+    remembered, weakly, when it is made: a return costs nothing)."""
+    taken = watcher.taken
 
     class Tracked(base):  # type: ignore[valid-type,misc]
+        def _create_connection(self) -> ConnectionPoolEntry:
+            record: ConnectionPoolEntry = super()._create_connection()
+            self.__dict__.setdefault(_RECORDS, weakref.WeakSet()).add(record)
+            return record
+
         def _do_get(self) -> ConnectionPoolEntry:
             started = time.perf_counter()
             try:
                 record: ConnectionPoolEntry = super()._do_get()
             except exc.TimeoutError as error:
-                watcher.taken(self, None, time.perf_counter() - started)
-                raise watcher.exhausted(self, error) from None
-            watcher.taken(self, record, time.perf_counter() - started)
+                taken(time.perf_counter() - started)
+                raise watcher.exhausted(self, error, pool_holders(self)) from None
+            record.info[_HOLDER] = taken(time.perf_counter() - started)
             return record
-
-        def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-            watcher.returned(self, record)
-            super()._do_return_conn(record)
 
     Tracked.__name__ = Tracked.__qualname__ = f"Tracked{base.__name__}"
     return Tracked
+
+
+def pool_holders(pool: Pool) -> list[object]:
+    """The holders (what the watcher's ``taken`` returned) of the connections of a tracked
+    ``pool`` that are checked out now."""
+    records: Any = pool.__dict__.get(_RECORDS, ())
+    return [record.info.get(_HOLDER) for record in list(records) if record.in_use]
 
 
 def dialect_class(url: URL, *, asyncio: bool) -> Any:

@@ -436,16 +436,20 @@ def _add_lock_wait(seconds: float) -> None:
         observation.lock_wait += seconds
 
 
-def _add_pool_wait(seconds: float, backend: str) -> Observation | None:
+def _add_pool_wait(seconds: float, backend: str) -> weakref.ReferenceType[Observation] | None:
     """Count ``seconds`` waited for a pooled connection against the unit of work here,
-    and return that unit of work's observation (the connection's holder)."""
-    observation = _observed.get()
-    if observation is not None:
-        observation.pool_wait += seconds
+    and return a weak reference to that unit of work's observation (the connection's
+    holder), or None outside an observed unit of work. Weak: an observation holds its
+    caller's frame (and so the session and this very connection), and a strong
+    reference would keep an abandoned unit of work alive."""
     instruments = _config.instruments
     if instruments is not None:
         instruments["pool_wait"].record(seconds, {"db.system": backend})
-    return observation
+    observation = _observed.get()
+    if observation is None:
+        return None
+    observation.pool_wait += seconds
+    return weakref.ref(observation)
 
 
 def _retried(reason: str, backend: str) -> None:

@@ -160,14 +160,15 @@ def test_the_tracked_pool_sees_every_checkout_return_and_timeout(backend_url: UR
         holder.start()
         try:
             assert holding.wait(10)
-            assert len(pool.__dict__["_dbsession_holders"]) == 1  # _do_get was reached
+            assert pool.__dict__["_dbsession_records"]  # _create_connection was reached
+            assert len(_seam.pool_holders(pool)) == 1  # _do_get was reached, in_use is True
             with pytest.raises(PoolExhaustedError, match="test_seam.py"):
                 with factory.session_scope() as session:
                     session.execute(text("SELECT 1"))
         finally:
             done.set()
             holder.join()
-        assert pool.__dict__["_dbsession_holders"] == {}  # _do_return_conn was reached
+        assert _seam.pool_holders(pool) == []  # in_use is False once returned
     finally:
         factory.dispose()
 
@@ -175,7 +176,8 @@ def test_the_tracked_pool_sees_every_checkout_return_and_timeout(backend_url: UR
 #: What only the seam may name: private SQLAlchemy modules, classes and attributes,
 #: and dialect attributes written directly.
 _INTERNALS = re.compile(
-    r"OptionEngine|_connection_cls|_option_cls|_has_events|_do_get|_do_return_conn"
+    r"OptionEngine|_connection_cls|_option_cls|_has_events|_do_get|_do_return_conn|in_use"
+    r"|_create_connection"
     r"|_max_overflow|_is_async|await_only|_close_state|setattr\(dialect|vars\(\w*dialect"
     r"|from sqlalchemy(\.\w+)*\._|import sqlalchemy(\.\w+)*\._|sqlalchemy\.engine\.base"
 )
