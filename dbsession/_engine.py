@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, AdaptedConnection, Engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from . import observability
@@ -53,6 +53,7 @@ from ._readonly import (
     install_read_only_twin,
     readonly_options,
 )
+from ._seam import set_hook
 from ._sqlite import install_opinions, install_write_gate, prepare_url, writer_view
 from ._timeouts import (
     TIMEOUT_OPTION,
@@ -154,6 +155,7 @@ def _build(
     is_server = url.get_backend_name() != "sqlite"
     liveness = is_server and "pool_pre_ping" not in options
     _install_checkout_check(engine, settings.timeouts.ping_after_idle if liveness else None)
+    _install_idle_rollback_skip(engine)
     observability._watch(engine)
     install_read_only_errors(engine)
     install_timeout_errors(engine)
@@ -342,6 +344,40 @@ def _install_checkout_check(engine: Engine, ping_after_idle: float | None) -> No
             alive = False
         if not alive:
             raise exc.DisconnectionError("the pooled connection was closed by the server")
+
+
+def _install_idle_rollback_skip(engine: Engine) -> None:
+    """No ROLLBACK when the driver knows, without I/O, that no transaction is open: the
+    pool's reset after every COMMIT. sqlite3 and aiosqlite keep ``in_transaction``
+    (aiosqlite would take a trip to its thread per unit of work for nothing); psycopg
+    keeps libpq's status from every reply, and its own ``rollback()`` sends nothing when
+    idle either, so only the call is spared. PyMySQL's status comes from OK packets
+    only (a result set or an error after the COMMIT leaves it saying "no transaction"):
+    it always gets the ROLLBACK."""
+    if engine.dialect.name == "sqlite":
+
+        def idle(driver: Any) -> bool:
+            return not driver.in_transaction
+
+    elif engine.dialect.driver == "psycopg":
+
+        def idle(driver: Any) -> bool:
+            return bool(driver.pgconn.transaction_status == 0)  # TransactionStatus.IDLE
+
+    else:
+        return
+
+    def skip_when_idle(rollback: Callable[[Any], None]) -> Callable[[Any], None]:
+        def do_rollback(dbapi_connection: Any) -> None:
+            driver = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+            if isinstance(driver, AdaptedConnection):  # async: the driver under the adapter
+                driver = driver.driver_connection
+            if not idle(driver):
+                rollback(dbapi_connection)
+
+        return do_rollback
+
+    set_hook(engine, "do_rollback", "idle", skip_when_idle)
 
 
 def _quiet(dbapi_connection: Any, info: dict[Any, Any]) -> bool:

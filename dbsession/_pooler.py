@@ -1,6 +1,5 @@
-"""Safe behind a connection pooler: server-side prepared statements, connections lost
-under a transaction, and what the dialect's methods last did to each connection's
-transaction (the mark that also spares the pool's ROLLBACK after a COMMIT).
+"""Safe behind a connection pooler: server-side prepared statements, and connections lost
+under a transaction.
 
 Prepared statements: psycopg 3 prepares a statement on the server after its fifth
 execution (``prepare_threshold=5``) and later runs it by name. Behind a pooler in
@@ -24,7 +23,6 @@ committed, and only the application can tell whether running it again is safe.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -36,11 +34,7 @@ from ._errors import CommitOutcomeUnknownError, ConnectionLostError
 from ._seam import Method, set_hook
 from ._timeouts import driver_name, overdue_error
 
-#: What the dialect's methods last did to the pooled connection's transaction (in its
-#: ``info``): nothing since BEGIN (absent), a COMMIT in flight, a COMMIT that returned.
-_MARK = "dbsession_transaction"
-_COMMITTING = "committing"
-_COMMITTED = "committed"
+_COMMITTING = "dbsession_committing"
 _PROTOCOL_CODES = frozenset({"08P01", "08006", "08003", "08000", "57P01", "57P02", "57P03"})
 _LOST_CLUES = (
     "server closed the connection",
@@ -59,39 +53,6 @@ def prepared_statement_args(url: URL, pooler: str | None) -> dict[str, Any]:
     if driver_name(url) != "psycopg" or pooler in ("none", "session"):
         return {}
     return {"prepare_threshold": None}
-
-
-def _driver_idle(driver: str, *, asyncio: bool) -> Method | None:
-    """A test, without I/O, that no transaction is open on a pooled connection, from the
-    driver's own record of what the server said (None: the driver keeps none)."""
-    if driver == "psycopg":  # libpq's status after every reply, errors included
-        if asyncio:
-            return lambda connection: connection.driver_connection.pgconn.transaction_status == 0
-        return lambda connection: connection.dbapi_connection.pgconn.transaction_status == 0
-    if driver in ("pymysql", "aiomysql"):  # SERVER_STATUS_IN_TRANS of the last OK packet
-        if asyncio:
-            return lambda connection: not connection.driver_connection.server_status & 1
-        return lambda connection: not connection.dbapi_connection.server_status & 1
-    return None
-
-
-def _skip_after_commit(idle: Method) -> Callable[[Method], Method]:
-    """The ``do_rollback`` hook: no ROLLBACK right after a COMMIT that returned, when
-    ``idle`` (the driver) agrees that no transaction is open."""
-
-    def hook(rollback: Method) -> Method:
-        def do_rollback(dbapi_connection: Any) -> None:
-            try:
-                mark = dbapi_connection.info.pop(_MARK, None)
-            except NotImplementedError:  # the ad-hoc connection of the first connect's setup
-                mark = None
-            if mark is _COMMITTED and idle(dbapi_connection):
-                return
-            rollback(dbapi_connection)
-
-        return do_rollback
-
-    return hook
 
 
 def is_lost_connection(error: BaseException, dialect_name: str) -> bool:
@@ -115,25 +76,15 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
     The dialect's ``do_commit`` marks the connection as committing until the driver's
     COMMIT returned; a failed one leaves the mark for the error handler below, which
     takes it whatever the error, and the next BEGIN clears any left over (an interrupt).
-
-    A COMMIT that returned is marked too: the ROLLBACK with which the pool resets every
-    connection it takes back is then not sent (on PyMySQL and aiomysql a round trip per
-    unit of work for nothing), provided the driver agrees that no transaction is open
-    (:func:`_driver_idle`). The mark is taken by the next BEGIN or ROLLBACK: any
-    statement through SQLAlchemy begins first, so a ROLLBACK is skipped only right
-    after the COMMIT it follows.
-
     Hooks of the dialect's methods (``_seam``) rather than begin/commit listeners, which
     would send every statement of the engine through SQLAlchemy's event dispatch. Were
     SQLAlchemy to stop calling ``do_commit``, a connection lost during COMMIT would be
     retried as lost before it: ``tests/test_seam.py`` fails first.
     """
 
-    idle = _driver_idle(engine.dialect.driver, asyncio=engine.dialect.is_async)
-
     def clear_then_begin(begin: Method) -> Method:
         def do_begin(dbapi_connection: Any) -> None:
-            dbapi_connection.info.pop(_MARK, None)
+            dbapi_connection.info.pop(_COMMITTING, None)
             begin(dbapi_connection)
 
         return do_begin
@@ -141,23 +92,21 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
     def mark_commit(commit: Method) -> Method:
         def do_commit(dbapi_connection: Any) -> None:
             info = dbapi_connection.info
-            info[_MARK] = _COMMITTING
+            info[_COMMITTING] = True
             commit(dbapi_connection)
-            info[_MARK] = _COMMITTED
+            del info[_COMMITTING]
 
         return do_commit
 
-    set_hook(engine, "do_begin", "transaction_mark", clear_then_begin)
-    set_hook(engine, "do_commit", "transaction_mark", mark_commit)
-    if idle is not None:
-        set_hook(engine, "do_rollback", "transaction_mark", _skip_after_commit(idle))
+    set_hook(engine, "do_begin", "commit_mark", clear_then_begin)
+    set_hook(engine, "do_commit", "commit_mark", mark_commit)
 
     @event.listens_for(engine, "handle_error")
     def lost(context: ExceptionContext) -> BaseException | None:
         connection = context.connection
         if connection is None:
             return None
-        in_commit = connection.info.pop(_MARK, None) is _COMMITTING  # taken whatever the error
+        in_commit = bool(connection.info.pop(_COMMITTING, False))  # taken whatever the error
         if context.is_pre_ping:
             return None
         original = context.original_exception

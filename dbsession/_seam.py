@@ -63,9 +63,9 @@ Hook = Callable[[Method], Method]
 #: what. ``sqlite_begin`` and ``ping_timeout`` replace the dialect's own method.
 ORDER: dict[str, tuple[str, ...]] = {
     "connect": ("deadline",),
-    "do_begin": ("transaction_mark", "sqlite_begin"),
-    "do_commit": ("sqlite_gate", "transaction_mark", "deadline"),
-    "do_rollback": ("sqlite_gate", "sqlite_idle", "transaction_mark", "deadline"),
+    "do_begin": ("commit_mark", "sqlite_begin"),
+    "do_commit": ("sqlite_gate", "commit_mark", "deadline"),
+    "do_rollback": ("sqlite_gate", "idle", "deadline"),
     "do_ping": ("ping_timeout", "deadline"),
     "do_execute": ("statement_timer", "deadline"),
     "do_execute_no_params": ("statement_timer", "deadline"),

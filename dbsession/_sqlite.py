@@ -82,10 +82,7 @@ def _check_path(path: Path) -> None:
 
 
 def install_opinions(engine: Engine, busy_timeout: float, *, wal: bool) -> None:
-    """The pragmas of every connection, the interruption of a cancelled statement, and
-    no ROLLBACK sent when no transaction is open (the pool's reset after every COMMIT:
-    with aiosqlite, a trip to its thread per unit of work for nothing)."""
-    set_hook(engine, "do_rollback", "sqlite_idle", _skip_when_idle)
+    """The pragmas of every connection, and the interruption of a cancelled statement."""
 
     @event.listens_for(engine, "connect")
     def configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -177,7 +174,7 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
     def commit_then_release(commit: Method) -> Method:
         def do_commit(dbapi_connection: Any) -> None:
             commit(dbapi_connection)  # a failed COMMIT leaves the transaction open: keep it
-            _release(_info_of(dbapi_connection))
+            _release_of(dbapi_connection)
 
         return do_commit
 
@@ -186,12 +183,12 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
             try:
                 rollback(dbapi_connection)
             except Exception:
-                _release(_info_of(dbapi_connection))
+                _release_of(dbapi_connection)
                 raise
             # A cancelled ROLLBACK (BaseException) may still be running in aiosqlite's
             # thread: the gate stays until SQLAlchemy invalidates the connection, whose
             # hook below rolls back again, waiting for it.
-            _release(_info_of(dbapi_connection))
+            _release_of(dbapi_connection)
 
         return do_rollback
 
@@ -215,7 +212,8 @@ def install_write_gate(engine: Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "checkin")
     @event.listens_for(engine, "close")
     def release_left_over(dbapi_connection: Any, record: Any) -> None:
-        end_then_release(dbapi_connection, record)
+        if _HELD in record.info:  # rarely: COMMIT and ROLLBACK release it
+            end_then_release(dbapi_connection, record)
 
 
 def writer_view(engine: Any) -> Any:
@@ -224,15 +222,6 @@ def writer_view(engine: Any) -> Any:
     sync_engine: Engine = getattr(engine, "sync_engine", engine)
     view = flagged_view(sync_engine, _WRITER)
     return view if sync_engine is engine else type(engine)(view)
-
-
-def _skip_when_idle(rollback: Method) -> Method:
-    def do_rollback(dbapi_connection: Any) -> None:
-        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-        if getattr(driver, "in_transaction", True):  # sqlite3's and aiosqlite's, no I/O
-            rollback(dbapi_connection)
-
-    return do_rollback
 
 
 def begin_reader(connection: PoolProxiedConnection) -> None:
@@ -249,13 +238,16 @@ def _autocommit(connection: PoolProxiedConnection) -> bool:
     return connection.dbapi_connection.isolation_level is None  # type: ignore[union-attr]
 
 
-def _info_of(connection: Any) -> dict[Any, Any] | None:
-    """The pool record's ``info`` of a proxied connection; None for a raw one, or for
-    the ad-hoc proxy SQLAlchemy uses while first connecting (which has none)."""
+def _release_of(connection: Any) -> None:
+    """Release the gate held by a proxied connection's transaction, if any (a raw one, or
+    the ad-hoc proxy SQLAlchemy uses while first connecting, has no pool record)."""
     try:
-        return connection.info if isinstance(connection, PoolProxiedConnection) else None
+        info = connection.info if isinstance(connection, PoolProxiedConnection) else None
     except NotImplementedError:
-        return None
+        return
+    gate = info.pop(_HELD, None) if info is not None else None
+    if gate is not None:
+        gate.release()
 
 
 def _release(info: dict[Any, Any] | None) -> None:

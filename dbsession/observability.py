@@ -296,7 +296,6 @@ def _begin(
     if not (config.slow_scope_seconds or config.stats or config.tracer):
         return None
     observation = Observation(entered_by, owner, time.perf_counter(), readonly, isolation_level)
-    observation.config = config
     if config.tracer is not None:
         try:
             _start_span(observation, config.tracer)

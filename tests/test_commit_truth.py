@@ -296,7 +296,7 @@ def test_the_module_level_scope_follows_the_same_rules(backend_url: URL) -> None
         Supplier.metadata.drop_all(engine)
 
 
-# --- the pool's reset after a COMMIT (sent only when a transaction may be open) ---------
+# --- the pool's reset after a COMMIT: whatever is left open is rolled back -------------
 
 LOCK_WAIT = {
     "postgresql": "SET lock_timeout = '3s'",
@@ -313,25 +313,37 @@ def rename_first(other_connection: Engine) -> None:
         conn.execute(text("UPDATE supplier SET name = 'renamed' WHERE name = 'first'"))
 
 
-@pytest.mark.backends("mysql")
-def test_a_committed_unit_ends_with_its_commit_not_a_rollback_too(
-    factory: DbSessionFactory,
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_result_set_after_a_commit_is_still_rolled_back(
+    one_supplier: DbSessionFactory, other_connection: Engine
 ) -> None:
-    def connection_and_rollbacks() -> tuple[int, int]:
-        with factory.session_scope() as session:
-            row = session.execute(
-                text(
-                    "SELECT CONNECTION_ID(), VARIABLE_VALUE FROM information_schema"
-                    ".SESSION_STATUS WHERE VARIABLE_NAME = 'COM_ROLLBACK'"
-                )
-            ).one()
-            return int(row[0]), int(row[1])
+    # PyMySQL's server_status comes from OK packets only: a result set after the COMMIT
+    # (here the lock of a SELECT ... FOR UPDATE) leaves it saying "no transaction".
+    with one_supplier.engine.connect() as conn:
+        conn.execute(text("INSERT INTO supplier (name) VALUES ('committed')"))
+        conn.commit()
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute("SELECT * FROM supplier WHERE name = 'first' FOR UPDATE")
+        cursor.fetchall()
+        cursor.close()
+    rename_first(other_connection)  # the lock was released: the transaction ended
+    assert names(other_connection) == {"renamed", "committed"}
 
-    connection, before = connection_and_rollbacks()
-    for number in range(3):
-        with factory.session_scope() as session:
-            session.add(Supplier(name=f"s{number}"))
-    assert connection_and_rollbacks() == (connection, before)  # same connection, no ROLLBACK
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_returning_insert_after_a_commit_is_never_committed_by_the_next_unit(
+    one_supplier: DbSessionFactory, other_connection: Engine
+) -> None:
+    with one_supplier.engine.connect() as conn:
+        conn.execute(text("INSERT INTO supplier (name) VALUES ('committed')"))
+        conn.commit()
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute("INSERT INTO supplier (name) VALUES ('abandoned') RETURNING name")
+        cursor.fetchall()
+        cursor.close()
+    with one_supplier.session_scope() as session:  # the next unit, same pooled connection
+        session.add(Supplier(name="next"))
+    assert names(other_connection) == {"first", "committed", "next"}
 
 
 @pytest.mark.backends("postgresql", "mysql")
