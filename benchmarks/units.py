@@ -4,8 +4,8 @@ Run: ``python benchmarks/units.py`` (``--help``). For each backend (SQLite in me
 PostgreSQL, MariaDB), sync and async, it counts with ``valgrind --tool=callgrind`` the
 instructions of this client process per unit of work (a ``get``, an ``insert``, a
 read-modify-write; after a warm-up, fixed ``PYTHONHASHSEED``: independent of the
-machine's load; the heap is frozen before each count, and runs of the same code differ
-by under 1%) for bare SQLAlchemy's
+machine's load; the heap is frozen before each count and address-space randomisation
+turned off, so on SQLite runs of the same code give the same count) for bare SQLAlchemy's
 defaults (``sessionmaker(create_engine(url)).begin()``), ``session_scope()`` and
 ``session_scope(readonly=True)``, all in one run; and, without valgrind, the round trips
 per unit (PostgreSQL: the messages psycopg sends that wait for an answer, from libpq's
@@ -24,6 +24,7 @@ import ctypes
 import datetime
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,8 +175,12 @@ def count_instructions(url: str, count: int, jobs: list[str]) -> dict[str, float
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", library, source], check=True)
     out = os.path.join(folder, "run.out")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # With address-space randomisation, counts of the same code differ by up to 1.5%
+    # between runs (dict and set layouts follow addresses).
+    fixed = ["setarch", "-R"] if shutil.which("setarch") else []
     subprocess.run(
         [
+            *fixed,
             "valgrind",
             "--tool=callgrind",
             f"--callgrind-out-file={out}",
