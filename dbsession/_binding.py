@@ -16,6 +16,7 @@ from ._config import isolation_name
 from ._engine import isolation_levels, scope_engine
 from ._errors import UnsupportedIsolationLevelError
 from ._guard import guard
+from ._readonly import remember_twin
 from ._scope import note_failed_statement
 from ._timeouts import check_timeout, end_budget, start_budget
 
@@ -88,8 +89,11 @@ class Binding(Generic[E, M]):
             with self._lock:
                 if self._twin is None:
                     twin = self._make_twin()
-                    sync_twin = getattr(twin, "sync_engine", twin)
+                    built: Any = twin
+                    sync_twin = getattr(built, "sync_engine", built)
                     event.listen(sync_twin, "handle_error", note_failed_statement)
+                    primary: Any = self.engine
+                    remember_twin(getattr(primary, "sync_engine", primary), sync_twin)
                     self._twin = twin
         return self._twin
 

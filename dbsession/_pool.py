@@ -20,6 +20,7 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from . import observability
 from ._errors import PoolExhaustedError
+from ._readonly import is_twin_pool
 from ._seam import dialect_class, max_overflow, tracked_pool_class
 
 _OUTSIDE = "outside any unit of work (create_session(), engine.connect())"
@@ -38,12 +39,17 @@ class _Watcher:
         sites = Counter(_holder_site(holder) for holder in holders)
         held = "; ".join(f"{site} ({count})" for site, count in sites.most_common(10))
         queue: Any = pool
+        which = (
+            "of the read-only scopes (a pool of their own, sized as the writers')"
+            if is_twin_pool(pool)
+            else ""
+        )
         return PoolExhaustedError(
-            f"No pooled connection became free within {queue.timeout():g}s: "
-            f"{queue.checkedout()} connections are checked out (pool_size={queue.size()}, "
-            f"max_overflow={max_overflow(queue)}), held by units of work opened at: "
-            f"{held or 'unknown'}. Shorten those units of work (no slow work inside a "
-            "scope), or raise pool_size= / max_overflow=."
+            f"No pooled connection {which}{' ' if which else ''}became free within "
+            f"{queue.timeout():g}s: {queue.checkedout()} connections are checked out "
+            f"(pool_size={queue.size()}, max_overflow={max_overflow(queue)}), held by units "
+            f"of work opened at: {held or 'unknown'}. Shorten those units of work (no slow "
+            "work inside a scope), or raise pool_size= / max_overflow=."
         )
 
 

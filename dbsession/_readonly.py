@@ -27,11 +27,12 @@ is ``_guard``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine, ExceptionContext
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from ._classify import is_read_only_violation
 from ._config import first_line, mask_url
@@ -59,6 +60,26 @@ def readonly_options(dialect: Dialect) -> dict[str, Any]:
     if has_read_only_twin(dialect):
         return {}
     return {READONLY_OPTION: True, "postgresql_readonly": True}
+
+
+#: Each built twin, by the dialect of the engine it is the twin of (shared by that engine's
+#: views and never recreated, unlike its pool).
+_twins: weakref.WeakKeyDictionary[Dialect, Engine] = weakref.WeakKeyDictionary()
+
+
+def remember_twin(engine: Engine, twin: Engine) -> None:
+    """Record that ``twin`` (built) is the read-only twin of ``engine``."""
+    _twins[engine.dialect] = twin
+
+
+def twin_of(engine: Engine) -> Engine | None:
+    """The read-only twin built for ``engine`` (or a view of it), if any."""
+    return _twins.get(engine.dialect)
+
+
+def is_twin_pool(pool: Pool) -> bool:
+    """True if ``pool`` is the pool of a read-only twin."""
+    return any(twin.pool is pool for twin in list(_twins.values()))
 
 
 def install_read_only_twin(engine: Engine) -> None:

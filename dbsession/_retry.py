@@ -30,6 +30,7 @@ from ._errors import (
     RetryExhaustedError,
     ScopeTimeoutError,
 )
+from ._readonly import twin_of
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -241,15 +242,19 @@ def retry_reason(error: Exception, dialect_name: str, policy: RetryPolicy) -> st
 
 def forget_demoted_primary(error: BaseException, session: object) -> None:
     """After a write refused by a read-only server in a writing scope, close the idle
-    connections of the engine the session used: they lead to the demoted primary, and
-    the next connect (through HAProxy or a multi-host URL) finds the new one."""
+    connections of the engine the session used and of its read-only twin: they lead to
+    the demoted primary (whose reads may be stale, or lost in the failover), and the next
+    connect (through HAProxy or a multi-host URL) finds the new one."""
     if not isinstance(error, DatabaseReadOnlyError) or session is None:
         return
     get_bind = getattr(session, "get_bind", None)
     if get_bind is None:
         return
     try:
-        get_bind().pool.dispose()
+        bind = get_bind()
+        for engine in (bind, twin_of(bind)):
+            if engine is not None:
+                engine.pool.dispose()
     except Exception:  # a bind without a pool of its own: nothing to forget
         logger.debug("dbsession: emptying the pool after a read-only refusal failed", exc_info=True)
 

@@ -9,6 +9,7 @@ import time
 
 import pymysql  # type: ignore[import-untyped]
 import pytest
+from helpers import server_pid
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -67,6 +68,29 @@ def test_a_demoted_primary_is_retried_on_a_fresh_connection(factory: DbSessionFa
     assert len(ran) == 2  # refused once (DatabaseReadOnlyError), then a new connection
     with factory.session_scope() as session:
         assert session.scalar(text("SELECT count(*) FROM supplier")) == 1
+
+
+@pytest.mark.backends("postgresql", "mysql")
+def test_a_demoted_primary_s_read_only_connections_are_dropped_too(
+    factory: DbSessionFactory,
+) -> None:
+    with factory.session_scope(readonly=True) as session:  # pools a read-only connection
+        reader = server_pid(session)
+    with factory.engine.connect() as pooled:  # as if its server had become a standby
+        statement = (
+            "SET SESSION default_transaction_read_only = on"
+            if pooled.dialect.name == "postgresql"
+            else "SET SESSION TRANSACTION READ ONLY"
+        )
+        pooled.exec_driver_sql(statement)
+        pooled.commit()
+
+    def add(session: Session) -> None:
+        session.execute(text("INSERT INTO supplier (name) VALUES ('after the failover')"))
+
+    factory.transactional(retry=RetryPolicy())(add)()
+    with factory.session_scope(readonly=True) as session:  # not from the demoted primary
+        assert server_pid(session) != reader
 
 
 def test_the_failover_errors_are_classified() -> None:

@@ -155,6 +155,32 @@ def test_pool_exhaustion_names_the_checked_out_connections_and_their_holders(
     assert f"{THIS_FILE}:{line} (1)" in str(error)
 
 
+def test_exhausting_the_read_only_scopes_pool_says_so(backend_url: URL) -> None:
+    factory = DbSessionFactory(backend_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
+    caught: list[BaseException] = []
+
+    def second_reader() -> None:
+        try:
+            with factory.session_scope(readonly=True) as session:
+                session.execute(text("SELECT 1"))
+        except BaseException as error:
+            caught.append(error)
+
+    try:
+        with factory.session_scope(readonly=True) as holder:
+            holder.execute(text("SELECT 1"))
+            thread = threading.Thread(target=second_reader)
+            thread.start()
+            thread.join()
+        with factory.session_scope() as writer:  # the writers' pool is another one
+            writer.execute(text("SELECT 1"))
+    finally:
+        factory.dispose()
+    (error,) = caught
+    assert isinstance(error, PoolExhaustedError)
+    assert "of the read-only scopes" in str(error)
+
+
 @pytest.fixture
 def otel() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader]]:
     spans = InMemorySpanExporter()
