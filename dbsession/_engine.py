@@ -360,7 +360,14 @@ def _install_idle_rollback_skip(engine: Engine) -> None:
     elif engine.dialect.driver == "psycopg":
 
         def idle(driver: Any) -> bool:
-            return bool(driver.pgconn.transaction_status == 0)  # TransactionStatus.IDLE
+            # libpq IDLE, and psycopg in no block of its own whose rollback() it refuses
+            # (a two-phase transaction, a Transaction context): the pool must then see that
+            # refusal and discard the connection, which would fail every later commit.
+            return (
+                driver.pgconn.transaction_status == 0  # TransactionStatus.IDLE
+                and not getattr(driver, "_tpc", True)
+                and not getattr(driver, "_num_transactions", True)
+            )
 
     else:
         return

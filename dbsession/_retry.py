@@ -19,6 +19,8 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from sqlalchemy.util import greenlet_spawn
+
 from . import observability
 from ._classify import connect_transient_reason, transient_reason
 from ._errors import (
@@ -156,7 +158,8 @@ async def run_with_retries_async(
             wait = wait_before_retry(error, attempt, policy, dialect_name, name, deadline)
             if wait is None:
                 raise
-            forget_demoted_primary(error, used)
+            # In a greenlet: disposing an async pool closes its connections with await_().
+            await greenlet_spawn(forget_demoted_primary, error, used)
             await asyncio.sleep(wait)
 
 

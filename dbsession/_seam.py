@@ -181,7 +181,9 @@ def tracked_pool_class(base: type[QueuePool], watcher: PoolWatcher) -> type[Queu
             except exc.TimeoutError as error:
                 taken(time.perf_counter() - started)
                 raise watcher.exhausted(self, error, pool_holders(self)) from None
-            record.info[_HOLDER] = taken(time.perf_counter() - started)
+            # record_info, not info: SQLAlchemy clears info when the record reconnects
+            # (invalidated, recycled, found dead at checkout) after _do_get returned it.
+            record.record_info[_HOLDER] = taken(time.perf_counter() - started)
             return record
 
     Tracked.__name__ = Tracked.__qualname__ = f"Tracked{base.__name__}"
@@ -192,7 +194,7 @@ def pool_holders(pool: Pool) -> list[object]:
     """The holders (what the watcher's ``taken`` returned) of the connections of a tracked
     ``pool`` that are checked out now."""
     records: Any = pool.__dict__.get(_RECORDS, ())
-    return [record.info.get(_HOLDER) for record in list(records) if record.in_use]
+    return [record.record_info.get(_HOLDER) for record in list(records) if record.in_use]
 
 
 def dialect_class(url: URL, *, asyncio: bool) -> Any:
