@@ -19,8 +19,6 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from sqlalchemy.util import greenlet_spawn
-
 from . import observability
 from ._classify import connect_transient_reason, transient_reason
 from ._errors import (
@@ -33,6 +31,7 @@ from ._errors import (
     ScopeTimeoutError,
 )
 from ._readonly import twin_of
+from ._seam import in_greenlet
 
 logger: logging.Logger = logging.getLogger("dbsession")
 
@@ -158,8 +157,7 @@ async def run_with_retries_async(
             wait = wait_before_retry(error, attempt, policy, dialect_name, name, deadline)
             if wait is None:
                 raise
-            # In a greenlet: disposing an async pool closes its connections with await_().
-            await greenlet_spawn(forget_demoted_primary, error, used)
+            await in_greenlet(forget_demoted_primary, error, used)  # async pools await
             await asyncio.sleep(wait)
 
 

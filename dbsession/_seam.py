@@ -23,6 +23,8 @@ that stops calling one fails there, never silently:
   set once on each connection of PostgreSQL's read-only twin.
 - **The dialect of a URL** as ``create_async_engine`` picks it (``URL.get_dialect``'s
   ``_is_async``): the pool class to subclass.
+- **Sync code that may await in an async engine** (``sqlalchemy.util.greenlet_spawn``):
+  disposing an async pool outside a session, after a demoted primary's refusal.
 - **Pool checkouts** (``QueuePool._do_get``/``_create_connection``, the record's
   ``in_use``, ``_max_overflow``): the time spent waiting for a connection, who holds each
   one, and the timeout's error. The ``checkout`` event comes after the wait and never
@@ -41,12 +43,14 @@ from sqlalchemy import exc
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, QueuePool
+from sqlalchemy.util import greenlet_spawn
 
 __all__ = [
     "ORDER",
     "PoolWatcher",
     "dialect_class",
     "flagged_view",
+    "in_greenlet",
     "max_overflow",
     "pool_holders",
     "set_driver_read_only",
@@ -183,7 +187,7 @@ def tracked_pool_class(base: type[QueuePool], watcher: PoolWatcher) -> type[Queu
                 raise watcher.exhausted(self, error, pool_holders(self)) from None
             # record_info, not info: SQLAlchemy clears info when the record reconnects
             # (invalidated, recycled, found dead at checkout) after _do_get returned it.
-            record.record_info[_HOLDER] = taken(time.perf_counter() - started)
+            record.record_info[_HOLDER] = taken(time.perf_counter() - started)  # type: ignore[index]
             return record
 
     Tracked.__name__ = Tracked.__qualname__ = f"Tracked{base.__name__}"
@@ -195,6 +199,12 @@ def pool_holders(pool: Pool) -> list[object]:
     ``pool`` that are checked out now."""
     records: Any = pool.__dict__.get(_RECORDS, ())
     return [record.record_info.get(_HOLDER) for record in list(records) if record.in_use]
+
+
+async def in_greenlet(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` where SQLAlchemy's async adapters may await (what an async
+    engine runs its sync internals in)."""
+    return await greenlet_spawn(fn, *args)
 
 
 def dialect_class(url: URL, *, asyncio: bool) -> Any:

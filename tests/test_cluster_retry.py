@@ -5,6 +5,7 @@ refusal retried on a fresh connection, MariaDB 1020 a conflict."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pymysql  # type: ignore[import-untyped]
@@ -12,11 +13,13 @@ import pytest
 from helpers import server_pid
 from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from dbsession import DbSessionFactory, RetryPolicy, Timeouts
 from dbsession._classify import transient_reason
 from dbsession._retry import retry_reason
+from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.errors import (
     ConfigurationError,
     DatabaseReadOnlyError,
@@ -91,6 +94,35 @@ def test_a_demoted_primary_s_read_only_connections_are_dropped_too(
     factory.transactional(retry=RetryPolicy())(add)()
     with factory.session_scope(readonly=True) as session:  # not from the demoted primary
         assert server_pid(session) != reader
+
+
+@pytest.mark.backends("postgresql")
+def test_an_async_demoted_primary_s_connections_are_closed(factory: DbSessionFactory) -> None:
+    """The async pools are emptied where their connections can be closed (a greenlet):
+    outside one each close failed and the server sessions stayed open."""
+    url = factory.engine.url.set(drivername="postgresql+psycopg")
+
+    async def scenario() -> list[int]:
+        made = AsyncDbSessionFactory(url)
+        async with made.session_scope(readonly=True) as session:
+            pids = [(await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()]
+
+        async def add(session: AsyncSession) -> None:
+            if len(pids) == 1:  # the first attempt: as if its server had become a standby
+                pids.append((await session.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+                await session.execute(text("SET TRANSACTION READ ONLY"))
+            await session.execute(text("INSERT INTO supplier (name) VALUES ('after')"))
+
+        await made.run_in_transaction(add)
+        await made.dispose()
+        return pids
+
+    pids = asyncio.run(scenario())
+    with factory.engine.connect() as conn:
+        still = conn.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids)"), {"pids": pids}
+        ).all()
+    assert still == []
 
 
 def test_the_failover_errors_are_classified() -> None:

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import psycopg
 import pytest
 from helpers import pool_checked_out as checked_out
 from sqlalchemy import text
@@ -379,6 +381,35 @@ def test_work_after_a_commit_on_the_same_connection_is_rolled_back(
         conn.commit()
         conn.execute(text("INSERT INTO supplier (name) VALUES ('left open')"))
     assert names(other_connection) == {"first", "committed"}
+
+
+@pytest.mark.backends("postgresql")
+@pytest.mark.parametrize("block", ["a failed two-phase prepare", "a Transaction block"])
+def test_a_psycopg_block_left_open_on_a_raw_connection_never_reaches_a_unit(
+    factory: DbSessionFactory, block: str
+) -> None:
+    """libpq says idle, but psycopg refuses rollback() in its own open block: the pool
+    must see that refusal and drop the connection, else every later unit fails on it."""
+    raw = factory.engine.raw_connection()
+    driver: Any = raw.driver_connection
+    kept = None
+    if block == "a failed two-phase prepare":
+        driver.tpc_begin(driver.xid(1, "dbsession-test", "b"))
+        driver.execute("SELECT 1")
+        with pytest.raises(psycopg.Error):  # max_prepared_transactions = 0 here
+            driver.tpc_prepare()
+    else:
+        kept = driver.transaction()  # kept: a dropped context would close itself
+        kept.__enter__()
+        driver.execute("SELECT 1")
+        driver.pgconn.exec_(b"COMMIT")
+    assert driver.pgconn.transaction_status == 0  # libpq: idle
+    raw.close()
+    with factory.session_scope() as session:
+        session.add(Supplier(name="after it"))
+    with factory.session_scope() as session:
+        assert session.scalar(text("SELECT count(*) FROM supplier")) == 1
+    del kept
 
 
 # --- the same rules under the pytest plugin's db_session --------------------------------

@@ -155,6 +155,40 @@ def test_pool_exhaustion_names_the_checked_out_connections_and_their_holders(
     assert f"{THIS_FILE}:{line} (1)" in str(error)
 
 
+@pytest.mark.backends("postgresql", "mysql")
+def test_the_holder_is_named_after_its_connection_was_reopened_at_checkout(
+    backend_url: URL,
+) -> None:
+    """SQLAlchemy clears a record's ``info`` when it reconnects after the checkout: the
+    holder lives in ``record_info``, which lasts as long as the record."""
+    factory = DbSessionFactory(backend_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
+    held, release = threading.Event(), threading.Event()
+
+    def holder_unit() -> None:
+        with factory.session_scope() as session:
+            session.execute(text("SELECT 1"))
+            held.set()
+            release.wait(10)
+
+    try:
+        with factory.engine.connect() as connection:
+            connection.invalidate()  # the next checkout reopens the same record
+        holder = threading.Thread(target=holder_unit)
+        holder.start()
+        try:
+            assert held.wait(10)
+            with pytest.raises(PoolExhaustedError) as caught:
+                with factory.session_scope() as session:
+                    session.execute(text("SELECT 1"))
+        finally:
+            release.set()
+            holder.join()
+    finally:
+        factory.dispose()
+    assert "outside any unit of work" not in str(caught.value)
+    assert f"{THIS_FILE}:" in str(caught.value)
+
+
 def test_exhausting_the_read_only_scopes_pool_says_so(backend_url: URL) -> None:
     factory = DbSessionFactory(backend_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
     caught: list[BaseException] = []

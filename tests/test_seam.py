@@ -177,7 +177,7 @@ def test_the_tracked_pool_sees_every_checkout_return_and_timeout(backend_url: UR
 #: and dialect attributes written directly.
 _INTERNALS = re.compile(
     r"OptionEngine|_connection_cls|_option_cls|_has_events|_do_get|_do_return_conn|in_use"
-    r"|_create_connection"
+    r"|_create_connection|greenlet_spawn"
     r"|_max_overflow|_is_async|await_only|_close_state|setattr\(dialect|vars\(\w*dialect"
     r"|from sqlalchemy(\.\w+)*\._|import sqlalchemy(\.\w+)*\._|sqlalchemy\.engine\.base"
 )
