@@ -355,7 +355,7 @@ def _install_idle_rollback_skip(engine: Engine) -> None:
     if engine.dialect.name == "sqlite":
 
         def idle(driver: Any) -> bool:
-            return not driver.in_transaction
+            return not getattr(driver, "in_transaction", True)  # absent: roll back
 
     elif engine.dialect.driver == "psycopg":
 

@@ -76,6 +76,17 @@ def pool_checked_out(engine: Engine) -> int:
     return count
 
 
+def rename_first(other_connection: Engine) -> None:
+    """Rename the supplier ``first`` from another session, waiting no more than 3 s for its
+    row's lock (the check that no transaction of the pool still holds it)."""
+    with other_connection.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET lock_timeout = '3s'"))
+        else:
+            conn.execute(text("SET SESSION innodb_lock_wait_timeout = 3"))
+        conn.execute(text("UPDATE supplier SET name = 'renamed' WHERE name = 'first'"))
+
+
 def server_pid(conn: Connection | Session) -> int:
     """The server's id for this connection: PostgreSQL backend pid or MariaDB connection id."""
     dialect = (conn.get_bind() if isinstance(conn, Session) else conn).dialect

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import pool_checked_out as checked_out
+from helpers import rename_first
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError, InvalidRequestError, PendingRollbackError
@@ -300,19 +301,17 @@ def test_the_module_level_scope_follows_the_same_rules(backend_url: URL) -> None
 
 # --- the pool's reset after a COMMIT: whatever is left open is rolled back -------------
 
-LOCK_WAIT = {
-    "postgresql": "SET lock_timeout = '3s'",
-    "mysql": "SET SESSION innodb_lock_wait_timeout = 3",
-}
 
-
-def rename_first(other_connection: Engine) -> None:
-    """Take the row ``first`` from another session, waiting no more than 3s for its lock."""
-    with other_connection.begin() as conn:
-        conn.execute(
-            text(LOCK_WAIT[conn.dialect.name if conn.dialect.name == "postgresql" else "mysql"])
-        )
-        conn.execute(text("UPDATE supplier SET name = 'renamed' WHERE name = 'first'"))
+def raw_after_a_commit(factory: DbSessionFactory, statement: str) -> None:
+    """Commit a row, then run ``statement`` on the same connection's raw driver cursor and
+    return the connection to the pool with it open."""
+    with factory.engine.connect() as conn:
+        conn.execute(text("INSERT INTO supplier (name) VALUES ('committed')"))
+        conn.commit()
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute(statement)
+        cursor.fetchall()
+        cursor.close()
 
 
 @pytest.mark.backends("postgresql", "mysql")
@@ -321,13 +320,7 @@ def test_a_result_set_after_a_commit_is_still_rolled_back(
 ) -> None:
     # PyMySQL's server_status comes from OK packets only: a result set after the COMMIT
     # (here the lock of a SELECT ... FOR UPDATE) leaves it saying "no transaction".
-    with one_supplier.engine.connect() as conn:
-        conn.execute(text("INSERT INTO supplier (name) VALUES ('committed')"))
-        conn.commit()
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute("SELECT * FROM supplier WHERE name = 'first' FOR UPDATE")
-        cursor.fetchall()
-        cursor.close()
+    raw_after_a_commit(one_supplier, "SELECT * FROM supplier WHERE name = 'first' FOR UPDATE")
     rename_first(other_connection)  # the lock was released: the transaction ended
     assert names(other_connection) == {"renamed", "committed"}
 
@@ -336,13 +329,7 @@ def test_a_result_set_after_a_commit_is_still_rolled_back(
 def test_a_returning_insert_after_a_commit_is_never_committed_by_the_next_unit(
     one_supplier: DbSessionFactory, other_connection: Engine
 ) -> None:
-    with one_supplier.engine.connect() as conn:
-        conn.execute(text("INSERT INTO supplier (name) VALUES ('committed')"))
-        conn.commit()
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute("INSERT INTO supplier (name) VALUES ('abandoned') RETURNING name")
-        cursor.fetchall()
-        cursor.close()
+    raw_after_a_commit(one_supplier, "INSERT INTO supplier (name) VALUES ('left') RETURNING name")
     with one_supplier.session_scope() as session:  # the next unit, same pooled connection
         session.add(Supplier(name="next"))
     assert names(other_connection) == {"first", "committed", "next"}

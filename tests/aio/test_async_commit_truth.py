@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import rename_first
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, PendingRollbackError
@@ -154,10 +155,5 @@ def test_a_failed_first_statement_after_a_commit_is_rolled_back(
 
     with pytest.raises(IntegrityError):
         run(fail())
-    with other_connection.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SET lock_timeout = '3s'"))
-        else:
-            conn.execute(text("SET SESSION innodb_lock_wait_timeout = 3"))
-        conn.execute(text("UPDATE supplier SET name = 'renamed' WHERE name = 'first'"))
+    rename_first(other_connection)  # the lock was released: the transaction ended
     assert names(other_connection) == {"renamed"}
