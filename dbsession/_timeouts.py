@@ -240,6 +240,8 @@ def install_scope_timeouts(engine: Engine) -> None:
     overrunning it raises ScopeTimeoutError.
     """
     name = backend_of(engine.dialect.name)
+    if name in ("postgresql", "mysql") and engine.dialect not in _deadlined:
+        _install_statement_deadlines(engine, None)  # a driver with no read deadline
     if name == "postgresql":
 
         @event.listens_for(engine, "begin")
@@ -434,36 +436,16 @@ def _cut(key: Any) -> None:
         pass
 
 
-def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
-    """Bound every wait for the server's reply on ``engine`` (PostgreSQL, MySQL/MariaDB)
-    with a client-side deadline, which a frozen server (its kernel still acknowledging,
-    so keepalives and ``tcp_user_timeout`` never fire) cannot hold past:
+#: The dialects whose statements, COMMITs and ROLLBACKs have their deadline hooks.
+_deadlined: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    - in a timed scope, each statement, COMMIT and ROLLBACK gets the scope's budget
-      (rounded up to whole seconds) plus :data:`DEADLINE_GRACE`; past it the scope raises
-      ScopeTimeoutError (CommitOutcomeUnknownError for a COMMIT in flight);
-    - elsewhere each gets ``timeouts.read`` (PyMySQL applies that one itself, as its
-      ``read_timeout``); past it, ConnectionLostError;
-    - a MySQL/MariaDB pre-ping gets ``timeouts.ping`` (psycopg's has its own bound);
-    - PyMySQL's wait for a new connection's greeting gets ``timeouts.connect``.
 
-    Past a deadline the connection's socket is shut down: the connection is dropped, the
-    transaction was not committed, and a server that resumes later sees it closed (no
-    write of the stuck scope lands on it afterwards).
-    """
-    if backend_of(engine.dialect.name) not in ("postgresql", "mysql"):
-        return
-    driver = engine.dialect.driver
-    read = None if driver == "pymysql" else timeouts.read
+def _install_statement_deadlines(engine: Engine, read: float | None) -> None:
+    """Bound each statement, COMMIT and ROLLBACK of ``engine`` by the budget of the timed
+    scope it runs in, else by ``read`` (None: no bound outside timed scopes)."""
     watchdog = _watchdog
     armed = watchdog.armed
     monotonic = time.monotonic
-
-    def arm(key: Any, budget: Budget | None, window: float) -> None:
-        entry = (time.monotonic() + window, window, budget)
-        armed[key] = entry
-        if entry[0] < watchdog.wake_at:
-            watchdog.wake(window)
 
     def watched(key_at: int) -> Any:
         def hook(method: Any) -> Any:
@@ -495,6 +477,42 @@ def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
         set_hook(engine, name, "deadline", watched(-1))  # keyed by the execution context
     for name in ("do_commit", "do_rollback"):
         set_hook(engine, name, "deadline", watched(0))  # keyed by the pooled connection
+    _deadlined.add(engine.dialect)
+
+
+def install_deadlines(engine: Engine, timeouts: Timeouts) -> None:
+    """Bound every wait for the server's reply on ``engine`` (PostgreSQL, MySQL/MariaDB)
+    with a client-side deadline, which a frozen server (its kernel still acknowledging,
+    so keepalives and ``tcp_user_timeout`` never fire) cannot hold past:
+
+    - in a timed scope, each statement, COMMIT and ROLLBACK gets the scope's budget
+      (rounded up to whole seconds) plus :data:`DEADLINE_GRACE`; past it the scope raises
+      ScopeTimeoutError (CommitOutcomeUnknownError for a COMMIT in flight);
+    - elsewhere each gets ``timeouts.read`` (PyMySQL applies that one itself, as its
+      ``read_timeout``, so on PyMySQL, or with ``read=None``, the hooks are installed
+      only with the engine's first timed view: the other units of work do not pay for
+      them); past it, ConnectionLostError;
+    - a MySQL/MariaDB pre-ping gets ``timeouts.ping`` (psycopg's has its own bound);
+    - PyMySQL's wait for a new connection's greeting gets ``timeouts.connect``.
+
+    Past a deadline the connection's socket is shut down: the connection is dropped, the
+    transaction was not committed, and a server that resumes later sees it closed (no
+    write of the stuck scope lands on it afterwards).
+    """
+    if backend_of(engine.dialect.name) not in ("postgresql", "mysql"):
+        return
+    driver = engine.dialect.driver
+    read = None if driver == "pymysql" else timeouts.read
+    if read is not None:  # else installed with the first timed view (install_scope_timeouts)
+        _install_statement_deadlines(engine, read)
+    armed = _watchdog.armed
+
+    def arm(key: Any, budget: Budget | None, window: float) -> None:
+        entry = (time.monotonic() + window, window, budget)
+        armed[key] = entry
+        if entry[0] < _watchdog.wake_at:
+            _watchdog.wake(window)
+
     if driver != "psycopg" and timeouts.ping is not None:
         limit = timeouts.ping
 
