@@ -289,7 +289,7 @@ def _install_fork_guard(engine: Engine) -> None:
 
 
 _PID = "dbsession_pid"
-_IDLE_SINCE = "dbsession_checked_out_at"
+_CHECKED_OUT_AT = "dbsession_checked_out_at"
 _POLLER = "dbsession_poller"
 
 
@@ -330,8 +330,8 @@ def _install_checkout_check(engine: Engine, ping_after_idle: float | None) -> No
         if not check_liveness:
             return
         now = monotonic()
-        since = info.get(_IDLE_SINCE)
-        info[_IDLE_SINCE] = now
+        since = info.get(_CHECKED_OUT_AT)
+        info[_CHECKED_OUT_AT] = now
         if since is None:  # just opened
             return
         if now - since < ping_after_idle and _quiet(dbapi_connection, info):
