@@ -380,10 +380,9 @@ class LazyFactory(Generic[B]):
         registry = self.registry
         if registry._refuse is not None:
             registry._check(self)
-        settings = self._settings
-        on_replica = (
-            replica is not None or (readonly and settings.replica_url is not None)
-        ) and use_replica(self, settings, readonly=readonly, replica=replica, isolation_level=level)
+        on_replica = use_replica(
+            self, self._settings, readonly=readonly, replica=replica, isolation_level=level
+        )
         binding = self._build(replica=on_replica)
         maker = binding.maker(readonly=readonly, isolation_level=level, timeout=timeout)
         return new(maker, owner=self, readonly=readonly, isolation_level=level)

@@ -40,12 +40,12 @@ class _Watcher:
         held = "; ".join(f"{site} ({count})" for site, count in sites.most_common(10))
         queue: Any = pool
         which = (
-            "of the read-only scopes (a pool of their own, sized as the writers')"
+            "of the read-only scopes (a pool of their own, sized as the writers') "
             if is_twin_pool(pool)
             else ""
         )
         return PoolExhaustedError(
-            f"No pooled connection {which}{' ' if which else ''}became free within "
+            f"No pooled connection {which}became free within "
             f"{queue.timeout():g}s: {queue.checkedout()} connections are checked out "
             f"(pool_size={queue.size()}, max_overflow={max_overflow(queue)}), held by units "
             f"of work opened at: {held or 'unknown'}. Shorten those units of work (no slow "

@@ -245,9 +245,7 @@ def _release_of(connection: Any) -> None:
         info = connection.info if isinstance(connection, PoolProxiedConnection) else None
     except NotImplementedError:
         return
-    gate = info.pop(_HELD, None) if info is not None else None
-    if gate is not None:
-        gate.release()
+    _release(info)
 
 
 def _release(info: dict[Any, Any] | None) -> None:
