@@ -34,7 +34,7 @@ from ._errors import CommitOutcomeUnknownError, ConnectionLostError
 from ._seam import Method, set_hook
 from ._timeouts import driver_name, overdue_error
 
-_COMMITTING = "dbsession_committing"
+_COMMIT_ERROR = "dbsession_commit_error"
 _PROTOCOL_CODES = frozenset({"08P01", "08006", "08003", "08000", "57P01", "57P02", "57P03"})
 _LOST_CLUES = (
     "server closed the connection",
@@ -73,40 +73,34 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
     """Raise ConnectionLostError / CommitOutcomeUnknownError for a connection lost under a
     transaction on ``engine`` (``describe``: which server, masked, for the message).
 
-    The dialect's ``do_commit`` marks the connection as committing until the driver's
-    COMMIT returned; a failed one leaves the mark for the error handler below, which
-    takes it whatever the error, and the next BEGIN clears any left over (an interrupt).
-    Hooks of the dialect's methods (``_seam``) rather than begin/commit listeners, which
-    would send every statement of the engine through SQLAlchemy's event dispatch. Were
-    SQLAlchemy to stop calling ``do_commit``, a connection lost during COMMIT would be
-    retried as lost before it: ``tests/test_seam.py`` fails first.
+    The dialect's ``do_commit`` hands a COMMIT's error to the error handler below (in the
+    connection's ``info``), which takes it whatever the error and tells a failed COMMIT
+    by that very exception, so a mark the handler never took cannot mislabel a later
+    error. A hook of the dialect's method (``_seam``) rather than a commit listener,
+    which would send every statement of the engine through SQLAlchemy's event dispatch;
+    a COMMIT that succeeds costs one call. Were SQLAlchemy to stop calling
+    ``do_commit``, a connection lost during COMMIT would be retried as lost before it:
+    ``tests/test_seam.py`` fails first.
     """
 
-    def clear_then_begin(begin: Method) -> Method:
-        def do_begin(dbapi_connection: Any) -> None:
-            dbapi_connection.info.pop(_COMMITTING, None)
-            begin(dbapi_connection)
-
-        return do_begin
-
-    def mark_commit(commit: Method) -> Method:
+    def mark_failure(commit: Method) -> Method:
         def do_commit(dbapi_connection: Any) -> None:
-            info = dbapi_connection.info
-            info[_COMMITTING] = True
-            commit(dbapi_connection)
-            del info[_COMMITTING]
+            try:
+                commit(dbapi_connection)
+            except BaseException as error:
+                dbapi_connection.info[_COMMIT_ERROR] = error
+                raise
 
         return do_commit
 
-    set_hook(engine, "do_begin", "commit_mark", clear_then_begin)
-    set_hook(engine, "do_commit", "commit_mark", mark_commit)
+    set_hook(engine, "do_commit", "commit_error", mark_failure)
 
     @event.listens_for(engine, "handle_error")
     def lost(context: ExceptionContext) -> BaseException | None:
         connection = context.connection
         if connection is None:
             return None
-        in_commit = bool(connection.info.pop(_COMMITTING, False))  # taken whatever the error
+        in_commit = connection.info.pop(_COMMIT_ERROR, None) is context.original_exception
         if context.is_pre_ping:
             return None
         original = context.original_exception

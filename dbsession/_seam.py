@@ -67,8 +67,8 @@ Hook = Callable[[Method], Method]
 #: what. ``sqlite_begin`` and ``ping_timeout`` replace the dialect's own method.
 ORDER: dict[str, tuple[str, ...]] = {
     "connect": ("deadline",),
-    "do_begin": ("commit_mark", "sqlite_begin"),
-    "do_commit": ("sqlite_gate", "commit_mark", "deadline"),
+    "do_begin": ("sqlite_begin",),
+    "do_commit": ("sqlite_gate", "commit_error", "deadline"),
     "do_rollback": ("sqlite_gate", "idle", "deadline"),
     "do_ping": ("ping_timeout", "deadline"),
     "do_execute": ("statement_timer", "deadline"),

@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from dbsession import DatabaseUnreachableError, DbSessionFactory
+from dbsession.errors import CommitOutcomeUnknownError, ConnectionLostError
 from dbsession.example.models import Base, Supplier
 
 SERVERS_ONLY = pytest.mark.backends("postgresql", "mysql")
@@ -54,6 +55,36 @@ def fill_pool(factory: DbSessionFactory, size: int) -> list[int]:
         conn.close()
     assert factory.engine.pool.checkedin() == size  # type: ignore[attr-defined]
     return pids
+
+
+@pytest.mark.backends("postgresql")
+def test_a_commit_error_no_handler_took_does_not_make_a_later_loss_look_like_a_commit(
+    backend_url: URL, other_connection: Engine
+) -> None:
+    """A COMMIT refused (a deferred constraint) on a connection whose errors skip the
+    handlers (``skip_user_error_events``) leaves its error on the pooled connection; losing
+    that connection in the next unit is still a plain ConnectionLostError (safe to run
+    again), not a COMMIT of unknown outcome."""
+    factory = DbSessionFactory(backend_url, pool_size=1, max_overflow=0)
+    with factory.engine.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE TABLE deferred_probe (id int PRIMARY KEY, parent int REFERENCES "
+                "deferred_probe (id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    try:
+        with pytest.raises(IntegrityError), factory.session_scope() as session:
+            session.connection(execution_options={"skip_user_error_events": True})
+            session.execute(text("INSERT INTO deferred_probe VALUES (1, 2)"))
+        with pytest.raises(ConnectionLostError) as lost, factory.session_scope() as session:
+            kill(other_connection, [server_pid(session)])
+            session.execute(text("SELECT 1"))
+        assert not isinstance(lost.value, CommitOutcomeUnknownError)
+    finally:
+        with factory.engine.begin() as connection:
+            connection.execute(text("DROP TABLE deferred_probe"))
+        factory.dispose()
 
 
 @SERVERS_ONLY
