@@ -50,24 +50,32 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        frame = self._frame
-        session: AsyncSession = frame.session  # type: ignore[assignment]
+        session: AsyncSession = self._frame.session  # type: ignore[assignment]
         error = exc
         try:
-            if exc is None:
-                # Run to completion: a cancellation never leaves a commit half-known.
-                await run_to_completion(session.run_sync(commit_unit, frame))
-            else:
-                await run_to_completion(session.run_sync(rollback_quietly))
+            # One task run to completion: a cancellation never leaves a commit half-known,
+            # nor the connection out of the pool.
+            await run_to_completion(_end(session, self._frame, exc))
         except BaseException as failure:
             error = failure
-            await run_to_completion(session.run_sync(rollback_quietly))
             raise
         finally:
-            try:
-                await run_to_completion(_close_quietly(session))
-            finally:
-                self._finish(session, error)
+            self._finish(session, error)
+
+
+async def _end(session: AsyncSession, frame: Frame, exc: BaseException | None) -> None:
+    """Commit (``exc`` None) or roll back the unit of work, roll back if the commit
+    fails, and close the session whatever happens; raise what the commit raised."""
+    try:
+        if exc is None:
+            await session.run_sync(commit_unit, frame)
+        else:
+            await session.run_sync(rollback_quietly)
+    except BaseException:
+        await session.run_sync(rollback_quietly)
+        raise
+    finally:
+        await _close_quietly(session)
 
 
 class AsyncSavepoint:

@@ -134,7 +134,7 @@ class UnitOfWorkBase(Generic[S]):
             pop(self._frame)
         finally:
             try:
-                if was_committed(session):
+                if self._frame.hooks and was_committed(session):
                     run_hooks(self._frame.hooks, session)
             finally:
                 try:
@@ -142,7 +142,8 @@ class UnitOfWorkBase(Generic[S]):
                         outcome = "committed" if error is None else "rolled back"
                         observability._end(self._observation, outcome, error)
                 finally:
-                    pop(self._frame)  # again, if an interrupt cut the first one short
+                    if self._frame.open:  # an interrupt cut the first pop short
+                        pop(self._frame)
 
 
 class UnitOfWork(UnitOfWorkBase[Session]):

@@ -247,7 +247,7 @@ def hooks_may_be_lost(injector: Injector) -> bool:
     } or injector.line in {
         "try:",
         "self._finish(session, error)",
-        "if was_committed(session):",
+        "if self._frame.hooks and was_committed(session):",
         "run_hooks(self._frame.hooks, session)",
     }
 
