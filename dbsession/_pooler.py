@@ -34,7 +34,7 @@ from ._errors import CommitOutcomeUnknownError, ConnectionLostError
 from ._seam import Method, set_hook
 from ._timeouts import driver_name, overdue_error
 
-_COMMIT_ERROR = "dbsession_commit_error"
+_IN_COMMIT = "dbsession_in_commit"
 _PROTOCOL_CODES = frozenset({"08P01", "08006", "08003", "08000", "57P01", "57P02", "57P03"})
 _LOST_CLUES = (
     "server closed the connection",
@@ -73,14 +73,14 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
     """Raise ConnectionLostError / CommitOutcomeUnknownError for a connection lost under a
     transaction on ``engine`` (``describe``: which server, masked, for the message).
 
-    The dialect's ``do_commit`` hands a COMMIT's error to the error handler below (in the
-    connection's ``info``), which takes it whatever the error and tells a failed COMMIT
-    by that very exception, so a mark the handler never took cannot mislabel a later
-    error. A hook of the dialect's method (``_seam``) rather than a commit listener,
-    which would send every statement of the engine through SQLAlchemy's event dispatch;
-    a COMMIT that succeeds costs one call. Were SQLAlchemy to stop calling
-    ``do_commit``, a connection lost during COMMIT would be retried as lost before it:
-    ``tests/test_seam.py`` fails first.
+    The dialect's ``do_commit`` marks the error a COMMIT raised as the COMMIT's (an
+    attribute of that exception: nothing stays on the connection to mislabel a later
+    error or keep the failed unit alive), and the error handler below reads it. A hook
+    of the dialect's method (``_seam``) rather than a commit listener, which would send
+    every statement of the engine through SQLAlchemy's event dispatch; a COMMIT that
+    succeeds costs one call. Were SQLAlchemy to stop calling ``do_commit``, a connection
+    lost during COMMIT would be retried as lost before it: ``tests/test_seam.py`` fails
+    first.
     """
 
     def mark_failure(commit: Method) -> Method:
@@ -88,7 +88,7 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
             try:
                 commit(dbapi_connection)
             except BaseException as error:
-                dbapi_connection.info[_COMMIT_ERROR] = error
+                setattr(error, _IN_COMMIT, True)
                 raise
 
         return do_commit
@@ -97,13 +97,10 @@ def install_connection_loss(engine: Engine, describe: str) -> None:
 
     @event.listens_for(engine, "handle_error")
     def lost(context: ExceptionContext) -> BaseException | None:
-        connection = context.connection
-        if connection is None:
-            return None
-        in_commit = connection.info.pop(_COMMIT_ERROR, None) is context.original_exception
-        if context.is_pre_ping:
+        if context.connection is None or context.is_pre_ping:
             return None
         original = context.original_exception
+        in_commit = getattr(original, _IN_COMMIT, False)
         if not isinstance(original, Exception) or not (
             context.is_disconnect or is_lost_connection(original, context.dialect.name)
         ):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import traceback
+import weakref
 
 import pytest
 from helpers import is_killed_connection_error, kill, server_pid, suppliers
@@ -64,7 +66,7 @@ def test_a_commit_error_no_handler_took_does_not_make_a_later_loss_look_like_a_c
     """A COMMIT refused (a deferred constraint) on a connection whose errors skip the
     handlers (``skip_user_error_events``) leaves its error on the pooled connection; losing
     that connection in the next unit is still a plain ConnectionLostError (safe to run
-    again), not a COMMIT of unknown outcome."""
+    again), not a COMMIT of unknown outcome, and the refused unit is not kept alive."""
     factory = DbSessionFactory(backend_url, pool_size=1, max_overflow=0)
     with factory.engine.begin() as connection:
         connection.execute(
@@ -73,10 +75,22 @@ def test_a_commit_error_no_handler_took_does_not_make_a_later_loss_look_like_a_c
                 "deferred_probe (id) DEFERRABLE INITIALLY DEFERRED)"
             )
         )
-    try:
-        with pytest.raises(IntegrityError), factory.session_scope() as session:
+    kept: list[weakref.ref[object]] = []
+
+    def refused_commit() -> None:
+        local = Supplier(name="of the failed unit")
+        kept.append(weakref.ref(local))
+        with factory.session_scope() as session:
             session.connection(execution_options={"skip_user_error_events": True})
             session.execute(text("INSERT INTO deferred_probe VALUES (1, 2)"))
+
+    try:
+        try:
+            refused_commit()
+        except IntegrityError:
+            pass
+        gc.collect()
+        assert kept[0]() is None  # the COMMIT's error (and its frames) were not kept
         with pytest.raises(ConnectionLostError) as lost, factory.session_scope() as session:
             kill(other_connection, [server_pid(session)])
             session.execute(text("SELECT 1"))
