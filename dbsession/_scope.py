@@ -128,18 +128,21 @@ class UnitOfWorkBase(Generic[S]):
     def _finish(self, session: Session | AsyncSession, error: BaseException | None) -> None:
         """The last step of both exits, once the session is closed (``error`` is what ended
         the scope, None after a commit): end the scope's visibility, run the on_commit
-        hooks if the unit of work committed, end its observation. Each step runs even if
+        hooks if the unit of work committed, end its observation with what the database
+        did (a task cancelled while its COMMIT ran has committed). Each step runs even if
         an interrupt cuts the one before it short."""
         try:
+            committed = False
             pop(self._frame)
         finally:
             try:
-                if self._frame.hooks and was_committed(session):
+                committed = was_committed(session)
+                if committed and self._frame.hooks:
                     run_hooks(self._frame.hooks, session)
             finally:
                 try:
                     if self._observation is not None:
-                        outcome = "committed" if error is None else "rolled back"
+                        outcome = "committed" if committed else "rolled back"
                         observability._end(self._observation, outcome, error)
                 finally:
                     if self._frame.open:  # an interrupt cut the first pop short

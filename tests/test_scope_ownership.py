@@ -247,7 +247,8 @@ def hooks_may_be_lost(injector: Injector) -> bool:
     } or injector.line in {
         "try:",
         "self._finish(session, error)",
-        "if self._frame.hooks and was_committed(session):",
+        "committed = was_committed(session)",
+        "if committed and self._frame.hooks:",
         "run_hooks(self._frame.hooks, session)",
     }
 

@@ -8,13 +8,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import suppliers
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
 
-from dbsession import observability
+from dbsession import observability, on_commit
 from dbsession.asyncio import AsyncDbSessionFactory
+from dbsession.example.models import Supplier
 
 from .conftest import Run
 
@@ -47,3 +50,34 @@ def test_async_unit_of_work_gets_a_span_and_a_slow_warning(
     warnings = [m for m in caplog.messages if "unit of work opened at" in m]
     assert len(warnings) == 1
     assert __file__ in warnings[0] and "OUTSIDE the database" in warnings[0]
+
+
+def test_a_unit_cancelled_while_its_commit_runs_is_reported_committed(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    """The cancellation waits for the COMMIT in flight, so the unit committed: its hooks
+    run, and its span says "committed" (it said "rolled back")."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    observability.configure(opentelemetry=True, tracer_provider=provider)
+    hooks: list[int] = []
+
+    async def body() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        cancel = lambda connection: task.cancel()  # noqa: E731 - just before COMMIT is sent
+        event.listen(async_factory.engine.sync_engine, "commit", cancel)
+        try:
+            async with async_factory.session_scope() as session:
+                session.add(Supplier(name="kept"))
+                on_commit(lambda: hooks.append(1))
+        finally:
+            event.remove(async_factory.engine.sync_engine, "commit", cancel)
+
+    with pytest.raises(asyncio.CancelledError):
+        run(body())
+    assert suppliers(other_connection) == ["kept"] and hooks == [1]
+    (unit,) = [s for s in spans.get_finished_spans() if s.name == "dbsession.unit_of_work"]
+    assert unit.attributes is not None
+    assert unit.attributes["dbsession.outcome"] == "committed"
