@@ -65,7 +65,11 @@ class AsyncUnitOfWork(UnitOfWorkBase[AsyncSession]):
 
 async def _end(session: AsyncSession, frame: Frame, exc: BaseException | None) -> None:
     """Commit (``exc`` None) or roll back the unit of work, roll back if the commit
-    fails, and close the session whatever happens; raise what the commit raised."""
+    fails, and close the session whatever happens; raise what the commit raised.
+
+    The scope is this task's while it runs: what the final flush and the COMMIT call
+    (an ORM event that calls ``on_commit()``) is still inside it."""
+    frame.claim(entering_frame(0))
     try:
         if exc is None:
             await session.run_sync(commit_unit, frame)

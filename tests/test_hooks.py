@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
 from dbsession import DbSessionFactory, NoActiveScopeError, on_commit
@@ -162,3 +162,22 @@ def test_hook_runs_after_the_session_is_closed(factory: DbSessionFactory) -> Non
 def test_on_commit_outside_any_scope_is_a_named_error() -> None:
     with pytest.raises(NoActiveScopeError, match="on_commit"):
         on_commit(lambda: None)
+
+
+def test_a_hook_registered_by_an_orm_event_of_the_final_flush_runs_after_the_commit(
+    factory: DbSessionFactory,
+) -> None:
+    """``on_commit()`` from a mapper event (``after_insert``) of the flush that the scope's
+    commit makes (the async twin: tests/aio/test_async_scope.py)."""
+    ran: list[str] = []
+
+    def announce(*_: object) -> None:
+        on_commit(lambda: ran.append("announced"))
+
+    event.listen(Supplier, "after_insert", announce)
+    try:
+        with factory.session_scope() as session:
+            session.add(Supplier(name="late"))
+    finally:
+        event.remove(Supplier, "after_insert", announce)
+    assert ran == ["announced"]

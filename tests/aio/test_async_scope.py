@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 from helpers import checked_out, suppliers
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import Engine
 
+from dbsession import on_commit
 from dbsession.asyncio import AsyncDbSessionFactory
 from dbsession.example.models import Supplier
 
@@ -198,3 +199,26 @@ def test_a_cancellation_during_cleanup_waits_for_the_cleanup_then_is_raised(
         return steps
 
     assert run(body()) == ["connection returned"]
+
+
+def test_a_hook_registered_by_an_orm_event_of_the_final_flush_runs_after_the_commit(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    """The scope commits in a task of its own (run to completion), where it was not
+    visible: ``on_commit()`` from an ``after_insert`` event raised NoActiveScopeError and
+    the unit rolled back."""
+    ran: list[str] = []
+
+    def announce(*_: object) -> None:
+        on_commit(lambda: ran.append("announced"))
+
+    async def body() -> None:
+        async with async_factory.session_scope() as session:
+            session.add(Supplier(name="late"))
+
+    event.listen(Supplier, "after_insert", announce)
+    try:
+        run(body())
+    finally:
+        event.remove(Supplier, "after_insert", announce)
+    assert ran == ["announced"] and suppliers(other_connection) == ["late"]
