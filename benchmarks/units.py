@@ -3,13 +3,19 @@
 Run: ``python benchmarks/units.py`` (``--help``). For each backend (SQLite in memory,
 PostgreSQL, MariaDB), sync and async, it counts with ``valgrind --tool=callgrind`` the
 instructions of this client process per unit of work (a ``get``, an ``insert``, a
-read-modify-write; after a warm-up, fixed ``PYTHONHASHSEED``: independent of the
-machine's load; the heap is frozen before each count and address-space randomisation
-turned off, so on SQLite runs of the same code give the same count) for bare SQLAlchemy's
-defaults (``sessionmaker(create_engine(url)).begin()``), ``session_scope()`` and
-``session_scope(readonly=True)``, all in one run; and, without valgrind, the round trips
+read-modify-write; after a warm-up: independent of the machine's load) for bare
+SQLAlchemy's defaults (``sessionmaker(create_engine(url)).begin()``), ``session_scope()``
+and ``session_scope(readonly=True)``, all in one run; and, without valgrind, the round trips
 per unit (PostgreSQL: the messages psycopg sends that wait for an answer, from libpq's
 trace; MariaDB: the server's ``Questions`` counter of the pooled connection).
+
+**Layouts.** A count moves by up to 1% with where objects land in memory (hash tables
+keyed by address, the alignment of copies), and any change to the code moves them. So
+each backend is counted in ``--layouts`` processes (default 3), each with its own fixed
+``PYTHONHASHSEED`` and a different amount of memory taken before the run; address-space
+randomisation is off and the heap frozen before each count, so a process of the same
+code gives the same count. A ratio is the mean over the layouts; the table prints its
+lowest and highest.
 
 ``--check`` re-runs the headline cells (``headline.py``: the ratios README.md and the
 docs quote) and exits 1 when one moved more than 10%; ``--record`` writes this run's.
@@ -25,6 +31,7 @@ import datetime
 import gc
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +59,8 @@ VARIANTS = {
     "dbsession-ro": "session_scope(readonly=True)",
 }
 BACKENDS = {"sqlite": "sqlite://", "postgresql": PG_URL, "mariadb": MARIADB_URL}
+#: How many objects a counting process takes before its run (times the layout's number).
+LAYOUT_ENV = "DBSESSION_BENCH_LAYOUT"
 CALLGRIND_C = """
 #include <valgrind/callgrind.h>
 void cg_zero(void) { CALLGRIND_ZERO_STATS; }
@@ -136,6 +145,7 @@ def worker(library: str, url: str, count: int, jobs: list[str]) -> None:
     """Under callgrind: for each ``mode:kind:variant`` job, warm up, zero the counters, run
     ``count`` units and dump the counts labelled with the job (one process)."""
     marks = ctypes.CDLL(library)
+    layout = [object() for _ in range(int(os.environ.get(LAYOUT_ENV, "0")))]  # noqa: F841
     for job in jobs:
         mode, kind, variant = job.split(":")
         if mode == "sync":
@@ -166,8 +176,9 @@ def worker(library: str, url: str, count: int, jobs: list[str]) -> None:
         asyncio.run(units())
 
 
-def count_instructions(url: str, count: int, jobs: list[str]) -> dict[str, float]:
-    """Instructions per unit of each job, counted in one callgrind process."""
+def count_instructions(url: str, count: int, jobs: list[str], layout: int) -> dict[str, float]:
+    """Instructions per unit of each job, counted in one callgrind process (the
+    ``layout``-th: its hash seed and the memory taken before the run)."""
     folder = tempfile.mkdtemp(prefix="dbsession-callgrind-")
     library = os.path.join(folder, "marks.so")
     source = os.path.join(folder, "marks.c")
@@ -175,9 +186,7 @@ def count_instructions(url: str, count: int, jobs: list[str]) -> dict[str, float
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", library, source], check=True)
     out = os.path.join(folder, "run.out")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # With address-space randomisation, counts of the same code differ by up to 1.5%
-    # between runs (dict and set layouts follow addresses).
-    fixed = ["setarch", "-R"] if shutil.which("setarch") else []
+    fixed = ["setarch", "-R"] if shutil.which("setarch") else []  # see "Layouts" above
     subprocess.run(
         [
             *fixed,
@@ -193,7 +202,12 @@ def count_instructions(url: str, count: int, jobs: list[str]) -> dict[str, float
             *jobs,
         ],
         capture_output=True,
-        env={**os.environ, "PYTHONPATH": here, "PYTHONHASHSEED": "0"},  # same dicts each run
+        env={
+            **os.environ,
+            "PYTHONPATH": here,
+            "PYTHONHASHSEED": str(layout),
+            LAYOUT_ENV: str(layout * 777),
+        },
         check=True,
     )
     counts: dict[str, float] = {}
@@ -249,9 +263,14 @@ def round_trips(url: str, kind: str, variant: str, count: int = 50) -> float | N
 
 
 def measure(
-    backends: list[str], count: int, modes: list[str], kinds: tuple[str, ...] = UNITS
+    backends: list[str],
+    count: int,
+    modes: list[str],
+    kinds: tuple[str, ...] = UNITS,
+    layouts: int = 3,
 ) -> dict[str, float]:
-    """Print the tables and return every ratio by cell name ``backend:mode:kind:variant``."""
+    """Print the tables and return every ratio (the mean over ``layouts``) by cell name
+    ``backend:mode:kind:variant``."""
     cells: dict[str, float] = {}
     for backend in backends:
         url = BACKENDS[backend]
@@ -263,23 +282,26 @@ def measure(
             if (variant != "dbsession-ro" or kind == "get")
             and (variant != "bare-tx" or (backend == "sqlite" and mode == "sync"))
         ]
-        counts = count_instructions(url, count, jobs)
+        runs = [count_instructions(url, count, jobs, layout) for layout in range(layouts)]
         print(
             f"\n### {backend}: instructions per unit (callgrind, {count} units after a "
-            "warm-up) and round trips per unit; ratio vs bare SQLAlchemy's unit\n"
+            f"warm-up, mean of {layouts} layouts) and round trips per unit; ratio vs bare "
+            "SQLAlchemy's unit (lowest-highest over the layouts)\n"
         )
-        print("| mode | unit | variant | instructions | ratio | round trips |")
-        print("|---|---|---|---:|---:|---:|")
-        for job, value in counts.items():
+        print("| mode | unit | variant | instructions | ratio | range | round trips |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        for job in runs[0]:
             mode, kind, variant = job.split(":")
-            base = counts[f"{mode}:{kind}:bare"]
+            value = statistics.mean(run[job] for run in runs)
+            ratios = [run[job] / run[f"{mode}:{kind}:bare"] for run in runs]
+            ratio = statistics.mean(ratios)
             trips = round_trips(url, kind, variant) if mode == "sync" else None
             shown = "-" if trips is None else f"{trips:g}"
             if variant != "bare":
-                cells[f"{backend}:{job}"] = round(value / base, 3)
+                cells[f"{backend}:{job}"] = round(ratio, 3)
             print(
-                f"| {mode} | {kind} | {VARIANTS[variant]} | {value:,.0f} | "
-                f"{value / base:.3f}x | {shown} |"
+                f"| {mode} | {kind} | {VARIANTS[variant]} | {value:,.0f} | {ratio:.3f}x | "
+                f"{min(ratios):.3f}-{max(ratios):.3f} | {shown} |"
             )
         sys.stdout.flush()
     return cells
@@ -292,7 +314,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="sqlite,postgresql,mariadb")
     parser.add_argument("--modes", default="sync,async")
-    parser.add_argument("--units", type=int, default=300, help="units per variant")
+    parser.add_argument("--units", type=int, default=200, help="units per variant")
+    parser.add_argument("--layouts", type=int, default=3, help="processes per backend")
     parser.add_argument("--kinds", default=",".join(UNITS), help="of: " + ", ".join(UNITS))
     parser.add_argument("--check", action="store_true", help="compare with headline.json")
     parser.add_argument("--record", action="store_true", help="write headline.json")
@@ -307,7 +330,8 @@ def main() -> None:
     if args.check:
         wanted = {cell.split(":")[0] for cell in headline.load().get("units", {})}
         backends = [b for b in backends if b in wanted]
-    cells = measure(backends, args.units, args.modes.split(","), tuple(args.kinds.split(",")))
+    kinds = tuple(args.kinds.split(","))
+    cells = measure(backends, args.units, args.modes.split(","), kinds, args.layouts)
     headline.conclude("units", cells, record_=args.record, check_=args.check)
 
 
