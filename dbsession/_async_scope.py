@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import SessionTransaction
 
 from ._context import Frame, entering_frame, pop, push
 from ._scope import (
@@ -106,11 +107,18 @@ class AsyncSavepoint:
     ) -> None:
         session: AsyncSession = self._frame.session  # type: ignore[assignment]
         try:
-            await run_to_completion(
-                session.run_sync(close_savepoint, self._frame, self._transaction, exc)
-            )
+            await run_to_completion(_close(session, self._frame, self._transaction, exc))
         finally:
             pop(self._frame)
+
+
+async def _close(
+    session: AsyncSession, frame: Frame, transaction: SessionTransaction, exc: BaseException | None
+) -> None:
+    """Release or roll back the joined scope's SAVEPOINT, in a task that owns the scope
+    while it runs (an ORM event of the closing flush may call ``on_commit()``)."""
+    frame.claim(entering_frame(0))
+    await session.run_sync(close_savepoint, frame, transaction, exc)
 
 
 async def _close_quietly(session: AsyncSession) -> None:

@@ -222,3 +222,34 @@ def test_a_hook_registered_by_an_orm_event_of_the_final_flush_runs_after_the_com
     finally:
         event.remove(Supplier, "after_insert", announce)
     assert ran == ["announced"] and suppliers(other_connection) == ["late"]
+
+
+def test_a_hook_registered_by_an_orm_event_of_a_joined_scopes_flush_is_the_joined_scopes(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    """A joined scope's SAVEPOINT is released in a task of its own too: ``on_commit()``
+    from its closing flush raised NoActiveScopeError there. The hook belongs to the joined
+    scope: it runs after the outer commit, and goes when the joined scope rolls back."""
+    ran: list[str] = []
+
+    def announce(mapper: object, connection: object, target: Supplier) -> None:
+        on_commit(lambda: ran.append(target.name))
+
+    async def body() -> None:
+        async with async_factory.session_scope() as session:
+            async with async_factory.session_scope() as joined:
+                joined.add(Supplier(name="kept"))
+            with pytest.raises(RuntimeError):
+                async with async_factory.session_scope() as joined:
+                    joined.add(Supplier(name="undone"))
+                    await joined.flush()
+                    raise RuntimeError("roll the joined scope back")
+            session.add(Supplier(name="outer"))
+
+    event.listen(Supplier, "after_insert", announce)
+    try:
+        run(body())
+    finally:
+        event.remove(Supplier, "after_insert", announce)
+    assert sorted(ran) == ["kept", "outer"]
+    assert sorted(suppliers(other_connection)) == ["kept", "outer"]
