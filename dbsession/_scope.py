@@ -47,8 +47,8 @@ class ScopeSession(Session):
     - ``commit()`` only flushes: the unit of work commits when its scope ends, so code
       that calls ``session.commit()`` itself (SQLModel- and tutorial-style helpers)
       keeps the unit all or nothing;
-    - ``rollback()`` rolls the whole transaction back and dooms the unit: its scope then
-      refuses to commit (NeedsRollbackError).
+    - ``rollback()`` (and ``reset()``) rolls the whole transaction back and dooms the
+      unit: its scope then refuses to commit (NeedsRollbackError).
     """
 
     #: True while the session belongs to an open unit of work (set by ``UnitOfWork``).
@@ -73,6 +73,13 @@ class ScopeSession(Session):
         if self._dbsession_in_scope:
             self._dbsession_rolled_back = True
         super().rollback()
+
+    def reset(self) -> None:
+        """``Session.reset()``, which rolls back too: inside a scope it dooms the unit of
+        work like ``rollback()``."""
+        if self._dbsession_in_scope:
+            self._dbsession_rolled_back = True
+        super().reset()
 
 
 # The commit record: a plain class-level after_commit listener. Only C functions run in
@@ -281,9 +288,9 @@ def close_savepoint(
         if exc is None:
             if getattr(session, "_dbsession_rolled_back", False):
                 raise NeedsRollbackError(
-                    "session.rollback() was called inside a joined scope: it rolled back "
-                    "the whole unit of work, not only the joined scope. Raise an exception "
-                    "out of the joined scope instead to undo only its part."
+                    "session.rollback() or session.reset() was called inside a joined scope: "
+                    "it rolled back the whole unit of work, not only the joined scope. Raise "
+                    "an exception out of the joined scope instead to undo only its part."
                 )
             try:
                 if frame.root.failed:
@@ -352,9 +359,10 @@ def commit_unit(session: Session, frame: Frame) -> None:
         session._dbsession_in_scope = False
         if session._dbsession_rolled_back:
             raise NeedsRollbackError(
-                "The unit of work cannot commit: session.rollback() was called inside its "
-                "scope, which rolled back the whole transaction. Nothing was saved. To undo "
-                "only part of a unit, put that part in a joined session_scope() and raise."
+                "The unit of work cannot commit: session.rollback() or session.reset() was "
+                "called inside its scope, which rolled back the whole transaction. Nothing "
+                "was saved. To undo only part of a unit, put that part in a joined "
+                "session_scope() and raise."
             )
     if frame.doomed is not None:
         refuse_doomed(frame)

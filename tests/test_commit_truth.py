@@ -242,15 +242,18 @@ def test_session_commit_inside_a_joined_scope_leaves_the_commit_to_the_outer_one
     assert names(other_connection) == {"a", "b", "c"}
 
 
+@pytest.mark.parametrize("method", ["rollback", "reset"])
 def test_session_rollback_inside_a_scope_dooms_the_unit(
-    factory: DbSessionFactory, other_connection: Engine
+    factory: DbSessionFactory, other_connection: Engine, method: str
 ) -> None:
+    """``reset()`` rolls back too: the unit committed what came after it, and reported
+    it (with its hooks) as the whole unit."""
     hooks: list[str] = []
-    with pytest.raises(NeedsRollbackError, match=r"session\.rollback\(\)"):
+    with pytest.raises(NeedsRollbackError, match=rf"session\.{method}\(\)"):
         with factory.session_scope() as session:
             session.add(Supplier(name="before"))
             session.flush()
-            session.rollback()
+            getattr(session, method)()
             session.add(Supplier(name="after"))
             on_commit(lambda: hooks.append("sent"))
     assert names(other_connection) == set()
@@ -259,7 +262,7 @@ def test_session_rollback_inside_a_scope_dooms_the_unit(
         with factory.session_scope() as session:
             session.add(Supplier(name="outer"))
             with factory.session_scope() as inner:
-                inner.rollback()
+                getattr(inner, method)()
     assert names(other_connection) == set()
     assert checked_out(factory.engine) == 0
 
