@@ -43,6 +43,7 @@ from ._errors import (
     ConfigurationError,
     InvalidURLError,
     MissingDriverError,
+    NeedsRollbackError,
     UnknownDialectError,
 )
 from ._pool import pool_class_for
@@ -156,6 +157,7 @@ def _build(
     liveness = is_server and "pool_pre_ping" not in options
     _install_checkout_check(engine, settings.timeouts.ping_after_idle if liveness else None)
     _install_idle_rollback_skip(engine)
+    _install_aborted_commit_refusal(engine)
     observability._watch(engine)
     install_read_only_errors(engine)
     install_timeout_errors(engine)
@@ -374,15 +376,44 @@ def _install_idle_rollback_skip(engine: Engine) -> None:
 
     def skip_when_idle(rollback: Callable[[Any], None]) -> Callable[[Any], None]:
         def do_rollback(dbapi_connection: Any) -> None:
-            driver = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
-            if isinstance(driver, AdaptedConnection):  # async: the driver under the adapter
-                driver = driver.driver_connection
-            if not idle(driver):
+            if not idle(_driver(dbapi_connection)):
                 rollback(dbapi_connection)
 
         return do_rollback
 
     set_hook(engine, "do_rollback", "idle", skip_when_idle)
+
+
+def _install_aborted_commit_refusal(engine: Engine) -> None:
+    """psycopg: refuse to COMMIT a transaction PostgreSQL has aborted (libpq INERROR). The
+    server answers such a COMMIT with a ROLLBACK, which psycopg reports as a commit. A
+    failed statement SQLAlchemy saw already dooms the unit of work (``_scope``); this is
+    for one run on the driver's own connection, whose error was caught."""
+    if engine.dialect.driver != "psycopg":
+        return
+
+    def refuse_aborted(commit: Callable[[Any], None]) -> Callable[[Any], None]:
+        def do_commit(dbapi_connection: Any) -> None:
+            if _driver(dbapi_connection).pgconn.transaction_status == 3:  # INERROR
+                raise NeedsRollbackError(
+                    "The unit of work cannot commit: a statement run on the driver's own "
+                    "connection failed and its error was caught, so PostgreSQL aborted the "
+                    "transaction and a COMMIT would roll it back. Nothing was saved. Let the "
+                    "error propagate, or run that statement in a joined session_scope()."
+                )
+            commit(dbapi_connection)
+
+        return do_commit
+
+    set_hook(engine, "do_commit", "aborted", refuse_aborted)
+
+
+def _driver(dbapi_connection: Any) -> Any:
+    """The driver's connection under a pooled one (async: under SQLAlchemy's adapter)."""
+    driver = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+    if isinstance(driver, AdaptedConnection):
+        driver = driver.driver_connection
+    return driver
 
 
 def _quiet(dbapi_connection: Any, info: dict[Any, Any]) -> bool:

@@ -68,7 +68,7 @@ Hook = Callable[[Method], Method]
 ORDER: dict[str, tuple[str, ...]] = {
     "connect": ("deadline",),
     "do_begin": ("sqlite_begin",),
-    "do_commit": ("sqlite_gate", "commit_error", "deadline"),
+    "do_commit": ("sqlite_gate", "aborted", "commit_error", "deadline"),
     "do_rollback": ("sqlite_gate", "idle", "deadline"),
     "do_ping": ("ping_timeout", "deadline"),
     "do_execute": ("statement_timer", "deadline"),

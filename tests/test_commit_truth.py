@@ -242,6 +242,26 @@ def test_session_commit_inside_a_joined_scope_leaves_the_commit_to_the_outer_one
     assert names(other_connection) == {"a", "b", "c"}
 
 
+@pytest.mark.backends("postgresql")
+def test_a_caught_failure_on_the_drivers_own_connection_is_not_reported_committed(
+    factory: DbSessionFactory, other_connection: Engine
+) -> None:
+    """A statement run on the driver's cursor, out of SQLAlchemy's sight, fails and is
+    caught: PostgreSQL has aborted the transaction, and psycopg's COMMIT of it rolls back
+    without an error. The unit reported a commit and ran its hooks."""
+    hooks: list[str] = []
+    with pytest.raises(NeedsRollbackError, match="driver's own connection"):
+        with factory.session_scope() as session:
+            session.add(Supplier(name="lost"))
+            session.flush()
+            on_commit(lambda: hooks.append("sent"))
+            cursor = session.connection().connection.cursor()
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                cursor.execute("SELECT 1/0")
+    assert names(other_connection) == set() and hooks == []
+    assert checked_out(factory.engine) == 0
+
+
 @pytest.mark.parametrize("method", ["rollback", "reset"])
 def test_session_rollback_inside_a_scope_dooms_the_unit(
     factory: DbSessionFactory, other_connection: Engine, method: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import pytest
 from helpers import rename_first
 from sqlalchemy import text
@@ -157,3 +158,27 @@ def test_a_failed_first_statement_after_a_commit_is_rolled_back(
         run(fail())
     rename_first(other_connection)  # the lock was released: the transaction ended
     assert names(other_connection) == {"renamed"}
+
+
+@pytest.mark.backends("postgresql")
+def test_a_caught_failure_on_the_drivers_own_connection_is_not_reported_committed(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    """The async twin of the sync test: psycopg's COMMIT of an aborted transaction rolls
+    back without an error, and the unit reported a commit."""
+    hooks: list[str] = []
+
+    async def body() -> None:
+        async with async_factory.session_scope() as session:
+            session.add(Supplier(name="lost"))
+            await session.flush()
+            on_commit(lambda: hooks.append("sent"))
+            raw = await (await session.connection()).get_raw_connection()
+            cursor = raw.driver_connection.cursor()  # type: ignore[union-attr]
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await cursor.execute("SELECT 1/0")
+
+    with pytest.raises(NeedsRollbackError, match="driver's own connection"):
+        run(body())
+    assert names(other_connection) == set() and hooks == []
+    assert checked_out(async_factory) == 0
