@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -201,27 +202,34 @@ def test_a_cancellation_during_cleanup_waits_for_the_cleanup_then_is_raised(
     assert run(body()) == ["connection returned"]
 
 
-def test_a_hook_registered_by_an_orm_event_of_the_final_flush_runs_after_the_commit(
-    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
-) -> None:
-    """The scope commits in a task of its own (run to completion), where it was not
-    visible: ``on_commit()`` from an ``after_insert`` event raised NoActiveScopeError and
-    the unit rolled back."""
+def announced(run: Run[Any], body: Callable[[], Coroutine[Any, Any, None]]) -> list[str]:
+    """Run ``body()`` with an ``after_insert`` event that registers, with ``on_commit()``,
+    a hook naming the inserted supplier; return the names the hooks that ran gave."""
     ran: list[str] = []
 
-    def announce(*_: object) -> None:
-        on_commit(lambda: ran.append("announced"))
-
-    async def body() -> None:
-        async with async_factory.session_scope() as session:
-            session.add(Supplier(name="late"))
+    def announce(mapper: object, connection: object, target: Supplier) -> None:
+        on_commit(lambda: ran.append(target.name))
 
     event.listen(Supplier, "after_insert", announce)
     try:
         run(body())
     finally:
         event.remove(Supplier, "after_insert", announce)
-    assert ran == ["announced"] and suppliers(other_connection) == ["late"]
+    return ran
+
+
+def test_a_hook_registered_by_an_orm_event_of_the_final_flush_runs_after_the_commit(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], other_connection: Engine
+) -> None:
+    """The scope commits in a task of its own (run to completion), where it was not
+    visible: ``on_commit()`` from an ``after_insert`` event raised NoActiveScopeError and
+    the unit rolled back."""
+
+    async def body() -> None:
+        async with async_factory.session_scope() as session:
+            session.add(Supplier(name="late"))
+
+    assert announced(run, body) == ["late"] and suppliers(other_connection) == ["late"]
 
 
 def test_a_hook_registered_by_an_orm_event_of_a_joined_scopes_flush_is_the_joined_scopes(
@@ -230,10 +238,6 @@ def test_a_hook_registered_by_an_orm_event_of_a_joined_scopes_flush_is_the_joine
     """A joined scope's SAVEPOINT is released in a task of its own too: ``on_commit()``
     from its closing flush raised NoActiveScopeError there. The hook belongs to the joined
     scope: it runs after the outer commit, and goes when the joined scope rolls back."""
-    ran: list[str] = []
-
-    def announce(mapper: object, connection: object, target: Supplier) -> None:
-        on_commit(lambda: ran.append(target.name))
 
     async def body() -> None:
         async with async_factory.session_scope() as session:
@@ -246,10 +250,5 @@ def test_a_hook_registered_by_an_orm_event_of_a_joined_scopes_flush_is_the_joine
                     raise RuntimeError("roll the joined scope back")
             session.add(Supplier(name="outer"))
 
-    event.listen(Supplier, "after_insert", announce)
-    try:
-        run(body())
-    finally:
-        event.remove(Supplier, "after_insert", announce)
-    assert sorted(ran) == ["kept", "outer"]
+    assert sorted(announced(run, body)) == ["kept", "outer"]
     assert sorted(suppliers(other_connection)) == ["kept", "outer"]
