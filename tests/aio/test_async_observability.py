@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from helpers import suppliers
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import event, text
@@ -28,13 +28,26 @@ def _observability_restored() -> Iterator[None]:
     observability.configure()
 
 
-def test_async_unit_of_work_gets_a_span_and_a_slow_warning(
-    async_factory: AsyncDbSessionFactory, run: Run[Any], caplog: pytest.LogCaptureFixture
-) -> None:
+def traced(**options: Any) -> InMemorySpanExporter:
+    """Trace units of work into memory: ``observability.configure(opentelemetry=True,
+    **options)`` with an SDK tracer that keeps its finished spans."""
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    observability.configure(slow_scope_seconds=0.1, opentelemetry=True, tracer_provider=provider)
+    observability.configure(opentelemetry=True, tracer_provider=provider, **options)
+    return spans
+
+
+def unit_span(spans: InMemorySpanExporter) -> ReadableSpan:
+    """The one unit-of-work span ``spans`` finished."""
+    (unit,) = [s for s in spans.get_finished_spans() if s.name == "dbsession.unit_of_work"]
+    return unit
+
+
+def test_async_unit_of_work_gets_a_span_and_a_slow_warning(
+    async_factory: AsyncDbSessionFactory, run: Run[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    spans = traced(slow_scope_seconds=0.1)
 
     async def body() -> None:
         async with async_factory.session_scope() as session:
@@ -43,7 +56,7 @@ def test_async_unit_of_work_gets_a_span_and_a_slow_warning(
 
     with caplog.at_level(logging.WARNING, logger="dbsession"):
         run(body())
-    (unit,) = [s for s in spans.get_finished_spans() if s.name == "dbsession.unit_of_work"]
+    unit = unit_span(spans)
     assert unit.attributes is not None
     assert unit.attributes["dbsession.outcome"] == "committed"
     assert unit.attributes["db.system"] == async_factory.url.get_backend_name()
@@ -57,10 +70,7 @@ def test_a_unit_cancelled_while_its_commit_runs_is_reported_committed(
 ) -> None:
     """The cancellation waits for the COMMIT in flight, so the unit committed: its hooks
     run, and its span says "committed" (it said "rolled back")."""
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    observability.configure(opentelemetry=True, tracer_provider=provider)
+    spans = traced()
     hooks: list[int] = []
 
     async def body() -> None:
@@ -78,6 +88,6 @@ def test_a_unit_cancelled_while_its_commit_runs_is_reported_committed(
     with pytest.raises(asyncio.CancelledError):
         run(body())
     assert suppliers(other_connection) == ["kept"] and hooks == [1]
-    (unit,) = [s for s in spans.get_finished_spans() if s.name == "dbsession.unit_of_work"]
+    unit = unit_span(spans)
     assert unit.attributes is not None
     assert unit.attributes["dbsession.outcome"] == "committed"
